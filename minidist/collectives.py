@@ -1,0 +1,188 @@
+"""Collectives built from point-to-point send/recv: the ring algorithms, a pipelined broadcast, and their cost model.
+
+Ring all-reduce (Patarasuk & Yuan 2009; Baidu's "bringing HPC techniques to deep learning", 2017). Cut the tensor
+into N chunks. The ranks form a ring: each sends only to its right neighbour and receives only from its left.
+
+  reduce-scatter, N-1 steps: at step s rank r sends chunk (r-s-1) mod N and adds the chunk (r-s-2) mod N it receives
+      to its own copy. A chunk picks up one rank's contribution per hop; after N-1 hops chunk r is complete on rank r.
+  all-gather, N-1 steps: at step s rank r sends the finished chunk (r-s) mod N and keeps the chunk it receives.
+
+Each step every rank sends one chunk (S/N bytes) while receiving another, so every link is busy all the time and each
+rank sends 2(N-1)/N * S bytes in all: nearly 2S, independent of N. That is why the ring is bandwidth-optimal.
+
+Cost model (alpha-beta, Hockney): one message of m bytes costs alpha + m * beta (latency plus bytes over bandwidth).
+    ring reduce-scatter or all-gather: (N-1) alpha + (N-1)/N * S * beta
+    ring all-reduce:                 2(N-1) alpha + 2(N-1)/N * S * beta
+    pipelined chain broadcast, k pieces: (N-2+k) * (alpha + S/k * beta)
+The latency term grows with N: for small messages a tree beats the ring, which is why NCCL has both.
+"""
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .comm import record
+
+
+def ring_exchange(send: torch.Tensor, recv: torch.Tensor, group=None) -> None:
+    """Send `send` to the right neighbour while receiving `recv` (in place) from the left one; both may be empty.
+
+    Every byte a ring algorithm moves goes through here, so the ledger counts exactly what was sent.
+    """
+    n, me = dist.get_world_size(group), dist.get_rank(group)
+    right, left = _global((me + 1) % n, group), _global((me - 1) % n, group)
+    work = None
+    if send.numel():  # both sides know the chunk sizes, so an empty chunk is skipped on both
+        record("send", send, n, bytes_sent=send.numel() * send.element_size())
+        work = dist.isend(send.contiguous(), right, group=group)
+    if recv.numel():
+        dist.recv(recv, left, group=group)
+    if work is not None:
+        work.wait()
+
+
+def _global(group_rank: int, group) -> int:
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+def ring_reduce_scatter_(chunks: list[torch.Tensor], group=None) -> None:
+    """Ring reduce-scatter in place: `chunks` are this rank's N pieces; afterwards chunks[rank] is their sum over ranks.
+
+    The other chunks hold partial sums afterwards (they are scratch space).
+    """
+    # <exercise ring_reduce_scatter points=3>
+    # hint: at step s, send chunks[(rank - s - 1) % n] and receive into a scratch buffer shaped like
+    #       chunks[(rank - s - 2) % n]; then add the scratch into that chunk.
+    # hint: use ring_exchange(send, recv, group) for the step's communication.
+    n, rank = dist.get_world_size(group), dist.get_rank(group)
+    for s in range(n - 1):
+        send, into = chunks[(rank - s - 1) % n], chunks[(rank - s - 2) % n]
+        incoming = torch.empty_like(into)
+        ring_exchange(send, incoming, group)
+        into += incoming
+    # </exercise>
+
+
+def ring_all_gather_(chunks: list[torch.Tensor], group=None) -> None:
+    """Ring all-gather in place: chunks[rank] is this rank's piece; afterwards every chunks[i] holds rank i's piece."""
+    # <exercise ring_all_gather points=2>
+    # hint: at step s, send chunks[(rank - s) % n] and receive straight into chunks[(rank - s - 1) % n].
+    n, rank = dist.get_world_size(group), dist.get_rank(group)
+    for s in range(n - 1):
+        ring_exchange(chunks[(rank - s) % n], chunks[(rank - s - 1) % n], group)
+    # </exercise>
+
+
+def ring_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """The sum of `tensor` over the group, computed with the ring, in a new tensor (the input is not modified).
+
+    Works for any size: the flattened tensor is cut into N chunks whose sizes differ by at most one element, so a
+    tensor smaller than N simply has some empty chunks.
+    """
+    # <exercise ring_all_reduce points=2>
+    # hint: copy and flatten the tensor, cut it with torch.tensor_split into one chunk per rank (views, so working
+    #       on the chunks fills the flat copy), then reduce-scatter and all-gather them.
+    out = tensor.detach().clone().reshape(-1)
+    chunks = list(torch.tensor_split(out, dist.get_world_size(group)))
+    ring_reduce_scatter_(chunks, group)
+    ring_all_gather_(chunks, group)
+    return out.view_as(tensor)
+    # </exercise>
+
+
+def ring_reduce_scatter(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """This rank's chunk (`torch.tensor_split` of the flattened tensor) of the sum over the group."""
+    chunks = list(torch.tensor_split(tensor.detach().clone().reshape(-1), dist.get_world_size(group)))
+    ring_reduce_scatter_(chunks, group)
+    return chunks[dist.get_rank(group)]
+
+
+def ring_all_gather(shard: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's (equally shaped) shard concatenated along dim 0, in rank order."""
+    n = dist.get_world_size(group)
+    out = shard.new_empty((n * shard.shape[0], *shard.shape[1:]))
+    chunks = list(out.tensor_split(n))
+    chunks[dist.get_rank(group)].copy_(shard)
+    ring_all_gather_(chunks, group)
+    return out
+
+
+def chain_broadcast(tensor: torch.Tensor, src: int = 0, group=None, pieces: int = 4) -> torch.Tensor:
+    """A copy of rank `src`'s tensor on every rank, passed along the ring src -> src+1 -> ... in `pieces` pieces.
+
+    Pipelining: while rank src+1 forwards piece 0, rank src already sends piece 1, so the time is
+    (N-2+pieces) piece-times instead of (N-1) whole-tensor times. On other ranks `tensor` only gives shape and dtype.
+    """
+    n, me = dist.get_world_size(group), dist.get_rank(group)
+    out = tensor.detach().clone().reshape(-1)
+    pos = (me - src) % n  # position along the chain, src is 0
+    for piece in torch.tensor_split(out, pieces):
+        if not piece.numel():
+            continue
+        if pos > 0:
+            dist.recv(piece, _global((me - 1) % n, group), group=group)
+        if pos < n - 1:
+            record("send", piece, n, bytes_sent=piece.numel() * piece.element_size())
+            dist.send(piece, _global((me + 1) % n, group), group=group)
+    return out.view_as(tensor)
+
+
+@dataclass(frozen=True)
+class AlphaBeta:
+    """Latency `alpha` (seconds per message) and inverse bandwidth `beta` (seconds per byte) of one link."""
+
+    alpha: float
+    beta: float
+
+    def predict(self, op: str, nbytes: float, n: int, pieces: int = 4) -> float:
+        """Predicted seconds for `op` on a full tensor of `nbytes` over n ranks (formulas in the module docstring)."""
+        if n == 1:
+            return 0.0
+        if op == "send":
+            return self.alpha + nbytes * self.beta
+        if op in ("reduce_scatter", "all_gather"):
+            return (n - 1) * self.alpha + (n - 1) / n * nbytes * self.beta
+        if op == "all_reduce":
+            return 2 * (n - 1) * self.alpha + 2 * (n - 1) / n * nbytes * self.beta
+        if op == "broadcast":
+            return (n - 2 + pieces) * (self.alpha + nbytes / pieces * self.beta)
+        raise ValueError(f"no cost formula for op {op!r}")
+
+    @classmethod
+    def fit(cls, nbytes: list[float], seconds: list[float]) -> "AlphaBeta":
+        """Least-squares fit of seconds = alpha + nbytes * beta to one-message timings."""
+        x = torch.tensor([[1.0, b] for b in nbytes], dtype=torch.float64)
+        y = torch.tensor(seconds, dtype=torch.float64).unsqueeze(1)
+        alpha, beta = torch.linalg.lstsq(x, y).solution.squeeze(1).tolist()
+        return cls(max(alpha, 0.0), max(beta, 0.0))
+
+
+def time_op(fn, repeats: int = 5, group=None) -> float:
+    """Median wall time of fn() over `repeats` runs, each started together on all ranks (collective)."""
+    times = []
+    for _ in range(repeats):
+        dist.barrier(group)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ping_pong(nbytes: int, repeats: int = 5, group=None) -> float:
+    """One-way time of an nbytes message between group ranks 0 and 1 (half a round trip); other ranks wait."""
+    if dist.get_world_size(group) < 2:
+        raise ValueError("ping_pong needs a group of at least 2 ranks")
+    me, buf = dist.get_rank(group), torch.zeros(max(nbytes // 4, 1))
+    peer = _global(1 - me, group) if me < 2 else None
+
+    def round_trip():
+        if me == 0:
+            dist.send(buf, peer, group=group)
+            dist.recv(buf, peer, group=group)
+        elif me == 1:
+            dist.recv(buf, peer, group=group)
+            dist.send(buf, peer, group=group)
+
+    return time_op(round_trip, repeats, group) / 2

@@ -1,0 +1,180 @@
+"""Run one function on N ranks, the way every minidist chapter does.
+
+    results = launch(fn, 4, x, lr=0.1)    # fn(x, lr=0.1) runs on ranks 0..3; results[r] is rank r's return value
+
+Each rank is a process with the default process group already initialized (gloo on CPU, NCCL when every rank can
+have its own GPU), so `fn` uses `torch.distributed` as it would under `torchrun`. The ranks meet through a FileStore in
+a fresh private directory, and gloo binds each of its connections to a port the OS picks as free (port 0), so two
+launches at once never collide. (A TCPStore rendezvous works too, but on this machine one launch in ten stalled five
+seconds in the store's handshake; the FileStore never did.)
+
+What can go wrong, and what launch does about it:
+  * a rank raises: launch raises RankError naming the rank, with that rank's traceback, and ends the other ranks;
+  * a rank waits in a collective that a peer never joins: the backend raises after `timeout` seconds (the process
+    group timeout), which becomes a RankError as above;
+  * a rank dies without a word (a signal, os._exit): RankError with its exit code;
+  * gloo sometimes aborts at interpreter exit after the work is done; ranks therefore barrier, destroy the process
+    group and leave with os._exit(0), which skips the crashing teardown.
+Every child asks the kernel to kill it when its parent dies, so nothing is left running even if the parent is killed.
+
+Functions defined in a notebook cannot be pickled by name, so on CPU ranks are forked (`start_method="fork"`); CUDA
+does not survive a fork, so NCCL ranks are spawned and `fn` must then live in an importable module. The same `fn`
+runs unchanged under torchrun through `run_under_torchrun(fn, ...)`.
+"""
+import ctypes
+import datetime
+import multiprocessing as mp
+import os
+import pickle
+import shutil
+import signal
+import tempfile
+import traceback
+from multiprocessing.connection import wait
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT = 120.0  # seconds a collective may wait for its peers before the backend gives up
+
+
+class RankError(RuntimeError):
+    """A rank failed; `rank` says which, the message carries its traceback."""
+
+    def __init__(self, rank: int, detail: str):
+        self.rank = rank
+        super().__init__(f"rank {rank} failed:\n{detail}")
+
+
+def default_backend(world_size: int) -> str:
+    """NCCL when every rank can own a GPU, gloo otherwise."""
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
+    return "nccl" if cuda else "gloo"
+
+
+def device() -> torch.device:
+    """The device this rank computes on: its own GPU under NCCL, the CPU under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return torch.device("cpu")
+
+
+def launch(fn, world_size: int, *args, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+           start_method: str | None = None, **kwargs) -> list:
+    """Run `fn(*args, **kwargs)` on `world_size` ranks; return the per-rank results in rank order.
+
+    `backend`, `timeout` (seconds a collective may wait) and `start_method` are launch's own keywords; everything else
+    goes to `fn`. Return values travel back pickled, so return tensors (detached) and plain data, not modules.
+    """
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout!r} seconds")
+    backend = backend or default_backend(world_size)
+    start_method = start_method or ("spawn" if backend == "nccl" else "fork")
+    ctx = mp.get_context(start_method)
+    procs, conns = [], []
+    rendezvous = tempfile.mkdtemp(prefix="minidist-")
+    try:
+        for rank in range(world_size):
+            parent_end, child_end = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_run_rank, args=(rank, world_size, os.path.join(rendezvous, "store"), backend,
+                                                    timeout, fn, args, kwargs, child_end))
+            p.start()
+            child_end.close()
+            procs.append(p)
+            conns.append(parent_end)
+        return _collect(procs, conns)
+    finally:
+        _end(procs)
+        for c in conns:
+            c.close()
+        shutil.rmtree(rendezvous, ignore_errors=True)
+
+
+def _collect(procs, conns) -> list:
+    """Gather every rank's result in rank order; raise on the first failure."""
+    results, pending = [None] * len(procs), dict(enumerate(conns))
+    while pending:
+        waitables = list(pending.values()) + [procs[r].sentinel for r in pending]
+        ready = wait(waitables)
+        for rank, conn in list(pending.items()):
+            if conn in ready or procs[rank].sentinel in ready:
+                try:
+                    status, value = pickle.loads(conn.recv_bytes())
+                except EOFError:  # the process ended without sending anything
+                    procs[rank].join()
+                    raise RankError(rank, f"the process exited with code {procs[rank].exitcode} before returning"
+                                          " (a negative code is the signal that killed it)") from None
+                if status == "error":
+                    raise RankError(rank, value)
+                results[rank] = value
+                del pending[rank]
+    for p in procs:  # every result is in: the ranks are only tearing down now
+        p.join(timeout=30)
+    return results
+
+
+def _end(procs):
+    """Leave no process behind: ask politely, then insist."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _die_with_parent():
+    """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the parent's finally-block still ends us
+        pass
+
+
+def _run_rank(rank, world_size, store_path, backend, timeout, fn, args, kwargs, conn):
+    _die_with_parent()
+    os.environ.update(OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)  # one thread per rank: N ranks share the cores, and forked OpenMP pools can hang
+    ok = False
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, store=dist.FileStore(store_path, world_size), rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+        payload = pickle.dumps(("ok", fn(*args, **kwargs)))
+        ok = True
+    except BaseException:
+        payload = pickle.dumps(("error", traceback.format_exc()))
+    conn.send_bytes(payload)
+    conn.close()
+    if ok:
+        dist.barrier()
+        dist.destroy_process_group()
+    os._exit(0 if ok else 1)
+
+
+def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Initialize the default process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
+    if dist.is_initialized():
+        return
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"not running under torchrun: environment variables {missing} are not set")
+    world_size = int(os.environ["WORLD_SIZE"])
+    backend = backend or default_backend(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+
+
+def run_under_torchrun(fn, *args, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT, **kwargs):
+    """Run `fn` on this rank of a torchrun job; the same worker functions launch() runs."""
+    init_from_env(backend, timeout)
+    result = fn(*args, **kwargs)  # if it raises, torchrun sees the rank fail and ends the others
+    dist.barrier()
+    dist.destroy_process_group()
+    return result

@@ -1,0 +1,107 @@
+"""How every chapter proves its technique: train it next to a reference and compare the weights.
+
+`compare_with_reference` runs on every rank. Each rank builds the same model (same seed), keeps one untouched copy as
+the *reference* and hands the other to the technique under test. Each step, the reference trains on the whole global
+batch in this very process (the single-process answer), while the technique trains on this rank's slice of the same
+batch and communicates. If the technique is right, the two end with the same weights, up to floating-point reduction
+order. Passing a production implementation (PyTorch DDP, FSDP, ...) as `wrap` compares against it the same way.
+"""
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .models import lm_loss
+
+
+@dataclass
+class Comparison:
+    max_abs_diff: float          # largest |weight - reference weight| over all parameters after training
+    worst_param: str             # the parameter where it occurs
+    losses: list[float]          # the technique's loss on this rank's slice, per step
+    reference_losses: list[float]
+
+
+def shard_batch(batch, rank: int, world_size: int):
+    """This rank's contiguous slice of every tensor in `batch` along dim 0 (which must divide evenly)."""
+    out = []
+    for t in batch:
+        if t.shape[0] % world_size:
+            raise ValueError(f"global batch of {t.shape[0]} does not divide across {world_size} ranks")
+        out.append(t.chunk(world_size)[rank])
+    return tuple(out)
+
+
+def sgd(lr: float = 0.1):
+    return lambda params: torch.optim.SGD(params, lr=lr)
+
+
+def adam(lr: float = 1e-3):
+    return lambda params: torch.optim.Adam(params, lr=lr)
+
+
+def compare_with_reference(build_model, wrap, batches, *, optimizer=sgd(), dist_optimizer=None, step=None,
+                           loss_fn=lm_loss, params_of=None, group=None, seed: int = 0) -> Comparison:
+    """Train `wrap(model)` on this rank's slices of `batches` next to an unwrapped reference on the full batches.
+
+    build_model():            a fresh model (called once, after seeding, so every rank builds the same weights)
+    wrap(model):              the technique under test; returns the module to train
+    optimizer(params):        the optimizer for both (dist_optimizer(params), if given, for the technique's side)
+    step(module, opt, batch): one training step of the technique on this rank's slice (default: forward, loss,
+                              backward, opt.step(), opt.zero_grad())
+    params_of(module):        name -> full tensor of the trained weights (default: the model's named_parameters;
+                              sharded techniques gather theirs here)
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    torch.manual_seed(seed)
+    reference = build_model()
+    model = copy.deepcopy(reference)
+    wrapped = wrap(model)
+    ref_opt = optimizer(reference.parameters())
+    opt = (dist_optimizer or optimizer)(wrapped.parameters())
+    step = step or _default_step(loss_fn)
+    losses, ref_losses = [], []
+    for batch in batches:
+        ref_losses.append(_default_step(loss_fn)(reference, ref_opt, batch))
+        losses.append(step(wrapped, opt, shard_batch(batch, rank, world)))
+    trained = params_of(wrapped) if params_of else dict(model.named_parameters())
+    diffs = {name: (trained[name].detach() - p.detach()).abs().max().item()
+             for name, p in reference.named_parameters()}
+    worst = max(diffs, key=diffs.get)
+    return Comparison(diffs[worst], worst, losses, ref_losses)
+
+
+def _default_step(loss_fn):
+    def step(module, opt, batch):
+        x, y = batch
+        loss = loss_fn(module(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.item()
+    return step
+
+
+def replica_divergence(module: torch.nn.Module, group=None) -> float:
+    """Largest difference, over all ranks, between a rank's parameters and rank 0's (0.0: bitwise in sync).
+
+    Collective, and the same answer on every rank. Uses torch.distributed directly, so a ByteLedger measuring the
+    technique does not see these checks.
+    """
+    worst = torch.zeros(())
+    for p in module.parameters():
+        mine = p.detach().contiguous()
+        first = mine.clone()
+        dist.broadcast(first, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+        if mine.numel():
+            worst = torch.maximum(worst, (mine - first).abs().max())
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+    return worst.item()
+
+
+def assert_replicas_in_sync(module: torch.nn.Module, group=None, atol: float = 0.0) -> None:
+    """Raise AssertionError (on every rank) if some rank's parameters differ from rank 0's by more than `atol`."""
+    diff = replica_divergence(module, group)
+    if diff > atol:
+        raise AssertionError(f"replicas out of sync: parameters differ from rank 0's by up to {diff:.3g} (atol {atol})")

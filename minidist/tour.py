@@ -1,0 +1,177 @@
+"""The tour: every technique minidist has, run on N simulated ranks and checked against its reference.
+
+Each check returns rows with the same keys (None where a key does not apply). A row passes when the from-scratch
+result matches the reference within its tolerance and, where a formula exists, the measured bytes equal it.
+Each chapter adds its check to CHECKS.
+"""
+import time
+
+import torch
+import torch.distributed as dist
+
+from . import comm
+from .collectives import chain_broadcast, ring_all_gather, ring_all_reduce, ring_reduce_scatter, time_op
+from .launch import launch
+from .memory import SavedActivations, activation_bytes_per_layer, measure_state_bytes, zero_state_bytes
+from .models import GPT, count_params, lm_loss
+
+KEYS = ("technique", "reference", "max_abs_diff", "tolerance", "passed", "comm_bytes", "comm_bytes_theory",
+        "state_bytes_per_rank", "state_bytes_per_rank_theory", "seconds")
+SUM_TOL = 1e-5  # fp32 sums of N values in another order than gloo's: a few ulps of the largest partial sum
+
+
+def make_row(technique: str, reference: str, **values) -> dict:
+    """A tour row: `passed` is derived from the values, so no check can claim a pass its numbers do not show."""
+    row = dict.fromkeys(KEYS) | {"technique": technique, "reference": reference} | values
+    checks = []
+    if row["max_abs_diff"] is not None:
+        checks.append(row["max_abs_diff"] <= row["tolerance"])
+    for measured, theory in (("comm_bytes", "comm_bytes_theory"),
+                             ("state_bytes_per_rank", "state_bytes_per_rank_theory")):
+        if row[measured] is not None and row[theory] is not None:
+            checks.append(abs(row[measured] - row[theory]) <= 1e-9 * max(1.0, abs(row[theory])))
+    row["passed"] = bool(checks) and all(checks)
+    return row
+
+
+# Chapter 01: ring collectives from send/recv against gloo's own.
+
+def ring_vs_backend() -> dict:
+    """On each rank: (max |ring - backend|, bytes this rank sent, seconds) for each collective."""
+    n, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(rank)
+    x = torch.randn(65536 * n)  # divisible by n: every rank sends exactly the formula's bytes
+    shard = torch.randn(65536)
+    ops = {
+        "all_reduce": (lambda: ring_all_reduce(x), lambda: comm.all_reduce_sum(x), x),
+        "reduce_scatter": (lambda: ring_reduce_scatter(x), lambda: comm.reduce_scatter_sum(x), x),
+        "all_gather": (lambda: ring_all_gather(shard), lambda: comm.all_gather_cat(shard), x),
+        "broadcast": (lambda: chain_broadcast(x, src=0), lambda: comm.broadcast(x, src=0), x),
+    }
+    out = {}
+    for op, (mine, ref, full) in ops.items():
+        with comm.ByteLedger() as ledger:
+            result = mine()
+        diff = (result - ref()).abs().max().item()
+        out[op] = (diff, ledger.total_bytes(), time_op(mine, repeats=3), full.numel() * full.element_size())
+    # Awkward sizes: a single element, fewer elements than ranks, a prime count.
+    awkward = [torch.randn(s) for s in (1, max(n - 1, 1), 1009)] + [torch.randn(3, 5, 7)]
+    out["awkward"] = max((ring_all_reduce(t) - comm.all_reduce_sum(t)).abs().max().item() for t in awkward)
+    return out
+
+
+def check_collectives(world_size: int) -> list[dict]:
+    per_rank = launch(ring_vs_backend, world_size)
+    rows = []
+    for op, tol in (("all_reduce", SUM_TOL), ("reduce_scatter", SUM_TOL), ("all_gather", 0.0), ("broadcast", 0.0)):
+        diff = max(r[op][0] for r in per_rank)
+        if op == "all_reduce":
+            diff = max(diff, *(r["awkward"] for r in per_rank))
+        nbytes = per_rank[0][op][3]
+        rows.append(make_row(
+            f"ring {op.replace('_', '-')}" if op != "broadcast" else "chain broadcast (4 pieces)",
+            f"gloo {op}", max_abs_diff=diff, tolerance=tol,
+            comm_bytes=sum(r[op][1] for r in per_rank) / world_size,  # mean bytes sent per rank
+            comm_bytes_theory=comm.ring_bytes(op, nbytes, world_size),
+            seconds=max(r[op][2] for r in per_rank)))
+    return rows
+
+
+def comm_backward_errors() -> dict[str, float]:
+    """On each rank: max |autograd gradient - closed form| for every differentiable collective.
+
+    Rank r weights its loss with C_r = (r + 1) * w, w a fixed pattern, so gradients reveal which ranks were summed.
+    """
+    n, r = dist.get_world_size(), dist.get_rank()
+    w = torch.arange(1.0, 2 * n + 1).view(2 * n, 1).expand(2 * n, 3)  # (2n, 3): a distinct value per row
+    c = [(q + 1) * w for q in range(n)]                                # every rank's loss weights, known to all
+    chunk = lambda t, q: t.chunk(n)[q]                                 # noqa: E731
+    total = sum(c)
+    cases = {  # name: (function, input shape, weights of my loss, closed-form gradient of my input)
+        "identity": (comm.identity, (2 * n, 3), c[r], total),
+        "all_reduce": (comm.all_reduce, (2 * n, 3), c[r], c[r]),
+        "all_gather": (comm.all_gather, (2, 3), c[r], chunk(total, r)),
+        "reduce_scatter": (comm.reduce_scatter, (2 * n, 3), chunk(c[r], r), torch.cat([chunk(c[q], q)
+                                                                                        for q in range(n)])),
+        "split": (comm.split, (2 * n, 3), chunk(c[r], r), torch.cat([chunk(c[q], q) for q in range(n)])),
+        "gather": (comm.gather, (2, 3), w, chunk(w, r)),  # replicated loss: the same weights on every rank
+    }
+    errors = {}
+    for name, (fn, shape, weights, expected) in cases.items():
+        x = torch.randn(shape, requires_grad=True)
+        before = x.detach().clone()
+        (fn(x) * weights).sum().backward()
+        errors[name] = (x.grad - expected).abs().max().item() + (x.detach() - before).abs().max().item()
+    return errors
+
+
+def check_comm_backward(world_size: int) -> list[dict]:
+    start = time.perf_counter()
+    per_rank = launch(comm_backward_errors, world_size)
+    return [make_row("differentiable collectives (6 forward/backward duals)", "closed-form rank sums",
+                     max_abs_diff=max(max(e.values()) for e in per_rank), tolerance=0.0,
+                     seconds=time.perf_counter() - start)]
+
+
+# Chapter 00: where memory goes, measured against the formulas.
+
+def memory_on_rank(batch: int = 4) -> dict:
+    torch.manual_seed(0)
+    model = GPT()
+    cfg = model.cfg
+    opt = torch.optim.Adam(model.parameters())
+    x = torch.randint(cfg.vocab_size, (batch, cfg.block_size))
+    lm_loss(model(x), x).backward()
+    opt.step()
+    states = measure_state_bytes(model, opt)
+    block = model.blocks[0]
+    h = torch.randn(batch, cfg.block_size, cfg.n_embd, requires_grad=True)
+    with SavedActivations(exclude=block) as saved:
+        block(h)
+    n = dist.get_world_size()
+    return {"states": states.total, "states_theory": zero_state_bytes(count_params(model), n, 0, "fp32").total,
+            "act": saved.bytes, "act_theory": activation_bytes_per_layer(
+                cfg.block_size, batch, cfg.n_embd, cfg.n_head, bytes_per_value=4, dropout=False)}
+
+
+def check_memory(world_size: int) -> list[dict]:
+    start = time.perf_counter()
+    per_rank = launch(memory_on_rank, world_size)
+    seconds = time.perf_counter() - start
+    act, act_theory = max(r["act"] for r in per_rank), per_rank[0]["act_theory"]
+    return [
+        make_row("model states: fp32 Adam, replicated (tiny GPT)", "16 bytes/param formula",
+                 state_bytes_per_rank=max(r["states"] for r in per_rank),
+                 state_bytes_per_rank_theory=per_rank[0]["states_theory"], seconds=seconds),
+        make_row("activations saved by one layer (fp32, no dropout)", "Korthikanti et al. 2022",
+                 max_abs_diff=abs(act - act_theory) / act_theory, tolerance=ACTIVATION_REL_TOL,
+                 seconds=seconds) | {"activation_bytes": act, "activation_bytes_theory": act_theory},
+    ]
+
+
+# The formula leaves out LayerNorm's per-token mean and 1/std (4 values per token and layer, against 16h + a*s):
+# 0.3% at the tiny GPT's shapes. The row's max_abs_diff is the relative difference.
+ACTIVATION_REL_TOL = 0.01
+
+CHECKS = [check_memory, check_collectives, check_comm_backward]
+
+
+def run_tour(world_size: int = 4, progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+    rows = []
+    for check in tqdm(CHECKS, desc=f"tour on {world_size} ranks", disable=not progress):
+        rows.extend(check(world_size))
+    return {"world_size": world_size, "rows": rows}
+
+
+def format_rows(rows: list[dict]) -> str:
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"{'technique':<52}{'reference':<26}{'max|diff|':>10}{'tol':>8}{'bytes/rank':>13}{'formula':>13}"
+             f"{'state B/rank':>13}{'formula':>13}{'s':>7}  ok"]
+    for r in rows:
+        lines.append(f"{r['technique']:<52}{r['reference']:<26}{fmt(r['max_abs_diff'], '.2g'):>10}"
+                     f"{fmt(r['tolerance'], '.0e'):>8}{fmt(r['comm_bytes'], ',.0f'):>13}"
+                     f"{fmt(r['comm_bytes_theory'], ',.0f'):>13}{fmt(r['state_bytes_per_rank'], ',.0f'):>13}"
+                     f"{fmt(r['state_bytes_per_rank_theory'], ',.0f'):>13}{fmt(r['seconds'], '.2f'):>7}"
+                     f"  {'yes' if r['passed'] else 'NO'}")
+    return "\n".join(lines)
