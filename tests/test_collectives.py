@@ -1,0 +1,101 @@
+"""Ring collectives from send/recv: exact sums for any size and world size, bytes actually sent, the cost model."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from minidist import comm, launch
+from minidist.collectives import (AlphaBeta, chain_broadcast, ping_pong, ring_all_gather, ring_all_reduce,
+                                  ring_reduce_scatter)
+
+SHAPES = [(0,), (1,), (2,), (3,), (7,), (1009,), (3, 5, 7), (64, 64)]
+
+
+def all_reduce_everything():
+    rank = dist.get_rank()
+    out = []
+    for shape in SHAPES:
+        x = torch.arange(torch.Size(shape).numel(), dtype=torch.int64).view(shape) * (rank + 1)
+        before = x.clone()
+        with comm.ByteLedger() as ledger:
+            y = ring_all_reduce(x)
+        assert torch.equal(x, before), "ring_all_reduce modified its input"
+        out.append((y, ledger.total_bytes()))
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_ring_all_reduce_is_exact_for_awkward_sizes(world_size):
+    n = world_size
+    per_rank = launch(all_reduce_everything, n)
+    for i, shape in enumerate(SHAPES):
+        numel = torch.Size(shape).numel()
+        expected = torch.arange(numel, dtype=torch.int64).view(shape) * sum(range(1, n + 1))
+        for r in range(n):
+            assert torch.equal(per_rank[r][i][0], expected), (shape, r)
+        # Uneven chunks make ranks send different amounts; summed over ranks it is exactly 2(N-1) * S.
+        assert sum(per_rank[r][i][1] for r in range(n)) == 2 * (n - 1) * numel * 8
+
+
+def reduce_scatter_and_gather():
+    n, rank = dist.get_world_size(), dist.get_rank()
+    x = torch.arange(10.0 * n) * (rank + 1)
+    with comm.ByteLedger() as ledger:
+        mine = ring_reduce_scatter(x)
+        gathered = ring_all_gather(torch.full((2, 3), float(rank)))
+        broadcast = chain_broadcast(torch.arange(5.0) * (rank + 7), src=n - 1, pieces=8)
+    return mine, gathered, broadcast, [r.bytes_sent for r in ledger.records if r.op == "send"]
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_reduce_scatter_all_gather_broadcast(world_size):
+    n = world_size
+    total = torch.arange(10.0 * n) * sum(range(1, n + 1))
+    for rank, (mine, gathered, broadcast, _) in enumerate(launch(reduce_scatter_and_gather, n)):
+        assert torch.equal(mine, total.tensor_split(n)[rank])
+        assert torch.equal(gathered, torch.cat([torch.full((2, 3), float(q)) for q in range(n)]))
+        assert torch.equal(broadcast, torch.arange(5.0) * (n - 1 + 7))
+
+
+def ring_bytes_per_rank():
+    n = dist.get_world_size()
+    x = torch.zeros(6 * n * 100)
+    with comm.ByteLedger() as ledger:
+        ring_all_reduce(x)
+    return ledger.total_bytes(), ledger.count("send")
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_each_rank_sends_2_n_minus_1_over_n_of_the_tensor(world_size):
+    n = world_size
+    s = 6 * n * 100 * 4
+    for sent, messages in launch(ring_bytes_per_rank, n):
+        assert sent == 2 * (n - 1) / n * s == comm.ring_bytes("all_reduce", s, n)
+        assert messages == 2 * (n - 1)
+
+
+def test_alpha_beta_fit_recovers_a_synthetic_link():
+    link = AlphaBeta(alpha=5e-5, beta=1e-9)
+    sizes = [1e3, 1e4, 1e5, 1e6, 1e7]
+    fitted = AlphaBeta.fit(sizes, [link.predict("send", b, 2) for b in sizes])
+    assert fitted.alpha == pytest.approx(link.alpha, rel=1e-6)
+    assert fitted.beta == pytest.approx(link.beta, rel=1e-6)
+
+
+def test_cost_formulas():
+    link = AlphaBeta(alpha=1.0, beta=0.5)
+    assert link.predict("all_reduce", 8, 4) == 2 * 3 * 1.0 + 2 * 3 / 4 * 8 * 0.5
+    assert link.predict("all_gather", 8, 4) == link.predict("reduce_scatter", 8, 4) == 3 + 3 / 4 * 8 * 0.5
+    assert link.predict("broadcast", 8, 4, pieces=4) == (4 - 2 + 4) * (1 + 2 * 0.5)
+    assert link.predict("all_reduce", 8, 1) == 0.0
+    with pytest.raises(ValueError, match="no cost formula for op 'all_to_all'"):
+        link.predict("all_to_all", 8, 4)
+
+
+def test_ping_pong_needs_two_ranks():
+    with pytest.raises(Exception, match="at least 2 ranks"):
+        launch(lambda: ping_pong(1000), 1)
+
+
+def test_ping_pong_measures_something():
+    times = launch(lambda: ping_pong(4096, repeats=3), 2)
+    assert all(t > 0 for t in times)

@@ -1,0 +1,109 @@
+"""Differentiable collectives (forward values, backward duals against closed forms) and the byte ledger."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from minidist import comm, launch
+from minidist.tour import comm_backward_errors
+
+WORLD_SIZES = [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_backward_of_every_function_matches_the_closed_form(world_size):
+    for errors in launch(comm_backward_errors, world_size):
+        assert set(errors) == {"identity", "all_reduce", "all_gather", "reduce_scatter", "split", "gather"}
+        assert max(errors.values()) == 0.0, errors
+
+
+def forward_values():
+    n, r = dist.get_world_size(), dist.get_rank()
+    x = torch.arange(2.0 * n).view(2 * n, 1) + 100 * r     # rank r holds 100r + [0 .. 2n)
+    before = x.clone()
+    out = {
+        "identity": comm.identity(x),
+        "all_reduce": comm.all_reduce(x),
+        "all_gather": comm.all_gather(x[:2], dim=0),
+        "reduce_scatter": comm.reduce_scatter(x, dim=0),
+        "split": comm.split(x, dim=0),
+        "gather": comm.gather(x.T[:, :2], dim=1),
+    }
+    assert torch.equal(x, before), "a collective modified its input"
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_forward_values(world_size):
+    n = world_size
+    base = torch.arange(2.0 * n).view(2 * n, 1)
+    total = n * base + 100 * sum(range(n))
+    for r, out in enumerate(launch(forward_values, n)):
+        mine = base + 100 * r
+        assert torch.equal(out["identity"], mine)
+        assert torch.equal(out["all_reduce"], total)
+        assert torch.equal(out["all_gather"], torch.cat([base[:2] + 100 * q for q in range(n)]))
+        assert torch.equal(out["reduce_scatter"], total[2 * r:2 * r + 2])
+        assert torch.equal(out["split"], mine[2 * r:2 * r + 2])
+        assert torch.equal(out["gather"], torch.cat([(base[:2] + 100 * q).T for q in range(n)], dim=1))
+
+
+def uneven_split():
+    comm.split(torch.zeros(5, 2), dim=0)
+
+
+def test_a_dimension_that_does_not_divide_is_a_clear_error():
+    with pytest.raises(Exception, match="dimension 0 of size 5 is not divisible by the group size 2"):
+        launch(uneven_split, 2)
+
+
+def ledger_records():
+    x = torch.zeros(12, 10)                     # 480 bytes in fp32
+    with comm.ByteLedger() as outer:
+        comm.all_reduce_sum(x)
+        with comm.ByteLedger() as inner:
+            comm.all_gather_cat(x[:4])          # gathers a (4n, 10) tensor
+            comm.reduce_scatter_sum(x)
+            comm.broadcast(x.double())
+    return outer.records, inner.records
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_ledger_bytes_equal_the_ring_formula(world_size):
+    n = world_size
+    outer, inner = launch(ledger_records, n)[1]
+    assert [r.op for r in outer] == ["all_reduce", "all_gather", "reduce_scatter", "broadcast"]
+    assert inner == outer[1:]                   # nested ledgers both see what happens inside
+    s = 12 * 10 * 4
+    assert outer[0].bytes_sent == 2 * (n - 1) / n * s
+    assert outer[1].bytes_sent == (n - 1) / n * (4 * n * 10 * 4) and outer[1].numel == 4 * n * 10
+    assert outer[2].bytes_sent == (n - 1) / n * s
+    assert outer[3].bytes_sent == (n - 1) / n * (2 * s) and outer[3].dtype == torch.float64
+    assert all(r.group_size == n for r in outer)
+
+
+def test_ledger_outside_a_collective_records_nothing():
+    ledger = comm.ByteLedger()
+    assert ledger.total_bytes() == 0 and ledger.count() == 0 and ledger.by_op() == {}
+
+
+def test_ring_bytes_of_a_single_rank_is_zero():
+    assert comm.ring_bytes("all_reduce", 1000, 1) == 0
+
+
+def subgroup_collectives():
+    group = dist.new_group([1, 2])
+    if dist.get_rank() not in (1, 2):
+        return None
+    x = torch.full((2,), float(dist.get_rank()))
+    with comm.ByteLedger() as ledger:
+        out = comm.all_reduce_sum(x, group), comm.broadcast(x, src=1, group=group)
+    return out, ledger.records[0].group_size
+
+
+def test_collectives_take_an_explicit_group():
+    results = launch(subgroup_collectives, 3)
+    assert results[0] is None
+    for (summed, broadcast), size in results[1:]:
+        assert torch.equal(summed, torch.full((2,), 3.0))
+        assert torch.equal(broadcast, torch.full((2,), 2.0))   # group rank 1 is global rank 2
+        assert size == 2

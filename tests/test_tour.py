@@ -1,0 +1,52 @@
+"""The tour: every row passes at several world sizes, bytes equal the formulas, and a failing row fails the run."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from minidist import tour
+from minidist.tour import KEYS, make_row, run_tour
+
+
+def test_tour_at_world_size_3_through_the_cli(tmp_path):
+    path = tmp_path / "out.json"
+    out = subprocess.run([sys.executable, "-m", "minidist", "tour", "--world-size", "3", "--json", str(path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads(path.read_text())
+    assert report["world_size"] == 3
+    for row in report["rows"]:
+        assert set(KEYS) <= set(row)
+        assert row["passed"], row
+        if row["comm_bytes_theory"] is not None:
+            assert row["comm_bytes"] == row["comm_bytes_theory"]
+        if row["state_bytes_per_rank_theory"] is not None:
+            assert row["state_bytes_per_rank"] == row["state_bytes_per_rank_theory"]
+    assert "checks passed on 3 ranks" in out.stdout
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_every_row_passes(world_size):
+    rows = run_tour(world_size, progress=False)["rows"]
+    assert len(rows) >= 7
+    assert all(r["passed"] for r in rows), [r for r in rows if not r["passed"]]
+
+
+def test_passed_is_derived_from_the_numbers():
+    assert make_row("t", "r", max_abs_diff=1e-6, tolerance=1e-5)["passed"]
+    assert not make_row("t", "r", max_abs_diff=1e-4, tolerance=1e-5)["passed"]
+    assert not make_row("t", "r", comm_bytes=100, comm_bytes_theory=101)["passed"]
+    assert not make_row("t", "r", state_bytes_per_rank=5, state_bytes_per_rank_theory=4)["passed"]
+    assert not make_row("t", "r")["passed"]  # a row that shows nothing proves nothing
+
+
+def failing_check(world_size):
+    return [make_row("broken on purpose", "nothing", max_abs_diff=1.0, tolerance=0.0)]
+
+
+def test_a_failing_row_makes_the_cli_exit_nonzero(monkeypatch, capsys):
+    from minidist.__main__ import main
+    monkeypatch.setattr(tour, "CHECKS", [failing_check])
+    assert main(["tour", "--world-size", "2", "--quiet"]) == 1
+    assert "FAILED: broken on purpose" in capsys.readouterr().out
