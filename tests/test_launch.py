@@ -120,14 +120,16 @@ def test_killing_the_parent_leaves_no_rank_behind(tmp_path):
         import os, time
         from minidist import launch
         def f():
-            print(os.getpid(), flush=True)
+            os.write(1, f"{os.getpid()}\\n".encode())  # one write: the two ranks' lines cannot interleave
             time.sleep(600)
         launch(f, 2)
     """))
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    pids = [int(parent.stdout.readline()) for _ in range(2)]
-    parent.kill()
-    parent.wait()
+    try:
+        pids = [int(parent.stdout.readline()) for _ in range(2)]
+    finally:
+        parent.kill()
+        parent.wait()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") and _state(p) != "Z" for p in pids):
         time.sleep(0.1)
