@@ -170,19 +170,13 @@ def time_op(fn, repeats: int = 5, group=None) -> float:
     return statistics.median(times)
 
 
-def ping_pong(nbytes: int, repeats: int = 5, group=None) -> float:
-    """One-way time of an nbytes message between group ranks 0 and 1 (half a round trip); other ranks wait."""
+def ring_step_time(nbytes: int, repeats: int = 5, group=None) -> float:
+    """Median seconds of one ring step: every rank sends `nbytes` right while receiving as many from the left.
+
+    Fitting AlphaBeta to these times calibrates the model on the very pattern the ring algorithms repeat (a one-way
+    ping-pong would measure an idle link, faster than a ring step where every link works both ways at once).
+    """
     if dist.get_world_size(group) < 2:
-        raise ValueError("ping_pong needs a group of at least 2 ranks")
-    me, buf = dist.get_rank(group), torch.zeros(max(nbytes // 4, 1))
-    peer = _global(1 - me, group) if me < 2 else None
-
-    def round_trip():
-        if me == 0:
-            dist.send(buf, peer, group=group)
-            dist.recv(buf, peer, group=group)
-        elif me == 1:
-            dist.recv(buf, peer, group=group)
-            dist.send(buf, peer, group=group)
-
-    return time_op(round_trip, repeats, group) / 2
+        raise ValueError("ring_step_time needs a group of at least 2 ranks")
+    send, recv = torch.zeros(max(nbytes // 4, 1)), torch.empty(max(nbytes // 4, 1))
+    return time_op(lambda: ring_exchange(send, recv, group), repeats, group)

@@ -15,8 +15,8 @@ Activations (Korthikanti et al. 2022, "Reducing activation recomputation"). One 
 micro-batch b, hidden h and a heads saves for backward, counted in values:
     attention  sbh (LayerNorm input) + sbh (QKV input) + 3sbh (Q, K, V) + a s^2 b (softmax output) + sbh (proj input)
     MLP        sbh (LayerNorm input) + sbh (fc input) + 4sbh (GELU input) + 4sbh (proj input)
-    = 16sbh + a s^2 b values; with dropout add one-byte masks (2sbh + a s^2 b) and the dropped attention (a s^2 b
-values). In 16-bit with dropout this is the paper's s*b*h*(34 + 5*a*s/h) bytes.
+    = 16sbh + a s^2 b values; with dropout add the masks (2sbh + a s^2 b elements, one byte each on a GPU) and the
+dropped attention (a s^2 b values). In 16-bit with dropout this is the paper's s*b*h*(34 + 5*a*s/h) bytes.
 """
 import math
 from dataclasses import dataclass
@@ -85,13 +85,17 @@ def format_zero_table(num_params: float, world_size: int, precision: str = "mixe
 
 
 def activation_bytes_per_layer(seq: int, batch: int, hidden: int, heads: int, bytes_per_value: int = 2,
-                               dropout: bool = True) -> int:
-    """Bytes one transformer layer saves for backward (see the module docstring for the terms)."""
+                               dropout: bool = True, mask_bytes: int = 1) -> int:
+    """Bytes one transformer layer saves for backward (see the module docstring for the terms).
+
+    `mask_bytes` is the size of one dropout-mask element: 1 in the paper (a fused GPU kernel keeps a byte mask);
+    PyTorch's CPU dropout multiplies by a scaled noise tensor and keeps it in the input's dtype.
+    """
     _check_positive(seq=seq, batch=batch, hidden=hidden, heads=heads)
     sbh, as2b = seq * batch * hidden, heads * seq * seq * batch
     total = bytes_per_value * (16 * sbh + as2b)
     if dropout:
-        total += 2 * sbh + as2b + bytes_per_value * as2b
+        total += mask_bytes * (2 * sbh + as2b) + bytes_per_value * as2b
     return total
 
 

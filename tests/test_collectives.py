@@ -4,8 +4,8 @@ import torch
 import torch.distributed as dist
 
 from minidist import comm, launch
-from minidist.collectives import (AlphaBeta, chain_broadcast, ping_pong, ring_all_gather, ring_all_reduce,
-                                  ring_reduce_scatter)
+from minidist.collectives import (AlphaBeta, chain_broadcast, ring_all_gather, ring_all_reduce, ring_reduce_scatter_,
+                                  ring_reduce_scatter, ring_step_time)
 
 SHAPES = [(0,), (1,), (2,), (3,), (7,), (1009,), (3, 5, 7), (64, 64)]
 
@@ -91,11 +91,28 @@ def test_cost_formulas():
         link.predict("all_to_all", 8, 4)
 
 
-def test_ping_pong_needs_two_ranks():
+def test_ring_step_time_needs_two_ranks():
     with pytest.raises(Exception, match="at least 2 ranks"):
-        launch(lambda: ping_pong(1000), 1)
+        launch(lambda: ring_step_time(1000), 1)
 
 
-def test_ping_pong_measures_something():
-    times = launch(lambda: ping_pong(4096, repeats=3), 2)
-    assert all(t > 0 for t in times)
+def test_ring_step_time_returns_one_median_per_rank():
+    times = launch(lambda: ring_step_time(4096, repeats=3), 3)
+    assert len(times) == 3 and all(t > 0 for t in times)
+
+
+def partial_sums_after_reduce_scatter():
+    n, rank = dist.get_world_size(), dist.get_rank()
+    chunks = [torch.full((1,), 2 ** rank, dtype=torch.int64) for _ in range(n)]  # bit r marks rank r's data
+    ring_reduce_scatter_(chunks)
+    return [int(c) for c in chunks]
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_the_ring_diagram_simulates_what_the_code_does(world_size):
+    # Every chunk, on every rank, holds exactly the contributions the diagram's simulation says (partial sums too).
+    from minidist.plots import ring_states
+    after = ring_states(world_size)[world_size - 1]
+    for rank, values in enumerate(launch(partial_sums_after_reduce_scatter, world_size)):
+        assert values == [sum(2 ** q for q in cell) for cell in after[rank]]
+    assert all(len(cell) == world_size for row in ring_states(world_size)[-1] for cell in row)

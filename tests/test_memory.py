@@ -125,3 +125,14 @@ def test_cli_bad_input(args, message):
     assert out.returncode != 0
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_measured_activations_with_dropout_on_cpu():
+    # PyTorch's CPU dropout keeps its mask in the input's dtype (4 bytes here), not one byte as on a GPU.
+    cfg, batch = GPTConfig(dropout=0.1, block_size=32), 2
+    block = GPT(cfg).blocks[0]
+    x = torch.randn(batch, cfg.block_size, cfg.n_embd, requires_grad=True)
+    with SavedActivations(exclude=block) as saved:
+        block(x)
+    formula = activation_bytes_per_layer(cfg.block_size, batch, cfg.n_embd, cfg.n_head, 4, mask_bytes=4)
+    assert saved.bytes == formula + 2 * 2 * cfg.block_size * batch * 4

@@ -1,0 +1,77 @@
+"""Figures for the chapters (matplotlib). Each function draws from numbers it is given, or from a pure simulation."""
+import matplotlib.pyplot as plt
+
+
+def bars(groups: dict[str, dict[str, float]], title: str, ylabel: str, scale: float = 1.0, ax=None):
+    """Grouped bars: {group: {series: value}}, e.g. {"params": {"formula": 4.0, "measured": 4.0}, ...}."""
+    ax = ax or plt.subplots(figsize=(7, 3.5))[1]
+    series = list(dict.fromkeys(s for g in groups.values() for s in g))
+    width = 0.8 / len(series)
+    for i, s in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
+        ax.bar(xs, [g.get(s, 0) / scale for g in groups.values()], width, label=s)
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    return ax
+
+
+def lines(xs, curves: dict[str, list[float]], title: str, xlabel: str, ylabel: str, log: bool = True, ax=None):
+    """One line per curve over xs; styles: names ending in "(model)" are dashed."""
+    ax = ax or plt.subplots(figsize=(7, 3.5))[1]
+    for name, ys in curves.items():
+        ax.plot(xs, ys, "--" if name.endswith("(model)") else "o-", label=name)
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(xs, [f"{x:,.0f}" if x < 1e4 else f"{x:.0e}" for x in xs])
+        ax.minorticks_off()
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    return ax
+
+
+def ring_states(n: int) -> list[list[list[frozenset]]]:
+    """Simulate ring all-reduce on symbols: states[step][rank][chunk] = the ranks whose data that chunk now holds.
+
+    Step 0 is the start; steps 1..N-1 are reduce-scatter, N..2N-2 all-gather, with the same chunk indices as
+    collectives.ring_reduce_scatter_ and ring_all_gather_.
+    """
+    state = [[frozenset([r]) for _ in range(n)] for r in range(n)]
+    states = [state]
+    for s in range(n - 1):  # reduce-scatter: rank r sends chunk (r-s-1), adds it into chunk (r-s-2) of rank r+1
+        new = [row[:] for row in state]
+        for r in range(n):
+            c = (r - s - 1) % n
+            new[(r + 1) % n][c] = state[(r + 1) % n][c] | state[r][c]
+        states.append(state := new)
+    for s in range(n - 1):  # all-gather: rank r forwards finished chunk (r-s); its right neighbour overwrites
+        new = [row[:] for row in state]
+        for r in range(n):
+            c = (r - s) % n
+            new[(r + 1) % n][c] = state[r][c]
+        states.append(state := new)
+    return states
+
+
+def draw_ring(n: int = 4):
+    """A grid per step: rows are ranks, columns chunks; a cell's shade is how many ranks' data it holds."""
+    states = ring_states(n)
+    fig, axes = plt.subplots(1, len(states), figsize=(2.0 * len(states), 2.4), squeeze=False)
+    for step, (ax, state) in enumerate(zip(axes[0], states)):
+        grid = [[len(cell) for cell in row] for row in state]
+        ax.imshow(grid, cmap="Blues", vmin=0, vmax=n)
+        for r, row in enumerate(state):
+            for c, cell in enumerate(row):
+                full = len(cell) == n
+                ax.text(c, r, "all" if full else "".join(map(str, sorted(cell))), ha="center", va="center",
+                        fontsize=8, color="white" if full else "black")
+        phase = "start" if step == 0 else ("reduce-scatter" if step < n else "all-gather")
+        ax.set_title(f"{phase}\nstep {step}", fontsize=8)
+        ax.set_xticks(range(n), [f"c{c}" for c in range(n)], fontsize=7)
+        ax.set_yticks(range(n), [f"rank {r}" for r in range(n)], fontsize=7)
+    fig.tight_layout()
+    return fig
