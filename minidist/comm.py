@@ -30,8 +30,11 @@ with S the bytes of the full (unsharded) tensor and N the group size:
     all_gather       (N-1)/N * S        reduce_scatter   (N-1)/N * S
     broadcast        (N-1)/N * S        (a pipelined chain: all but the last rank forward S; this is the mean)
     send             S
+When N does not divide S these are fractions (the mean over ranks of what each sends), so the ledger keeps them as
+exact `Fraction`s: sums over many collectives then equal their formula exactly. Use float() to print them.
 """
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.distributed as dist
@@ -50,7 +53,7 @@ class CommRecord:
     group_size: int
     dtype: torch.dtype
     numel: int          # elements of the full tensor (S / element size)
-    bytes_sent: float   # by this rank
+    bytes_sent: Fraction  # by this rank (an int for bytes really sent, a Fraction for the ring model)
 
 
 class ByteLedger:
@@ -68,30 +71,30 @@ class ByteLedger:
     def __exit__(self, *exc):
         ByteLedger._active.remove(self)
 
-    def total_bytes(self, op: str | None = None) -> float:
-        return sum(r.bytes_sent for r in self.records if op is None or r.op == op)
+    def total_bytes(self, op: str | None = None) -> Fraction:
+        return sum((r.bytes_sent for r in self.records if op is None or r.op == op), Fraction(0))
 
     def count(self, op: str | None = None) -> int:
         return sum(1 for r in self.records if op is None or r.op == op)
 
-    def by_op(self) -> dict[str, tuple[int, float]]:
+    def by_op(self) -> dict[str, tuple[int, Fraction]]:
         """op -> (number of calls, bytes sent)."""
         return {op: (self.count(op), self.total_bytes(op)) for op in dict.fromkeys(r.op for r in self.records)}
 
     def table(self) -> str:
         lines = [f"{'op':<16}{'calls':>7}{'bytes sent':>16}"]
-        lines += [f"{op:<16}{n:>7}{b:>16,.0f}" for op, (n, b) in self.by_op().items()]
+        lines += [f"{op:<16}{n:>7}{float(b):>16,.0f}" for op, (n, b) in self.by_op().items()]
         return "\n".join(lines)
 
 
-def ring_bytes(op: str, nbytes: int, group_size: int) -> float:
+def ring_bytes(op: str, nbytes: int, group_size: int) -> Fraction:
     """Bytes one rank sends for `op` on a full tensor of `nbytes` under the ring algorithm (see the module table)."""
     if op == "send":
-        return float(nbytes)
-    return RING_FACTOR[op] * (group_size - 1) * nbytes / group_size
+        return Fraction(nbytes)
+    return Fraction(RING_FACTOR[op] * (group_size - 1) * nbytes, group_size)
 
 
-def record(op: str, tensor: torch.Tensor, group_size: int, bytes_sent: float | None = None) -> None:
+def record(op: str, tensor: torch.Tensor, group_size: int, bytes_sent: int | None = None) -> None:
     """Add a record to every open ledger; `bytes_sent` defaults to the ring model for the full `tensor`."""
     if not ByteLedger._active:
         return

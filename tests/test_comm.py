@@ -1,4 +1,6 @@
 """Differentiable collectives (forward values, backward duals against closed forms) and the byte ledger."""
+from fractions import Fraction
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -74,10 +76,10 @@ def test_ledger_bytes_equal_the_ring_formula(world_size):
     assert [r.op for r in outer] == ["all_reduce", "all_gather", "reduce_scatter", "broadcast"]
     assert inner == outer[1:]                   # nested ledgers both see what happens inside
     s = 12 * 10 * 4
-    assert outer[0].bytes_sent == 2 * (n - 1) / n * s
-    assert outer[1].bytes_sent == (n - 1) / n * (4 * n * 10 * 4) and outer[1].numel == 4 * n * 10
-    assert outer[2].bytes_sent == (n - 1) / n * s
-    assert outer[3].bytes_sent == (n - 1) / n * (2 * s) and outer[3].dtype == torch.float64
+    assert outer[0].bytes_sent == Fraction(2 * (n - 1) * s, n)
+    assert outer[1].bytes_sent == Fraction((n - 1) * (4 * n * 10 * 4), n) and outer[1].numel == 4 * n * 10
+    assert outer[2].bytes_sent == Fraction((n - 1) * s, n)
+    assert outer[3].bytes_sent == Fraction((n - 1) * 2 * s, n) and outer[3].dtype == torch.float64
     assert all(r.group_size == n for r in outer)
 
 

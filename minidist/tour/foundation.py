@@ -1,37 +1,17 @@
-"""The tour: every technique minidist has, run on N simulated ranks and checked against its reference.
-
-Each check returns rows with the same keys (None where a key does not apply). A row passes when the from-scratch
-result matches the reference within its tolerance and, where a formula exists, the measured bytes equal it.
-Each chapter adds its check to CHECKS.
-"""
+"""Tour checks for chapters 00 (where memory goes) and 01 (collectives from scratch)."""
 import time
 
 import torch
 import torch.distributed as dist
 
-from . import comm
-from .collectives import chain_broadcast, ring_all_gather, ring_all_reduce, ring_reduce_scatter, time_op
-from .launch import launch
-from .memory import SavedActivations, activation_bytes_per_layer, measure_state_bytes, zero_state_bytes
-from .models import GPT, count_params, lm_loss
+from .. import comm
+from ..collectives import chain_broadcast, ring_all_gather, ring_all_reduce, ring_reduce_scatter, time_op
+from ..launch import launch
+from ..memory import SavedActivations, activation_bytes_per_layer, measure_state_bytes, zero_state_bytes
+from ..models import GPT, count_params, lm_loss
+from .rows import make_row
 
-KEYS = ("technique", "reference", "max_abs_diff", "tolerance", "passed", "comm_bytes", "comm_bytes_theory",
-        "state_bytes_per_rank", "state_bytes_per_rank_theory", "seconds")
 SUM_TOL = 1e-5  # fp32 sums of N values in another order than gloo's: a few ulps of the largest partial sum
-
-
-def make_row(technique: str, reference: str, **values) -> dict:
-    """A tour row: `passed` is derived from the values, so no check can claim a pass its numbers do not show."""
-    row = dict.fromkeys(KEYS) | {"technique": technique, "reference": reference} | values
-    checks = []
-    if row["max_abs_diff"] is not None:
-        checks.append(row["max_abs_diff"] <= row["tolerance"])
-    for measured, theory in (("comm_bytes", "comm_bytes_theory"),
-                             ("state_bytes_per_rank", "state_bytes_per_rank_theory")):
-        if row[measured] is not None and row[theory] is not None:
-            checks.append(abs(row[measured] - row[theory]) <= 1e-9 * max(1.0, abs(row[theory])))
-    row["passed"] = bool(checks) and all(checks)
-    return row
 
 
 # Chapter 01: ring collectives from send/recv against gloo's own.
@@ -71,7 +51,7 @@ def check_collectives(world_size: int) -> list[dict]:
         rows.append(make_row(
             f"ring {op.replace('_', '-')}" if op != "broadcast" else "chain broadcast (4 pieces)",
             f"gloo {op}", max_abs_diff=diff, tolerance=tol,
-            comm_bytes=sum(r[op][1] for r in per_rank) / world_size,  # mean bytes sent per rank
+            comm_bytes=sum(r[op][1] for r in per_rank) / world_size,  # mean bytes sent per rank (a Fraction)
             comm_bytes_theory=comm.ring_bytes(op, nbytes, world_size),
             seconds=max(r[op][2] for r in per_rank)))
     return rows
@@ -154,24 +134,3 @@ def check_memory(world_size: int) -> list[dict]:
 ACTIVATION_REL_TOL = 0.01
 
 CHECKS = [check_memory, check_collectives, check_comm_backward]
-
-
-def run_tour(world_size: int = 4, progress: bool = True) -> dict:
-    from tqdm.auto import tqdm
-    rows = []
-    for check in tqdm(CHECKS, desc=f"tour on {world_size} ranks", disable=not progress):
-        rows.extend(check(world_size))
-    return {"world_size": world_size, "rows": rows}
-
-
-def format_rows(rows: list[dict]) -> str:
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    lines = [f"{'technique':<52}{'reference':<26}{'max|diff|':>10}{'tol':>8}{'bytes/rank':>13}{'formula':>13}"
-             f"{'state B/rank':>13}{'formula':>13}{'s':>7}  ok"]
-    for r in rows:
-        lines.append(f"{r['technique']:<52}{r['reference']:<26}{fmt(r['max_abs_diff'], '.2g'):>10}"
-                     f"{fmt(r['tolerance'], '.0e'):>8}{fmt(r['comm_bytes'], ',.0f'):>13}"
-                     f"{fmt(r['comm_bytes_theory'], ',.0f'):>13}{fmt(r['state_bytes_per_rank'], ',.0f'):>13}"
-                     f"{fmt(r['state_bytes_per_rank_theory'], ',.0f'):>13}{fmt(r['seconds'], '.2f'):>7}"
-                     f"  {'yes' if r['passed'] else 'NO'}")
-    return "\n".join(lines)

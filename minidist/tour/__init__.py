@@ -1,0 +1,21 @@
+"""The tour: every technique minidist has, run on N simulated ranks and checked against its reference.
+
+Each chapter's module contributes its CHECKS: functions (world_size) -> rows. A row passes when the from-scratch
+result matches the reference within its tolerance and, where a formula exists, the measured bytes equal it.
+"""
+from . import data_parallel, foundation
+from .foundation import comm_backward_errors
+from .rows import KEYS, format_rows, make_row
+
+CHECKS = [*foundation.CHECKS, *data_parallel.CHECKS]
+
+
+def run_tour(world_size: int = 4, progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+    rows = []
+    for check in tqdm(CHECKS, desc=f"tour on {world_size} ranks", disable=not progress):
+        rows.extend(check(world_size))
+    return {"world_size": world_size, "rows": rows}
+
+
+__all__ = ["CHECKS", "KEYS", "comm_backward_errors", "format_rows", "make_row", "run_tour"]

@@ -1,0 +1,106 @@
+"""Distributed samplers: coverage, equal lengths per rank, torch's DistributedSampler as reference, padding waste."""
+import pytest
+import torch
+from torch.utils.data import DistributedSampler as TorchDistributedSampler
+
+from minidist.samplers import (DistributedSampler, LengthGroupedSampler, TokenBudgetBatchSampler, distributed_indices,
+                               padding_waste, token_budget_batches)
+
+CASES = [(10, 3), (12, 4), (7, 2), (2, 4), (1, 3), (100, 5), (0, 2)]
+
+
+@pytest.mark.parametrize("n, replicas", CASES)
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_same_indices_as_torch(n, replicas, shuffle, drop_last):
+    data = list(range(n))
+    for epoch in (0, 3):
+        for rank in range(replicas):
+            theirs = TorchDistributedSampler(data, replicas, rank, shuffle=shuffle, seed=7, drop_last=drop_last)
+            theirs.set_epoch(epoch)
+            ours = DistributedSampler(data, replicas, rank, shuffle=shuffle, seed=7, drop_last=drop_last)
+            ours.set_epoch(epoch)
+            assert list(ours) == list(theirs) and len(ours) == len(theirs)
+
+
+@pytest.mark.parametrize("n, replicas", CASES)
+def test_coverage_and_equal_lengths(n, replicas):
+    shares = [distributed_indices(n, replicas, r, seed=1) for r in range(replicas)]
+    assert len({len(s) for s in shares}) == 1                       # every rank runs the same number of steps
+    assert set().union(*shares) == set(range(n))                    # every sample read
+    dropped = [distributed_indices(n, replicas, r, drop_last=True) for r in range(replicas)]
+    flat = [i for s in dropped for i in s]
+    assert len(flat) == len(set(flat)) == n - n % replicas          # no repeats, the tail dropped
+
+
+def test_set_epoch_reshuffles_and_seed_is_shared():
+    a = distributed_indices(50, 2, 0, seed=3, epoch=0)
+    assert a != distributed_indices(50, 2, 0, seed=3, epoch=1)
+    assert a == distributed_indices(50, 2, 0, seed=3, epoch=0)
+
+
+@pytest.mark.parametrize("replicas, rank", [(0, 0), (2, 2), (2, -1), (2.0, 0)])
+def test_bad_rank(replicas, rank):
+    with pytest.raises(ValueError, match="num_replicas must be a positive integer|is not in"):
+        distributed_indices(10, replicas, rank)
+
+
+LENGTHS = [int(x) for x in torch.randint(1, 200, (997,), generator=torch.Generator().manual_seed(0))]
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3, 4])
+def test_length_grouped_batches_are_similar_within_a_step_across_ranks(replicas):
+    b = 8
+    per_rank = [list(LengthGroupedSampler(LENGTHS, b, replicas, r, seed=2)) for r in range(replicas)]
+    assert len({len(s) for s in per_rank}) == 1 and len(per_rank[0]) % b == 0
+    assert set().union(*per_rank) == set(range(len(LENGTHS)))
+    steps = len(per_rank[0]) // b
+    batches = [[s[k * b:(k + 1) * b] for k in range(steps)] for s in per_rank]
+    # ranks see similar lengths: no rank is systematically shorter (the seed's sampler gave rank 0 the shortest)
+    means = [sum(LENGTHS[i] for batch in rb for i in batch) / len(per_rank[0]) for rb in batches]
+    assert max(means) - min(means) < 0.1 * (sum(LENGTHS) / len(LENGTHS))
+    waste = padding_waste([batch for rb in batches for batch in rb], LENGTHS)
+    random = padding_waste([list(range(i, min(i + b, len(LENGTHS)))) for i in range(0, len(LENGTHS), b)], LENGTHS)
+    assert waste < 0.05 < 0.4 < random
+
+
+def test_token_budget_batches_by_hand():
+    assert token_budget_batches([3, 3, 4, 10, 2], max_tokens=10) == [[0, 1], [2], [3], [4]]
+    assert token_budget_batches([2, 2, 2, 2, 2, 2], max_tokens=8) == [[0, 1, 2, 3], [4, 5]]
+    assert token_budget_batches([50, 1, 1], max_tokens=10) == [[0], [1, 2]]  # too long: alone in its batch
+    assert token_budget_batches([], max_tokens=10) == []
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3, 4])
+@pytest.mark.parametrize("max_tokens", [150, 1000, 4096])
+def test_token_budget_sampler(replicas, max_tokens):
+    samplers = [TokenBudgetBatchSampler(LENGTHS, max_tokens, replicas, r, seed=5) for r in range(replicas)]
+    per_rank = [list(s) for s in samplers]
+    assert len({len(batches) for batches in per_rank}) == 1 == len({len(s) for s in samplers})
+    assert len(per_rank[0]) == len(samplers[0])
+    used = [i for batches in per_rank for batch in batches for i in batch]
+    assert set(used) == set(range(len(LENGTHS)))                    # every sample used
+    for batches in per_rank:
+        for batch in batches:
+            longest = max(LENGTHS[i] for i in batch)
+            assert len(batch) * longest <= max_tokens or len(batch) == 1
+    batches = [b for bs in per_rank for b in bs]
+    g = torch.Generator().manual_seed(0)
+    shuffled = torch.randperm(len(LENGTHS), generator=g).tolist()
+    sizes, random, k = [len(b) for b in batches], [], 0
+    for size in sizes:  # the same batch sizes filled at random
+        random.append([shuffled[(k + j) % len(shuffled)] for j in range(size)])
+        k += size
+    assert padding_waste(batches, LENGTHS) < min(0.1, padding_waste(random, LENGTHS) / 4)
+
+
+def test_token_budget_sampler_reshuffles_per_epoch():
+    s = TokenBudgetBatchSampler(LENGTHS, 1000, 2, 0, seed=5)
+    first = list(s)
+    s.set_epoch(1)
+    assert list(s) != first and sorted(map(sorted, s)) != []
+
+
+def test_bad_budget():
+    with pytest.raises(ValueError, match="max_tokens must be positive"):
+        TokenBudgetBatchSampler(LENGTHS, 0, 2, 0)
