@@ -1,4 +1,4 @@
-"""Command line: `python -m minidist tour | memory` (see `python -m minidist -h`)."""
+"""Command line: `python -m minidist tour | memory | bench` (see `python -m minidist -h`)."""
 import argparse
 import json
 import sys
@@ -30,6 +30,14 @@ def _memory(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import bench_ddp, format_ddp
+    result = bench_ddp(args.world_size, args.steps, args.warmup, args.bucket_cap_mb)
+    print(format_ddp(result))
+    _write_json(args.json, result)
+    return 0
+
+
 def _write_json(path, obj) -> None:
     if path:
         with open(path, "w") as f:
@@ -55,6 +63,15 @@ def main(argv=None) -> int:
     mem.add_argument("--precision", choices=["mixed", "fp32"], default="mixed")
     mem.add_argument("--json", metavar="PATH")
     mem.set_defaults(run=_memory)
+
+    bench = sub.add_parser("bench", help="time a technique side by side with its reference")
+    bench.add_argument("what", choices=["ddp"], help="ddp: DataParallel against torch DDP")
+    bench.add_argument("--world-size", type=int, default=2)
+    bench.add_argument("--steps", type=int, default=30, help="timed steps (after warm-up)")
+    bench.add_argument("--warmup", type=int, default=5)
+    bench.add_argument("--bucket-cap-mb", type=float, default=0.25, help="the same bucket size for both")
+    bench.add_argument("--json", metavar="PATH")
+    bench.set_defaults(run=_bench)
 
     args = parser.parse_args(argv)
     try:

@@ -65,3 +65,13 @@ def random_batches(ids: torch.Tensor, batch_size: int, block_size: int, steps: i
         window = torch.stack([ids[s:s + block_size + 1] for s in starts.tolist()])  # (B, T+1)
         batches.append((window[:, :-1], window[:, 1:]))
     return batches
+
+
+def speeches(name: str | None = None) -> list[str]:
+    """The corpus cut at blank lines: speeches, stage directions, titles. Samples of very different lengths."""
+    return [part.strip() for text in load_texts(name) for part in text.split("\n\n") if part.strip()]
+
+
+def sample_lengths(vocab_size: int = 512, name: str | None = None) -> list[int]:
+    """Token count of every speech: a realistic spread of lengths for the samplers of chapter 03."""
+    return [len(enc.ids) for enc in tokenizer(vocab_size, name).encode_batch(speeches(name))]

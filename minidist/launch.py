@@ -59,6 +59,12 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def synchronize() -> None:
+    """Wait for this rank's device to finish its queued work (a no-op on the CPU): call it before reading a clock."""
+    if device().type == "cuda":
+        torch.cuda.synchronize()
+
+
 def launch(fn, world_size: int, *args, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT,
            start_method: str | None = None, **kwargs) -> list:
     """Run `fn(*args, **kwargs)` on `world_size` ranks; return the per-rank results in rank order.

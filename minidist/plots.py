@@ -75,3 +75,25 @@ def draw_ring(n: int = 4):
         ax.set_yticks(range(n), [f"rank {r}" for r in range(n)], fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def timeline(events_per_rank: list[list[tuple[str, float, float]]], title: str, ax=None):
+    """Per rank, a compute bar (the first event) above one thin lane per communication event (times in ms)."""
+    ax = ax or plt.subplots(figsize=(9, 0.9 + 0.9 * len(events_per_rank)))[1]
+    t0 = min(start for events in events_per_rank for _, start, _ in events)
+    for rank, events in enumerate(events_per_rank):
+        top = len(events_per_rank) - rank  # each rank owns the band [top - 1, top)
+        (label, start, end), comms = events[0], events[1:]
+        ax.barh(top - 0.2, (end - start) * 1e3, left=(start - t0) * 1e3, height=0.3, color="tab:blue",
+                label=label if rank == 0 else None)
+        lane = 0.6 / max(1, len(comms))
+        for k, (name, start, end) in enumerate(comms):
+            ax.barh(top - 0.4 - (k + 0.5) * lane, max(end - start, 1e-5) * 1e3, left=(start - t0) * 1e3,
+                    height=lane * 0.8, color="tab:orange", label="all-reduce, one lane per bucket"
+                    if rank == 0 and k == 0 else None)
+    ax.set_yticks([len(events_per_rank) - r - 0.5 for r in range(len(events_per_rank))],
+                  [f"rank {r}" for r in range(len(events_per_rank))])
+    ax.set_xlabel("ms since the step started")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    return ax

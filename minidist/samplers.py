@@ -8,8 +8,9 @@ and its peers wait for it until the process-group timeout. Three samplers, each 
                            drop_last) to a multiple of N, then dealt out: rank r takes positions r, r+N, r+2N, ...
   LengthGroupedSampler     for variable-length samples: batches of similar lengths waste less padding. Samples are
                            sorted by length inside shuffled "mega-batches"; each *global* batch (N x batch_size
-                           consecutive samples, so similar lengths) is then cut into one batch per rank. Sorting
-                           without this dealing would give rank 0 all the shortest samples and rank N-1 the longest.
+                           consecutive samples, so similar lengths) is then cut into one batch per rank, rotating
+                           which rank takes the longest slice. Sorting and slicing the whole dataset per rank
+                           instead would give rank 0 all the shortest samples.
   TokenBudgetBatchSampler  batches sized by tokens, not samples: each padded batch (size x longest) stays within
                            max_tokens; a sample longer than the budget rides alone; batches are padded with repeats
                            to a multiple of N so every rank gets the same count.
@@ -103,8 +104,11 @@ class LengthGroupedSampler:
         return batches
 
     def __iter__(self):
-        b, r = self.batch_size, self.rank
-        return iter([i for batch in self.global_batches() for i in batch[r * b:(r + 1) * b]])
+        # Global batch k is sorted, so its N slices go from longest to shortest: rank r takes slice (r + k) mod N,
+        # and over the steps every rank takes every position equally often.
+        b, n = self.batch_size, self.num_replicas
+        return iter([i for k, batch in enumerate(self.global_batches())
+                     for i in batch[(self.rank + k) % n * b:((self.rank + k) % n + 1) * b]])
 
     def __len__(self) -> int:
         step = self.batch_size * self.num_replicas
