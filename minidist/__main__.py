@@ -1,4 +1,4 @@
-"""Command line: `python -m minidist tour | memory | bench` (see `python -m minidist -h`)."""
+"""Command line: `python -m minidist tour | memory | bench | grade` (see `python -m minidist -h`)."""
 import argparse
 import json
 import sys
@@ -38,6 +38,16 @@ def _bench(args) -> int:
     return 0
 
 
+def _grade(args) -> int:
+    from .exercises import ROOT
+    from .grading import format_grades, grade
+    path = ROOT / "solutions" if args.solutions else (args.path or ROOT / "exercises")
+    report = grade(path, args.only, args.extra_tests, args.timeout)
+    print(format_grades(report))
+    _write_json(args.json, report)
+    return 0
+
+
 def _write_json(path, obj) -> None:
     if path:
         with open(path, "w") as f:
@@ -72,6 +82,16 @@ def main(argv=None) -> int:
     bench.add_argument("--bucket-cap-mb", type=float, default=0.25, help="the same bucket size for both")
     bench.add_argument("--json", metavar="PATH")
     bench.set_defaults(run=_bench)
+
+    grade = sub.add_parser("grade", help="grade exercises with the tests that check minidist")
+    where = grade.add_mutually_exclusive_group()
+    where.add_argument("path", nargs="?", help="folder with the chNN_*.py exercise files (default: exercises/)")
+    where.add_argument("--solutions", action="store_true", help="grade solutions/ (full marks expected)")
+    grade.add_argument("--only", nargs="+", metavar="NAME", help="grade only these exercises")
+    grade.add_argument("--extra-tests", metavar="DIR", help="also run an instructor's private tests from DIR")
+    grade.add_argument("--timeout", type=int, default=60, help="seconds per test before it counts as failed")
+    grade.add_argument("--json", metavar="PATH")
+    grade.set_defaults(run=_grade)
 
     args = parser.parse_args(argv)
     try:

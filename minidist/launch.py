@@ -35,7 +35,7 @@ from multiprocessing.connection import wait
 import torch
 import torch.distributed as dist
 
-DEFAULT_TIMEOUT = 120.0  # seconds a collective may wait for its peers before the backend gives up
+DEFAULT_TIMEOUT = float(os.environ.get("MINIDIST_TIMEOUT", 120))  # seconds a collective may wait for its peers
 
 
 class RankError(RuntimeError):
@@ -155,12 +155,15 @@ def _run_rank(rank, world_size, store_path, backend, timeout, fn, args, kwargs, 
         ok = True
     except BaseException:
         payload = pickle.dumps(("error", traceback.format_exc()))
-    conn.send_bytes(payload)
-    conn.close()
-    if ok:
-        dist.barrier()
-        dist.destroy_process_group()
-    os._exit(0 if ok else 1)
+    try:
+        conn.send_bytes(payload)
+        conn.close()
+        if ok:
+            dist.barrier()
+            dist.destroy_process_group()
+    except BaseException:  # the result is out (or the parent is gone): the parent decides what failed
+        pass
+    os._exit(0 if ok else 1)  # skip interpreter teardown, where gloo may abort, and never print from here
 
 
 def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:

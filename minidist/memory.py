@@ -92,11 +92,15 @@ def activation_bytes_per_layer(seq: int, batch: int, hidden: int, heads: int, by
     PyTorch's CPU dropout multiplies by a scaled noise tensor and keeps it in the input's dtype.
     """
     _check_positive(seq=seq, batch=batch, hidden=hidden, heads=heads)
+    # <exercise activation_bytes_per_layer points=2>
+    # hint: count values first (16sbh + a s^2 b, see the module docstring), then multiply by bytes_per_value.
+    # hint: dropout adds its masks (2sbh + a s^2 b elements of mask_bytes each) and keeps the dropped attention.
     sbh, as2b = seq * batch * hidden, heads * seq * seq * batch
     total = bytes_per_value * (16 * sbh + as2b)
     if dropout:
         total += mask_bytes * (2 * sbh + as2b) + bytes_per_value * as2b
     return total
+    # </exercise>
 
 
 # Measurement.

@@ -4,6 +4,7 @@ import torch
 import torch.distributed as dist
 
 from minidist import comm, launch
+from minidist.grading import implementation
 from minidist.collectives import (AlphaBeta, chain_broadcast, ring_all_gather, ring_all_reduce, ring_reduce_scatter_,
                                   ring_reduce_scatter, ring_step_time)
 
@@ -11,7 +12,7 @@ SHAPES = [(0,), (1,), (2,), (3,), (7,), (1009,), (3, 5, 7), (64, 64)]
 
 
 def all_reduce_everything():
-    rank = dist.get_rank()
+    rank, ring_all_reduce = dist.get_rank(), implementation("ring_all_reduce")
     out = []
     for shape in SHAPES:
         x = torch.arange(torch.Size(shape).numel(), dtype=torch.int64).view(shape) * (rank + 1)
@@ -23,6 +24,7 @@ def all_reduce_everything():
     return out
 
 
+@pytest.mark.exercise("ring_all_reduce")
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_ring_all_reduce_is_exact_for_awkward_sizes(world_size):
     n = world_size
@@ -60,10 +62,11 @@ def ring_bytes_per_rank():
     n = dist.get_world_size()
     x = torch.zeros(6 * n * 100)
     with comm.ByteLedger() as ledger:
-        ring_all_reduce(x)
+        implementation("ring_all_reduce")(x)
     return ledger.total_bytes(), ledger.count("send")
 
 
+@pytest.mark.exercise("ring_all_reduce")
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_each_rank_sends_2_n_minus_1_over_n_of_the_tensor(world_size):
     n = world_size
@@ -116,3 +119,54 @@ def test_the_ring_diagram_simulates_what_the_code_does(world_size):
     for rank, values in enumerate(launch(partial_sums_after_reduce_scatter, world_size)):
         assert values == [sum(2 ** q for q in cell) for cell in after[rank]]
     assert all(len(cell) == world_size for row in ring_states(world_size)[-1] for cell in row)
+
+
+def reduce_scatter_chunks(sizes):
+    """Every rank's chunks hold (rank + 1) * [0, 1, 2, ...]; returns this rank's chunks after the exercise's call."""
+    n, rank = dist.get_world_size(), dist.get_rank()
+    chunks = [torch.arange(k, dtype=torch.int64) * (rank + 1) for k in sizes(n)]
+    with comm.ByteLedger() as ledger:
+        implementation("ring_reduce_scatter")(chunks)
+    return chunks[rank], ledger.total_bytes(), ledger.count("send")
+
+
+@pytest.mark.exercise("ring_reduce_scatter")
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_ring_reduce_scatter_leaves_the_sum_of_chunk_r_on_rank_r(world_size):
+    n = world_size
+    for rank, (mine, sent, messages) in enumerate(launch(reduce_scatter_chunks, n, lambda n: [100] * n)):
+        assert torch.equal(mine, torch.arange(100) * sum(range(1, n + 1)))
+        assert sent == (n - 1) * 100 * 8 and messages == n - 1  # (N-1)/N * S: one chunk per step
+
+
+@pytest.mark.exercise("ring_reduce_scatter")
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ring_reduce_scatter_with_uneven_and_empty_chunks(world_size):
+    sizes = lambda n: [3, 0, 5, 1][:n] if n < 4 else [3, 0, 5, 1]  # noqa: E731
+    for rank, (mine, _, _) in enumerate(launch(reduce_scatter_chunks, world_size, sizes)):
+        assert torch.equal(mine, torch.arange(sizes(world_size)[rank]) * sum(range(1, world_size + 1)))
+
+
+def all_gather_chunks(sizes):
+    n, rank = dist.get_world_size(), dist.get_rank()
+    chunks = [torch.full((k,), -1, dtype=torch.int64) for k in sizes(n)]
+    chunks[rank] = torch.arange(sizes(n)[rank], dtype=torch.int64) + 1000 * rank
+    with comm.ByteLedger() as ledger:
+        implementation("ring_all_gather")(chunks)
+    return chunks, ledger.total_bytes()
+
+
+@pytest.mark.exercise("ring_all_gather")
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_ring_all_gather_gives_every_rank_every_chunk(world_size):
+    n = world_size
+    for chunks, sent in launch(all_gather_chunks, n, lambda n: [50] * n):
+        assert all(torch.equal(c, torch.arange(50) + 1000 * q) for q, c in enumerate(chunks))
+        assert sent == (n - 1) * 50 * 8
+
+
+@pytest.mark.exercise("ring_all_gather")
+def test_ring_all_gather_with_uneven_and_empty_chunks():
+    sizes = lambda n: [4, 0, 2]  # noqa: E731
+    for chunks, _ in launch(all_gather_chunks, 3, sizes):
+        assert [c.tolist() for c in chunks] == [[0, 1, 2, 3], [], [2000, 2001]]

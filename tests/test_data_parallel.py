@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from minidist import comm, launch
-from minidist.data_parallel import MiB, DataParallel, assign_buckets, average_gradients_
+from minidist.data_parallel import MiB, DataParallel
+from minidist.grading import implementation
 from minidist.models import GPT, count_params, lm_loss
 from minidist.testing import adam, compare_with_reference, replica_divergence, sgd
 from minidist.tour.data_parallel import (ADAM_LR, ADAM_TOL, BATCHES, CFG, SGD_TOL, STAGES, accumulation, side_by_side_with_ddp,
@@ -16,7 +17,9 @@ from minidist.tour.data_parallel import (ADAM_LR, ADAM_TOL, BATCHES, CFG, SGD_TO
 
 
 
+@pytest.mark.exercise("assign_buckets")
 def test_buckets_by_hand():
+    assign_buckets = implementation("assign_buckets")
     # parameters of 5, 3 and 4 elements, walked in reverse: 4, 3, 5
     assert assign_buckets([5, 3, 4], cap=6) == [[(2, 0, 4), (1, 0, 2)], [(1, 2, 3), (0, 0, 5)]]
     assert assign_buckets([5, 3, 4], cap=2) == [[(2, 0, 2)], [(2, 2, 4)], [(1, 0, 2)], [(1, 2, 3), (0, 0, 1)],
@@ -26,10 +29,11 @@ def test_buckets_by_hand():
     assert assign_buckets([], cap=10) == []
 
 
+@pytest.mark.exercise("assign_buckets")
 @pytest.mark.parametrize("cap", [1, 7, 64, 1000, 10_000])
 def test_buckets_cover_everything_once_in_ceil_total_over_cap(cap):
     numels = [17, 1, 300, 64, 5, 0, 129]
-    buckets = assign_buckets(numels, cap)
+    buckets = implementation("assign_buckets")(numels, cap)
     assert len(buckets) == math.ceil(sum(numels) / cap)
     assert all(sum(b - a for _, a, b in bucket) == cap for bucket in buckets[:-1])
     covered = {i: [] for i in range(len(numels))}
@@ -174,10 +178,11 @@ def naive_function():
     torch.manual_seed(dist.get_rank())
     model = nn.Linear(3, 2)
     model.weight.grad, model.bias.grad = torch.full((2, 3), float(dist.get_rank())), None
-    average_gradients_(model.parameters())
+    implementation("average_gradients")(model.parameters())
     return model.weight.grad, model.bias.grad
 
 
+@pytest.mark.exercise("average_gradients")
 def test_average_gradients_by_hand():
     for weight_grad, bias_grad in launch(naive_function, 3):
         assert torch.equal(weight_grad, torch.full((2, 3), 1.0))  # (0 + 1 + 2) / 3
@@ -227,3 +232,28 @@ def test_a_parameter_used_on_some_ranks_only_is_averaged_with_zeros():
     assert local1 is None and never0 is None and never1 is None
     assert torch.equal(g0, g1)
     assert torch.allclose(g0, local0 / 2)  # (rank 0's gradient + nothing) / 2, as DDP does
+
+
+def naive_training():
+    average_gradients_ = implementation("average_gradients")
+
+    def step(model, opt, batch):
+        loss = lm_loss(model(batch[0]), batch[1])
+        loss.backward()
+        with comm.ByteLedger() as ledger:
+            average_gradients_(model.parameters())
+        step.collectives = ledger.count()
+        opt.step()
+        opt.zero_grad()
+        return loss.item()
+    kept = {}
+    result = compare_with_reference(lambda: GPT(CFG), lambda m: kept.setdefault("m", m), BATCHES, step=step)
+    return result.max_abs_diff, replica_divergence(kept["m"]), step.collectives
+
+
+@pytest.mark.exercise("average_gradients")
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_naive_averaging_trains_like_one_process(world_size):
+    for diff, divergence, collectives in launch(naive_training, world_size):
+        assert diff < SGD_TOL and divergence == 0.0
+        assert collectives == len(list(GPT(CFG).parameters()))  # one all-reduce per parameter

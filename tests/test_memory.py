@@ -6,27 +6,33 @@ import sys
 import pytest
 import torch
 
-from minidist.memory import (GB, SavedActivations, activation_bytes_per_layer, measure_state_bytes,
-                             zero_state_bytes, zero_table)
+from minidist.grading import implementation
+from minidist.memory import GB, SavedActivations, measure_state_bytes, zero_state_bytes
 from minidist.models import GPT, GPTConfig, count_params, lm_loss
 
 
+@pytest.mark.exercise("zero_state_bytes")
 def test_the_7_5b_model_on_64_ranks():
-    table = {s: b.total / GB for s, b in zero_table(7.5e9, 64).items()}
+    zero_state_bytes = implementation("zero_state_bytes")
+    table = {s: zero_state_bytes(7.5e9, 64, s).total / GB for s in range(4)}
     assert table[0] == pytest.approx(120.0)
     assert table[1] == pytest.approx(30 + 90 / 64)      # 31.4: 4Ψ + 12Ψ/N
     assert table[2] == pytest.approx(15 + 105 / 64)     # 16.6: 2Ψ + 14Ψ/N
     assert table[3] == pytest.approx(120 / 64)          # 1.9:  16Ψ/N
 
 
+@pytest.mark.exercise("zero_state_bytes")
 def test_stage_1_shards_optimizer_states_not_gradients():
+    zero_state_bytes = implementation("zero_state_bytes")
     s1 = zero_state_bytes(1000, 4, stage=1)
     assert (s1.params, s1.grads, s1.optimizer) == (2000, 2000, 3000)
     s2 = zero_state_bytes(1000, 4, stage=2)
     assert (s2.params, s2.grads, s2.optimizer) == (2000, 500, 3000)
 
 
+@pytest.mark.exercise("zero_state_bytes")
 def test_fp32_adam():
+    zero_state_bytes = implementation("zero_state_bytes")
     b = zero_state_bytes(1000, 1, stage=0, precision="fp32")
     assert (b.params, b.grads, b.optimizer, b.total) == (4000, 4000, 8000, 16000)
     assert zero_state_bytes(1000, 8, stage=3, precision="fp32").total == 2000
@@ -45,19 +51,23 @@ def test_bad_input(kwargs, message):
         zero_state_bytes(**kwargs)
 
 
+@pytest.mark.exercise("activation_bytes_per_layer")
 @pytest.mark.parametrize("s, b, h, a", [(2048, 1, 12288, 96), (512, 8, 1024, 16), (64, 4, 64, 4)])
 def test_activation_formula_is_the_papers_in_16_bit_with_dropout(s, b, h, a):
-    assert activation_bytes_per_layer(s, b, h, a) == s * b * h * (34 + 5 * a * s / h)
+    assert implementation("activation_bytes_per_layer")(s, b, h, a) == s * b * h * (34 + 5 * a * s / h)
 
 
+@pytest.mark.exercise("activation_bytes_per_layer")
 def test_activation_formula_without_dropout_in_fp32():
     s, b, h, a = 64, 4, 64, 4
-    assert activation_bytes_per_layer(s, b, h, a, bytes_per_value=4, dropout=False) == 4 * (16 * s * b * h
-                                                                                           + a * s * s * b)
+    assert implementation("activation_bytes_per_layer")(s, b, h, a, bytes_per_value=4, dropout=False) == 4 * (
+        16 * s * b * h + a * s * s * b)
 
 
+@pytest.mark.exercise("activation_bytes_per_layer")
 @pytest.mark.parametrize("cfg", [GPTConfig(), GPTConfig(n_embd=96, n_head=6, block_size=32)])
 def test_measured_activations_are_the_formula_plus_layernorm_statistics(cfg):
+    activation_bytes_per_layer = implementation("activation_bytes_per_layer")
     batch = 3
     block = GPT(cfg).blocks[0]
     x = torch.randn(batch, cfg.block_size, cfg.n_embd, requires_grad=True)
@@ -127,7 +137,9 @@ def test_cli_bad_input(args, message):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.exercise("activation_bytes_per_layer")
 def test_measured_activations_with_dropout_on_cpu():
+    activation_bytes_per_layer = implementation("activation_bytes_per_layer")
     # PyTorch's CPU dropout keeps its mask in the input's dtype (4 bytes here), not one byte as on a GPU.
     cfg, batch = GPTConfig(dropout=0.1, block_size=32), 2
     block = GPT(cfg).blocks[0]

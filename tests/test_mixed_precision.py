@@ -6,11 +6,14 @@ import torch.distributed as dist
 from minidist import launch
 from minidist.data import random_batches
 from minidist.data_parallel import DataParallel
-from minidist.mixed_precision import LossScaler, MixedPrecisionOptimizer, update_scale
+from minidist.grading import implementation
+from minidist.mixed_precision import LossScaler
 from minidist.tour.data_parallel import BF16_TOL, FP16_TOL, bf16_side_by_side, fp16_side_by_side
 
 
+@pytest.mark.exercise("loss_scale_update")
 def test_update_scale_by_hand():
+    update_scale = implementation("loss_scale_update")
     assert update_scale(1024.0, 5, found_inf=True) == (512.0, 0)
     assert update_scale(1024.0, 5, found_inf=False, growth_interval=10) == (1024.0, 6)
     assert update_scale(1024.0, 9, found_inf=False, growth_interval=10) == (2048.0, 0)
@@ -22,24 +25,25 @@ def test_bad_scaler_settings():
         LossScaler(growth_factor=1.0)
 
 
+@pytest.mark.exercise("loss_scale_update")
 def test_same_scales_skips_and_weights_as_grad_scaler():
     """Drive both scalers with the same model and data; overflow on purpose at steps 2 and 3."""
+    update_scale = implementation("loss_scale_update")
     torch.manual_seed(0)
     ours, theirs = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
     theirs.load_state_dict(ours.state_dict())
     opt_ours, opt_theirs = torch.optim.SGD(ours.parameters(), lr=0.1), torch.optim.SGD(theirs.parameters(), lr=0.1)
-    scaler = LossScaler(init_scale=2.0 ** 10, growth_interval=3)
+    scaler = LossScaler(init_scale=2.0 ** 10)  # used for scale_loss and unscale_; the update is the exercise's
     reference = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3)
     scales, reference_scales = [], []
     for step in range(10):
         x = torch.randn(8, 4)
         blow_up = float("inf") if step in (2, 3) else 1.0
         scaler.scale_loss(ours(x).pow(2).mean() * blow_up).backward()
-        grads = [p.grad for p in ours.parameters()]
-        found_inf = scaler.unscale_(grads)
+        found_inf = scaler.unscale_([p.grad for p in ours.parameters()])
         if not found_inf:
             opt_ours.step()
-        scaler.update(found_inf)
+        scaler.scale, scaler.good_steps = update_scale(scaler.scale, scaler.good_steps, found_inf, growth_interval=3)
         opt_ours.zero_grad()
         reference.scale(theirs(x).pow(2).mean() * blow_up).backward()
         reference.step(opt_theirs)
@@ -49,6 +53,13 @@ def test_same_scales_skips_and_weights_as_grad_scaler():
         reference_scales.append(reference.get_scale())
     assert scales == reference_scales == [1024, 1024, 512, 256, 256, 256, 512, 512, 512, 1024]
     assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), theirs.parameters()))
+
+
+def test_loss_scaler_follows_the_rule():
+    scaler = LossScaler(init_scale=8.0, growth_interval=2)
+    for found_inf, expected in ((False, 8.0), (False, 16.0), (True, 8.0), (False, 8.0)):
+        scaler.update(found_inf)
+        assert scaler.scale == expected
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

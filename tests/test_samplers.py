@@ -3,28 +3,39 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler as TorchDistributedSampler
 
+from minidist.grading import implementation
 from minidist.samplers import (DistributedSampler, LengthGroupedSampler, TokenBudgetBatchSampler, distributed_indices,
-                               padding_waste, token_budget_batches)
+                               padding_waste)
 
 CASES = [(10, 3), (12, 4), (7, 2), (2, 4), (1, 3), (100, 5), (0, 2)]
 
 
+@pytest.mark.exercise("distributed_indices")
 @pytest.mark.parametrize("n, replicas", CASES)
 @pytest.mark.parametrize("shuffle", [True, False])
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_same_indices_as_torch(n, replicas, shuffle, drop_last):
-    data = list(range(n))
+    distributed_indices, data = implementation("distributed_indices"), list(range(n))
     for epoch in (0, 3):
         for rank in range(replicas):
             theirs = TorchDistributedSampler(data, replicas, rank, shuffle=shuffle, seed=7, drop_last=drop_last)
             theirs.set_epoch(epoch)
-            ours = DistributedSampler(data, replicas, rank, shuffle=shuffle, seed=7, drop_last=drop_last)
-            ours.set_epoch(epoch)
-            assert list(ours) == list(theirs) and len(ours) == len(theirs)
+            assert distributed_indices(n, replicas, rank, shuffle, 7, epoch, drop_last) == list(theirs)
 
 
+def test_the_sampler_class_matches_torch():
+    for rank in range(3):
+        theirs = TorchDistributedSampler(range(10), 3, rank, seed=7)
+        theirs.set_epoch(2)
+        ours = DistributedSampler(range(10), 3, rank, seed=7)
+        ours.set_epoch(2)
+        assert list(ours) == list(theirs) and len(ours) == len(theirs)
+
+
+@pytest.mark.exercise("distributed_indices")
 @pytest.mark.parametrize("n, replicas", CASES)
 def test_coverage_and_equal_lengths(n, replicas):
+    distributed_indices = implementation("distributed_indices")
     shares = [distributed_indices(n, replicas, r, seed=1) for r in range(replicas)]
     assert len({len(s) for s in shares}) == 1                       # every rank runs the same number of steps
     assert set().union(*shares) == set(range(n))                    # every sample read
@@ -33,7 +44,9 @@ def test_coverage_and_equal_lengths(n, replicas):
     assert len(flat) == len(set(flat)) == n - n % replicas          # no repeats, the tail dropped
 
 
+@pytest.mark.exercise("distributed_indices")
 def test_set_epoch_reshuffles_and_seed_is_shared():
+    distributed_indices = implementation("distributed_indices")
     a = distributed_indices(50, 2, 0, seed=3, epoch=0)
     assert a != distributed_indices(50, 2, 0, seed=3, epoch=1)
     assert a == distributed_indices(50, 2, 0, seed=3, epoch=0)
@@ -64,11 +77,27 @@ def test_length_grouped_batches_are_similar_within_a_step_across_ranks(replicas)
     assert waste < 0.05 < 0.4 < random
 
 
+@pytest.mark.exercise("token_budget_batches")
 def test_token_budget_batches_by_hand():
+    token_budget_batches = implementation("token_budget_batches")
     assert token_budget_batches([3, 3, 4, 10, 2], max_tokens=10) == [[0, 1], [2], [3], [4]]
     assert token_budget_batches([2, 2, 2, 2, 2, 2], max_tokens=8) == [[0, 1, 2, 3], [4, 5]]
     assert token_budget_batches([50, 1, 1], max_tokens=10) == [[0], [1, 2]]  # too long: alone in its batch
     assert token_budget_batches([], max_tokens=10) == []
+
+
+@pytest.mark.exercise("token_budget_batches")
+@pytest.mark.parametrize("max_tokens", [1, 150, 1000, 4096])
+def test_token_budget_batches_keep_order_budget_and_every_sample(max_tokens):
+    lengths = sorted(LENGTHS)
+    batches = implementation("token_budget_batches")(lengths, max_tokens)
+    assert [i for b in batches for i in b] == list(range(len(lengths)))   # in order, each sample once
+    for k, batch in enumerate(batches):
+        longest = max(lengths[i] for i in batch)
+        assert len(batch) * longest <= max_tokens or len(batch) == 1
+        if k + 1 < len(batches):  # greedy: the next sample would not have fitted
+            nxt = batches[k + 1][0]
+            assert (len(batch) + 1) * max(longest, lengths[nxt]) > max_tokens
 
 
 @pytest.mark.parametrize("replicas", [1, 2, 3, 4])

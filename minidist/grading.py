@@ -1,0 +1,188 @@
+"""Grading: the tests that check minidist also grade the learners' exercises, through one adapter seam.
+
+    python -m minidist grade [PATH] [--solutions] [--only NAME ...] [--extra-tests DIR] [--json PATH]
+
+A test that grades exercise X is marked `@pytest.mark.exercise("X")` and gets the function under test from
+`implementation("X")`: minidist's own function normally, or, when MINIDIST_EXERCISES names a folder, the learner's
+function from that folder's chNN_*.py. The grader runs those tests once in a pytest subprocess with this module as a
+plugin, and scores each exercise by the share of its tests that pass.
+
+A hang costs one exercise, not the run: each test has a time limit (pytest-timeout), collectives give up sooner
+(MINIDIST_TIMEOUT), and after one test of an exercise times out its remaining tests are skipped as failed.
+"""
+import functools
+import importlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+from .exercises import ROOT, registry
+
+ENV = "MINIDIST_EXERCISES"
+TESTS = ROOT / "tests"
+
+
+@functools.cache
+def _exercises() -> dict:
+    return {e.name: e for e in registry()}
+
+
+@functools.cache
+def _submission(directory: str, chapter: str) -> types.ModuleType:
+    path = Path(directory) / f"{chapter}.py"
+    if not path.exists():
+        raise ImportError(f"the submission has no {path.name} in {directory}")
+    spec = importlib.util.spec_from_file_location(f"submission_{chapter}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _package_function(exercise):
+    return getattr(importlib.import_module(f"minidist.{exercise.module}"), exercise.function)
+
+
+def implementation(name: str):
+    """The function that exercise `name` asks for: the learner's (MINIDIST_EXERCISES set) or minidist's own.
+
+    A learner's function runs with every *other* exercise function of its chapter taken from minidist, so each
+    exercise is graded on its own (a broken reduce-scatter does not also fail the all-reduce built on it).
+    """
+    if name not in _exercises():
+        raise KeyError(f"no exercise named {name!r}; the exercises are {sorted(_exercises())}")
+    exercise = _exercises()[name]
+    directory = os.environ.get(ENV)
+    if not directory:
+        return _package_function(exercise)
+    fn = getattr(_submission(directory, exercise.chapter), exercise.function, None)
+    if fn is None:
+        raise AttributeError(f"{exercise.chapter}.py has no function {exercise.function}")
+    others = {e.function: _package_function(e) for e in _exercises().values()
+              if e.chapter == exercise.chapter and e.function != exercise.function}
+    isolated = types.FunctionType(fn.__code__, {**fn.__globals__, **others}, fn.__name__, fn.__defaults__,
+                                  fn.__closure__)
+    isolated.__kwdefaults__ = fn.__kwdefaults__
+    return isolated
+
+
+# The pytest plugin (loaded by the grader with `-p minidist.grading`).
+
+_results: dict[str, dict] = {}   # exercise -> {"passed", "total", "timed_out"}
+_owner: dict[str, str] = {}      # test node id -> exercise
+
+
+def _exercise_of(item):
+    marker = item.get_closest_marker("exercise")
+    return marker.args[0] if marker else None
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("minidist grading")
+    group.addoption("--exercise", action="append", default=[], help="run only the tests of this exercise")
+    group.addoption("--grade-report", default=None, help="write per-exercise results to this JSON file")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "exercise(name): the test grades exercise `name`")
+
+
+def pytest_collection_modifyitems(config, items):
+    wanted = set(config.getoption("--exercise"))
+    keep = [item for item in items if _exercise_of(item) and (not wanted or _exercise_of(item) in wanted)]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
+    for item in keep:
+        _owner[item.nodeid] = _exercise_of(item)
+        _results.setdefault(_exercise_of(item), {"passed": 0, "total": 0, "timed_out": False})["total"] += 1
+
+
+def pytest_runtest_setup(item):
+    if _results.get(_exercise_of(item), {}).get("timed_out"):
+        import pytest
+        pytest.skip("an earlier test of this exercise timed out")
+
+
+def pytest_runtest_logreport(report):
+    exercise = _owner.get(report.nodeid)
+    if exercise is None:
+        return
+    if report.when == "call" and report.passed:
+        _results[exercise]["passed"] += 1
+    if report.failed and "Timeout" in str(report.longrepr):
+        _results[exercise]["timed_out"] = True
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption("--grade-report")
+    if path:
+        Path(path).write_text(json.dumps(_results))
+
+
+# The grader.
+
+def _run_pytest(names, test_files, directory, timeout, deadline) -> dict | None:
+    """One pytest run over the exercises `names`; its per-exercise results, or None if it crashed or overran."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        cmd = [sys.executable, "-m", "pytest", "-p", "minidist.grading", "-p", "no:cacheprovider", "-o", "addopts=",
+               "-q", f"--timeout={timeout}", f"--grade-report={report}", *[f"--exercise={n}" for n in names],
+               *map(str, test_files)]
+        env = dict(os.environ, **{ENV: str(directory), "MINIDIST_TIMEOUT": str(max(5, timeout // 4))})
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=deadline)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole session: pytest and any ranks it started
+            proc.wait()
+            return None
+        return json.loads(report.read_text()) if report.exists() else None
+
+
+def grade(directory, only=None, extra_tests=None, timeout: int = 60) -> dict:
+    """Grade the exercises in `directory`; returns {"total", "max", "exercises": [...]}."""
+    directory = Path(directory).resolve()
+    if not directory.is_dir():
+        raise ValueError(f"no folder {directory} to grade")
+    exercises = list(_exercises().values())
+    if only:
+        unknown = sorted(set(only) - set(_exercises()))
+        if unknown:
+            raise ValueError(f"unknown exercise(s) {unknown}; the exercises are {sorted(_exercises())}")
+        exercises = [e for e in exercises if e.name in only]
+    if extra_tests and not Path(extra_tests).is_dir():
+        raise ValueError(f"no folder {extra_tests} of extra tests")
+    files = [f for f in sorted(TESTS.glob("test_*.py"))
+             if any(f'exercise("{e.name}")' in f.read_text() for e in exercises)]
+    files += [Path(extra_tests).resolve()] if extra_tests else []
+    names = [e.name for e in exercises]
+    results = _run_pytest(names, files, directory, timeout, deadline=timeout * (len(names) + 2) + 600)
+    if results is None:  # a crash or an overrun took the whole run down: grade each exercise on its own
+        results = {}
+        for name in names:
+            results.update(_run_pytest([name], files, directory, timeout, deadline=3 * timeout + 300) or {})
+    rows = []
+    for e in exercises:
+        r = results.get(e.name, {"passed": 0, "total": 0, "timed_out": False})
+        points = round(e.points * r["passed"] / r["total"], 2) if r["total"] else 0.0
+        note = "timed out" if r["timed_out"] else ("no result: crashed or no tests" if not r["total"] else "")
+        rows.append({"name": e.name, "chapter": e.chapter, "points": points, "max": e.points,
+                     "passed": r["total"] > 0 and r["passed"] == r["total"], "tests_passed": r["passed"],
+                     "tests_total": r["total"], "note": note})
+    return {"path": str(directory), "total": round(sum(r["points"] for r in rows), 2),
+            "max": sum(r["max"] for r in rows), "exercises": rows}
+
+
+def format_grades(report: dict) -> str:
+    lines = [f"grading {report['path']}", f"{'exercise':<28}{'chapter':<22}{'points':>10}{'tests':>9}"]
+    for r in report["exercises"]:
+        lines.append(f"{r['name']:<28}{r['chapter']:<22}{r['points']:>6g}/{r['max']:<3}"
+                     f"{r['tests_passed']:>5}/{r['tests_total']:<3} {r['note']}")
+    lines.append(f"{'total':<50}{report['total']:>6g}/{report['max']}")
+    return "\n".join(lines)

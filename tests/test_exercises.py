@@ -1,0 +1,150 @@
+"""Exercises: generated from one source, graded by the package's own tests; grading can fail, and a hang costs one
+exercise."""
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from minidist.exercises import CHAPTERS, ROOT, generate, out_of_date, registry
+from minidist.grading import ENV, implementation
+
+
+def test_the_committed_exercises_and_solutions_are_generated():
+    assert out_of_date() == [], "run `python -m minidist.exercises` and commit the result"
+
+
+def test_a_hand_edit_of_a_generated_file_is_caught(tmp_path):
+    generate(tmp_path)
+    assert out_of_date(tmp_path) == []
+    path = tmp_path / "solutions" / "ch01_collectives.py"
+    path.write_text(path.read_text().replace("group=None", "group=None ", 1))
+    assert out_of_date(tmp_path) == ["solutions/ch01_collectives.py"]
+
+
+def test_at_least_eight_exercises_with_points_for_chapters_00_to_03():
+    exercises = registry()
+    assert len(exercises) >= 8 and all(e.points > 0 for e in exercises)
+    assert {e.chapter for e in exercises} == set(CHAPTERS)
+
+
+def test_stubs_keep_hints_and_raise():
+    text = (ROOT / "exercises" / "ch01_collectives.py").read_text()
+    assert "# hint: use ring_exchange(send, recv, group)" in text
+    assert 'raise NotImplementedError("exercise ring_reduce_scatter: write this part")' in text
+    assert "ring_exchange(chunks[(rank - s) % n]" not in text  # the answer is not in the stub
+
+
+def run_grade(*args):
+    out = subprocess.run([sys.executable, "-m", "minidist", "grade", *args], capture_output=True, text=True,
+                         timeout=900, cwd=ROOT)
+    return out
+
+
+def grade_json(tmp_path, *args):
+    path = tmp_path / "grade.json"
+    out = run_grade(*args, "--json", str(path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(path.read_text())
+
+
+def test_untouched_stubs_score_zero(tmp_path):
+    report = grade_json(tmp_path)
+    assert report["total"] == 0 and report["max"] == sum(e.points for e in registry())
+    assert all(r["tests_total"] > 0 and r["tests_passed"] == 0 for r in report["exercises"])
+    assert set(report["exercises"][0]) >= {"name", "points", "max", "passed"}
+
+
+def test_solutions_score_full_marks(tmp_path):
+    report = grade_json(tmp_path, "--solutions")
+    assert report["total"] == report["max"]
+    assert all(r["passed"] for r in report["exercises"])
+
+
+def submission(tmp_path, solved_chapters=(), replace=None):
+    """A learner's folder: the chapters in `solved_chapters` solved, the rest untouched stubs."""
+    folder = tmp_path / "submission"
+    folder.mkdir()
+    for chapter in CHAPTERS:
+        source = "solutions" if chapter in solved_chapters else "exercises"
+        shutil.copy(ROOT / source / f"{chapter}.py", folder / f"{chapter}.py")
+    for chapter, (old, new) in (replace or {}).items():
+        path = folder / f"{chapter}.py"
+        assert old in path.read_text()
+        path.write_text(path.read_text().replace(old, new))
+    return folder
+
+
+def test_a_partial_submission_scores_what_it_solved(tmp_path):
+    report = grade_json(tmp_path, str(submission(tmp_path, ["ch00_memory"])))
+    scores = {r["name"]: (r["points"], r["max"]) for r in report["exercises"]}
+    assert scores["zero_state_bytes"] == (2, 2) and scores["activation_bytes_per_layer"] == (2, 2)
+    assert report["total"] == 4
+
+
+def test_an_infinite_loop_costs_that_exercise_only(tmp_path):
+    loop = ("    if cap is None:\n        return [[(i, 0, numels[i])]",
+            "    while True:\n        pass\n    if cap is None:\n        return [[(i, 0, numels[i])]")
+    folder = submission(tmp_path, ["ch02_data_parallel"], {"ch02_data_parallel": loop})
+    start = time.monotonic()
+    report = grade_json(tmp_path, str(folder), "--only", "assign_buckets", "loss_scale_update", "--timeout", "5")
+    assert time.monotonic() - start < 120
+    scores = {r["name"]: r for r in report["exercises"]}
+    assert scores["assign_buckets"]["points"] == 0 and scores["assign_buckets"]["note"] == "timed out"
+    assert scores["loss_scale_update"]["points"] == 1
+
+
+def test_a_deadlocked_collective_fails_the_exercise_and_the_run_goes_on(tmp_path):
+    # Every rank receives before anyone sends: all of them wait until the collective timeout.
+    deadlock = ("    for s in range(n - 1):\n        ring_exchange(chunks[(rank - s) % n]",
+                "    for s in range(n - 1):\n        dist.recv(chunks[(rank - s - 1) % n], (rank - 1) % n)\n"
+                "        ring_exchange(chunks[(rank - s) % n]")
+    folder = submission(tmp_path, ["ch01_collectives"], {"ch01_collectives": deadlock})
+    report = grade_json(tmp_path, str(folder), "--only", "ring_all_gather", "ring_all_reduce", "--timeout", "8")
+    scores = {r["name"]: r for r in report["exercises"]}
+    assert scores["ring_all_gather"]["points"] < scores["ring_all_gather"]["max"]
+    assert scores["ring_all_reduce"]["passed"]  # graded with the package's all-gather, so unaffected
+
+
+def test_instructors_private_tests_count(tmp_path):
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "test_private.py").write_text(textwrap.dedent("""
+        import pytest
+        from minidist.grading import implementation
+
+        @pytest.mark.exercise("zero_state_bytes")
+        def test_a_private_check_that_solutions_pass():
+            assert implementation("zero_state_bytes")(10, 2, 3, "fp32").total == 80
+
+        @pytest.mark.exercise("assign_buckets")
+        def test_a_private_check_nobody_passes():
+            assert implementation("assign_buckets")([1], 1) == []
+    """))
+    report = grade_json(tmp_path, "--solutions", "--extra-tests", str(private))
+    scores = {r["name"]: r for r in report["exercises"]}
+    assert scores["zero_state_bytes"]["tests_total"] == 4 and scores["zero_state_bytes"]["passed"]
+    assert scores["assign_buckets"]["tests_passed"] == scores["assign_buckets"]["tests_total"] - 1
+    assert scores["assign_buckets"]["points"] < 2 and report["total"] < report["max"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["no/such/folder"], "no folder"),
+    (["--only", "ring_all_to_all"], "unknown exercise(s) ['ring_all_to_all']"),
+    (["--solutions", "--extra-tests", "no/such/tests"], "no folder no/such/tests of extra tests"),
+])
+def test_bad_grader_input(args, message):
+    out = run_grade(*args)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_implementation_errors(monkeypatch, tmp_path):
+    with pytest.raises(KeyError, match="no exercise named 'ring_all_to_all'"):
+        implementation("ring_all_to_all")
+    (tmp_path / "ch00_memory.py").write_text("x = 1\n")
+    monkeypatch.setenv(ENV, str(tmp_path))
+    with pytest.raises(AttributeError, match="ch00_memory.py has no function zero_state_bytes"):
+        implementation("zero_state_bytes")
