@@ -93,7 +93,11 @@ def ring_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def ring_reduce_scatter(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """This rank's chunk (`torch.tensor_split` of the flattened tensor) of the sum over the group."""
+    """This rank's chunk (`torch.tensor_split` of the flattened tensor) of the sum over the group.
+
+    Any size works (chunks differ by at most one element); comm.reduce_scatter_sum instead cuts along a dimension
+    that must divide evenly, as the backends require.
+    """
     chunks = list(torch.tensor_split(tensor.detach().clone().reshape(-1), dist.get_world_size(group)))
     ring_reduce_scatter_(chunks, group)
     return chunks[dist.get_rank(group)]

@@ -130,7 +130,10 @@ def all_gather_cat(x: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
 
 
 def reduce_scatter_sum(x: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
-    """This rank's chunk (along `dim`) of the sum of x over the group; x.shape[dim] must divide by the group size."""
+    """This rank's chunk (along `dim`) of the sum of x over the group; x.shape[dim] must divide by the group size.
+
+    (collectives.ring_reduce_scatter instead cuts the *flattened* tensor, into chunks that may differ by one.)
+    """
     n = group_size(group)
     _check_divisible(x, n, dim)
     x = x.detach().movedim(dim, 0).contiguous()
@@ -162,69 +165,25 @@ def _check_divisible(x: torch.Tensor, n: int, dim: int) -> None:
 
 # The differentiable collectives: each forward/backward pair is a pair of duals from the table above.
 
-class DifferentiableIdentity(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_reduce_sum(grad, ctx.group), None
-
-
-class DifferentiableAllReduceSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return all_reduce_sum(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class DifferentiableAllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
+def _dual_pair(name: str, forward, backward) -> type:
+    """An autograd Function whose forward is forward(x, group, dim) and whose backward is backward(grad, group, dim)."""
+    def fwd(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
-        return all_gather_cat(x, group, dim)
+        return forward(x, group, dim)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return reduce_scatter_sum(grad, ctx.group, ctx.dim), None, None
-
-
-class DifferentiableReduceScatterSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return reduce_scatter_sum(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_cat(grad, ctx.group, ctx.dim), None, None
+    def bwd(ctx, grad):
+        return backward(grad, ctx.group, ctx.dim), None, None
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class DifferentiableSplit(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return my_chunk(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_cat(grad, ctx.group, ctx.dim), None, None
-
-
-class DifferentiableGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return all_gather_cat(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return my_chunk(grad, ctx.group, ctx.dim), None, None
+DifferentiableIdentity = _dual_pair("DifferentiableIdentity", lambda x, group, dim: x.view_as(x),
+                                    lambda grad, group, dim: all_reduce_sum(grad, group))
+DifferentiableAllReduceSum = _dual_pair("DifferentiableAllReduceSum", lambda x, group, dim: all_reduce_sum(x, group),
+                                        lambda grad, group, dim: grad)
+DifferentiableAllGather = _dual_pair("DifferentiableAllGather", all_gather_cat, reduce_scatter_sum)
+DifferentiableReduceScatterSum = _dual_pair("DifferentiableReduceScatterSum", reduce_scatter_sum, all_gather_cat)
+DifferentiableSplit = _dual_pair("DifferentiableSplit", my_chunk, all_gather_cat)
+DifferentiableGather = _dual_pair("DifferentiableGather", all_gather_cat, my_chunk)
 
 
 def identity(x, group=None):
@@ -233,7 +192,7 @@ def identity(x, group=None):
     Assumes each rank's gradient is a *partial* gradient of x (x was replicated and each rank used it for its own part
     of the computation, as in a column-parallel layer's input), so the true gradient is the sum. Megatron's `f`.
     """
-    return DifferentiableIdentity.apply(x, group)
+    return DifferentiableIdentity.apply(x, group, 0)
 
 
 def all_reduce(x, group=None):
@@ -243,7 +202,7 @@ def all_reduce(x, group=None):
     gradient arriving here is already the full gradient on every rank. Megatron's `g` (row-parallel output).
     If instead each rank has its own loss, the backward needs an all-reduce: compose with `identity`.
     """
-    return DifferentiableAllReduceSum.apply(x, group)
+    return DifferentiableAllReduceSum.apply(x, group, 0)
 
 
 def all_gather(x, group=None, dim: int = 0):

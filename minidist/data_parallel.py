@@ -6,7 +6,8 @@ the N ranks' gradients over B/N samples each. The whole cost is one all-reduce o
 2(N-1)/N * 4Ψ bytes per rank in fp32, whatever the batch size.
 
 Three versions of the same idea, as PyTorch's DDP grew them (Li et al. 2020, "PyTorch Distributed"):
-  naive       after backward, one all-reduce per parameter (`average_gradients_`, or bucket_cap_mb=None):
+  naive       after backward, one all-reduce per parameter (`average_gradients_`, or DataParallel with
+              bucket_cap_mb=None, overlap=False):
               hundreds of small messages, each paying the latency alpha;
   bucketed    after backward, gradients are packed into a few large flat buckets (overlap=False): few messages;
   overlapped  backward produces gradients from the last layer to the first, so buckets filled in reverse parameter
@@ -86,9 +87,11 @@ class DataParallel(nn.Module):
     """Wrap `module` for data-parallel training; used like torch.nn.parallel.DistributedDataParallel.
 
     bucket_cap_mb: bucket size in MiB (None: one bucket per parameter). overlap: all-reduce each bucket as soon as it
-    is full, during backward (False: all buckets after backward). find_unused_parameters: allow parameters that get
-    no gradient in a step (costs one extra small all-reduce per step to agree on which ones, across ranks).
-    Frozen parameters (requires_grad=False) are never communicated.
+    is full, during backward (False: all buckets after backward); the naive algorithm is bucket_cap_mb=None,
+    overlap=False. find_unused_parameters: allow parameters that get no gradient in a step (costs one extra small
+    all-reduce per step to agree on which ones, across ranks). Frozen parameters (requires_grad=False) are never
+    communicated. Buffers are broadcast from rank 0 once, at construction; DDP re-broadcasts them before every
+    forward (broadcast_buffers=True) to keep e.g. BatchNorm statistics identical, which the models here do not need.
     """
 
     def __init__(self, module: nn.Module, group=None, bucket_cap_mb: float | None = 25, overlap: bool = True,
@@ -101,7 +104,8 @@ class DataParallel(nn.Module):
         self.params = [p for p in module.parameters() if p.requires_grad]
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) > 1:
-            raise ValueError(f"DataParallel needs one dtype for all trainable parameters, found {sorted(map(str, dtypes))}")
+            raise ValueError(f"DataParallel needs one dtype for all trainable parameters, "
+                             f"found {sorted(map(str, dtypes))}")
         cap = None
         if bucket_cap_mb is not None:
             if bucket_cap_mb <= 0:
@@ -117,14 +121,14 @@ class DataParallel(nn.Module):
                 self.pieces[i].append((b, stop - start))
         self._hooks = [p.register_post_accumulate_grad_hook(partial(self._grad_ready, i))
                        for i, p in enumerate(self.params)]
-        self._require_sync = True
+        self._require_sync, self._sync_now, self._step_open = True, False, False
         self.events: list[tuple[str, float, float]] = []  # the last step's (what, start, end), for timelines
 
     def forward(self, *args, **kwargs):
         self._sync_now = self._require_sync  # decided at forward time: this backward syncs unless in no_sync()
         self._missing = [sum(stop - start for _, start, stop, _ in bucket) for bucket in self.buckets]
         self._arrived = [False] * len(self.params)
-        self._next, self._inflight, self._queued = 0, [], False
+        self._next, self._inflight, self._queued, self._step_open = 0, [], False, True
         self._t_forward = time.perf_counter()
         return self.module(*args, **kwargs)
 
@@ -141,6 +145,10 @@ class DataParallel(nn.Module):
         """Hook: parameter i's gradient is fully accumulated for this backward."""
         if not self._sync_now:
             return
+        if not self._step_open:
+            raise RuntimeError("DataParallel: a second backward after one synchronized forward (retain_graph, two "
+                               "losses, or the wrapped module called directly): run each step's forward through "
+                               "DataParallel, and backward once")
         if not self._queued:  # once per backward: finish the reduction when the autograd engine is done
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
             self._queued = True
@@ -176,6 +184,7 @@ class DataParallel(nn.Module):
             missing = [names[id(p)] for p, ok in zip(self.params, self._arrived) if not ok]
             raise RuntimeError(f"parameters {missing} received no gradient in this step; construct DataParallel "
                                f"with find_unused_parameters=True if this is expected")
+        self._step_open = False  # this forward's gradients are being reduced: another backward needs a forward
         self._launch_ready(everything=True)  # first: every rank issues the buckets in the same order
         used = self._used_on_some_rank() if self.find_unused_parameters else [True] * len(self.params)
         for b, out, work, launched, done in self._inflight:
@@ -191,6 +200,10 @@ class DataParallel(nn.Module):
         self._inflight = []
 
     def _used_on_some_rank(self) -> list[bool]:
-        """Which parameters got a gradient on at least one rank (one small all-reduce)."""
-        flags = torch.tensor(self._arrived, dtype=torch.int32, device=self.params[0].device)
+        """Which parameters hold a gradient on at least one rank (one small all-reduce).
+
+        "Holds" rather than "got one in this backward": a gradient accumulated under no_sync() counts too.
+        """
+        local = [arrived or p.grad is not None for arrived, p in zip(self._arrived, self.params)]
+        flags = torch.tensor(local, dtype=torch.int32, device=self.params[0].device)
         return (comm.all_reduce_sum(flags, self.group) > 0).tolist()

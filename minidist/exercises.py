@@ -11,11 +11,13 @@ An exercise is a region of a function in the package, between marker comments:
 
 `python -m minidist.exercises` writes, for every chapter, exercises/chNN_topic.py (each marked region replaced by
 its hints and `raise NotImplementedError`) and solutions/chNN_topic.py (the same file, answers kept). Both import
-what the function needs from the package, so an exercise is graded on its own: a learner's ring_all_reduce runs on
-the package's reduce-scatter, not on their own. tests/test_exercises.py fails when the committed files differ from
-what this generator writes, so nobody edits a generated file by hand.
+from the package what the functions need, except the chapter's own exercise functions: in the file, a learner's
+ring_all_reduce calls their own reduce-scatter. (The grader isolates exercises: see grading.implementation.)
+tests/test_exercises.py fails when the committed files differ from what this generator writes, so nobody edits a
+generated file by hand.
 """
 import ast
+import importlib.util
 import re
 import sys
 from dataclasses import dataclass
@@ -44,7 +46,7 @@ class Exercise:
 
 def _functions_with_regions(module: str):
     """(function node, source lines, [(begin line, end line, indent, name, points)]) for each exercise function."""
-    source = (PACKAGE / f"{module}.py").read_text()
+    source = (PACKAGE / f"{module.replace('.', '/')}.py").read_text()
     lines, tree = source.splitlines(), ast.parse(source)
     for k, node in enumerate(tree.body):
         if not isinstance(node, ast.FunctionDef):
@@ -89,10 +91,13 @@ def _imports(module: str, tree: ast.Module, node: ast.FunctionDef, local: set[st
     for stmt in tree.body:
         if isinstance(stmt, ast.Import):
             pairs += [(ast.unparse(a), "") for a in stmt.names if (a.asname or a.name.split(".")[0]) in used]
-        elif isinstance(stmt, ast.ImportFrom):
-            base = "minidist" + (f".{stmt.module}" if stmt.module else "") if stmt.level else stmt.module
+        elif isinstance(stmt, ast.ImportFrom):  # relative imports resolved against the module's own package
+            package = "minidist." + module.rpartition(".")[0] if "." in module else "minidist"
+            base = importlib.util.resolve_name("." * stmt.level + (stmt.module or ""), package) if stmt.level \
+                else stmt.module
             pairs += [(base, ast.unparse(a)) for a in stmt.names if (a.asname or a.name) in used]
-    defined = {t.id for s in tree.body if isinstance(s, ast.Assign) for t in s.targets if isinstance(t, ast.Name)}
+    defined = {n.id for s in tree.body if isinstance(s, (ast.Assign, ast.AnnAssign))
+               for n in ast.walk(s) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
     defined |= {s.name for s in tree.body if isinstance(s, (ast.FunctionDef, ast.ClassDef))}
     return pairs + [(f"minidist.{module}", name) for name in sorted(used & defined)]
 

@@ -73,8 +73,9 @@ def implementation(name: str):
 
 # The pytest plugin (loaded by the grader with `-p minidist.grading`).
 
-_results: dict[str, dict] = {}   # exercise -> {"passed", "total", "timed_out"}
+_results: dict[str, dict] = {}   # exercise -> {"passed", "done", "total", "timed_out"}
 _owner: dict[str, str] = {}      # test node id -> exercise
+_report_path: list[str] = []     # where to write _results after every test (so a crash loses only what is running)
 
 
 def _exercise_of(item):
@@ -90,6 +91,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "exercise(name): the test grades exercise `name`")
+    if config.getoption("--grade-report", default=None):
+        _report_path.append(config.getoption("--grade-report"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -99,7 +102,8 @@ def pytest_collection_modifyitems(config, items):
     items[:] = keep
     for item in keep:
         _owner[item.nodeid] = _exercise_of(item)
-        _results.setdefault(_exercise_of(item), {"passed": 0, "total": 0, "timed_out": False})["total"] += 1
+        _results.setdefault(_exercise_of(item), {"passed": 0, "done": 0, "total": 0, "timed_out": False})["total"] += 1
+    _write_report()
 
 
 def pytest_runtest_setup(item):
@@ -114,39 +118,54 @@ def pytest_runtest_logreport(report):
         return
     if report.when == "call" and report.passed:
         _results[exercise]["passed"] += 1
-    if report.failed and "Timeout" in str(report.longrepr):
+    if report.failed and "Timeout (>" in str(report.longrepr):  # pytest-timeout's "Failed: Timeout (>5.0s) ..."
         _results[exercise]["timed_out"] = True
+    if report.when == "teardown":
+        _results[exercise]["done"] += 1
+        _write_report()
 
 
-def pytest_sessionfinish(session):
-    path = session.config.getoption("--grade-report")
-    if path:
-        Path(path).write_text(json.dumps(_results))
+def _write_report():
+    if _report_path:
+        Path(_report_path[0]).write_text(json.dumps(_results))
 
 
 # The grader.
 
-def _run_pytest(names, test_files, directory, timeout, deadline) -> dict | None:
-    """One pytest run over the exercises `names`; its per-exercise results, or None if it crashed or overran."""
+def _run_pytest(names, test_files, directory, timeout, deadline, problems: list) -> dict:
+    """One pytest run over the exercises `names`: the results of every exercise whose tests all finished.
+
+    A crash or an overrun keeps what had finished; pytest's own output is added to `problems` when it went wrong.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.json"
+        report, log = Path(tmp) / "report.json", Path(tmp) / "pytest.log"
         cmd = [sys.executable, "-m", "pytest", "-p", "minidist.grading", "-p", "no:cacheprovider", "-o", "addopts=",
                "-q", f"--timeout={timeout}", f"--grade-report={report}", *[f"--exercise={n}" for n in names],
                *map(str, test_files)]
         env = dict(os.environ, **{ENV: str(directory), "MINIDIST_TIMEOUT": str(max(5, timeout // 4))})
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        try:
-            proc.wait(timeout=deadline)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole session: pytest and any ranks it started
-            proc.wait()
-            return None
-        return json.loads(report.read_text()) if report.exists() else None
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                proc.wait(timeout=deadline)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole session: pytest and any ranks it started
+                proc.wait()
+        results = json.loads(report.read_text()) if report.exists() else {}
+        finished = {n: r for n, r in results.items() if r["done"] == r["total"]}
+        if proc.returncode not in (0, 1) or len(finished) < len(names):  # 1: some tests failed, which is normal
+            problems.append(f"pytest exited with code {proc.returncode} grading {', '.join(names)}; its last "
+                            f"output:\n{log.read_text()[-3000:]}")
+        return finished
 
 
 def grade(directory, only=None, extra_tests=None, timeout: int = 60) -> dict:
-    """Grade the exercises in `directory`; returns {"total", "max", "exercises": [...]}."""
+    """Grade the exercises in `directory`; returns {"total", "max", "exercises": [...], "problems": [...]}."""
+    missing = [m for m in ("pytest", "pytest_timeout") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"grading needs {' and '.join(missing)}: pip install pytest pytest-timeout")
+    if timeout < 1:
+        raise ValueError(f"--timeout must be at least 1 second, got {timeout}")
     directory = Path(directory).resolve()
     if not directory.is_dir():
         raise ValueError(f"no folder {directory} to grade")
@@ -161,12 +180,10 @@ def grade(directory, only=None, extra_tests=None, timeout: int = 60) -> dict:
     files = [f for f in sorted(TESTS.glob("test_*.py"))
              if any(f'exercise("{e.name}")' in f.read_text() for e in exercises)]
     files += [Path(extra_tests).resolve()] if extra_tests else []
-    names = [e.name for e in exercises]
-    results = _run_pytest(names, files, directory, timeout, deadline=timeout * (len(names) + 2) + 600)
-    if results is None:  # a crash or an overrun took the whole run down: grade each exercise on its own
-        results = {}
-        for name in names:
-            results.update(_run_pytest([name], files, directory, timeout, deadline=3 * timeout + 300) or {})
+    names, problems = [e.name for e in exercises], []
+    results = _run_pytest(names, files, directory, timeout, timeout * (len(names) + 2) + 600, problems)
+    for name in [n for n in names if n not in results]:  # a crash or an overrun: grade the rest one by one
+        results.update(_run_pytest([name], files, directory, timeout, 3 * timeout + 300, problems))
     rows = []
     for e in exercises:
         r = results.get(e.name, {"passed": 0, "total": 0, "timed_out": False})
@@ -176,7 +193,7 @@ def grade(directory, only=None, extra_tests=None, timeout: int = 60) -> dict:
                      "passed": r["total"] > 0 and r["passed"] == r["total"], "tests_passed": r["passed"],
                      "tests_total": r["total"], "note": note})
     return {"path": str(directory), "total": round(sum(r["points"] for r in rows), 2),
-            "max": sum(r["max"] for r in rows), "exercises": rows}
+            "max": sum(r["max"] for r in rows), "exercises": rows, "problems": problems}
 
 
 def format_grades(report: dict) -> str:
@@ -185,4 +202,5 @@ def format_grades(report: dict) -> str:
         lines.append(f"{r['name']:<28}{r['chapter']:<22}{r['points']:>6g}/{r['max']:<3}"
                      f"{r['tests_passed']:>5}/{r['tests_total']:<3} {r['note']}")
     lines.append(f"{'total':<50}{report['total']:>6g}/{report['max']}")
+    lines += [f"\nproblem: {p}" for p in report.get("problems", [])]
     return "\n".join(lines)

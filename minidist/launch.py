@@ -10,15 +10,17 @@ seconds in the store's handshake; the FileStore never did.)
 
 What can go wrong, and what launch does about it:
   * a rank raises: launch raises RankError naming the rank, with that rank's traceback, and ends the other ranks;
-  * a rank waits in a collective that a peer never joins: the backend raises after `timeout` seconds (the process
-    group timeout), which becomes a RankError as above;
+  * a rank waits in a collective that a peer never joins: gloo raises after `timeout` seconds (the process group
+    timeout), which becomes a RankError as above (NCCL's watchdog aborts the process instead: a RankError with a
+    negative exit code and no traceback);
   * a rank dies without a word (a signal, os._exit): RankError with its exit code;
   * gloo sometimes aborts at interpreter exit after the work is done; ranks therefore barrier, destroy the process
     group and leave with os._exit(0), which skips the crashing teardown.
 Every child asks the kernel to kill it when its parent dies, so nothing is left running even if the parent is killed.
 
-Functions defined in a notebook cannot be pickled by name, so on CPU ranks are forked (`start_method="fork"`); CUDA
-does not survive a fork, so NCCL ranks are spawned and `fn` must then live in an importable module. The same `fn`
+Functions defined in a notebook cannot be pickled by name, so ranks are forked (`start_method="fork"`). CUDA does not
+survive a fork once the parent has initialized it; in that case NCCL ranks are spawned, and `fn` must then live in
+an importable module. Set MINIDIST_BACKEND=gloo to simulate ranks as CPU processes on a GPU machine. The same `fn`
 runs unchanged under torchrun through `run_under_torchrun(fn, ...)`.
 """
 import ctypes
@@ -47,7 +49,9 @@ class RankError(RuntimeError):
 
 
 def default_backend(world_size: int) -> str:
-    """NCCL when every rank can own a GPU, gloo otherwise."""
+    """$MINIDIST_BACKEND if set (gloo or nccl); else NCCL when every rank can own a GPU, gloo otherwise."""
+    if forced := os.environ.get("MINIDIST_BACKEND"):
+        return forced
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
     return "nccl" if cuda else "gloo"
 
@@ -77,7 +81,8 @@ def launch(fn, world_size: int, *args, backend: str | None = None, timeout: floa
     if timeout <= 0:
         raise ValueError(f"timeout must be positive, got {timeout!r} seconds")
     backend = backend or default_backend(world_size)
-    start_method = start_method or ("spawn" if backend == "nccl" else "fork")
+    # CUDA cannot be used in a child forked after the parent initialized it; before that, fork is fine.
+    start_method = start_method or ("spawn" if backend == "nccl" and torch.cuda.is_initialized() else "fork")
     ctx = mp.get_context(start_method)
     procs, conns = [], []
     rendezvous = tempfile.mkdtemp(prefix="minidist-")

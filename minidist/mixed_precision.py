@@ -9,7 +9,8 @@ This is the policy of torch.amp.GradScaler, which the tests compare against step
 
 The update itself happens on an fp32 *master copy* of the weights: an fp16 weight of magnitude 1 cannot change by
 less than 1e-3, so small updates would be lost. The model runs in fp16; after each step the master weights are
-copied (rounded) back into it. Memory: 2 + 2 bytes per parameter in fp16 plus 4 + 8 in fp32 (master + Adam).
+copied (rounded) back into it. Memory: 2 + 2 bytes per parameter in fp16 plus 4 + 8 in fp32 (master + Adam); the
+fp32 copy of the gradients (4 more) exists only inside step().
 With data parallelism, gradients are all-reduced in fp16 (divided by N first, so the sum cannot overflow where the
 mean would not); every rank then sees the same inf/nan and skips the same steps.
 bf16 has fp32's exponent range, so it needs no loss scaling: torch.autocast("cpu", dtype=torch.bfloat16) suffices.
@@ -72,7 +73,10 @@ class MixedPrecisionOptimizer:
         self.skipped = 0
 
     def step(self) -> bool:
-        """Unscale the gradients in fp32; skip the step on inf/nan; else update the masters and copy them back."""
+        """Unscale the gradients in fp32; skip the step on inf/nan; else update the masters and copy them back.
+
+        The model's gradients are read, not kept: call zero_grad() before the next backward.
+        """
         grads = [None if p.grad is None else p.grad.float() for p in self.params]
         found_inf = self.scaler.unscale_([g for g in grads if g is not None])
         self.scaler.update(found_inf)
@@ -85,6 +89,7 @@ class MixedPrecisionOptimizer:
         with torch.no_grad():
             for p, master in zip(self.params, self.master):
                 p.copy_(master)  # round the fp32 master to the model's precision
+                master.grad = None  # the fp32 gradients are not kept between steps
         return True
 
     def zero_grad(self) -> None:

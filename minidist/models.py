@@ -1,4 +1,4 @@
-"""The models every chapter trains: a small GPT with no parallel code in it, and Hugging Face models built from a config.
+"""The models every chapter trains: a small GPT with no parallel code in it, and Hugging Face models from a config.
 
 Techniques are *applied* to these models from outside (wrapping, hooks, module swaps); nothing in this file knows about
 ranks. The GPT follows GPT-2 (Radford et al. 2019) as nanoGPT writes it: pre-LayerNorm blocks of causal self-attention

@@ -87,7 +87,7 @@ def timeline(events_per_rank: list[list[tuple[str, float, float]]], title: str, 
         ax.barh(top - 0.2, (end - start) * 1e3, left=(start - t0) * 1e3, height=0.3, color="tab:blue",
                 label=label if rank == 0 else None)
         lane = 0.6 / max(1, len(comms))
-        for k, (name, start, end) in enumerate(comms):
+        for k, (_, start, end) in enumerate(comms):
             ax.barh(top - 0.4 - (k + 0.5) * lane, max(end - start, 1e-5) * 1e3, left=(start - t0) * 1e3,
                     height=lane * 0.8, color="tab:orange", label="all-reduce, one lane per bucket"
                     if rank == 0 and k == 0 else None)

@@ -2,6 +2,9 @@ import os
 
 import pytest
 
+# The tests build CPU tensors: simulate ranks as CPU processes over gloo, also on a machine with GPUs.
+os.environ.setdefault("MINIDIST_BACKEND", "gloo")
+
 
 def live_children() -> list[int]:
     """PIDs of this process's children that are still running (not zombies)."""

@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 from minidist import comm, launch
 from minidist.grading import implementation
-from minidist.collectives import (AlphaBeta, chain_broadcast, ring_all_gather, ring_all_reduce, ring_reduce_scatter_,
+from minidist.collectives import (AlphaBeta, chain_broadcast, ring_all_gather, ring_reduce_scatter_,
                                   ring_reduce_scatter, ring_step_time)
 
 SHAPES = [(0,), (1,), (2,), (3,), (7,), (1009,), (3, 5, 7), (64, 64)]
@@ -134,7 +134,7 @@ def reduce_scatter_chunks(sizes):
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_ring_reduce_scatter_leaves_the_sum_of_chunk_r_on_rank_r(world_size):
     n = world_size
-    for rank, (mine, sent, messages) in enumerate(launch(reduce_scatter_chunks, n, lambda n: [100] * n)):
+    for mine, sent, messages in launch(reduce_scatter_chunks, n, lambda n: [100] * n):
         assert torch.equal(mine, torch.arange(100) * sum(range(1, n + 1)))
         assert sent == (n - 1) * 100 * 8 and messages == n - 1  # (N-1)/N * S: one chunk per step
 

@@ -12,8 +12,8 @@ from minidist.data_parallel import MiB, DataParallel
 from minidist.grading import implementation
 from minidist.models import GPT, count_params, lm_loss
 from minidist.testing import adam, compare_with_reference, replica_divergence, sgd
-from minidist.tour.data_parallel import (ADAM_LR, ADAM_TOL, BATCHES, CFG, SGD_TOL, STAGES, accumulation, side_by_side_with_ddp,
-                                         stage_against_one_process)
+from minidist.tour.data_parallel import (ADAM_LR, ADAM_TOL, BATCHES, CFG, SGD_TOL, STAGES, accumulation,
+                                         side_by_side_with_ddp, stage_against_one_process)
 
 
 
@@ -257,3 +257,33 @@ def test_naive_averaging_trains_like_one_process(world_size):
     for diff, divergence, collectives in launch(naive_training, world_size):
         assert diff < SGD_TOL and divergence == 0.0
         assert collectives == len(list(GPT(CFG).parameters()))  # one all-reduce per parameter
+
+
+def second_backward():
+    dp = DataParallel(GPT(CFG))
+    x, y = BATCHES[0]
+    loss = lm_loss(dp(x), y)
+    loss.backward(retain_graph=True)
+    loss.backward()
+
+
+def test_a_second_backward_after_one_forward_is_an_error_not_a_silent_local_step():
+    with pytest.raises(Exception, match="a second backward after one synchronized forward"):
+        launch(second_backward, 2)
+
+
+def accumulate_with_a_branch_used_early():
+    """`rare` is used in the no_sync micro-step only: its accumulated gradient must still be averaged."""
+    torch.manual_seed(0)
+    dp = DataParallel(Branchy(), find_unused_parameters=True)
+    even = torch.full((3, 5), 2 * dist.get_rank())            # even first token: takes the `rare` branch
+    odd = even + 1
+    with dp.no_sync():
+        lm_loss(dp(even), even).backward()
+    lm_loss(dp(odd), odd).backward()
+    return dp.module.rare.weight.grad
+
+
+def test_find_unused_parameters_counts_gradients_accumulated_under_no_sync():
+    grads = launch(accumulate_with_a_branch_used_early, 2)
+    assert grads[0] is not None and torch.equal(grads[0], grads[1])  # averaged: the same on both ranks

@@ -148,3 +148,23 @@ def test_implementation_errors(monkeypatch, tmp_path):
     monkeypatch.setenv(ENV, str(tmp_path))
     with pytest.raises(AttributeError, match="ch00_memory.py has no function zero_state_bytes"):
         implementation("zero_state_bytes")
+
+
+def test_a_submission_that_kills_the_test_process_costs_that_exercise_only(tmp_path):
+    crash = ("    w, g, k = BYTES_PER_PARAM[precision]", "    import os\n    os._exit(3)")
+    folder = submission(tmp_path, ["ch00_memory", "ch02_data_parallel"], {"ch00_memory": crash})
+    report = grade_json(tmp_path, str(folder), "--only", "zero_state_bytes", "loss_scale_update")
+    scores = {r["name"]: r for r in report["exercises"]}
+    assert scores["zero_state_bytes"]["points"] == 0 and "crashed" in scores["zero_state_bytes"]["note"]
+    assert scores["loss_scale_update"]["passed"]
+    assert report["problems"] and "exited with code 3" in report["problems"][0]
+
+
+def test_grading_needs_its_test_tools(monkeypatch):
+    import importlib.util as util
+    from minidist import grading
+    real = util.find_spec
+    monkeypatch.setattr(grading.importlib.util, "find_spec", lambda name, *a: None if name == "pytest_timeout"
+                        else real(name, *a))
+    with pytest.raises(ValueError, match="grading needs pytest_timeout: pip install pytest pytest-timeout"):
+        grading.grade(ROOT / "solutions")

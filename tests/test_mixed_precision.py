@@ -1,11 +1,8 @@
 """Mixed precision: the loss scaler against torch.amp.GradScaler, fp16 and bf16 data parallel against one process."""
 import pytest
 import torch
-import torch.distributed as dist
 
 from minidist import launch
-from minidist.data import random_batches
-from minidist.data_parallel import DataParallel
 from minidist.grading import implementation
 from minidist.mixed_precision import LossScaler
 from minidist.tour.data_parallel import BF16_TOL, FP16_TOL, bf16_side_by_side, fp16_side_by_side

@@ -3,6 +3,8 @@
 Each chapter's module contributes its CHECKS: functions (world_size) -> rows. A row passes when the from-scratch
 result matches the reference within its tolerance and, where a formula exists, the measured bytes equal it.
 """
+import os
+
 from . import data_parallel, foundation
 from .foundation import comm_backward_errors
 from .rows import KEYS, format_rows, make_row
@@ -11,10 +13,18 @@ CHECKS = [*foundation.CHECKS, *data_parallel.CHECKS]
 
 
 def run_tour(world_size: int = 4, progress: bool = True) -> dict:
+    """Every check on `world_size` CPU ranks over gloo (also on a GPU machine: the checks build CPU tensors)."""
     from tqdm.auto import tqdm
-    rows = []
-    for check in tqdm(CHECKS, desc=f"tour on {world_size} ranks", disable=not progress):
-        rows.extend(check(world_size))
+    rows, previous = [], os.environ.get("MINIDIST_BACKEND")
+    os.environ["MINIDIST_BACKEND"] = "gloo"
+    try:
+        for check in tqdm(CHECKS, desc=f"tour on {world_size} ranks", disable=not progress):
+            rows.extend(check(world_size))
+    finally:
+        if previous is None:
+            del os.environ["MINIDIST_BACKEND"]
+        else:
+            os.environ["MINIDIST_BACKEND"] = previous
     return {"world_size": world_size, "rows": rows}
 
 
