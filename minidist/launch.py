@@ -4,9 +4,9 @@
 
 Each rank is a process with the default process group already initialized (gloo on CPU, NCCL when every rank can
 have its own GPU), so `fn` uses `torch.distributed` as it would under `torchrun`. The ranks meet through a FileStore in
-a fresh private directory, and gloo binds each of its connections to a port the OS picks as free (port 0), so two
-launches at once never collide. (A TCPStore rendezvous works too, but on this machine one launch in ten stalled five
-seconds in the store's handshake; the FileStore never did.)
+a fresh private directory, and gloo binds each of its loopback connections to a port the OS picks as free (port 0),
+so two launches at once never collide. (A TCPStore rendezvous works too, but on a 2-core machine one launch in ten
+stalled five seconds in the store's handshake; the FileStore never did.)
 
 What can go wrong, and what launch does about it:
   * a rank raises: launch raises RankError naming the rank, with that rank's traceback, and ends the other ranks;
@@ -30,6 +30,7 @@ import os
 import pickle
 import shutil
 import signal
+import sys
 import tempfile
 import traceback
 from multiprocessing.connection import wait
@@ -149,6 +150,8 @@ def _die_with_parent():
 def _run_rank(rank, world_size, store_path, backend, timeout, fn, args, kwargs, conn):
     _die_with_parent()
     os.environ.update(OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    # All ranks are on this machine: gloo talks over loopback, whatever the hostname resolves to (or fails to).
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
     torch.set_num_threads(1)  # one thread per rank: N ranks share the cores, and forked OpenMP pools can hang
     ok = False
     try:
