@@ -121,7 +121,7 @@ class DataParallel(nn.Module):
                 self.pieces[i].append((b, stop - start))
         self._hooks = [p.register_post_accumulate_grad_hook(partial(self._grad_ready, i))
                        for i, p in enumerate(self.params)]
-        self._require_sync, self._sync_now, self._step_open = True, False, False
+        self._require_sync, self._sync_now, self._step_open = True, True, False  # a backward needs a forward first
         self.events: list[tuple[str, float, float]] = []  # the last step's (what, start, end), for timelines
 
     def forward(self, *args, **kwargs):

@@ -267,9 +267,16 @@ def second_backward():
     loss.backward()
 
 
-def test_a_second_backward_after_one_forward_is_an_error_not_a_silent_local_step():
+def module_called_directly():
+    dp = DataParallel(GPT(CFG))
+    x, y = BATCHES[0]
+    lm_loss(dp.module(x), y).backward()
+
+
+@pytest.mark.parametrize("mistake", [second_backward, module_called_directly])
+def test_a_backward_without_its_own_forward_is_an_error_not_a_silent_local_step(mistake):
     with pytest.raises(Exception, match="a second backward after one synchronized forward"):
-        launch(second_backward, 2)
+        launch(mistake, 2)
 
 
 def accumulate_with_a_branch_used_early():
