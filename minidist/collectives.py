@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .comm import record
+from .comm import global_rank, record
 
 
 def ring_exchange(send: torch.Tensor, recv: torch.Tensor, group=None) -> None:
@@ -32,7 +32,7 @@ def ring_exchange(send: torch.Tensor, recv: torch.Tensor, group=None) -> None:
     Every byte a ring algorithm moves goes through here, so the ledger counts exactly what was sent.
     """
     n, me = dist.get_world_size(group), dist.get_rank(group)
-    right, left = _global((me + 1) % n, group), _global((me - 1) % n, group)
+    right, left = global_rank((me + 1) % n, group), global_rank((me - 1) % n, group)
     work = None
     if send.numel():  # both sides know the chunk sizes, so an empty chunk is skipped on both
         record("send", send, n, bytes_sent=send.numel() * send.element_size())
@@ -41,10 +41,6 @@ def ring_exchange(send: torch.Tensor, recv: torch.Tensor, group=None) -> None:
         dist.recv(recv, left, group=group)
     if work is not None:
         work.wait()
-
-
-def _global(group_rank: int, group) -> int:
-    return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
 
 def ring_reduce_scatter_(chunks: list[torch.Tensor], group=None) -> None:
@@ -126,10 +122,10 @@ def chain_broadcast(tensor: torch.Tensor, src: int = 0, group=None, pieces: int 
         if not piece.numel():
             continue
         if pos > 0:
-            dist.recv(piece, _global((me - 1) % n, group), group=group)
+            dist.recv(piece, global_rank((me - 1) % n, group), group=group)
         if pos < n - 1:
             record("send", piece, n, bytes_sent=piece.numel() * piece.element_size())
-            dist.send(piece, _global((me + 1) % n, group), group=group)
+            dist.send(piece, global_rank((me + 1) % n, group), group=group)
     return out.view_as(tensor)
 
 

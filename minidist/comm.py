@@ -111,6 +111,11 @@ def group_size(group=None) -> int:
     return dist.get_world_size(group)
 
 
+def global_rank(group_rank: int, group=None) -> int:
+    """The global rank of `group`'s rank `group_rank` (point-to-point ops and `src` arguments take global ranks)."""
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
 def all_reduce_sum(x: torch.Tensor, group=None, async_op: bool = False):
     """Sum of x over the group, in a new tensor (with async_op, returns (tensor, work) to wait on)."""
     out = x.detach().clone()
@@ -147,7 +152,7 @@ def broadcast(x: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
     """A copy of the group-rank-`src` tensor on every rank (x gives the shape and dtype elsewhere)."""
     out = x.detach().clone()
     record("broadcast", out, group_size(group))
-    dist.broadcast(out, src=dist.get_global_rank(group, src) if group else src, group=group)
+    dist.broadcast(out, src=global_rank(src, group), group=group)
     return out
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .comm import global_rank
 from .models import lm_loss
 
 
@@ -93,7 +94,7 @@ def replica_divergence(module: torch.nn.Module, group=None) -> float:
     for p in module.parameters():
         mine = p.detach().contiguous()
         first = mine.clone()
-        dist.broadcast(first, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+        dist.broadcast(first, src=global_rank(0, group), group=group)
         if mine.numel():
             worst = torch.maximum(worst, (mine - first).abs().max())
     dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)

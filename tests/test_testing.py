@@ -5,6 +5,7 @@ import torch.distributed as dist
 
 from minidist import launch
 from minidist.data import random_batches
+from minidist.data_parallel import average_gradients_
 from minidist.models import GPT, GPTConfig, lm_loss
 from minidist.testing import adam, assert_replicas_in_sync, compare_with_reference, replica_divergence, shard_batch
 
@@ -17,9 +18,7 @@ def averaged_step(module, opt, batch):
     x, y = batch
     loss = lm_loss(module(x), y)
     loss.backward()
-    for p in module.parameters():
-        dist.all_reduce(p.grad)
-        p.grad /= dist.get_world_size()
+    average_gradients_(module.parameters())
     opt.step()
     opt.zero_grad()
     return loss.item()
