@@ -23,22 +23,26 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .comm import global_rank, record
+from .backend import RING_TAG, simulate_message
+from .ledger import count_send
+from .p2p import global_rank
 
 
 def ring_exchange(send: torch.Tensor, recv: torch.Tensor, group=None) -> None:
     """Send `send` to the right neighbour while receiving `recv` (in place) from the left one; both may be empty.
 
-    Every byte a ring algorithm moves goes through here, so the ledger counts exactly what was sent.
+    Every byte a ring algorithm moves goes through here, so the ledger counts exactly what was sent (and a simulated
+    link, under comm.ring_backend(link=...), holds each message as long as the network would).
     """
     n, me = dist.get_world_size(group), dist.get_rank(group)
     right, left = global_rank((me + 1) % n, group), global_rank((me - 1) % n, group)
     work = None
     if send.numel():  # both sides know the chunk sizes, so an empty chunk is skipped on both
-        record("send", send, n, bytes_sent=send.numel() * send.element_size())
-        work = dist.isend(send.contiguous(), right, group=group)
+        count_send(send, group, n)
+        simulate_message(send.numel() * send.element_size())
+        work = dist.isend(send.contiguous(), right, group=group, tag=RING_TAG)
     if recv.numel():
-        dist.recv(recv, left, group=group)
+        dist.recv(recv, left, group=group, tag=RING_TAG)
     if work is not None:
         work.wait()
 
@@ -96,7 +100,7 @@ def ring_reduce_scatter(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """
     chunks = list(torch.tensor_split(tensor.detach().clone().reshape(-1), dist.get_world_size(group)))
     ring_reduce_scatter_(chunks, group)
-    return chunks[dist.get_rank(group)]
+    return chunks[dist.get_rank(group)].clone()  # its own storage: the shard does not keep the whole tensor alive
 
 
 def ring_all_gather(shard: torch.Tensor, group=None) -> torch.Tensor:
@@ -122,10 +126,11 @@ def chain_broadcast(tensor: torch.Tensor, src: int = 0, group=None, pieces: int 
         if not piece.numel():
             continue
         if pos > 0:
-            dist.recv(piece, global_rank((me - 1) % n, group), group=group)
+            dist.recv(piece, global_rank((me - 1) % n, group), group=group, tag=RING_TAG)
         if pos < n - 1:
-            record("send", piece, n, bytes_sent=piece.numel() * piece.element_size())
-            dist.send(piece, global_rank((me + 1) % n, group), group=group)
+            count_send(piece, group, n)
+            simulate_message(piece.numel() * piece.element_size())
+            dist.send(piece, global_rank((me + 1) % n, group), group=group, tag=RING_TAG)
     return out.view_as(tensor)
 
 

@@ -20,121 +20,113 @@ it is replicated, so summing would count it N times). Every docstring below stat
 
 None of them modifies its input; each takes its process group explicitly (None means the default group).
 
-The ledger: `with ByteLedger() as ledger:` records every collective issued through minidist on this rank: op, group
-size, dtype, element count, and the bytes this rank *sends*. For collectives minidist implements itself from
-send/recv (`collectives.py`), that is the count of bytes it actually sent. For collectives handed to the backend
-(gloo, NCCL) the algorithm inside is the backend's, so the ledger records what the bandwidth-optimal ring sends,
-with S the bytes of the full (unsharded) tensor and N the group size:
+Plain collectives come first: they record themselves in the byte ledger (ledger.py), never modify their input
+unless their name ends in `_` (in-place variants: all_reduce_, all_gather_into_, reduce_scatter_into_, broadcast_),
+and with `async_op=True` return a `Work` whose `wait()` gives the result. Point-to-point `send`/`recv` (and
+`isend`/`irecv`, `all_to_all`) go through here too, so pipeline and context-parallel bytes are recorded like the rest.
+Ranks given as `src`/`dst` are ranks *within the group*.
 
-    all_reduce       2 (N-1)/N * S      (reduce-scatter, then all-gather)
-    all_gather       (N-1)/N * S        reduce_scatter   (N-1)/N * S
-    broadcast        (N-1)/N * S        (a pipelined chain: all but the last rank forward S; this is the mean)
-    send             S
-When N does not divide S these are fractions (the mean over ranks of what each sends), so the ledger keeps them as
-exact `Fraction`s: sums over many collectives then equal their formula exactly. Use float() to print them.
+`with ring_backend():` routes every collective here through minidist's own ring algorithms (collectives.py) on a
+communication thread, so the ledger *counts* the bytes instead of modelling them (backend.py); an optional
+`SimulatedLink(alpha, bandwidth)` delays every message as a real network would.
 """
-from dataclasses import dataclass
-from fractions import Fraction
-
 import torch
 import torch.distributed as dist
+
+from . import backend
+from .backend import SimulatedLink, Work, ring_backend
+from .ledger import ByteLedger, CommRecord, counting, group_name, name_group, record, ring_bytes
+from .p2p import all_to_all, global_rank, group_size, irecv, isend, recv, send
+
+__all__ = ["ByteLedger", "CommRecord", "SimulatedLink", "Work", "ring_backend", "ring_bytes", "record", "name_group",
+           "group_name", "all_to_all", "global_rank", "group_size", "irecv", "isend", "recv", "send"]
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-RING_FACTOR = {  # bytes sent per rank, as a multiple of (N-1)/N * S
-    "all_reduce": 2, "all_gather": 1, "reduce_scatter": 1, "broadcast": 1,
-}
+
+def _ring(op, x, group, fn):
+    """Run fn() (one of minidist's ring algorithms) as collective `op`, recorded once with the bytes it sent."""
+    def job():
+        with counting(op, x, group, group_size(group)):
+            return fn()
+    return job
 
 
-@dataclass(frozen=True)
-class CommRecord:
-    op: str
-    group_size: int
-    dtype: torch.dtype
-    numel: int          # elements of the full tensor (S / element size)
-    bytes_sent: Fraction  # by this rank (an int for bytes really sent, a Fraction for the ring model)
+# In-place collectives: the building blocks (flat buffers, gradient buckets, parameter shards).
+
+def all_reduce_(x: torch.Tensor, group=None, async_op: bool = False):
+    """Sum x over the group, in place (x must be contiguous); returns x, or a Work whose wait() returns x."""
+    from .collectives import ring_all_reduce
+    n = group_size(group)
+
+    def on_backend(async_op):
+        record("all_reduce", x, n, group=group)
+        return x, dist.all_reduce(x, group=group, async_op=async_op)
+    return backend.run(_ring("all_reduce", x, group, lambda: x.copy_(ring_all_reduce(x, group))), on_backend,
+                       async_op)
 
 
-class ByteLedger:
-    """Context manager collecting a CommRecord for every collective this rank issues through minidist."""
+def all_gather_into_(out: torch.Tensor, shard: torch.Tensor, group=None, async_op: bool = False):
+    """Every rank's `shard` written into `out` along dim 0 in rank order (out.shape[0] = N * shard.shape[0])."""
+    from .collectives import ring_all_gather
+    n = group_size(group)
+    _check_shapes(out, shard, n)
 
-    _active: list["ByteLedger"] = []  # ledgers currently open (nested ledgers all see every record)
-
-    def __init__(self):
-        self.records: list[CommRecord] = []
-
-    def __enter__(self):
-        ByteLedger._active.append(self)
-        return self
-
-    def __exit__(self, *exc):
-        ByteLedger._active.remove(self)
-
-    def total_bytes(self, op: str | None = None) -> Fraction:
-        return sum((r.bytes_sent for r in self.records if op is None or r.op == op), Fraction(0))
-
-    def count(self, op: str | None = None) -> int:
-        return sum(1 for r in self.records if op is None or r.op == op)
-
-    def by_op(self) -> dict[str, tuple[int, Fraction]]:
-        """op -> (number of calls, bytes sent)."""
-        return {op: (self.count(op), self.total_bytes(op)) for op in dict.fromkeys(r.op for r in self.records)}
-
-    def table(self) -> str:
-        lines = [f"{'op':<16}{'calls':>7}{'bytes sent':>16}"]
-        lines += [f"{op:<16}{n:>7}{float(b):>16,.0f}" for op, (n, b) in self.by_op().items()]
-        return "\n".join(lines)
+    def on_backend(async_op):
+        record("all_gather", out, n, group=group)
+        return out, _all_gather_single(out, shard.contiguous(), group=group, async_op=async_op)
+    return backend.run(_ring("all_gather", out, group, lambda: out.copy_(ring_all_gather(shard, group))),
+                       on_backend, async_op)
 
 
-def ring_bytes(op: str, nbytes: int, group_size: int) -> Fraction:
-    """Bytes one rank sends for `op` on a full tensor of `nbytes` under the ring algorithm (see the module table)."""
-    if op == "send":
-        return Fraction(nbytes)
-    return Fraction(RING_FACTOR[op] * (group_size - 1) * nbytes, group_size)
+def reduce_scatter_into_(out: torch.Tensor, x: torch.Tensor, group=None, async_op: bool = False):
+    """This rank's dim-0 chunk of the sum of x over the group, written into `out` (x.shape[0] = N * out.shape[0])."""
+    from .collectives import ring_reduce_scatter
+    n = group_size(group)
+    _check_shapes(x, out, n)
+
+    def on_backend(async_op):
+        record("reduce_scatter", x, n, group=group)
+        return out, _reduce_scatter_single(out, x.contiguous(), group=group, async_op=async_op)
+    return backend.run(_ring("reduce_scatter", x, group, lambda: out.copy_(ring_reduce_scatter(x, group)
+                                                                           .view_as(out))), on_backend, async_op)
 
 
-def record(op: str, tensor: torch.Tensor, group_size: int, bytes_sent: int | None = None) -> None:
-    """Add a record to every open ledger; `bytes_sent` defaults to the ring model for the full `tensor`."""
-    if not ByteLedger._active:
-        return
-    if bytes_sent is None:
-        bytes_sent = ring_bytes(op, tensor.numel() * tensor.element_size(), group_size)
-    rec = CommRecord(op, group_size, tensor.dtype, tensor.numel(), bytes_sent)
-    for ledger in ByteLedger._active:
-        ledger.records.append(rec)
+def broadcast_(x: torch.Tensor, src: int = 0, group=None, async_op: bool = False):
+    """Overwrite x with group rank `src`'s x, in place."""
+    from .collectives import chain_broadcast
+    n = group_size(group)
+
+    def on_backend(async_op):
+        record("broadcast", x, n, group=group)
+        return x, dist.broadcast(x, src=global_rank(src, group), group=group, async_op=async_op)
+    return backend.run(_ring("broadcast", x, group, lambda: x.copy_(chain_broadcast(x, src, group))), on_backend,
+                       async_op)
 
 
-# Plain (non-differentiable) collectives that record themselves. They never modify their input.
+def _check_shapes(full: torch.Tensor, shard: torch.Tensor, n: int) -> None:
+    if full.shape[0] != n * shard.shape[0] or full.shape[1:] != shard.shape[1:]:
+        raise ValueError(f"a {tuple(full.shape)} tensor is not {n} shards of {tuple(shard.shape)} along dim 0")
 
-def group_size(group=None) -> int:
-    return dist.get_world_size(group)
 
-
-def global_rank(group_rank: int, group=None) -> int:
-    """The global rank of `group`'s rank `group_rank` (point-to-point ops and `src` arguments take global ranks)."""
-    return group_rank if group is None else dist.get_global_rank(group, group_rank)
-
+# Out-of-place collectives (never modify their input).
 
 def all_reduce_sum(x: torch.Tensor, group=None, async_op: bool = False):
-    """Sum of x over the group, in a new tensor (with async_op, returns (tensor, work) to wait on)."""
-    out = x.detach().clone()
-    record("all_reduce", out, group_size(group))
-    work = dist.all_reduce(out, group=group, async_op=async_op)
-    return (out, work) if async_op else out
+    """Sum of x over the group, in a new tensor."""
+    return all_reduce_(x.detach().clone(memory_format=torch.contiguous_format), group, async_op)
 
 
-def all_gather_cat(x: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
+def all_gather_cat(x: torch.Tensor, group=None, dim: int = 0, async_op: bool = False):
     """Every rank's x concatenated along `dim` in rank order (all shards must have the same shape)."""
     n = group_size(group)
     x = x.detach().movedim(dim, 0).contiguous()
     out = x.new_empty((n * x.shape[0], *x.shape[1:]))
-    record("all_gather", out, n)
-    _all_gather_single(out, x, group=group)
-    return out.movedim(0, dim)
+    work = all_gather_into_(out, x, group, async_op=True)
+    return _moved(work, dim, async_op)
 
 
-def reduce_scatter_sum(x: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
+def reduce_scatter_sum(x: torch.Tensor, group=None, dim: int = 0, async_op: bool = False):
     """This rank's chunk (along `dim`) of the sum of x over the group; x.shape[dim] must divide by the group size.
 
     (collectives.ring_reduce_scatter instead cuts the *flattened* tensor, into chunks that may differ by one.)
@@ -143,24 +135,30 @@ def reduce_scatter_sum(x: torch.Tensor, group=None, dim: int = 0) -> torch.Tenso
     _check_divisible(x, n, dim)
     x = x.detach().movedim(dim, 0).contiguous()
     out = x.new_empty((x.shape[0] // n, *x.shape[1:]))
-    record("reduce_scatter", x, n)
-    _reduce_scatter_single(out, x, group=group)
-    return out.movedim(0, dim)
+    work = reduce_scatter_into_(out, x, group, async_op=True)
+    return _moved(work, dim, async_op)
+
+
+def _moved(work: Work, dim: int, async_op: bool):
+    """The result of `work` with dim 0 moved back to `dim` (now, or when waited on)."""
+    if not async_op:
+        return work.wait().movedim(0, dim)
+    inner_wait = work.wait
+    work.wait = lambda: inner_wait().movedim(0, dim)
+    return work
 
 
 def broadcast(x: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
     """A copy of the group-rank-`src` tensor on every rank (x gives the shape and dtype elsewhere)."""
-    out = x.detach().clone()
-    record("broadcast", out, group_size(group))
-    dist.broadcast(out, src=global_rank(src, group), group=group)
-    return out
+    return broadcast_(x.detach().clone(memory_format=torch.contiguous_format), src, group)
 
 
 def my_chunk(x: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
-    """This rank's equal slice of x along `dim` (no communication)."""
+    """This rank's equal slice of x along `dim` (no communication), in its own storage: keeping the shard does not
+    keep the whole tensor alive."""
     n = group_size(group)
     _check_divisible(x, n, dim)
-    return x.chunk(n, dim)[dist.get_rank(group)].contiguous()
+    return x.chunk(n, dim)[dist.get_rank(group)].clone(memory_format=torch.contiguous_format)
 
 
 def _check_divisible(x: torch.Tensor, n: int, dim: int) -> None:

@@ -15,22 +15,20 @@ Three versions of the same idea, as PyTorch's DDP grew them (Li et al. 2020, "Py
               moment its last gradient arrives, and runs while backward computes the rest (overlap=True).
 Buckets are always launched in bucket order, so every rank issues the same collectives in the same order even when
 gradients arrive in a different order. Everything in flight is waited for at the end of backward (an autograd engine
-callback), so `optimizer.step()` right after `backward()` sees averaged gradients, as with DDP.
+callback), so `optimizer.step()` right after `backward()` sees averaged gradients, as with DDP. The machinery (bucket
+layout, hooks, the guaranteed end-of-backward reduction) is reducer.py's GradReducer, which ZeRO-2 reuses.
 
 `no_sync()` skips communication for gradient accumulation: gradients accumulate locally in .grad over the micro-steps
 and the next synchronized backward all-reduces the sum, once.
 """
-import time
 from contextlib import contextmanager
-from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from . import comm
-
-MiB = 1 << 20
+from .reducer import MiB, GradReducer, assign_buckets  # noqa: F401  (assign_buckets: chapter 02 uses it from here)
 
 
 def average_gradients_(params, group=None) -> None:
@@ -47,32 +45,25 @@ def average_gradients_(params, group=None) -> None:
     # </exercise>
 
 
-def assign_buckets(numels: list[int], cap: int | None) -> list[list[tuple[int, int, int]]]:
-    """Cut the flattened gradients into buckets of `cap` elements, walking the parameters in *reverse* order.
+def global_mean_loss(loss_sum: torch.Tensor, count, group=None) -> torch.Tensor:
+    """The loss to call backward on when ranks hold different numbers of samples (or tokens).
 
-    Returns, for each bucket, its pieces (parameter index, start, stop) within that flattened parameter. A parameter
-    may be split across two buckets, so every bucket but the last holds exactly `cap` elements and there are
-    ceil(total / cap) buckets. `cap=None` gives one bucket per parameter (the naive algorithm). Empty parameters
-    get no piece.
+    `loss_sum` is this rank's loss *summed* over its `count` samples. DataParallel averages gradients over the N
+    ranks, which weights every rank equally: with a mean loss per rank, a sample on a rank with 3 samples would count
+    7.7 times as much as one on a rank with 23. The global-batch gradient is grad(sum of all losses) / (total count),
+    so each rank must scale its loss sum by N / total: after the average, sum_r grad(loss_sum_r) / total. The counts
+    are all-reduced once per call. Under no_sync(), pass the rank's count for the whole step (all its micro-batches)
+    in every micro-step. The value returned is this rank's share, scaled for backward: to print the global mean,
+    all-reduce `loss_sum` and divide by the total count.
     """
-    # <exercise assign_buckets points=2>
-    # hint: keep the current bucket and how much room it has left; a parameter can fill the current bucket and
-    #       continue in the next one, possibly several times.
-    if cap is None:
-        return [[(i, 0, numels[i])] for i in reversed(range(len(numels))) if numels[i]]
-    buckets, current, room = [], [], cap
-    for i in reversed(range(len(numels))):
-        start = 0
-        while start < numels[i]:
-            take = min(room, numels[i] - start)
-            current.append((i, start, start + take))
-            start, room = start + take, room - take
-            if room == 0:
-                buckets.append(current)
-                current, room = [], cap
-    if current:
-        buckets.append(current)
-    return buckets
+    # <exercise global_mean_loss points=2>
+    # hint: one all-reduce of this rank's count gives the total; the answer is loss_sum times a factor.
+    # hint: remember what DataParallel does to the gradients afterwards (it divides their sum by N).
+    n = dist.get_world_size(group)
+    total = comm.all_reduce_sum(torch.tensor(float(count), dtype=torch.float64, device=loss_sum.device), group)
+    if total.item() == 0:
+        raise ValueError("global_mean_loss: no rank holds a sample in this step (the total count is 0)")
+    return loss_sum * (n / total.item())
     # </exercise>
 
 
@@ -92,45 +83,39 @@ class DataParallel(nn.Module):
     all-reduce per step to agree on which ones, across ranks). Frozen parameters (requires_grad=False) are never
     communicated. Buffers are broadcast from rank 0 once, at construction; DDP re-broadcasts them before every
     forward (broadcast_buffers=True) to keep e.g. BatchNorm statistics identical, which the models here do not need.
+    The gradient reduction itself is the GradReducer of reducer.py; `remove()` takes its hooks off the module.
     """
 
     def __init__(self, module: nn.Module, group=None, bucket_cap_mb: float | None = 25, overlap: bool = True,
                  find_unused_parameters: bool = False):
         super().__init__()
-        self.module, self.group, self.overlap = module, group, overlap
-        self.find_unused_parameters = find_unused_parameters
-        self.world = dist.get_world_size(group)
+        if getattr(module, "_minidist_data_parallel", False):
+            raise ValueError("this module is already wrapped by a DataParallel: call .remove() on that one first")
+        if bucket_cap_mb is not None and not bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb must be positive (or None for one bucket per parameter), "
+                             f"got {bucket_cap_mb}")
+        self.module, self.group = module, group
         broadcast_from_rank0_(module, group)
-        self.params = [p for p in module.parameters() if p.requires_grad]
-        dtypes = {p.dtype for p in self.params}
-        if len(dtypes) > 1:
-            raise ValueError(f"DataParallel needs one dtype for all trainable parameters, "
-                             f"found {sorted(map(str, dtypes))}")
-        cap = None
-        if bucket_cap_mb is not None:
-            if bucket_cap_mb <= 0:
-                raise ValueError(f"bucket_cap_mb must be positive (or None for one bucket per parameter), "
-                                 f"got {bucket_cap_mb}")
-            cap = max(1, int(bucket_cap_mb * MiB) // self.params[0].element_size()) if self.params else 1
-        self.buckets = []  # bucket -> [(param index, start, stop, offset in the bucket)]
-        self.pieces = [[] for _ in self.params]  # param index -> [(bucket, number of its elements there)]
-        for b, bucket in enumerate(assign_buckets([p.numel() for p in self.params], cap)):
-            offsets = [0] + [sum(stop - start for _, start, stop in bucket[:k + 1]) for k in range(len(bucket))]
-            self.buckets.append([(i, start, stop, off) for (i, start, stop), off in zip(bucket, offsets)])
-            for i, start, stop in bucket:
-                self.pieces[i].append((b, stop - start))
-        self._hooks = [p.register_post_accumulate_grad_hook(partial(self._grad_ready, i))
-                       for i, p in enumerate(self.params)]
-        self._require_sync, self._sync_now, self._step_open = True, True, False  # a backward needs a forward first
-        self.events: list[tuple[str, float, float]] = []  # the last step's (what, start, end), for timelines
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.reducer = GradReducer([p for _, p in named], group,
+                                   None if bucket_cap_mb is None else int(bucket_cap_mb * MiB), "all_reduce",
+                                   overlap, find_unused_parameters=find_unused_parameters,
+                                   names=[n for n, _ in named])
+        self._require_sync = True
+        module._minidist_data_parallel = True  # a flag, not a reference: no cycle through the module tree
+
+    @property
+    def buckets(self):
+        return self.reducer.buckets
+
+    @property
+    def events(self) -> list[tuple[str, float, float]]:
+        """The last step's (what, start, end): compute, then each bucket's launch and completion, for timelines."""
+        return self.reducer.events
 
     def forward(self, *args, **kwargs):
-        self._sync_now = self._require_sync  # decided at forward time: this backward syncs unless in no_sync()
-        self._missing = [sum(stop - start for _, start, stop, _ in bucket) for bucket in self.buckets]
-        self._arrived = [False] * len(self.params)
-        self._next, self._inflight, self._queued, self._step_open = 0, [], False, True
-        self._t_forward = time.perf_counter()
-        return self.module(*args, **kwargs)
+        self.reducer.prepare_backward(sync=self._require_sync)  # decided now: this backward syncs unless no_sync()
+        return self.reducer.attach(self.module(*args, **kwargs))
 
     @contextmanager
     def no_sync(self):
@@ -141,69 +126,8 @@ class DataParallel(nn.Module):
         finally:
             self._require_sync = previous
 
-    def _grad_ready(self, i: int, param: torch.Tensor) -> None:
-        """Hook: parameter i's gradient is fully accumulated for this backward."""
-        if not self._sync_now:
-            return
-        if not self._step_open:
-            raise RuntimeError("DataParallel: a second backward after one synchronized forward (retain_graph, two "
-                               "losses, or the wrapped module called directly): run each step's forward through "
-                               "DataParallel, and backward once")
-        if not self._queued:  # once per backward: finish the reduction when the autograd engine is done
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
-            self._queued = True
-        self._arrived[i] = True
-        for b, count in self.pieces[i]:
-            self._missing[b] -= count
-        if self.overlap:
-            self._launch_ready()
-
-    def _launch_ready(self, everything: bool = False) -> None:
-        while self._next < len(self.buckets) and (everything or self._missing[self._next] == 0):
-            self._launch(self._next)
-            self._next += 1
-
-    def _launch(self, b: int) -> None:
-        parts = []
-        for i, start, stop, _ in self.buckets[b]:
-            grad = self.params[i].grad
-            parts.append(grad.detach().reshape(-1)[start:stop] if grad is not None else
-                         torch.zeros(stop - start, dtype=self.params[i].dtype, device=self.params[i].device))
-        flat = torch.cat(parts).div_(self.world)  # divide before summing, as DDP does: no fp16 overflow in the sum
-        launched = time.perf_counter()
-        out, work = comm.all_reduce_sum(flat, self.group, async_op=True)
-        done = {}
-        work.get_future().then(lambda _: done.setdefault("t", time.perf_counter()))
-        self._inflight.append((b, out, work, launched, done))
-
-    def _finish(self) -> None:
-        """End of backward: launch what is left, wait for everything, write the averages into .grad."""
-        self.events = [("forward + backward", self._t_forward, time.perf_counter())]
-        if not all(self._arrived) and not self.find_unused_parameters:
-            names = {id(p): n for n, p in self.module.named_parameters()}
-            missing = [names[id(p)] for p, ok in zip(self.params, self._arrived) if not ok]
-            raise RuntimeError(f"parameters {missing} received no gradient in this step; construct DataParallel "
-                               f"with find_unused_parameters=True if this is expected")
-        self._step_open = False  # this forward's gradients are being reduced: another backward needs a forward
-        self._launch_ready(everything=True)  # first: every rank issues the buckets in the same order
-        used = self._used_on_some_rank() if self.find_unused_parameters else [True] * len(self.params)
-        for b, out, work, launched, done in self._inflight:
-            work.wait()
-            self.events.append((f"bucket {b}", launched, done.get("t", time.perf_counter())))
-            for i, start, stop, offset in self.buckets[b]:
-                p = self.params[i]
-                if not used[i]:
-                    continue  # no rank produced a gradient: leave .grad as it is, as one process would
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.view(-1)[start:stop].copy_(out[offset:offset + stop - start])
-        self._inflight = []
-
-    def _used_on_some_rank(self) -> list[bool]:
-        """Which parameters hold a gradient on at least one rank (one small all-reduce).
-
-        "Holds" rather than "got one in this backward": a gradient accumulated under no_sync() counts too.
-        """
-        local = [arrived or p.grad is not None for arrived, p in zip(self._arrived, self.params)]
-        flags = torch.tensor(local, dtype=torch.int32, device=self.params[0].device)
-        return (comm.all_reduce_sum(flags, self.group) > 0).tolist()
+    def remove(self) -> nn.Module:
+        """Unhook the module (it trains alone again, or can be wrapped anew); returns it."""
+        self.reducer.remove()
+        self.module._minidist_data_parallel = False
+        return self.module

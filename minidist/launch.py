@@ -49,12 +49,25 @@ class RankError(RuntimeError):
         super().__init__(f"rank {rank} failed:\n{detail}")
 
 
+def gpu_count() -> int:
+    """GPUs visible to this process, counted *without* initializing CUDA here (forked ranks could not use it then).
+
+    torch.cuda.is_available() initializes the CUDA driver in the calling process unless PYTORCH_NVML_BASED_CUDA_CHECK
+    is set, and a process forked after that cannot use CUDA at all. device_count() asks NVML instead when it can.
+    """
+    if not torch.backends.cuda.is_built():
+        return 0
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    return torch.cuda.device_count()
+
+
 def default_backend(world_size: int) -> str:
     """$MINIDIST_BACKEND if set (gloo or nccl); else NCCL when every rank can own a GPU, gloo otherwise."""
     if forced := os.environ.get("MINIDIST_BACKEND"):
+        if forced not in ("gloo", "nccl"):
+            raise ValueError(f"MINIDIST_BACKEND must be 'gloo' or 'nccl', got {forced!r}")
         return forced
-    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
-    return "nccl" if cuda else "gloo"
+    return "nccl" if gpu_count() >= world_size else "gloo"
 
 
 def device() -> torch.device:
@@ -79,9 +92,13 @@ def launch(fn, world_size: int, *args, backend: str | None = None, timeout: floa
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
-    if timeout <= 0:
+    if not timeout > 0:
         raise ValueError(f"timeout must be positive, got {timeout!r} seconds")
     backend = backend or default_backend(world_size)
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl" and gpu_count() < world_size:
+        raise ValueError(f"NCCL needs one GPU per rank: {world_size} ranks, {gpu_count()} GPUs visible")
     # CUDA cannot be used in a child forked after the parent initialized it; before that, fork is fine.
     start_method = start_method or ("spawn" if backend == "nccl" and torch.cuda.is_initialized() else "fork")
     ctx = mp.get_context(start_method)
@@ -171,7 +188,12 @@ def _run_rank(rank, world_size, store_path, backend, timeout, fn, args, kwargs, 
             dist.destroy_process_group()
     except BaseException:  # the result is out (or the parent is gone): the parent decides what failed
         pass
-    os._exit(0 if ok else 1)  # skip interpreter teardown, where gloo may abort, and never print from here
+    for stream in (sys.stdout, sys.stderr):  # os._exit skips Python's flush: output to a file or pipe would be lost
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0 if ok else 1)  # skip interpreter teardown, where gloo may abort
 
 
 def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:

@@ -15,7 +15,11 @@ With data parallelism, gradients are all-reduced in fp16 (divided by N first, so
 mean would not); every rank then sees the same inf/nan and skips the same steps.
 bf16 has fp32's exponent range, so it needs no loss scaling: torch.autocast("cpu", dtype=torch.bfloat16) suffices.
 """
+import math
+
 import torch
+
+from . import comm
 
 
 def update_scale(scale: float, good_steps: int, found_inf: bool, growth_factor: float = 2.0,
@@ -32,8 +36,51 @@ def update_scale(scale: float, good_steps: int, found_inf: bool, growth_factor: 
     # </exercise>
 
 
+def unscale_and_check_(grads: list[torch.Tensor], scale: float, agree: bool = False, group=None) -> bool:
+    """Divide the fp32 gradients by `scale` in place; True if they hold an inf or nan.
+
+    One host synchronization for all the tensors (not one per tensor). With `agree`, the answer is agreed by every
+    rank of `group` (one small all-reduce): ranks that hold different shards of the gradients (ZeRO) must still skip
+    the same steps, or their weights drift apart.
+    """
+    # <exercise unscale_and_check points=2>
+    # hint: keep the check on the device: one 0-dim tensor that counts the non-finite gradients, read with .item()
+    #       once at the end.
+    # hint: with `agree`, sum that count over the group with comm.all_reduce_sum before reading it.
+    bad = torch.zeros((), device=grads[0].device if grads else None)
+    for g in grads:
+        g.mul_(1.0 / scale)
+        bad += (~torch.isfinite(g)).any()
+    if agree:
+        bad = comm.all_reduce_sum(bad, group)
+    return bool(bad.item() > 0)
+    # </exercise>
+
+
+def clip_grad_norm_(grads: list[torch.Tensor], max_norm: float, sharded: bool = False, group=None) -> float:
+    """Scale the gradients in place so their global L2 norm is at most `max_norm`; returns the norm before clipping.
+
+    As torch.nn.utils.clip_grad_norm_: factor min(1, max_norm / (norm + 1e-6)). With `sharded`, each rank of `group`
+    holds a *shard* of one gradient (ZeRO): the squared norms are summed over the ranks first, so every rank clips by
+    the same factor. Clip *after* unscaling: the scaled gradients' norm is S times too large.
+    """
+    # <exercise clip_grad_norm points=2>
+    # hint: the global norm is the square root of the sum of every tensor's squared norm (in fp32).
+    # hint: leave the gradients untouched when the norm is already within max_norm (the factor is capped at 1).
+    device = grads[0].device if grads else None
+    squares = sum((g.detach().float().pow(2).sum() for g in grads), torch.zeros((), device=device))
+    if sharded:
+        squares = comm.all_reduce_sum(squares, group)
+    norm = squares.sqrt()
+    factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(factor.to(g.dtype))
+    return norm.item()
+    # </exercise>
+
+
 class LossScaler:
-    """Dynamic loss scaling: scale(loss) before backward; unscale_(grads) -> found_inf; update(found_inf)."""
+    """Dynamic loss scaling: scale_loss(loss) before backward; unscale_(grads) -> found_inf; update(found_inf)."""
 
     def __init__(self, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
                  growth_interval: int = 2000):
@@ -45,46 +92,70 @@ class LossScaler:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale
 
-    def unscale_(self, grads: list[torch.Tensor]) -> bool:
-        """Divide the gradients by the scale in place; True if any of them holds an inf or nan."""
-        found_inf = False
-        for g in grads:
-            g.mul_(1.0 / self.scale)
-            found_inf |= not bool(torch.isfinite(g).all())
-        return found_inf
+    def unscale_(self, grads: list[torch.Tensor], agree: bool = False, group=None) -> bool:
+        """Divide the gradients by the scale in place; True if any of them (on any rank, with `agree`) is inf/nan."""
+        return unscale_and_check_(list(grads), self.scale, agree, group)
 
     def update(self, found_inf: bool) -> None:
-        self.scale, self.good_steps = update_scale(self.scale, self.good_steps, found_inf, self.growth_factor,
-                                                   self.backoff_factor, self.growth_interval)
+        scale, self.good_steps = update_scale(self.scale, self.good_steps, found_inf, self.growth_factor,
+                                              self.backoff_factor, self.growth_interval)
+        self.scale = scale if math.isfinite(scale) else self.scale  # never grow into inf (GradScaler does the same)
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
 
 
 class MixedPrecisionOptimizer:
     """Run `optimizer_class` on fp32 master copies of an fp16 (or bf16) model's trainable parameters.
 
         opt = MixedPrecisionOptimizer(model_fp16, torch.optim.Adam, lr=1e-3)
-        opt.scaler.scale_loss(loss).backward(); stepped = opt.step(); opt.zero_grad()
+        opt.scaler.scale_loss(loss).backward()
+        opt.unscale_()                 # optional: fp32 master gradients, unscaled, checked for inf/nan
+        opt.clip_grad_norm_(1.0)       # optional: clip the *unscaled* gradients
+        stepped = opt.step()           # unscales first if you did not; skips the step on inf/nan
+        opt.zero_grad()
+
+    `agree=True` agrees on inf/nan across `group` (needed when ranks hold different gradients: sharded ones, or
+    before a data-parallel average). The model's gradients are copied, never unscaled in place: an fp32 model's
+    `.grad` (a view into DataParallel's buckets, say) is left as it was.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer_class, scaler: LossScaler | None = None, **kwargs):
+    def __init__(self, model: torch.nn.Module, optimizer_class, scaler: LossScaler | None = None,
+                 agree: bool = False, group=None, **kwargs):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
         self.optimizer = optimizer_class(self.master, **kwargs)
         self.scaler = scaler or LossScaler()
-        self.skipped = 0
+        self.agree, self.group = agree, group
+        self.skipped, self._found_inf = 0, None  # _found_inf: None until unscale_() in this step
+
+    def unscale_(self) -> bool:
+        """Copy the model's gradients into fp32 master gradients and unscale them; True on inf/nan."""
+        if self._found_inf is None:
+            for master, p in zip(self.master, self.params):
+                master.grad = None if p.grad is None else p.grad.to(torch.float32, copy=True)
+            grads = [m.grad for m in self.master if m.grad is not None]
+            self._found_inf = self.scaler.unscale_(grads, self.agree, self.group)
+        return self._found_inf
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Clip the unscaled master gradients to a global norm of `max_norm`; returns the norm before clipping."""
+        self.unscale_()
+        return clip_grad_norm_([m.grad for m in self.master if m.grad is not None], max_norm)
 
     def step(self) -> bool:
-        """Unscale the gradients in fp32; skip the step on inf/nan; else update the masters and copy them back.
-
-        The model's gradients are read, not kept: call zero_grad() before the next backward.
-        """
-        grads = [None if p.grad is None else p.grad.float() for p in self.params]
-        found_inf = self.scaler.unscale_([g for g in grads if g is not None])
+        """Unscale (if not done yet); on inf/nan skip the step; else update the masters and copy them back."""
+        found_inf = self.unscale_()
         self.scaler.update(found_inf)
+        self._found_inf = None
         if found_inf:
             self.skipped += 1
+            for m in self.master:
+                m.grad = None
             return False
-        for master, g in zip(self.master, grads):
-            master.grad = g
         self.optimizer.step()
         with torch.no_grad():
             for p, master in zip(self.params, self.master):

@@ -14,7 +14,9 @@ WORLD_SIZES = [1, 2, 3, 4]
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_backward_of_every_function_matches_the_closed_form(world_size):
     for errors in launch(comm_backward_errors, world_size):
-        assert set(errors) == {"identity", "all_reduce", "all_gather", "reduce_scatter", "split", "gather"}
+        names = {"identity", "all_reduce (replicated loss)", "identity + all_reduce (per-rank losses)", "all_gather",
+                 "reduce_scatter", "split", "gather"}
+        assert set(errors) == {f"{name}, dim {d}" for name in names for d in (0, 1)}
         assert max(errors.values()) == 0.0, errors
 
 
@@ -74,6 +76,7 @@ def test_ledger_bytes_equal_the_ring_formula(world_size):
     n = world_size
     outer, inner = launch(ledger_records, n)[1]
     assert [r.op for r in outer] == ["all_reduce", "all_gather", "reduce_scatter", "broadcast"]
+    assert not any(r.counted for r in outer) and {r.axis for r in outer} == {"world"}  # modelled: handed to gloo
     assert inner == outer[1:]                   # nested ledgers both see what happens inside
     s = 12 * 10 * 4
     assert outer[0].bytes_sent == Fraction(2 * (n - 1) * s, n)

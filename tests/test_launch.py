@@ -166,3 +166,39 @@ def test_run_under_torchrun_explains_a_missing_environment(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(RuntimeError, match="not running under torchrun"):
         run_under_torchrun(rank_and_sum, 1.0)
+
+
+def test_rank_output_reaches_a_pipe(tmp_path):
+    """os._exit skips Python's flush: a rank's prints to a pipe (not a terminal) must still arrive."""
+    script = tmp_path / "chatty.py"
+    script.write_text(textwrap.dedent("""
+        import sys, torch.distributed as dist
+        from minidist import launch
+        def f():
+            print(f"stdout of rank {dist.get_rank()}")          # block-buffered: a pipe is not a terminal
+            print(f"stderr of rank {dist.get_rank()}", file=sys.stderr)
+        launch(f, 2)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.split("\n")[:2]) == ["stdout of rank 0", "stdout of rank 1"]
+    assert "stderr of rank 0" in out.stderr and "stderr of rank 1" in out.stderr
+
+
+def test_choosing_the_backend_does_not_initialize_cuda(monkeypatch):
+    """A launcher that forks must decide "GPUs or not" without initializing CUDA in the parent (fork would break)."""
+    import torch
+    from minidist.launch import default_backend
+    monkeypatch.delenv("MINIDIST_BACKEND", raising=False)
+    assert default_backend(2) in ("gloo", "nccl")
+    assert not torch.cuda.is_initialized()
+    monkeypatch.setenv("MINIDIST_BACKEND", "mpi")
+    with pytest.raises(ValueError, match="MINIDIST_BACKEND must be 'gloo' or 'nccl'"):
+        default_backend(2)
+
+
+def test_nccl_without_a_gpu_per_rank_is_a_clear_error():
+    from minidist.launch import gpu_count
+    n = gpu_count() + 1  # one rank more than there are GPUs, on any machine
+    with pytest.raises(ValueError, match=f"NCCL needs one GPU per rank: {n} ranks, {n - 1} GPUs visible"):
+        launch(rank_and_sum, n, 1.0, backend="nccl")

@@ -4,7 +4,7 @@ import torch
 
 from minidist import launch
 from minidist.grading import implementation
-from minidist.mixed_precision import LossScaler
+from minidist.mixed_precision import LossScaler, MixedPrecisionOptimizer
 from minidist.tour.data_parallel import BF16_TOL, FP16_TOL, bf16_side_by_side, fp16_side_by_side
 
 
@@ -61,8 +61,9 @@ def test_loss_scaler_follows_the_rule():
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_fp16_data_parallel_with_master_weights_matches_one_process(world_size):
-    for diff, skipped, ref_skipped, _ in launch(fp16_side_by_side, world_size, 2.0 ** 16):
+    for diff, skipped, ref_skipped, _, divergence in launch(fp16_side_by_side, world_size, 2.0 ** 16):
         assert skipped == ref_skipped == 0
+        assert divergence == 0.0  # every rank applied the same reduced bytes
         assert diff < FP16_TOL  # fp16 gradients differ in their last bits; see minidist/tour/data_parallel.py
 
 
@@ -71,7 +72,8 @@ def test_an_overflowing_scale_backs_off_and_every_rank_skips_the_same_steps():
     # then training proceeds (2 of the 4 steps here), still matching one process that skipped the same steps.
     results = launch(fp16_side_by_side, 2, 2.0 ** 20)
     assert len({r[1] for r in results}) == 1  # all ranks skipped the same steps
-    diff, skipped, ref_skipped, scale = results[0]
+    diff, skipped, ref_skipped, scale, divergence = results[0]
+    assert divergence == 0.0
     assert 1 <= skipped == ref_skipped < 4
     assert scale < 2.0 ** 20
     assert diff < FP16_TOL
@@ -79,4 +81,48 @@ def test_an_overflowing_scale_backs_off_and_every_rank_skips_the_same_steps():
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_bf16_autocast_data_parallel_matches_one_process(world_size):
-    assert max(launch(bf16_side_by_side, world_size)) < BF16_TOL
+    for diff, divergence in launch(bf16_side_by_side, world_size):
+        assert diff < BF16_TOL
+        assert divergence == 0.0  # a LayerNorm gradient left unaveraged would pass the tolerance but not this
+
+
+def unscale_clip_step(max_norm):
+    """minidist's unscale_ -> clip -> step against GradScaler's unscale_ -> clip_grad_norm_ -> step (fp32 model)."""
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    theirs.load_state_dict(ours.state_dict())
+    opt = MixedPrecisionOptimizer(ours, torch.optim.SGD, LossScaler(2.0 ** 8), lr=0.5)
+    opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    norms = []
+    for _ in range(3):
+        x = torch.randn(16, 6) * 10
+        opt.scaler.scale_loss(ours(x).pow(2).mean()).backward()
+        before = [p.grad.clone() for p in ours.parameters()]
+        opt.unscale_()
+        norms.append(opt.clip_grad_norm_(max_norm))
+        opt.step()
+        untouched = all(torch.equal(p.grad, b) for p, b in zip(ours.parameters(), before))
+        opt.zero_grad()
+        scaler.scale(theirs(x).pow(2).mean()).backward()
+        scaler.unscale_(opt_theirs)
+        norms.append(torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm).item())
+        scaler.step(opt_theirs)
+        scaler.update()
+        opt_theirs.zero_grad()
+    diff = max((p - q).abs().max().item() for p, q in zip(ours.parameters(), theirs.parameters()))
+    return diff, norms, untouched
+
+
+def test_unscale_then_clip_then_step_matches_grad_scaler():
+    diff, norms, untouched = unscale_clip_step(max_norm=1.0)
+    assert norms[0] > 1.0  # the clip did something
+    assert diff < 1e-6, diff
+    assert all(abs(a - b) <= 1e-4 * b for a, b in zip(norms[::2], norms[1::2]))
+    assert untouched  # the fp32 model's own .grad was copied, not unscaled in place
+
+
+def test_growth_never_reaches_inf():
+    scaler = LossScaler(init_scale=1.5e308, growth_interval=1)  # doubling it overflows a Python float to inf
+    scaler.update(False)
+    assert scaler.scale == 1.5e308

@@ -32,7 +32,8 @@ BF16_TOL = 1e-3   # bf16 matmuls (eps 7.8e-3) over half the batch round differen
 
 
 def stage_against_one_process(stage: str, optimizer=sgd(0.1)) -> dict:
-    """Train DataParallel(stage) next to one process on the global batch; bytes of the last step's backward."""
+    """Train DataParallel(stage) next to one process on the global batch; the bytes this rank really sent in the last
+    step's backward (counted: the collectives run on minidist's own ring)."""
     kept, ledger = {}, comm.ByteLedger()
 
     def wrap(model):
@@ -47,10 +48,11 @@ def stage_against_one_process(stage: str, optimizer=sgd(0.1)) -> dict:
         opt.step()
         opt.zero_grad()
         return loss.item()
-    result = compare_with_reference(lambda: GPT(CFG), wrap, BATCHES, optimizer=optimizer, step=step)
+    with comm.ring_backend():
+        result = compare_with_reference(lambda: GPT(CFG), wrap, BATCHES, optimizer=optimizer, step=step)
     psi = sum(p.numel() for p in kept["dp"].module.parameters() if p.requires_grad)
     return {"diff": result.max_abs_diff, "divergence": replica_divergence(kept["dp"]), "bytes": ledger.total_bytes(),
-            "collectives": ledger.count(), "buckets": len(kept["dp"].buckets), "psi": psi}
+            "counted": ledger.counted, "collectives": ledger.count(), "buckets": len(kept["dp"].buckets), "psi": psi}
 
 
 def side_by_side_with_ddp(optimizer=sgd(0.1)) -> float:
@@ -72,7 +74,7 @@ def side_by_side_with_ddp(optimizer=sgd(0.1)) -> float:
 def accumulation(micro_steps: int = 2) -> tuple[float, int, float]:
     """Micro-steps under no_sync + one synchronized step vs one backward on the whole batch.
 
-    Returns (largest gradient difference, collectives inside no_sync, bytes of the synchronized backward).
+    Returns (largest gradient difference, collectives inside no_sync, bytes counted in the synchronized backward).
     """
     torch.manual_seed(0)
     reference, dp = GPT(CFG), DataParallel(GPT(CFG))
@@ -86,14 +88,16 @@ def accumulation(micro_steps: int = 2) -> tuple[float, int, float]:
     with comm.ByteLedger() as quiet, dp.no_sync():
         for xm, ym in zip(xs[:-1], ys[:-1]):
             (lm_loss(dp(xm), ym) / micro_steps).backward()
-    with comm.ByteLedger() as synced:
+    with comm.ring_backend(), comm.ByteLedger() as synced:
         (lm_loss(dp(xs[-1]), ys[-1]) / micro_steps).backward()
     diff = max((p.grad - q.grad).abs().max().item() for p, q in zip(dp.module.parameters(), reference.parameters()))
-    return diff, quiet.count(), synced.total_bytes()
+    return diff, quiet.count(), synced.total_bytes() if synced.counted else None
 
 
 def fp16_side_by_side(init_scale: float = 2.0 ** 16) -> tuple:
-    """fp16 model + loss scaler + fp32 masters, data parallel vs one process: (diff, skipped, ref skipped, scale)."""
+    """fp16 model + loss scaler + fp32 masters, data parallel vs one process.
+
+    Returns (diff, steps skipped, steps one process skipped, final scale, replica divergence)."""
     rank, n = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     reference = GPT(CFG).half()
@@ -107,11 +111,11 @@ def fp16_side_by_side(init_scale: float = 2.0 ** 16) -> tuple:
             o.step()
             o.zero_grad()
     diff = max((a - b).abs().max().item() for a, b in zip(ref_opt.master, opt.master))
-    return diff, opt.skipped, ref_opt.skipped, opt.scaler.scale
+    return diff, opt.skipped, ref_opt.skipped, opt.scaler.scale, replica_divergence(dp)
 
 
 def bf16_side_by_side() -> float:
-    """bf16 autocast, data parallel vs one process (SGD): the largest weight difference."""
+    """bf16 autocast, data parallel vs one process (SGD): (largest weight difference, replica divergence)."""
     rank, n = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     reference = GPT(CFG)
@@ -125,7 +129,19 @@ def bf16_side_by_side() -> float:
             loss.backward()
             o.step()
             o.zero_grad()
-    return max((a - b).abs().max().item() for a, b in zip(reference.parameters(), dp.module.parameters()))
+    diff = max((a - b).abs().max().item() for a, b in zip(reference.parameters(), dp.module.parameters()))
+    return diff, replica_divergence(dp)
+
+
+def counted_mean(per_rank: list[dict]):
+    """The mean over ranks of the bytes each really sent (exact, a Fraction), or None if any were only modelled.
+
+    With N not dividing a bucket, ranks send different amounts (their chunks differ by an element); summed over the
+    ranks, a ring all-reduce sends exactly 2(N-1) x S, so the mean is the formula's per-rank figure exactly.
+    """
+    if not all(p["counted"] for p in per_rank):
+        return None
+    return sum(p["bytes"] for p in per_rank) / len(per_rank)
 
 
 def _timed(fn, world_size, *args):
@@ -140,9 +156,9 @@ def check_data_parallel(world_size: int) -> list[dict]:
         r = per_rank[0]
         rows.append(make_row(
             f"data parallel, {stage} ({r['collectives']} all-reduces/step)", "one process, global batch (SGD)",
-            max_abs_diff=max(max(p["diff"], p["divergence"]) for p in per_rank), tolerance=SGD_TOL,
-            comm_bytes=max(p["bytes"] for p in per_rank), comm_bytes_theory=comm.ring_bytes("all_reduce",
-                                                                                            4 * r["psi"], n),
+            max_abs_diff=max(p["diff"] for p in per_rank), tolerance=SGD_TOL,
+            replica_divergence=max(p["divergence"] for p in per_rank),
+            comm_bytes=counted_mean(per_rank), comm_bytes_theory=comm.ring_bytes("all_reduce", 4 * r["psi"], n),
             seconds=seconds))
     ddp, seconds = _timed(side_by_side_with_ddp, n)
     rows.append(make_row("data parallel, overlapped", "torch DDP (SGD)", max_abs_diff=max(ddp), tolerance=SGD_TOL,
@@ -151,14 +167,16 @@ def check_data_parallel(world_size: int) -> list[dict]:
     psi = sum(p.numel() for p in GPT(CFG).parameters())
     rows.append(make_row("gradient accumulation, no_sync (2 micro-steps)", "one backward on the whole batch",
                          max_abs_diff=max(a[0] for a in acc) + sum(a[1] for a in acc), tolerance=SGD_TOL,
-                         comm_bytes=max(a[2] for a in acc), comm_bytes_theory=comm.ring_bytes("all_reduce", 4 * psi, n),
-                         seconds=seconds))
+                         comm_bytes=counted_mean([{"bytes": a[2], "counted": a[2] is not None} for a in acc]),
+                         comm_bytes_theory=comm.ring_bytes("all_reduce", 4 * psi, n), seconds=seconds))
     fp16, seconds = _timed(fp16_side_by_side, n)
     rows.append(make_row("fp16 + loss scaler + fp32 master weights", "one process, same precision",
-                         max_abs_diff=max(f[0] for f in fp16), tolerance=FP16_TOL, seconds=seconds))
+                         max_abs_diff=max(f[0] for f in fp16), tolerance=FP16_TOL,
+                         replica_divergence=max(f[4] for f in fp16), seconds=seconds))
     bf16, seconds = _timed(bf16_side_by_side, n)
-    rows.append(make_row("bf16 autocast", "one process, same precision", max_abs_diff=max(bf16),
-                         tolerance=BF16_TOL, seconds=seconds))
+    rows.append(make_row("bf16 autocast", "one process, same precision",
+                         max_abs_diff=max(d for d, _ in bf16), tolerance=BF16_TOL,
+                         replica_divergence=max(v for _, v in bf16), seconds=seconds))
     return rows
 
 

@@ -58,37 +58,46 @@ def check_collectives(world_size: int) -> list[dict]:
 
 
 def comm_backward_errors() -> dict[str, float]:
-    """On each rank: max |autograd gradient - closed form| for every differentiable collective.
+    """On each rank: max |autograd gradient - closed form| for every differentiable collective, along dims 0 and 1.
 
     Rank r weights its loss with C_r = (r + 1) * w, w a fixed pattern, so gradients reveal which ranks were summed.
+    all_reduce is checked in both of its uses: a replicated loss (every rank the same weights: backward identity),
+    and per-rank losses through identity composed with all_reduce (backward: the sum of every rank's gradient).
     """
     n, r = dist.get_world_size(), dist.get_rank()
     w = torch.arange(1.0, 2 * n + 1).view(2 * n, 1).expand(2 * n, 3)  # (2n, 3): a distinct value per row
     c = [(q + 1) * w for q in range(n)]                                # every rank's loss weights, known to all
-    chunk = lambda t, q: t.chunk(n)[q]                                 # noqa: E731
     total = sum(c)
-    cases = {  # name: (function, input shape, weights of my loss, closed-form gradient of my input)
-        "identity": (comm.identity, (2 * n, 3), c[r], total),
-        "all_reduce": (comm.all_reduce, (2 * n, 3), c[r], c[r]),
-        "all_gather": (comm.all_gather, (2, 3), c[r], chunk(total, r)),
-        "reduce_scatter": (comm.reduce_scatter, (2 * n, 3), chunk(c[r], r), torch.cat([chunk(c[q], q)
-                                                                                        for q in range(n)])),
-        "split": (comm.split, (2 * n, 3), chunk(c[r], r), torch.cat([chunk(c[q], q) for q in range(n)])),
-        "gather": (comm.gather, (2, 3), w, chunk(w, r)),  # replicated loss: the same weights on every rank
-    }
     errors = {}
-    for name, (fn, shape, weights, expected) in cases.items():
-        x = torch.randn(shape, requires_grad=True)
-        before = x.detach().clone()
-        (fn(x) * weights).sum().backward()
-        errors[name] = (x.grad - expected).abs().max().item() + (x.detach() - before).abs().max().item()
+    for dim in (0, 1):  # dim 1: the same cases transposed, so the collectives cut along the second dimension
+        t = (lambda a: a) if dim == 0 else (lambda a: a.transpose(0, 1))  # noqa: E731
+        chunk = lambda a, q: t(a).chunk(n, dim)[q]                         # noqa: E731
+        mine = lambda a, q: t(a.chunk(n)[q])                               # noqa: E731
+        cases = {  # name: (function, input, weights of my loss, closed-form gradient of my input)
+            "identity": (comm.identity, t(w), t(c[r]), t(total)),
+            "all_reduce (replicated loss)": (comm.all_reduce, t(w), t(w), t(w)),
+            "identity + all_reduce (per-rank losses)": (lambda x: comm.all_reduce(comm.identity(x)), t(w), t(c[r]),
+                                                        t(total)),
+            "all_gather": (lambda x: comm.all_gather(x, dim=dim), mine(w, r), t(c[r]), chunk(total, r)),
+            "reduce_scatter": (lambda x: comm.reduce_scatter(x, dim=dim), t(w), mine(c[r], r),
+                               torch.cat([chunk(c[q], q) for q in range(n)], dim)),
+            "split": (lambda x: comm.split(x, dim=dim), t(w), mine(c[r], r),
+                      torch.cat([chunk(c[q], q) for q in range(n)], dim)),
+            "gather": (lambda x: comm.gather(x, dim=dim), mine(w, r), t(w), chunk(w, r)),  # replicated loss
+        }
+        for name, (fn, shape_of, weights, expected) in cases.items():
+            x = torch.randn(shape_of.shape, requires_grad=True)
+            before = x.detach().clone()
+            (fn(x) * weights).sum().backward()
+            key = f"{name}, dim {dim}"
+            errors[key] = (x.grad - expected).abs().max().item() + (x.detach() - before).abs().max().item()
     return errors
 
 
 def check_comm_backward(world_size: int) -> list[dict]:
     start = time.perf_counter()
     per_rank = launch(comm_backward_errors, world_size)
-    return [make_row("differentiable collectives (6 forward/backward duals)", "closed-form rank sums",
+    return [make_row("differentiable collectives (6 duals, dims 0 and 1)", "closed-form rank sums",
                      max_abs_diff=max(max(e.values()) for e in per_rank), tolerance=0.0,
                      seconds=time.perf_counter() - start)]
 

@@ -9,16 +9,20 @@ def make_row(technique: str, reference: str, **values) -> dict:
     """A tour row: `passed` is derived from the values, so no check can claim a pass its numbers do not show.
 
     Measured bytes must equal their formula exactly (the ledger keeps fractional bytes as Fractions); they are
-    turned into floats for printing and JSON only after the comparison.
+    turned into floats for printing and JSON only after the comparison. A row that trains replicas may carry
+    `replica_divergence` (the largest difference between ranks' weights): it must be exactly 0. A row whose bytes are
+    given as None while a formula exists fails: the bytes must come from a counted run.
     """
     row = dict.fromkeys(KEYS) | {"technique": technique, "reference": reference} | values
     checks = []
     if row["max_abs_diff"] is not None:
         checks.append(row["max_abs_diff"] <= row["tolerance"])
+    if row.get("replica_divergence") is not None:  # replicas that applied the same bytes must be bitwise equal
+        checks.append(row["replica_divergence"] == 0)
     for measured, theory in (("comm_bytes", "comm_bytes_theory"),
                              ("state_bytes_per_rank", "state_bytes_per_rank_theory")):
-        if row[measured] is not None and row[theory] is not None:
-            checks.append(row[measured] == row[theory])
+        if row[theory] is not None:
+            checks.append(row[measured] is not None and row[measured] == row[theory])
     row["passed"] = bool(checks) and all(checks)
     return {k: float(v) if isinstance(v, Fraction) else v for k, v in row.items()}
 

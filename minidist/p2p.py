@@ -1,0 +1,81 @@
+"""Point-to-point messages between ranks, recorded in the byte ledger: what pipelines and ring attention send.
+
+Ranks given as `src`/`dst` are ranks *within the group*; torch.distributed's own send/recv take global ranks, and
+mixing the two up is a classic pipeline bug (the message goes to the wrong stage, or the rank waits forever).
+Sent bytes are always *counted* (minidist hands this very message to the network); a receive is recorded with 0 bytes
+sent. Under `comm.ring_backend()` the messages are posted from the communication thread, after every collective
+issued before them, and a simulated link holds each one for alpha + bytes / bandwidth.
+"""
+import torch
+import torch.distributed as dist
+
+from . import backend
+from .backend import Work
+from .ledger import count_recv, count_send, counting
+
+
+def group_size(group=None) -> int:
+    return dist.get_world_size(group)
+
+
+def global_rank(group_rank: int, group=None) -> int:
+    """The global rank of `group`'s rank `group_rank` (torch's point-to-point ops take global ranks)."""
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+def _post_send(x: torch.Tensor, dst: int, group, tag: int) -> Work:
+    count_send(x, group, group_size(group))
+    backend.simulate_message(x.numel() * x.element_size())
+    return Work(x, torch_work=dist.isend(x, global_rank(dst, group), group=group, tag=tag))
+
+
+def _post_recv(x: torch.Tensor, src: int, group, tag: int) -> Work:
+    count_recv(x, group, group_size(group))
+    return Work(x, torch_work=dist.irecv(x, global_rank(src, group), group=group, tag=tag))
+
+
+def _post(fn, *args) -> Work:
+    """Post a message now, or, under the ring backend, from the communication thread after what was issued before."""
+    return backend.submit(lambda: fn(*args)) if backend.ring_active() else fn(*args)
+
+
+def isend(x: torch.Tensor, dst: int, group=None, tag: int = 0) -> Work:
+    """Start sending x (contiguous) to group rank `dst`; wait() on the Work before modifying x."""
+    return _post(_post_send, x, dst, group, tag)
+
+
+def irecv(x: torch.Tensor, src: int, group=None, tag: int = 0) -> Work:
+    """Start receiving into x (contiguous) from group rank `src`; wait() returns x once it has arrived."""
+    return _post(_post_recv, x, src, group, tag)
+
+
+def send(x: torch.Tensor, dst: int, group=None, tag: int = 0) -> None:
+    isend(x.contiguous(), dst, group, tag).wait()
+
+
+def recv(x: torch.Tensor, src: int, group=None, tag: int = 0) -> torch.Tensor:
+    return irecv(x, src, group, tag).wait()
+
+
+def all_to_all(x: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
+    """Chunk j of x (along `dim`) goes to group rank j; returns the chunks received, concatenated in rank order.
+
+    Built from point-to-point messages (step s: send to rank me+s, receive from me-s), so its bytes are counted:
+    (N-1)/N of x per rank.
+    """
+    n, me = group_size(group), dist.get_rank(group)
+    if x.shape[dim] % n:
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} is not divisible by the group size {n}")
+    chunks = [c.contiguous() for c in x.detach().chunk(n, dim)]
+
+    def exchange():
+        out = [torch.empty_like(c) for c in chunks]
+        out[me].copy_(chunks[me])
+        with counting("all_to_all", x, group, n):
+            for s in range(1, n):
+                works = [_post_send(chunks[(me + s) % n], (me + s) % n, group, 0),
+                         _post_recv(out[(me - s) % n], (me - s) % n, group, 0)]
+                for w in works:
+                    w.wait()
+        return torch.cat(out, dim)
+    return backend.submit(exchange).wait() if backend.ring_active() else exchange()

@@ -1,0 +1,166 @@
+"""comm.py's seams for the chapters ahead: counted bytes under ring_backend(), async and in-place collectives,
+point-to-point messages, group axis names, shards that own their storage, a simulated link."""
+import time
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from minidist import comm, launch
+from minidist.collectives import ring_reduce_scatter
+
+
+def chunk_bytes(numel: int, n: int, itemsize: int = 4) -> list[int]:
+    """Bytes of each of the n chunks torch.tensor_split makes of `numel` elements (the first numel % n get one more)."""
+    return [(numel // n + (i < numel % n)) * itemsize for i in range(n)]
+
+
+def counted_all_reduce(numel):
+    x = torch.arange(float(numel)) * (dist.get_rank() + 1)
+    with comm.ring_backend(), comm.ByteLedger() as ledger:
+        ring = comm.all_reduce_sum(x)
+    gloo = comm.all_reduce_sum(x)
+    return ring, gloo, ledger.records
+
+
+@pytest.mark.parametrize("world_size, numel", [(3, 1000), (4, 1001), (3, 2), (2, 7)])
+def test_ring_backend_counts_what_each_rank_sends_on_uneven_chunks(world_size, numel):
+    n, results = world_size, launch(counted_all_reduce, world_size, numel)
+    c = chunk_bytes(numel, n)
+    for r, (ring, gloo, records) in enumerate(results):
+        assert torch.equal(ring, gloo)  # integers in float32: exact in any order
+        (rec,) = records
+        assert rec.op == "all_reduce" and rec.counted and rec.axis == "world"
+        # reduce-scatter sends every chunk but my own, all-gather every chunk but my right neighbour's
+        assert rec.bytes_sent == (4 * numel - c[r]) + (4 * numel - c[(r + 1) % n])
+    total = sum(records[0].bytes_sent for _, _, records in results)
+    assert total == 2 * (n - 1) * 4 * numel  # summed over ranks: the ring formula exactly, chunk sizes or not
+
+
+def counted_everything():
+    n, r = dist.get_world_size(), dist.get_rank()
+    x = torch.randn(6 * n, 5, generator=torch.Generator().manual_seed(r))
+    out = {}
+    with comm.ByteLedger() as modelled:
+        out["backend"] = (comm.all_gather_cat(x[:2], dim=1), comm.reduce_scatter_sum(x, dim=0), comm.broadcast(x, 1))
+    with comm.ring_backend(), comm.ByteLedger() as counted:
+        out["ring"] = (comm.all_gather_cat(x[:2], dim=1), comm.reduce_scatter_sum(x, dim=0), comm.broadcast(x, 1))
+    return out, modelled.records, counted.records, counted.counted, modelled.counted
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_every_collective_has_a_counted_twin_with_the_same_result(world_size):
+    results = launch(counted_everything, world_size)
+    for out, modelled, counted, all_counted, any_counted in results:
+        assert torch.equal(out["ring"][0], out["backend"][0]) and torch.equal(out["ring"][2], out["backend"][2])
+        assert (out["ring"][1] - out["backend"][1]).abs().max() < 1e-5  # a sum in another order
+        assert [r.op for r in counted] == [r.op for r in modelled] == ["all_gather", "reduce_scatter", "broadcast"]
+        assert all_counted and not any_counted
+    n = world_size
+    for i in range(3):  # the mean over ranks of the counted bytes is the ring formula, exactly
+        mean = Fraction(sum(res[2][i].bytes_sent for res in results), n)
+        assert mean == results[0][1][i].bytes_sent
+
+
+def async_and_in_place():
+    n, r = dist.get_world_size(), dist.get_rank()
+    out = {}
+    for mode in ("backend", "ring"):
+        ctx = comm.ring_backend() if mode == "ring" else torch.enable_grad()
+        with ctx:
+            x = torch.full((4,), float(r))
+            work = comm.all_reduce_(x, async_op=True)
+            y = work.wait()
+            shard = torch.empty(2)
+            rs = comm.reduce_scatter_into_(shard, torch.arange(2.0 * n), async_op=True)
+            full = torch.empty(2 * n)
+            ag = comm.all_gather_into_(full, torch.full((2,), float(r)), async_op=True)
+            out[mode] = (y is x, x.clone(), rs.wait().clone(), ag.wait().clone(), work.completed_at is not None,
+                         work.is_completed())
+    return out
+
+
+def test_async_and_in_place_variants():
+    n = 3
+    for r, out in enumerate(launch(async_and_in_place, n)):
+        for mode, (same, summed, shard, gathered, timed, done) in out.items():
+            assert same and timed and done, mode
+            assert torch.equal(summed, torch.full((4,), float(sum(range(n)))))
+            assert torch.equal(shard, n * torch.arange(2.0 * r, 2.0 * r + 2))
+            assert torch.equal(gathered, torch.arange(float(n)).repeat_interleave(2))
+
+
+def point_to_point():
+    n, r = dist.get_world_size(), dist.get_rank()
+    group = dist.new_group([1, 2])  # group ranks 0, 1 are global ranks 1, 2
+    comm.name_group(group, "pp")
+    with comm.ByteLedger() as ledger:
+        if r == 1:
+            comm.send(torch.arange(6.0), dst=1, group=group)
+        if r == 2:
+            got = comm.recv(torch.empty(6), src=0, group=group)
+        swapped = comm.all_to_all(torch.arange(2.0 * n) + 10 * r)
+    return (got if r == 2 else None), swapped, [(x.op, x.bytes_sent, x.counted, x.axis) for x in ledger.records]
+
+
+def test_point_to_point_and_all_to_all_are_recorded():
+    n = 3
+    results = launch(point_to_point, n)
+    assert torch.equal(results[2][0], torch.arange(6.0))
+    for r, (_, swapped, records) in enumerate(results):
+        assert torch.equal(swapped, torch.tensor([2.0 * r + 10 * q + k for q in range(n) for k in (0, 1)]))
+        a2a = ("all_to_all", (n - 1) * 2 * 4, True, "world")  # (N-1) chunks of 2 float32 leave every rank
+        expected = {1: [("send", 24, True, "pp"), a2a], 2: [("recv", 0, True, "pp"), a2a]}.get(r, [a2a])
+        assert records == expected
+
+
+def ledger_entered_twice():
+    ledger = comm.ByteLedger()
+    with ledger:
+        with ledger:
+            comm.all_reduce_sum(torch.zeros(3))
+    return ledger.count()
+
+
+def test_a_ledger_entered_twice_counts_once():
+    assert launch(ledger_entered_twice, 2) == [1, 1]
+
+
+def shards_own_their_storage():
+    x = torch.zeros(1000, 10)
+    shard, ring_shard = comm.my_chunk(x), ring_reduce_scatter(x)
+    return [t.untyped_storage().nbytes() for t in (shard, ring_shard)]
+
+
+def test_shards_do_not_keep_the_whole_tensor_alive():
+    for shard_bytes, ring_bytes in launch(shards_own_their_storage, 4):
+        assert shard_bytes == ring_bytes == 250 * 10 * 4
+
+
+def timed_over_a_link(alpha, bandwidth):
+    x = torch.zeros(25_000)  # 100 kB
+    link = comm.SimulatedLink(alpha=alpha, bandwidth=bandwidth)
+    comm.all_reduce_sum(x)  # warm up the connections
+    with comm.ring_backend(link=link):
+        dist.barrier()
+        start = time.perf_counter()
+        work = comm.all_reduce_(x, async_op=True)
+        issued = time.perf_counter() - start
+        work.wait()
+        return issued, time.perf_counter() - start
+
+
+def test_a_simulated_link_delays_messages_without_blocking_the_caller():
+    n, alpha, bandwidth = 2, 0.02, 10e6
+    for issued, total in launch(timed_over_a_link, n, alpha, bandwidth):
+        predicted = 2 * (n - 1) * (alpha + 100_000 / n / bandwidth)  # 2(N-1) messages of S/N bytes: 0.05 s
+        assert issued < 0.25 * predicted  # the async call returned while the link was still busy
+        assert predicted <= total < predicted + 0.1
+
+
+def test_a_simulated_link_needs_sensible_numbers():
+    with pytest.raises(ValueError, match="bandwidth must be positive"):
+        comm.SimulatedLink(alpha=0.0, bandwidth=0)
+    with pytest.raises(ValueError, match="alpha must be a non-negative"):
+        comm.SimulatedLink(alpha=-1.0)

@@ -1,0 +1,233 @@
+"""The gradient-reduction engine under DataParallel's edge cases, and its reduce-scatter mode (ZeRO-2's)."""
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from minidist import comm, launch
+from minidist.data_parallel import DataParallel, global_mean_loss
+from minidist.models import GPT, lm_loss
+from minidist.reducer import MiB, GradReducer
+from minidist.testing import replica_divergence
+from minidist.tour.data_parallel import BATCHES, CFG, SGD_TOL
+
+
+def train_side_by_side(build, batches_for_rank, steps, loss_fn, dp_kwargs=None, lr=0.1):
+    """DataParallel on each rank's batches next to one process on all ranks' batches; returns (diff, divergence)."""
+    n, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(0)
+    reference = build()
+    torch.manual_seed(0)
+    dp = DataParallel(build(), **(dp_kwargs or {}))
+    ref_opt, opt = torch.optim.SGD(reference.parameters(), lr=lr), torch.optim.SGD(dp.parameters(), lr=lr)
+    for step in range(steps):
+        everyone = [batches_for_rank(step, r) for r in range(n)]
+        total = sum(len(x) for x, _ in everyone)
+        ref_loss = sum(loss_fn(reference, x, y) for x, y in everyone) / total  # the global-batch mean
+        ref_loss.backward()
+        x, y = everyone[rank]
+        global_mean_loss(loss_fn(dp, x, y), len(x)).backward()
+        for o in (ref_opt, opt):
+            o.step()
+            o.zero_grad()
+    diff = max((a - b).abs().max().item() for a, b in zip(reference.parameters(), dp.module.parameters()))
+    return diff, replica_divergence(dp)
+
+
+def summed_lm_loss(model, x, y):
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum") / x.shape[1]
+
+
+def empty_on_some_steps(step, rank):
+    x, y = BATCHES[step]
+    if (rank + step) % 2:  # odd ranks start empty, then take turns
+        return x[:0], y[:0]
+    return x[:3 + rank], y[:3 + rank]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_rank_with_an_empty_batch_neither_hangs_nor_pairs_with_the_next_step(world_size):
+    for diff, divergence in launch(train_side_by_side, world_size, lambda: GPT(CFG), empty_on_some_steps, 4,
+                                   summed_lm_loss, dict(bucket_cap_mb=0.01)):
+        assert diff < SGD_TOL and divergence == 0.0
+
+
+class SkipWhenEmpty(nn.Module):
+    """A model whose output, for an empty input, is a constant: that rank's backward reaches no parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x).sum() if len(x) else x.new_zeros(())
+
+
+def skip_batches(step, rank):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(4, 4, generator=g)
+    return (x[:0], None) if rank == step % 2 else (x, None)
+
+
+def test_a_loss_that_reaches_no_parameter_still_communicates():
+    for diff, divergence in launch(train_side_by_side, 2, SkipWhenEmpty, skip_batches, 3,
+                                   lambda m, x, y: m(x), dict(bucket_cap_mb=None)):
+        assert diff < SGD_TOL and divergence == 0.0
+
+
+class SharedTwice(nn.Module):
+    """One block applied twice, each under reentrant checkpointing: its gradient hooks fire twice per backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.block, self.head = nn.Embedding(16, 32), nn.Linear(32, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = self.emb(x)
+        for _ in range(2):
+            h = checkpoint(lambda t: torch.tanh(self.block(t)), h, use_reentrant=True)
+        return self.head(h)
+
+
+def shared_batches(step, rank):
+    g = torch.Generator().manual_seed(10 * step + rank)
+    x = torch.randint(16, (3, 5), generator=g)
+    return x, torch.randint(16, (3, 5), generator=g)
+
+
+def test_hooks_that_fire_twice_per_backward_count_once():
+    for diff, divergence in launch(train_side_by_side, 2, SharedTwice, shared_batches, 4, summed_lm_loss,
+                                   dict(bucket_cap_mb=0.002)):
+        assert diff < SGD_TOL and divergence == 0.0
+
+
+class Transposed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.w = nn.Parameter(torch.randn(16, 8).t())  # (8, 16), not contiguous
+
+    def forward(self, x):
+        return self.emb(x) @ self.w
+
+
+def test_non_contiguous_parameters():
+    assert not Transposed().w.is_contiguous()
+    for diff, divergence in launch(train_side_by_side, 3, Transposed, shared_batches, 3, summed_lm_loss):
+        assert diff < SGD_TOL and divergence == 0.0
+
+
+def mixed_precision_model():
+    model = GPT(CFG).bfloat16()
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.float()  # LayerNorm stays fp32 next to bf16 weights
+    return model
+
+
+class Upcast(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.inner(x).float()
+
+
+def mixed_dtypes():
+    torch.manual_seed(0)
+    dp = DataParallel(Upcast(mixed_precision_model()), bucket_cap_mb=0.01)
+    x, y = BATCHES[0]
+    n, rank = dist.get_world_size(), dist.get_rank()
+    with comm.ByteLedger() as ledger:
+        for _ in range(2):
+            lm_loss(dp(x.chunk(n)[rank]), y.chunk(n)[rank]).backward()
+    grads_finite = all(torch.isfinite(p.grad).all() for p in dp.parameters())
+    dtypes = sorted({str(b.dtype) for b in dp.buckets})
+    synced = max((p.grad - comm.broadcast(p.grad, 0)).abs().max().item() for p in dp.parameters())
+    return dtypes, sorted({str(r.dtype) for r in ledger.records}), grads_finite, synced
+
+
+def test_mixed_dtypes_get_one_bucket_set_each():
+    for dtypes, sent, finite, synced in launch(mixed_dtypes, 2):
+        assert dtypes == sent == ["torch.bfloat16", "torch.float32"]
+        assert finite and synced == 0.0
+
+
+def remove_and_rewrap():
+    model = GPT(CFG)
+    first = DataParallel(model)
+    with pytest.raises(ValueError, match="already wrapped"):
+        DataParallel(model)
+    first.remove()
+    x, y = BATCHES[0]
+    with comm.ByteLedger() as alone:
+        lm_loss(model(x), y).backward()  # unhooked: a plain local backward
+    model.zero_grad()
+    second = DataParallel(model, bucket_cap_mb=0.05)
+    with comm.ByteLedger() as wrapped:
+        lm_loss(second(x[dist.get_rank()::2]), y[dist.get_rank()::2]).backward()
+    return alone.count(), wrapped.count("all_reduce"), len(second.buckets)
+
+
+def test_hooks_are_removable_and_a_module_can_be_wrapped_again():
+    for alone, reduced, buckets in launch(remove_and_rewrap, 2):
+        assert alone == 0 and reduced == buckets
+
+
+def timeline(overlap):
+    torch.manual_seed(0)
+    dp = DataParallel(GPT(CFG), bucket_cap_mb=0.01, overlap=overlap)
+    x, y = BATCHES[0]
+    finished_early = []
+    for _ in range(3):  # the first backward learns how often each hook fires; later ones overlap
+        lm_loss(dp(x), y).backward()
+        compute_end = dp.events[0][2]
+        finished_early.append([end < compute_end for _, _, end in dp.events[1:]])
+    return finished_early[1:]
+
+
+def test_overlap_completes_all_reduces_before_backward_ends():
+    overlapped, after = launch(timeline, 2, True)[0], launch(timeline, 2, False)[0]
+    assert len(overlapped[0]) == math.ceil(4 * sum(p.numel() for p in GPT(CFG).parameters()) / int(0.01 * MiB))
+    assert any(step[0] for step in overlapped)  # the first bucket was reduced while backward was still computing
+    assert not any(any(step) for step in after)
+
+
+def reduce_scatter_mode():
+    n, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    params = [p for p in model.parameters() if p.requires_grad]
+    reducer = GradReducer(params, cap_bytes=int(0.02 * MiB), op="reduce_scatter")
+    x, y = BATCHES[0]
+    expected = []
+    for _ in range(2):
+        reducer.prepare_backward()
+        lm_loss(reducer.attach(model(x.chunk(n)[rank])), y.chunk(n)[rank]).backward()
+    held = [p.grad for p in params]
+    reducer.remove()
+    lm_loss(model(x), y).backward()  # one process, whole batch: the average over the ranks' halves
+    for b in reducer.buckets:
+        full = torch.zeros(b.stop - b.start)
+        for i in b.params:
+            _, offset = reducer.offsets[i]
+            lo, hi = max(offset, b.start), min(offset + params[i].numel(), b.stop)
+            full[lo - b.start:hi - b.start] = params[i].grad.reshape(-1)[lo - offset:hi - offset]
+        padded = torch.cat([full, full.new_zeros(-len(full) % n)])
+        expected.append((reducer.shards[b.index] - padded.chunk(n)[rank]).abs().max().item())
+    return max(expected), all(g is None for g in held), [s.numel() for s in reducer.shards]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_reduce_scatter_mode_keeps_only_this_ranks_averaged_shard(world_size):
+    for diff, dropped, shard_sizes in launch(reduce_scatter_mode, world_size):
+        assert diff < 1e-6 and dropped
+        psi = sum(p.numel() for p in GPT(CFG).parameters())
+        assert sum(shard_sizes) <= psi / world_size + len(shard_sizes)  # 1/N, up to one padding element a bucket
