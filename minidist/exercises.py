@@ -179,6 +179,40 @@ def out_of_date(root: Path = ROOT) -> list[str]:
     return stale
 
 
+def stub_source(source: str) -> str:
+    """`source` with every exercise region replaced by what the learner's file shows: its hints and a raise."""
+    lines, out, skipping = source.splitlines(), [], False
+    for line in lines:
+        if m := BEGIN.match(line):
+            indent, name, skipping, hints = m.group(1), m.group(2), True, True
+            out.append(f"{indent}# ---- exercise {name}: yours to write (exercises/, graded by `python -m minidist "
+                       f"grade --only {name}`)")
+        elif END.match(line):
+            out.append(f'{indent}raise NotImplementedError("exercise {name}: write this part")')
+            skipping = False
+        elif skipping:
+            hints = hints and line.strip().startswith("#")
+            if hints:
+                out.append(line)
+        else:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def show(func):
+    """Display the source of `func` (a function, method or class) as a learner may see it: every exercise region
+    replaced by its hints and a stub. Notebooks use this instead of inspect.getsource, so no chapter shows the
+    answers to its own exercises."""
+    import inspect
+    text = stub_source(inspect.getsource(func))
+    text = inspect.cleandoc(text) if text.startswith((" ", "\t")) else text
+    try:
+        from IPython.display import Code
+        return Code(text, language="python")
+    except ImportError:
+        return text
+
+
 if __name__ == "__main__":
     for p in generate(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT):
         print(f"wrote {p}")

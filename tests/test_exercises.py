@@ -168,3 +168,17 @@ def test_grading_needs_its_test_tools(monkeypatch):
                         else real(name, *a))
     with pytest.raises(ValueError, match="grading needs pytest_timeout: pip install pytest pytest-timeout"):
         grading.grade(ROOT / "solutions")
+
+
+def test_show_displays_the_skeleton_not_the_answer():
+    from minidist.collectives import ring_all_gather_, ring_all_reduce
+    from minidist.data_parallel import DataParallel
+    from minidist.exercises import show, stub_source
+    shown = show(ring_all_reduce)
+    text = getattr(shown, "data", shown)
+    assert "def ring_all_reduce" in text and "hint: copy and flatten" in text
+    assert 'raise NotImplementedError("exercise ring_all_reduce: write this part")' in text
+    assert "ring_reduce_scatter_(chunks, group)" not in text  # the answer's lines are gone
+    gather = stub_source(__import__("inspect").getsource(ring_all_gather_))
+    assert "ring_exchange(chunks[(rank - s) % n]" not in gather and "def ring_all_gather_" in gather
+    assert "exercise" not in getattr(show(DataParallel.forward), "data", "")  # code without a region: unchanged
