@@ -6,7 +6,7 @@ import sys
 
 def _tour(args) -> int:
     from .tour import format_rows, run_tour
-    report = run_tour(args.world_size, progress=not args.quiet)
+    report = run_tour(args.world_size, progress=not args.quiet, backend=args.backend)
     print(format_rows(report["rows"]))
     failed = [r["technique"] for r in report["rows"] if not r["passed"]]
     print(f"\n{len(report['rows']) - len(failed)} of {len(report['rows'])} checks passed on {args.world_size} ranks"
@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     tour.add_argument("--world-size", type=int, default=4)
     tour.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     tour.add_argument("--quiet", action="store_true", help="no progress bar")
+    tour.add_argument("--backend", choices=["gloo", "nccl"], default="gloo",
+                      help="gloo: CPU processes (default); nccl: one rank per GPU (make gpu-check)")
     tour.set_defaults(run=_tour)
 
     mem = sub.add_parser("memory", help="per-rank model-state memory under ZeRO stages 0-3")

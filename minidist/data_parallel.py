@@ -28,7 +28,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import comm
-from .reducer import MiB, GradReducer, assign_buckets  # noqa: F401  (assign_buckets: chapter 02 uses it from here)
+from .buckets import MiB, assign_buckets  # noqa: F401  (chapter 02 shows assign_buckets from here)
+from .reducer import GradReducer
 
 
 def average_gradients_(params, group=None) -> None:

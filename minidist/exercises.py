@@ -28,7 +28,7 @@ ROOT = PACKAGE.parent
 CHAPTERS = {  # generated file -> package modules whose exercises it holds, in order
     "ch00_memory": ["memory"],
     "ch01_collectives": ["collectives"],
-    "ch02_data_parallel": ["data_parallel", "reducer", "mixed_precision"],
+    "ch02_data_parallel": ["data_parallel", "buckets", "mixed_precision"],
     "ch03_data_loading": ["samplers"],
 }
 BEGIN = re.compile(r"^(\s*)# <exercise (\w+) points=(\d+)>\s*$")

@@ -33,69 +33,7 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import comm
-
-MiB = 1 << 20
-
-
-def assign_buckets(numels: list[int], cap: int | None) -> list[list[tuple[int, int, int]]]:
-    """Cut the flattened gradients into buckets of `cap` elements, walking the parameters in *reverse* order.
-
-    Returns, for each bucket, its pieces (parameter index, start, stop) within that flattened parameter. A parameter
-    may be split across two buckets, so every bucket but the last holds exactly `cap` elements and there are
-    ceil(total / cap) buckets. `cap=None` gives one bucket per parameter (the naive algorithm). Empty parameters
-    get no piece.
-    """
-    # <exercise assign_buckets points=2>
-    # hint: keep the current bucket and how much room it has left; a parameter can fill the current bucket and
-    #       continue in the next one, possibly several times.
-    if cap is None:
-        return [[(i, 0, numels[i])] for i in reversed(range(len(numels))) if numels[i]]
-    buckets, current, room = [], [], cap
-    for i in reversed(range(len(numels))):
-        start = 0
-        while start < numels[i]:
-            take = min(room, numels[i] - start)
-            current.append((i, start, start + take))
-            start, room = start + take, room - take
-            if room == 0:
-                buckets.append(current)
-                current, room = [], cap
-    if current:
-        buckets.append(current)
-    return buckets
-    # </exercise>
-
-
-class Bucket:
-    """One bucket: a slice [start, stop) of the flat buffer of its dtype, and the parameters it holds."""
-
-    def __init__(self, index: int, dtype: torch.dtype, start: int, stop: int, params: list[int]):
-        self.index, self.dtype, self.start, self.stop, self.params = index, dtype, start, stop, params
-        self.pending = 0  # hook firings still awaited in this backward
-
-    def __repr__(self):
-        return f"Bucket({self.index}, {self.dtype}, [{self.start}, {self.stop}), params {self.params})"
-
-
-def layout(params: list[torch.Tensor], cap_bytes: int | None):
-    """Buckets over one flat buffer per dtype: (buckets in launch order, {param index: (dtype, offset)})."""
-    buckets, offsets = [], {}
-    for dtype in dict.fromkeys(p.dtype for p in params):
-        members = [i for i, p in enumerate(params) if p.dtype == dtype]
-        cap = None if cap_bytes is None else max(1, cap_bytes // params[members[0]].element_size())
-        position = 0
-        for pieces in assign_buckets([params[i].numel() for i in members], cap):
-            start = position
-            for k, begin, stop in pieces:  # a parameter's pieces are consecutive: it is one slice of the buffer
-                if begin == 0:
-                    offsets[members[k]] = (dtype, position)
-                position += stop - begin
-            buckets.append(Bucket(0, dtype, start, position, list(dict.fromkeys(members[k] for k, _, _ in pieces))))
-    # Launch order: as backward produces them, i.e. by the latest parameter each bucket holds.
-    buckets.sort(key=lambda b: (-max(b.params), b.start))
-    for k, b in enumerate(buckets):
-        b.index = k
-    return buckets, offsets
+from .buckets import MiB, Bucket, assign_buckets, launch_ready_buckets, layout  # noqa: F401
 
 
 class _OutputSink(torch.autograd.Function):
@@ -193,12 +131,12 @@ class GradReducer:
         for b in self.bucket_of[i]:
             b.pending -= 1
         if self.overlap:
-            while self.next < len(self.buckets) and self.buckets[self.next].pending == 0:
-                self.launch(self.next)
+            launch_ready_buckets([b.pending for b in self.buckets], self.next, self.launch)
 
     def launch(self, b: int) -> None:
         """Start bucket b's collective asynchronously (in bucket order: every rank issues the same sequence)."""
-        assert b == self.next, "buckets must be launched in order"
+        if b != self.next:
+            raise RuntimeError(f"bucket {b} launched out of order (bucket {self.next} is next)")
         bucket = self.buckets[b]
         for i in bucket.params:
             if not self.fired[i]:

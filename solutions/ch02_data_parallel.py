@@ -75,6 +75,25 @@ def assign_buckets(numels: list[int], cap: int | None) -> list[list[tuple[int, i
     # ---- end of exercise assign_buckets ---------------------------------------------------------------
 
 
+def launch_ready_buckets(pending: list[int], next_bucket: int, launch) -> int:
+    """Launch, in bucket order, every bucket from `next_bucket` on whose gradients have all arrived; return the index
+    of the first bucket not launched.
+
+    pending[b] is how many gradient arrivals bucket b still awaits (0: complete). launch(b) starts bucket b's
+    collective. Buckets must start in index order on every rank, even when a later bucket completes first: if rank 0
+    launched bucket 3 before bucket 2 while rank 1 launched 2 first, their all-reduces would pair bucket 3 on one rank
+    with bucket 2 on the other (wrong sums, or a hang when the sizes differ). So a complete bucket waits for every
+    bucket before it. Graded: which buckets are launched, in which order, and the index returned.
+    """
+    # ---- exercise launch_ready_buckets (2 points) --------------------------------------------------
+    # hint: walk forward from next_bucket; stop at the first bucket that is still waiting for a gradient.
+    while next_bucket < len(pending) and pending[next_bucket] == 0:
+        launch(next_bucket)
+        next_bucket += 1
+    return next_bucket
+    # ---- end of exercise launch_ready_buckets ---------------------------------------------------------
+
+
 def update_scale(scale: float, good_steps: int, found_inf: bool, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000) -> tuple[float, int]:
     """One update of the dynamic loss scale: returns (new scale, new count of good steps in a row)."""

@@ -1,5 +1,6 @@
 """The gradient-reduction engine under DataParallel's edge cases, and its reduce-scatter mode (ZeRO-2's)."""
 import math
+import time
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minidist import comm, launch
 from minidist.data_parallel import DataParallel, global_mean_loss
+from minidist.grading import implementation
 from minidist.models import GPT, lm_loss
 from minidist.reducer import MiB, GradReducer
 from minidist.testing import replica_divergence
@@ -181,22 +183,46 @@ def test_hooks_are_removable_and_a_module_can_be_wrapped_again():
         assert alone == 0 and reduced == buckets
 
 
+class SlowBackward(torch.autograd.Function):
+    """Identity whose backward takes 50 ms: backward computes long after the last layers' gradients are ready."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(0.05)
+        return grad
+
+
+class SlowStart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.body, self.head = nn.Embedding(16, 64), nn.Sequential(*[nn.Linear(64, 64) for _ in range(3)]), \
+            nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.head(self.body(SlowBackward.apply(self.emb(x))))
+
+
 def timeline(overlap):
     torch.manual_seed(0)
-    dp = DataParallel(GPT(CFG), bucket_cap_mb=0.01, overlap=overlap)
-    x, y = BATCHES[0]
+    dp = DataParallel(SlowStart(), bucket_cap_mb=0.01, overlap=overlap)
+    x = torch.randint(16, (4, 8))
     finished_early = []
     for _ in range(3):  # the first backward learns how often each hook fires; later ones overlap
-        lm_loss(dp(x), y).backward()
+        lm_loss(dp(x), x).backward()
         compute_end = dp.events[0][2]
         finished_early.append([end < compute_end for _, _, end in dp.events[1:]])
-    return finished_early[1:]
+    return finished_early[1:], len(dp.buckets)
 
 
 def test_overlap_completes_all_reduces_before_backward_ends():
-    overlapped, after = launch(timeline, 2, True)[0], launch(timeline, 2, False)[0]
-    assert len(overlapped[0]) == math.ceil(4 * sum(p.numel() for p in GPT(CFG).parameters()) / int(0.01 * MiB))
-    assert any(step[0] for step in overlapped)  # the first bucket was reduced while backward was still computing
+    (overlapped, buckets), (after, _) = launch(timeline, 2, True)[0], launch(timeline, 2, False)[0]
+    assert buckets == math.ceil(4 * sum(p.numel() for p in SlowStart().parameters()) / int(0.01 * MiB)) > 3
+    for step in overlapped:  # every bucket but the embedding's was reduced while backward still computed
+        assert all(step[:-1]), step
     assert not any(any(step) for step in after)
 
 
@@ -231,3 +257,29 @@ def test_reduce_scatter_mode_keeps_only_this_ranks_averaged_shard(world_size):
         assert diff < 1e-6 and dropped
         psi = sum(p.numel() for p in GPT(CFG).parameters())
         assert sum(shard_sizes) <= psi / world_size + len(shard_sizes)  # 1/N, up to one padding element a bucket
+
+
+@pytest.mark.exercise("launch_ready_buckets")
+def test_launch_ready_buckets_by_hand():
+    launch_ready = implementation("launch_ready_buckets")
+    launched = []
+    assert launch_ready([0, 0, 1, 0], 0, launched.append) == 2 and launched == [0, 1]
+    assert launch_ready([0, 0, 0, 0], 2, launched.append) == 4 and launched == [0, 1, 2, 3]
+    launched.clear()
+    assert launch_ready([1, 0, 0], 0, launched.append) == 0 and launched == []  # complete, but behind bucket 0
+    assert launch_ready([], 0, launched.append) == 0 and launched == []
+
+
+@pytest.mark.exercise("launch_ready_buckets")
+def test_any_arrival_order_launches_every_bucket_in_order_as_early_as_possible():
+    launch_ready = implementation("launch_ready_buckets")
+    owners = [[0, 1], [1, 2], [3], [4, 5, 6], [6]]  # bucket -> the gradients it waits for (6 straddles two)
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        pending, launched, nxt = [len(o) for o in owners], [], 0
+        for grad in torch.randperm(7, generator=rng).tolist():
+            for b, o in enumerate(owners):
+                pending[b] -= grad in o
+            nxt = launch_ready(pending, nxt, launched.append)
+            ready = next((b for b, p in enumerate(pending) if p), len(pending))  # all before this one are complete
+            assert launched == list(range(ready)) and nxt == ready

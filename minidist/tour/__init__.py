@@ -12,11 +12,14 @@ from .rows import KEYS, format_rows, make_row
 CHECKS = [*foundation.CHECKS, *data_parallel.CHECKS]
 
 
-def run_tour(world_size: int = 4, progress: bool = True) -> dict:
-    """Every check on `world_size` CPU ranks over gloo (also on a GPU machine: the checks build CPU tensors)."""
+def run_tour(world_size: int = 4, progress: bool = True, backend: str = "gloo") -> dict:
+    """Every check on `world_size` ranks: CPU processes over gloo (the default, also on a GPU machine), or one rank
+    per GPU over NCCL with backend="nccl" (`make gpu-check`): the rank functions build their tensors on device()."""
     from tqdm.auto import tqdm
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     rows, previous = [], os.environ.get("MINIDIST_BACKEND")
-    os.environ["MINIDIST_BACKEND"] = "gloo"
+    os.environ["MINIDIST_BACKEND"] = backend
     try:
         for check in tqdm(CHECKS, desc=f"tour on {world_size} ranks", disable=not progress):
             rows.extend(check(world_size))

@@ -16,7 +16,7 @@ from ..launch import launch
 from ..mixed_precision import LossScaler, MixedPrecisionOptimizer
 from ..models import GPT, GPTConfig, lm_loss
 from ..samplers import DistributedSampler, TokenBudgetBatchSampler, padding_waste
-from ..testing import compare_with_reference, replica_divergence, sgd
+from ..testing import compare_with_reference, on_device, replica_divergence, sgd, to_device
 from .rows import make_row
 
 CFG = GPTConfig(n_layer=2, n_embd=32, block_size=16)
@@ -31,6 +31,7 @@ FP16_TOL = 1e-4   # fp16 gradients differ in their last bits (eps 9.8e-4) x lr 0
 BF16_TOL = 1e-3   # bf16 matmuls (eps 7.8e-3) over half the batch round differently
 
 
+@on_device
 def stage_against_one_process(stage: str, optimizer=sgd(0.1)) -> dict:
     """Train DataParallel(stage) next to one process on the global batch; the bytes this rank really sent in the last
     step's backward (counted: the collectives run on minidist's own ring)."""
@@ -55,6 +56,7 @@ def stage_against_one_process(stage: str, optimizer=sgd(0.1)) -> dict:
             "counted": ledger.counted, "collectives": ledger.count(), "buckets": len(kept["dp"].buckets), "psi": psi}
 
 
+@on_device
 def side_by_side_with_ddp(optimizer=sgd(0.1)) -> float:
     """Largest weight difference between minidist's DataParallel and torch DDP trained on the same slices."""
     torch.manual_seed(0)
@@ -63,7 +65,7 @@ def side_by_side_with_ddp(optimizer=sgd(0.1)) -> float:
     theirs = DDP(GPT(CFG), bucket_cap_mb=0.02)
     opts = optimizer(ours.parameters()), optimizer(theirs.parameters())
     rank, n = dist.get_rank(), dist.get_world_size()
-    for x, y in BATCHES:
+    for x, y in map(to_device, BATCHES):
         for model, opt in zip((ours, theirs), opts):
             lm_loss(model(x.chunk(n)[rank]), y.chunk(n)[rank]).backward()
             opt.step()
@@ -71,6 +73,7 @@ def side_by_side_with_ddp(optimizer=sgd(0.1)) -> float:
     return max((a - b).abs().max().item() for a, b in zip(ours.module.parameters(), theirs.module.parameters()))
 
 
+@on_device
 def accumulation(micro_steps: int = 2) -> tuple[float, int, float]:
     """Micro-steps under no_sync + one synchronized step vs one backward on the whole batch.
 
@@ -80,7 +83,7 @@ def accumulation(micro_steps: int = 2) -> tuple[float, int, float]:
     reference, dp = GPT(CFG), DataParallel(GPT(CFG))
     dp.module.load_state_dict(reference.state_dict())
     rank, n = dist.get_rank(), dist.get_world_size()
-    x, y = torch.cat([b[0] for b in BATCHES]), torch.cat([b[1] for b in BATCHES])  # 48 rows
+    x, y = to_device((torch.cat([b[0] for b in BATCHES]), torch.cat([b[1] for b in BATCHES])))  # 48 rows
     if len(x) % (n * micro_steps):
         raise ValueError(f"{len(x)} rows do not split into {n} ranks x {micro_steps} equal micro-batches")
     lm_loss(reference(x), y).backward()
@@ -94,6 +97,7 @@ def accumulation(micro_steps: int = 2) -> tuple[float, int, float]:
     return diff, quiet.count(), synced.total_bytes() if synced.counted else None
 
 
+@on_device
 def fp16_side_by_side(init_scale: float = 2.0 ** 16) -> tuple:
     """fp16 model + loss scaler + fp32 masters, data parallel vs one process.
 
@@ -105,7 +109,7 @@ def fp16_side_by_side(init_scale: float = 2.0 ** 16) -> tuple:
     dp = DataParallel(GPT(CFG).half())
     ref_opt = MixedPrecisionOptimizer(reference, torch.optim.SGD, LossScaler(init_scale), lr=0.1)
     opt = MixedPrecisionOptimizer(dp.module, torch.optim.SGD, LossScaler(init_scale), lr=0.1)
-    for x, y in BATCHES:
+    for x, y in map(to_device, BATCHES):
         for model, o, (xb, yb) in ((reference, ref_opt, (x, y)), (dp, opt, (x.chunk(n)[rank], y.chunk(n)[rank]))):
             o.scaler.scale_loss(lm_loss(model(xb).float(), yb)).backward()
             o.step()
@@ -114,6 +118,7 @@ def fp16_side_by_side(init_scale: float = 2.0 ** 16) -> tuple:
     return diff, opt.skipped, ref_opt.skipped, opt.scaler.scale, replica_divergence(dp)
 
 
+@on_device
 def bf16_side_by_side() -> float:
     """bf16 autocast, data parallel vs one process (SGD): (largest weight difference, replica divergence)."""
     rank, n = dist.get_rank(), dist.get_world_size()
@@ -122,9 +127,9 @@ def bf16_side_by_side() -> float:
     torch.manual_seed(0)
     dp = DataParallel(GPT(CFG))
     ref_opt, opt = torch.optim.SGD(reference.parameters(), lr=0.1), torch.optim.SGD(dp.parameters(), lr=0.1)
-    for x, y in BATCHES:
+    for x, y in map(to_device, BATCHES):
         for model, o, (xb, yb) in ((reference, ref_opt, (x, y)), (dp, opt, (x.chunk(n)[rank], y.chunk(n)[rank]))):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
                 loss = lm_loss(model(xb), yb)
             loss.backward()
             o.step()

@@ -9,6 +9,7 @@ from ..collectives import chain_broadcast, ring_all_gather, ring_all_reduce, rin
 from ..launch import launch
 from ..memory import SavedActivations, activation_bytes_per_layer, measure_state_bytes, zero_state_bytes
 from ..models import GPT, count_params, lm_loss
+from ..testing import on_device
 from .rows import make_row
 
 SUM_TOL = 1e-5  # fp32 sums of N values in another order than gloo's: a few ulps of the largest partial sum
@@ -16,6 +17,7 @@ SUM_TOL = 1e-5  # fp32 sums of N values in another order than gloo's: a few ulps
 
 # Chapter 01: ring collectives from send/recv against gloo's own.
 
+@on_device
 def ring_vs_backend() -> dict:
     """On each rank: (max |ring - backend|, bytes this rank sent, seconds) for each collective."""
     n, rank = dist.get_world_size(), dist.get_rank()
@@ -57,6 +59,7 @@ def check_collectives(world_size: int) -> list[dict]:
     return rows
 
 
+@on_device
 def comm_backward_errors() -> dict[str, float]:
     """On each rank: max |autograd gradient - closed form| for every differentiable collective, along dims 0 and 1.
 
@@ -104,6 +107,7 @@ def check_comm_backward(world_size: int) -> list[dict]:
 
 # Chapter 00: where memory goes, measured against the formulas.
 
+@on_device
 def memory_on_rank(batch: int = 4) -> dict:
     torch.manual_seed(0)
     model = GPT()
