@@ -183,7 +183,21 @@ DifferentiableIdentity = _dual_pair("DifferentiableIdentity", lambda x, group, d
                                     lambda grad, group, dim: all_reduce_sum(grad, group))
 DifferentiableAllReduceSum = _dual_pair("DifferentiableAllReduceSum", lambda x, group, dim: all_reduce_sum(x, group),
                                         lambda grad, group, dim: grad)
-DifferentiableAllGather = _dual_pair("DifferentiableAllGather", all_gather_cat, reduce_scatter_sum)
+def all_gather_backward(grad: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
+    """all_gather's backward: the gradient of this rank's shard, given the gradient of the gathered tensor.
+
+    Forward, rank r's shard x_r sits at position r (along `dim`) of the gathered tensor on *every* rank, and each rank
+    computes its own loss from it. So the gradient of x_r is the sum over ranks q of the slice r of q's gradient.
+    Graded: the values on every rank at group sizes 1 to 4, along dims 0 and 1 (grad.shape[dim] is N times the
+    shard's), and the input gradient left unmodified.
+    """
+    # <exercise all_gather_backward points=2>
+    # hint: which collective sums over ranks and hands each rank one slice of the result?
+    return reduce_scatter_sum(grad, group, dim)
+    # </exercise>
+
+
+DifferentiableAllGather = _dual_pair("DifferentiableAllGather", all_gather_cat, all_gather_backward)
 DifferentiableReduceScatterSum = _dual_pair("DifferentiableReduceScatterSum", reduce_scatter_sum, all_gather_cat)
 DifferentiableSplit = _dual_pair("DifferentiableSplit", my_chunk, all_gather_cat)
 DifferentiableGather = _dual_pair("DifferentiableGather", all_gather_cat, my_chunk)

@@ -68,6 +68,25 @@ def global_mean_loss(loss_sum: torch.Tensor, count, group=None) -> torch.Tensor:
     # </exercise>
 
 
+def predict_step_seconds(bucket_bytes: list[int], n: int, cost, forward_s: float, backward_s: float,
+                         overlap: bool = True) -> float:
+    """Predicted seconds of one data-parallel step (forward, backward, the buckets' all-reduces) on n ranks.
+
+    Model: backward produces gradients at a steady rate, last layer first, so bucket b is complete once backward has
+    produced all the bytes of buckets 0..b; with overlap its all-reduce starts then (without overlap: when backward
+    ends). Buckets are reduced one at a time, in order, each taking cost.predict("all_reduce", bytes, n) (chapter 01's
+    alpha-beta model). The step ends when both backward and the last all-reduce are done. Small buckets start early
+    but pay alpha many times; one big bucket pays alpha once but cannot start before backward ends: the best bucket
+    size lies between, and this predicts where.
+    """
+    total, produced, comm_end = sum(bucket_bytes), 0, 0.0
+    for nbytes in bucket_bytes:
+        produced += nbytes
+        ready = forward_s + backward_s * (produced / total if overlap else 1.0)
+        comm_end = max(comm_end, ready) + cost.predict("all_reduce", nbytes, n)
+    return max(forward_s + backward_s, comm_end)
+
+
 def broadcast_from_rank0_(module: nn.Module, group=None) -> None:
     """Overwrite every parameter and buffer with group rank 0's, so all replicas start identical."""
     with torch.no_grad():

@@ -47,3 +47,19 @@ def token_budget_batches(lengths: list[int], max_tokens: int) -> list[list[int]]
         batches.append(current)
     return batches
     # ---- end of exercise token_budget_batches ---------------------------------------------------------
+
+
+def straggler_idle(work: list[list[float]]) -> float:
+    """Share of the ranks' time spent waiting for the slowest rank, over all steps.
+
+    work[s][r] is how long rank r computes in step s (seconds, or a proxy: padded tokens). A synchronous step ends
+    when the slowest rank is done (the all-reduce waits for it), so rank r idles max_s - work[s][r]. Returned:
+    sum over steps and ranks of the idle time / sum over steps of N x max_s (0: perfectly balanced; 0.5: half the
+    machine waits). Graded: by hand on small tables, including equal work (0) and a single rank (0).
+    """
+    # ---- exercise straggler_idle (1 point) --------------------------------------------------------
+    # hint: per step, the slowest rank sets the step's length; every other rank idles for the difference.
+    idle = sum(max(step) * len(step) - sum(step) for step in work if step)
+    total = sum(max(step) * len(step) for step in work if step)
+    return idle / total if total else 0.0
+    # ---- end of exercise straggler_idle ---------------------------------------------------------------

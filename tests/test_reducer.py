@@ -283,3 +283,15 @@ def test_any_arrival_order_launches_every_bucket_in_order_as_early_as_possible()
             nxt = launch_ready(pending, nxt, launched.append)
             ready = next((b for b, p in enumerate(pending) if p), len(pending))  # all before this one are complete
             assert launched == list(range(ready)) and nxt == ready
+
+
+def test_predicted_step_time_by_hand():
+    from minidist.collectives import AlphaBeta
+    from minidist.data_parallel import predict_step_seconds
+    cost = AlphaBeta(alpha=1.0, beta=0.0)  # every all-reduce on 2 ranks: 2 messages, 2 s
+    # no overlap: forward 1 + backward 4, then 3 buckets one after another
+    assert predict_step_seconds([10, 10, 20], 2, cost, 1.0, 4.0, overlap=False) == 5.0 + 3 * 2.0
+    # overlap: buckets ready at 1 + 4 * (1/4, 2/4, 4/4) = 2, 3, 5; reduced from 2-4, 4-6, 6-8
+    assert predict_step_seconds([10, 10, 20], 2, cost, 1.0, 4.0, overlap=True) == 8.0
+    free = AlphaBeta(alpha=0.0, beta=0.0)
+    assert predict_step_seconds([10, 10, 20], 2, free, 1.0, 4.0) == 5.0  # free communication hides entirely
