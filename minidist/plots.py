@@ -42,7 +42,9 @@ def ring_states(n: int) -> list[list[list[frozenset]]]:
     """
     state = [[frozenset([r]) for _ in range(n)] for r in range(n)]
     states = [state]
-    for s in range(n - 1):  # reduce-scatter: rank r sends chunk (r-s-1), adds it into chunk (r-s-2) of rank r+1
+    # reduce-scatter: rank r sends chunk c = (r-s-1); rank r+1 adds it into its own chunk c (for rank r+1, c is its
+    # (rank - s - 2), the chunk collectives.ring_reduce_scatter_ receives into)
+    for s in range(n - 1):
         new = [row[:] for row in state]
         for r in range(n):
             c = (r - s - 1) % n
