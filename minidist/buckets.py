@@ -17,8 +17,13 @@ def assign_buckets(numels: list[int], cap: int | None) -> list[list[tuple[int, i
     Returns, for each bucket, its pieces (parameter index, start, stop) within that flattened parameter. A parameter
     may be split across two buckets, so every bucket but the last holds exactly `cap` elements and there are
     ceil(total / cap) buckets. `cap=None` gives one bucket per parameter (the naive algorithm). Empty parameters
-    get no piece.
+    get no piece. Inside a bucket the pieces are listed in the order they were added (so a parameter's pieces are in
+    increasing start order, and the last parameter comes first). A cap that is not a positive integer raises
+    ValueError (checked before the exercise region). Graded: exact buckets by hand, and on random sizes: ceil(total /
+    cap) buckets, full buckets but the last, each parameter's pieces tiling [0, numel) in order.
     """
+    if cap is not None and (not isinstance(cap, int) or cap <= 0):
+        raise ValueError(f"bucket capacity must be a positive number of elements (or None), got {cap!r}")
     # <exercise assign_buckets points=2>
     # hint: keep the current bucket and how much room it has left; a parameter can fill the current bucket and
     #       continue in the next one, possibly several times.

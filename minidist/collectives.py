@@ -53,7 +53,9 @@ def ring_exchange(send: torch.Tensor, recv: torch.Tensor, group=None) -> None:
 def ring_reduce_scatter_(chunks: list[torch.Tensor], group=None) -> None:
     """Ring reduce-scatter in place: `chunks` are this rank's N pieces; afterwards chunks[rank] is their sum over ranks.
 
-    The other chunks hold partial sums afterwards (they are scratch space).
+    The other chunks hold partial sums afterwards (they are scratch space). Chunks may differ in size by one element
+    and may be empty. Graded: chunks[rank] on every rank at N = 1 to 4 (integers, so exactly), the bytes sent
+    (N-1 chunks per rank, counted by ring_exchange), and which ranks' data each partial chunk holds afterwards.
     """
     # <exercise ring_reduce_scatter points=3>
     # hint: at step s, send chunks[(rank - s - 1) % n] and receive into a scratch buffer shaped like
@@ -69,7 +71,10 @@ def ring_reduce_scatter_(chunks: list[torch.Tensor], group=None) -> None:
 
 
 def ring_all_gather_(chunks: list[torch.Tensor], group=None) -> None:
-    """Ring all-gather in place: chunks[rank] is this rank's piece; afterwards every chunks[i] holds rank i's piece."""
+    """Ring all-gather in place: chunks[rank] is this rank's piece; afterwards every chunks[i] holds rank i's piece.
+
+    Graded: every chunk on every rank at N = 1 to 4, chunks of unequal and zero size included, and N-1 sends a rank.
+    """
     # <exercise ring_all_gather points=2>
     # hint: at step s, send chunks[(rank - s) % n] and receive straight into chunks[(rank - s - 1) % n].
     n, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -82,7 +87,8 @@ def ring_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """The sum of `tensor` over the group, computed with the ring, in a new tensor (the input is not modified).
 
     Works for any size: the flattened tensor is cut into N chunks whose sizes differ by at most one element, so a
-    tensor smaller than N simply has some empty chunks.
+    tensor smaller than N simply has some empty chunks. Graded: exact sums (integer tensors) of every shape from
+    empty to (64, 64) at N = 1 to 4, the input unmodified, the result's shape and dtype, and the bytes sent.
     """
     # <exercise ring_all_reduce points=2>
     # hint: copy and flatten the tensor, cut it with torch.tensor_split into one chunk per rank (views, so working

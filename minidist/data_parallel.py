@@ -35,7 +35,9 @@ from .reducer import GradReducer
 def average_gradients_(params, group=None) -> None:
     """The naive algorithm, after backward: replace every .grad by its average over the group, one all-reduce each.
 
-    Every rank must hold a gradient for the same parameters (call it after backward on every rank).
+    Every rank must hold a gradient for the same parameters (call it after backward on every rank); a parameter whose
+    .grad is None is skipped. Graded: the averaged values by hand, one all-reduce per parameter, and 4 SGD steps on 2
+    and 3 ranks equal to one process on the global batch, with replicas bitwise identical.
     """
     # <exercise average_gradients points=1>
     # hint: comm.all_reduce_sum(t, group) returns the sum over ranks in a new tensor.
@@ -55,7 +57,9 @@ def global_mean_loss(loss_sum: torch.Tensor, count, group=None) -> torch.Tensor:
     so each rank must scale its loss sum by N / total: after the average, sum_r grad(loss_sum_r) / total. The counts
     are all-reduced once per call. Under no_sync(), pass the rank's count for the whole step (all its micro-batches)
     in every micro-step. The value returned is this rank's share, scaled for backward: to print the global mean,
-    all-reduce `loss_sum` and divide by the total count.
+    all-reduce `loss_sum` and divide by the total count. A total count of 0 is an error.
+    Graded: gradients equal to one process on the union of the batches (tolerance 1e-6) with 2 and 3 ranks holding
+    3, 23 and 10 sequences, under no_sync with unequal micro-batches, and the error for a total of 0.
     """
     # <exercise global_mean_loss points=2>
     # hint: one all-reduce of this rank's count gives the total; the answer is loss_sum times a factor.

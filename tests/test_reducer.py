@@ -295,3 +295,10 @@ def test_predicted_step_time_by_hand():
     assert predict_step_seconds([10, 10, 20], 2, cost, 1.0, 4.0, overlap=True) == 8.0
     free = AlphaBeta(alpha=0.0, beta=0.0)
     assert predict_step_seconds([10, 10, 20], 2, free, 1.0, 4.0) == 5.0  # free communication hides entirely
+
+
+@pytest.mark.parametrize("cap", [0, -5, 2.5])
+def test_a_bucket_capacity_that_is_not_a_positive_integer_is_refused(cap):
+    from minidist.buckets import assign_buckets
+    with pytest.raises(ValueError, match="bucket capacity must be a positive number of elements"):
+        assign_buckets([3, 4], cap)
