@@ -31,9 +31,13 @@ def _memory(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import bench_ddp, format_ddp
-    result = bench_ddp(args.world_size, args.steps, args.warmup, args.bucket_cap_mb)
-    print(format_ddp(result))
+    from .bench import bench_buckets, bench_ddp, format_buckets, format_ddp
+    if args.what == "buckets":
+        result = bench_buckets(args.world_size, tuple(args.caps), args.alpha, args.bandwidth, args.steps)
+        print(format_buckets(result))
+    else:
+        result = bench_ddp(args.world_size, args.steps, args.warmup, args.bucket_cap_mb)
+        print(format_ddp(result))
     _write_json(args.json, result)
     return 0
 
@@ -77,11 +81,17 @@ def main(argv=None) -> int:
     mem.set_defaults(run=_memory)
 
     bench = sub.add_parser("bench", help="time a technique side by side with its reference")
-    bench.add_argument("what", choices=["ddp"], help="ddp: DataParallel against torch DDP")
+    bench.add_argument("what", choices=["ddp", "buckets"],
+                       help="ddp: DataParallel against torch DDP; buckets: step time across bucket sizes over a "
+                            "simulated link, measured and predicted by the cost model")
     bench.add_argument("--world-size", type=int, default=2)
     bench.add_argument("--steps", type=int, default=30, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=int, default=5)
-    bench.add_argument("--bucket-cap-mb", type=float, default=0.25, help="the same bucket size for both")
+    bench.add_argument("--bucket-cap-mb", type=float, default=0.25, help="ddp: the same bucket size for both")
+    bench.add_argument("--caps", type=float, nargs="+", default=[0.02, 0.1, 0.3, 1.0],
+                       help="buckets: bucket sizes to sweep (MiB)")
+    bench.add_argument("--alpha", type=float, default=1e-3, help="buckets: simulated latency per message (s)")
+    bench.add_argument("--bandwidth", type=float, default=50e6, help="buckets: simulated bandwidth (bytes/s)")
     bench.add_argument("--json", metavar="PATH")
     bench.set_defaults(run=_bench)
 

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from . import comm
 from .data import random_batches, token_ids
 from .data_parallel import DataParallel
 from .launch import device, launch, synchronize
@@ -95,7 +96,6 @@ def bucket_sweep(caps_mb: list[float], alpha: float, bandwidth: float, steps: in
                  batch_size: int = 8) -> dict:
     """On every rank: calibrate the cost model over a simulated link, then time one overlapped data-parallel step per
     bucket size and predict it (data_parallel.predict_step_seconds)."""
-    from . import comm
     from .collectives import AlphaBeta, ring_step_time
     from .data_parallel import predict_step_seconds
     n, rank = dist.get_world_size(), dist.get_rank()
@@ -134,8 +134,10 @@ def bucket_sweep(caps_mb: list[float], alpha: float, bandwidth: float, steps: in
 def bench_buckets(world_size: int = 2, caps_mb=(0.01, 0.03, 0.1, 0.25, 1.0), alpha: float = 1e-3,
                   bandwidth: float = 50e6, steps: int = 6) -> dict:
     """Measured vs predicted step time across bucket sizes over a simulated link (slowest rank's figures)."""
-    if world_size < 2 or steps < 1 or not caps_mb:
-        raise ValueError(f"need world_size >= 2, steps >= 1 and bucket sizes, got {world_size}, {steps}, {caps_mb}")
+    if world_size < 2 or steps < 1 or not caps_mb or min(caps_mb) <= 0:
+        raise ValueError(f"need world_size >= 2, steps >= 1 and positive bucket sizes, got world_size={world_size}, "
+                         f"steps={steps}, caps={list(caps_mb)}")
+    comm.SimulatedLink(alpha, bandwidth)  # checks the link before starting any rank
     per_rank = launch(bucket_sweep, world_size, list(caps_mb), alpha, bandwidth, steps)
     rows = [dict(r, measured_s=max(p["rows"][k]["measured_s"] for p in per_rank))
             for k, r in enumerate(per_rank[0]["rows"])]

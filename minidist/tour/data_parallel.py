@@ -213,6 +213,11 @@ def check_data_parallel(world_size: int) -> list[dict]:
                          max_abs_diff=max(a[0] for a in acc) + sum(a[1] for a in acc), tolerance=SGD_TOL,
                          comm_bytes=counted_mean([{"bytes": a[2], "counted": a[2] is not None} for a in acc]),
                          comm_bytes_theory=comm.ring_bytes("all_reduce", 4 * psi, n), seconds=seconds))
+    sizes = [3, 23, 10, 5][:n] if n > 1 else [26]
+    unequal, seconds = _timed(unequal_batches, n, sizes, "global", 2)
+    rows.append(make_row(f"loss normalization, unequal batches {sizes}, no_sync", "one process on their union",
+                         max_abs_diff=max(u["diff"] for u in unequal), tolerance=SGD_TOL,
+                         replica_divergence=max(u["divergence"] for u in unequal), seconds=seconds))
     fp16, seconds = _timed(fp16_side_by_side, n)
     rows.append(make_row("fp16 + loss scaler + fp32 master weights", "one process, same precision",
                          max_abs_diff=max(f[0] for f in fp16) + sum(f[3] != f[4] for f in fp16), tolerance=FP16_TOL,
