@@ -3,6 +3,8 @@ import argparse
 import json
 import sys
 
+from .args import nonnegative_float, nonnegative_int, positive_float, positive_int
+
 
 def _tour(args) -> int:
     from .tour import format_rows, run_tour
@@ -52,6 +54,12 @@ def _grade(args) -> int:
     return 0
 
 
+def _diagnose(args) -> int:
+    from .diagnose import diagnose_directory
+    print(diagnose_directory(args.directory))
+    return 0
+
+
 def _write_json(path, obj) -> None:
     if path:
         with open(path, "w") as f:
@@ -64,7 +72,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     tour = sub.add_parser("tour", help="run every technique on N simulated ranks against its reference")
-    tour.add_argument("--world-size", type=int, default=4)
+    tour.add_argument("--world-size", type=positive_int, default=4)
     tour.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     tour.add_argument("--quiet", action="store_true", help="no progress bar")
     tour.add_argument("--backend", choices=["gloo", "nccl"], default="gloo",
@@ -73,9 +81,9 @@ def main(argv=None) -> int:
 
     mem = sub.add_parser("memory", help="per-rank model-state memory under ZeRO stages 0-3")
     what = mem.add_mutually_exclusive_group()
-    what.add_argument("--params", type=float, help="number of parameters, e.g. 7.5e9")
+    what.add_argument("--params", type=positive_float, help="number of parameters, e.g. 7.5e9")
     what.add_argument("--model", help="count the parameters of a model: tiny-gpt, tiny-llama, gpt2-124m, llama-7b")
-    mem.add_argument("--world-size", type=int, default=1)
+    mem.add_argument("--world-size", type=positive_int, default=1)
     mem.add_argument("--precision", choices=["mixed", "fp32"], default="mixed")
     mem.add_argument("--json", metavar="PATH")
     mem.set_defaults(run=_memory)
@@ -84,14 +92,14 @@ def main(argv=None) -> int:
     bench.add_argument("what", choices=["ddp", "buckets"],
                        help="ddp: DataParallel against torch DDP; buckets: step time across bucket sizes over a "
                             "simulated link, measured and predicted by the cost model")
-    bench.add_argument("--world-size", type=int, default=2)
-    bench.add_argument("--steps", type=int, default=30, help="timed steps (after warm-up)")
-    bench.add_argument("--warmup", type=int, default=5)
-    bench.add_argument("--bucket-cap-mb", type=float, default=0.25, help="ddp: the same bucket size for both")
-    bench.add_argument("--caps", type=float, nargs="+", default=[0.02, 0.1, 0.3, 1.0],
+    bench.add_argument("--world-size", type=positive_int, default=2)
+    bench.add_argument("--steps", type=positive_int, default=30, help="timed steps (after warm-up)")
+    bench.add_argument("--warmup", type=nonnegative_int, default=5)
+    bench.add_argument("--bucket-cap-mb", type=positive_float, default=0.25, help="ddp: the same bucket size for both")
+    bench.add_argument("--caps", type=positive_float, nargs="+", default=[0.02, 0.1, 0.3, 1.0],
                        help="buckets: bucket sizes to sweep (MiB)")
-    bench.add_argument("--alpha", type=float, default=1e-3, help="buckets: simulated latency per message (s)")
-    bench.add_argument("--bandwidth", type=float, default=50e6, help="buckets: simulated bandwidth (bytes/s)")
+    bench.add_argument("--alpha", type=nonnegative_float, default=1e-3, help="buckets: simulated latency per message (s)")
+    bench.add_argument("--bandwidth", type=positive_float, default=50e6, help="buckets: simulated bandwidth (bytes/s)")
     bench.add_argument("--json", metavar="PATH")
     bench.set_defaults(run=_bench)
 
@@ -101,9 +109,13 @@ def main(argv=None) -> int:
     where.add_argument("--solutions", action="store_true", help="grade solutions/ (full marks expected)")
     grade.add_argument("--only", nargs="+", metavar="NAME", help="grade only these exercises")
     grade.add_argument("--extra-tests", metavar="DIR", help="also run an instructor's private tests from DIR")
-    grade.add_argument("--timeout", type=int, default=60, help="seconds per test before it counts as failed")
+    grade.add_argument("--timeout", type=positive_int, default=60, help="seconds per test before it counts as failed")
     grade.add_argument("--json", metavar="PATH")
     grade.set_defaults(run=_grade)
+
+    diag = sub.add_parser("diagnose", help="why ranks hung: analyse the flight records a torchrun job left in DIR")
+    diag.add_argument("directory", metavar="DIR", help="the job's $MINIDIST_FLIGHT_DIR (default ./minidist-flight)")
+    diag.set_defaults(run=_diagnose)
 
     args = parser.parse_args(argv)
     try:

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import flight
 from .backend import RING_TAG, simulate_message
-from .ledger import count_send
+from .ledger import count_send, in_counted_collective
 from .p2p import global_rank
 
 
@@ -39,6 +40,9 @@ def ring_exchange(send: torch.Tensor, recv: torch.Tensor, group=None) -> None:
     """
     n, me = dist.get_world_size(group), dist.get_rank(group)
     right, left = global_rank((me + 1) % n, group), global_rank((me - 1) % n, group)
+    # A step of a ring algorithm called directly (chapter 01) is recorded as one; inside a collective of comm.py,
+    # that collective is the record.
+    entry = None if in_counted_collective() else flight.enter("ring_step", send, group)
     work = None
     if send.numel():  # both sides know the chunk sizes, so an empty chunk is skipped on both
         count_send(send, group, n)
@@ -48,6 +52,7 @@ def ring_exchange(send: torch.Tensor, recv: torch.Tensor, group=None) -> None:
         dist.recv(recv, left, group=group, tag=RING_TAG)
     if work is not None:
         work.wait()
+    flight.complete(entry)
 
 
 def ring_reduce_scatter_(chunks: list[torch.Tensor], group=None) -> None:

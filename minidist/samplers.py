@@ -87,6 +87,8 @@ class LengthGroupedSampler:
 
     def __init__(self, lengths: list[int], batch_size: int, num_replicas: int | None = None, rank: int | None = None,
                  shuffle: bool = True, seed: int = 0, mega_batch_mult: int = 50):
+        if batch_size < 1 or mega_batch_mult < 1:
+            raise ValueError(f"batch_size and mega_batch_mult must be positive, got {batch_size} and {mega_batch_mult}")
         self.lengths, self.batch_size, self.mega = list(lengths), batch_size, mega_batch_mult
         self.num_replicas, self.rank = _world(num_replicas, rank)
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0

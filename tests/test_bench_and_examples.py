@@ -59,7 +59,7 @@ def test_example_without_gradient_averaging_lets_replicas_drift():
 def test_example_rejects_a_batch_that_does_not_split():
     out = run_example("--strategy", "ddp", "--steps", "2", "--world-size", "3", "--batch-size", "32", "--quiet")
     assert out.returncode != 0
-    assert "global batch size 32 is not divisible by the world size 3" in out.stderr
+    assert "--batch-size 32 is not divisible by the world size 3" in out.stderr  # refused before any rank starts
 
 
 def test_bench_buckets_refuses_nonsense():

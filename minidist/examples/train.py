@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from minidist import launch, run_under_torchrun
+from minidist.args import positive_float, positive_int
 from minidist.data import random_batches, token_ids, train_val_split
 from minidist.data_parallel import DataParallel
 from minidist.launch import device
@@ -76,20 +77,24 @@ def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m minidist.examples.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--strategy", choices=sorted(STRATEGIES), default="ddp")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=32, help="global batch, split across ranks")
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--bucket-cap-mb", type=float, default=25.0)
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--steps", type=positive_int, default=300)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="global batch, split across ranks")
+    p.add_argument("--block-size", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=3e-3)
+    p.add_argument("--bucket-cap-mb", type=positive_float, default=25.0)
+    p.add_argument("--log-every", type=positive_int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--world-size", type=int, default=2, help="ranks to start when not under torchrun")
+    p.add_argument("--world-size", type=positive_int, default=2, help="ranks to start when not under torchrun")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
+    world = int(os.environ.get("WORLD_SIZE", args.world_size))
+    if args.batch_size % world:
+        raise SystemExit(f"python -m minidist.examples.train: error: --batch-size {args.batch_size} is not divisible "
+                         f"by the world size {world}")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
         result = run_under_torchrun(train, args)
         rank = int(os.environ["RANK"])
