@@ -51,7 +51,7 @@ def _stack_location(stack: str | None) -> str:
     entry = next((k for k, f in enumerate(frames) if f[2] in ("_run_rank", "run_under_torchrun")), len(frames))
     above = frames[:entry]  # below the rank's entry point lie the frames a forked rank inherited from its parent
     if entry < len(frames) and all("/torch/" in f[0] for f in above) and any(f[2] == "barrier" for f in above):
-        return "it is in no collective: it returned from its function (waiting in the final barrier)"
+        return "it is in no collective: it returned from its function"
     frames = frames[:entry + 1]
     user = [f for f in frames if "/minidist/" not in f[0] and "/lib/python" not in f[0] and "site-packages" not in f[0]]
     if user:

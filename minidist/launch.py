@@ -170,7 +170,7 @@ def _diagnosis(procs, directory, returned: set) -> str:
             deaths[r] = f"died from {name}" + (" (gloo aborts a rank that receives a message of the wrong size)"
                                                if name == "SIGABRT" else "")
         elif not p.is_alive() and records[r] is not None:
-            records[r]["exit"] = ("it is in no collective: it returned from its function and exited" if r in returned
+            records[r]["exit"] = ("it is in no collective: it returned from its function" if r in returned
                                   else f"it is in no collective: it has exited (code {p.exitcode})")
     try:
         text = diagnose(records, len(procs), deaths)
@@ -249,8 +249,20 @@ def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
 
 
 def run_under_torchrun(fn, *args, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT, **kwargs):
-    """Run `fn` on this rank of a torchrun job; the same worker functions launch() runs."""
+    """Run `fn` on this rank of a torchrun job; the same worker functions launch() runs.
+
+    The flight recorder is mirrored to $MINIDIST_FLIGHT_DIR (default ./minidist-flight)/flight-RANK, and the rank's
+    stacks are written next to it when torchrun ends it (SIGTERM) or on SIGUSR1: after a hang or a timeout,
+    `python -m minidist diagnose DIR` says why.
+    """
     init_from_env(backend, timeout)
+    directory = os.environ.get("MINIDIST_FLIGHT_DIR", "minidist-flight")
+    os.makedirs(directory, exist_ok=True)
+    rank = dist.get_rank()
+    flight.start(rank, directory)
+    stacks = open(os.path.join(directory, f"stack-{rank}"), "w")
+    faulthandler.register(signal.SIGUSR1, stacks, all_threads=True)
+    faulthandler.register(signal.SIGTERM, stacks, all_threads=True, chain=True)
     result = fn(*args, **kwargs)  # if it raises, torchrun sees the rank fail and ends the others
     dist.barrier()
     dist.destroy_process_group()
