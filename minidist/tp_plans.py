@@ -106,7 +106,7 @@ def check_sizes(name: str, module: nn.Module, style: str, n: int) -> None:
     wanted = {"colwise": nn.Linear, "colwise_qkv": nn.Linear, "rowwise": nn.Linear, "vocab_head": nn.Linear,
               "vocab_embedding": nn.Embedding}.get(style)
     if wanted and not isinstance(module, wanted):
-        raise ValueError(f"{name}: style {style!r} needs an {wanted.__name__}, got {type(module).__name__}")
+        raise ValueError(f"{name}: style {style!r} needs an nn.{wanted.__name__}, got {type(module).__name__}")
     problems = []
     if style == "attention":
         heads = _heads(module)
