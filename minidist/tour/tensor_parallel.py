@@ -10,6 +10,7 @@ from fractions import Fraction
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import comm
 from ..data import random_batches
@@ -190,6 +191,23 @@ def activations_per_layer(sequence_parallel: bool) -> dict:
     return {"bytes": saved.bytes, "layernorm_stats": layernorm_stat_bytes(h.shape[0] * h.shape[1]),
             "formula": tp_activation_bytes_per_layer(CFG.block_size, BATCH, CFG.n_embd, CFG.n_head, n,
                                                      sequence_parallel)}
+
+
+def vocab_loss_demo(tokens: int = 48, vocab: int = 512) -> dict:
+    """vocab_parallel_cross_entropy on random logits split over the ranks (the vocabulary padded to a multiple of N)
+    against F.cross_entropy on all of them; the bytes it sends and those an all-gather of the logits would (counted)."""
+    n, r = dist.get_world_size(), dist.get_rank()
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(tokens, vocab, generator=g), torch.randint(vocab, (tokens,), generator=g)
+    padding = torch.full((tokens, padded_size(vocab, n) - vocab), float("-inf"))
+    local = torch.cat([logits, padding], dim=1).chunk(n, dim=1)[r].clone().requires_grad_()  # (M, V/N)
+    with comm.ring_backend(), comm.ByteLedger() as ledger:
+        loss = vocab_parallel_cross_entropy(local, targets)
+        loss.backward()
+    with comm.ring_backend(), comm.ByteLedger() as gather:
+        comm.all_gather_cat(local.detach(), dim=1)
+    return {"diff": abs(loss.item() - F.cross_entropy(logits, targets).item()), "columns": local.shape[1],
+            "bytes": ledger.total_bytes(), "gather_bytes": gather.total_bytes(), "counted": ledger.counted}
 
 
 # The tour's rows.
