@@ -276,7 +276,8 @@ class VocabParallelEmbedding(nn.Module):
         n, rank = _group(group)
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, group, embedding.padding_idx)
         rows = padded_size(embedding.num_embeddings, n)
-        layer.weight = _shard_param(embedding.weight, memo, lambda w: shard_output_features(_pad_rows(w, rows), rank, n))
+        shard = lambda w: shard_output_features(_pad_rows(w, rows), rank, n)  # noqa: E731
+        layer.weight = _shard_param(embedding.weight, memo, shard)
         return layer
 
     def forward(self, idx):                                            # idx: (B, T) token ids, replicated

@@ -173,6 +173,9 @@ def parallelize(model: nn.Module, group=None, plan: dict[str, str] | None = None
         raise ValueError("parallelize needs a plan (GPT_PLAN, LLAMA_PLAN, or your own {pattern: style})")
     n = comm.group_size(group)
     styles = match_plan(model, plan)
+    if sequence_parallel and "sequence_scatter" not in styles.values():
+        raise ValueError("sequence parallelism needs a 'sequence_scatter' entry in the plan: the module (the first "
+                         "layer) whose input is split along the sequence")
     for name, style in styles.items():  # all checks before the first change: a failure leaves the model intact
         check_sizes(name, model.get_submodule(name), style, n)
     blocks = [name for name, style in styles.items() if style in ("block_input", "attention")]

@@ -212,7 +212,7 @@ def vocab_loss_demo(tokens: int = 48, vocab: int = 512) -> dict:
 
 # The tour's rows.
 
-LABELS = {"gpt": "tiny GPT", "llama": "HF Llama, GQA"}
+LABELS = {"gpt": "tiny GPT", "llama": "HF Llama (GQA)"}
 
 
 def preload() -> None:
@@ -231,29 +231,30 @@ def check_tensor_parallel(world_size: int) -> list[dict]:
     from .tp_dtensor import dtensor_side_by_side  # it builds on this module
     n, rows, tokens = world_size, [], BATCH * CFG.block_size
     preload()
-    for model in ("gpt", "llama"):
+    for model in ("gpt", "llama"):  # both: 2 layers, hidden 48
         for sp in (False, True):
             per_rank, seconds = _timed(against_one_process, n, model, sp)
-            name = f"tensor parallel{' + sequence parallel' if sp else ''}, {LABELS[model]}"
+            name = f"TP{' + SP' if sp else ''}, {LABELS[model]}"
             counted = sum(r["bytes"] for r in per_rank) / n if all(r["counted"] for r in per_rank) else None
-            formula = tp_bytes_per_step(n, 2, CFG.n_embd, tokens, sp, sp_grad_numel(model, n))
+            formula = tp_bytes_per_step(n, CFG.n_layer, CFG.n_embd, tokens, sp, sp_grad_numel(model, n))
             rows.append(make_row(f"{name}: logits, loss, gradients", "one process, same weights",
                                  max_abs_diff=max(r["first"] for r in per_rank), tolerance=GRAD_TOL,
                                  comm_bytes=counted, comm_bytes_theory=formula, seconds=seconds))
-            rows.append(make_row(f"{name}: {STEPS} AdamW steps, parameter bytes", "one process (AdamW)",
+            rows.append(make_row(f"{name}: {STEPS} AdamW steps, param bytes", "one process (AdamW)",
                                  max_abs_diff=max(r["weights"] for r in per_rank), tolerance=ADAM_TOL,
                                  replica_divergence=max(r["divergence"] for r in per_rank),
                                  state_bytes_per_rank=max(r["param_bytes"] for r in per_rank),
                                  state_bytes_per_rank_theory=tp_param_bytes(model, n), seconds=seconds))
         for sp in (False, True):
             per_rank, seconds = _timed(dtensor_side_by_side, n, model, sp)
-            rows.append(make_row(f"tensor parallel{' + SP' if sp else ''}, {LABELS[model]}, {DTENSOR_STEPS} AdamW steps",
-                                 "DTensor parallelize_module", tolerance=DTENSOR_TOL, seconds=seconds,
+            name = f"TP{' + SP' if sp else ''}, {LABELS[model]}"
+            rows.append(make_row(f"{name}: {DTENSOR_STEPS} AdamW steps", "DTensor parallelize_module",
+                                 tolerance=DTENSOR_TOL, seconds=seconds,
                                  max_abs_diff=max(max(r["first"], r["weights"]) for r in per_rank)))
     for sp in (False, True):
         per_rank, seconds = _timed(activations_per_layer, n, sp)
         r = per_rank[0]
-        rows.append(make_row(f"activation bytes per layer, TP{' + SP' if sp else ''} (fp32, no dropout)",
+        rows.append(make_row(f"TP{' + SP' if sp else ''}: activations per layer (fp32)",
                              "Korthikanti et al. + LN statistics", seconds=seconds, tolerance=0,
                              max_abs_diff=max(abs(r["bytes"] - r["formula"] - r["layernorm_stats"]) for r in per_rank))
                     | {"activation_bytes": r["bytes"], "activation_bytes_theory": r["formula"]})

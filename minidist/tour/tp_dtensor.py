@@ -68,7 +68,7 @@ def dtensor_model(base: nn.Module, plan: dict, sp: bool, mesh, n: int) -> nn.Mod
 
 def local_diff(ours: nn.Module, theirs: nn.Module, grads: bool = False) -> float:
     """Largest difference between the two models' local shards, or gradients (collective when DTensor holds a
-    gradient as Partial). DTensor splits an uneven vocabulary unevenly, minidist pads it: DTensor's rows are compared."""
+    gradient as Partial). DTensor splits an uneven vocabulary unevenly, minidist pads it: DTensor's rows count."""
     worst, their_params = 0.0, dict(theirs.named_parameters())
     for name, p in ours.named_parameters():
         a, b = (p.grad, their_params[name].grad) if grads else (p, their_params[name])
