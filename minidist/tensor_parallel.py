@@ -23,7 +23,7 @@ dropout, residual adds) each rank holds only T/N positions of the sequence. f be
 sequence (backward reduce-scatter) and g a reduce-scatter (backward all-gather): since an all-reduce *is* a
 reduce-scatter then an all-gather, the volume is the same, and the activations outside the pairs shrink N-fold. To
 divide *every* saved activation by N, the all-gathered input of a column-parallel layer is not kept: each rank keeps
-its shard and gathers it again in backward (the paper's section 4.2.2), one more all-gather per pair.
+its shard and gathers it again in backward, as the paper does: one more all-gather per pair.
 
 The vocabulary is split too: rank r owns rows [r V/N, (r+1) V/N) of the embedding (and of the tied output layer). A
 vocabulary that N does not divide is padded to a multiple of N, as Megatron does; padded logits are -inf, so they

@@ -21,8 +21,8 @@ Without sequence parallelism the last two do nothing: norms see the whole, repli
 
 Parameter names stay those of the original model; a parallel parameter is this rank's shard of the original tensor
 (full_parameters gathers them back; local_shard says, without communicating, which part of a dense tensor a rank
-holds). Every size is checked before any module changes: a dimension N does not divide
-raises a ValueError naming the module, the size and N.
+holds). Every size is checked before any module changes: a dimension N does not divide raises a ValueError naming
+the module, the size and N.
 
 Communication per training step, per transformer layer, with S = s*b*h activation bytes and a ring of N ranks:
     without sequence parallelism   4 all-reduces of S (2 forward, 2 backward)       4 * 2(N-1)/N * S
@@ -194,12 +194,12 @@ def sharded_parameters(model: nn.Module) -> set[str]:
     for prefix, m in model.named_modules():
         own = {"weight", "bias"} if isinstance(m, (ColumnParallelLinear, VocabParallelEmbedding)) else \
             {"weight"} if isinstance(m, RowParallelLinear) else set()
-        names |= {f"{prefix}.{p}" if prefix else p for p, t in m.named_parameters(recurse=False) if p in own}
+        names |= {f"{prefix}.{p}" if prefix else p for p, _ in m.named_parameters(recurse=False) if p in own}
     return names & {name for name, _ in model.named_parameters()}
 
 
-def _unshard(m: nn.Module, leaf: str, t: torch.Tensor, group) -> torch.Tensor:
-    """The full tensor of which t is this rank's shard (leaf: "weight" or "bias" of module m)."""
+def _unshard(m: nn.Module, t: torch.Tensor, group) -> torch.Tensor:
+    """The full tensor of which t (a weight or bias of module m) is this rank's shard."""
     n = comm.group_size(group)
     if isinstance(m, RowParallelLinear):
         return comm.all_gather_cat(t, group, dim=1)
@@ -215,8 +215,8 @@ def full_parameters(model: nn.Module, group=None, grads: bool = False) -> dict[s
     sharded, out = sharded_parameters(model), {}
     for name, p in model.named_parameters():
         t = (p.grad if grads else p).detach()
-        prefix, _, leaf = name.rpartition(".")
-        out[name] = _unshard(model.get_submodule(prefix), leaf, t, group) if name in sharded else t.clone()
+        prefix = name.rpartition(".")[0]
+        out[name] = _unshard(model.get_submodule(prefix), t, group) if name in sharded else t.clone()
     return out
 
 

@@ -65,7 +65,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local = (tgt - start).clamp(0, softmax.shape[-1] - 1)
         mine = keep & (tgt >= start) & (tgt < start + softmax.shape[-1])
         g = softmax.clone()
-        g[torch.arange(len(tgt))[mine], local[mine]] -= 1.0
+        g[torch.arange(len(tgt), device=tgt.device)[mine], local[mine]] -= 1.0
         g = g * (keep * grad / count).unsqueeze(-1)
         return g.to(ctx.dtype).view(ctx.shape), None, None, None
 
