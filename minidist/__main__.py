@@ -33,13 +33,16 @@ def _memory(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import bench_buckets, bench_ddp, format_buckets, format_ddp
+    from . import bench
     if args.what == "buckets":
-        result = bench_buckets(args.world_size, tuple(args.caps), args.alpha, args.bandwidth, args.steps)
-        print(format_buckets(result))
+        result = bench.bench_buckets(args.world_size, tuple(args.caps), args.alpha, args.bandwidth, args.steps)
+        print(bench.format_buckets(result))
+    elif args.what == "tp":
+        result = bench.bench_tp(args.world_size, args.steps, args.warmup, sequence_parallel=args.sequence_parallel)
+        print(bench.format_tp(result))
     else:
-        result = bench_ddp(args.world_size, args.steps, args.warmup, args.bucket_cap_mb)
-        print(format_ddp(result))
+        result = bench.bench_ddp(args.world_size, args.steps, args.warmup, args.bucket_cap_mb)
+        print(bench.format_ddp(result))
     _write_json(args.json, result)
     return 0
 
@@ -89,9 +92,10 @@ def main(argv=None) -> int:
     mem.set_defaults(run=_memory)
 
     bench = sub.add_parser("bench", help="time a technique side by side with its reference")
-    bench.add_argument("what", choices=["ddp", "buckets"],
+    bench.add_argument("what", choices=["ddp", "buckets", "tp"],
                        help="ddp: DataParallel against torch DDP; buckets: step time across bucket sizes over a "
-                            "simulated link, measured and predicted by the cost model")
+                            "simulated link, measured and predicted by the cost model; tp: parallelize against DTensor "
+                            "tensor parallel")
     bench.add_argument("--world-size", type=positive_int, default=2)
     bench.add_argument("--steps", type=positive_int, default=30, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=nonnegative_int, default=5)
@@ -100,6 +104,7 @@ def main(argv=None) -> int:
                        help="buckets: bucket sizes to sweep (MiB)")
     bench.add_argument("--alpha", type=nonnegative_float, default=1e-3, help="buckets: simulated latency per message (s)")
     bench.add_argument("--bandwidth", type=positive_float, default=50e6, help="buckets: simulated bandwidth (bytes/s)")
+    bench.add_argument("--sequence-parallel", action="store_true", help="tp: with sequence parallelism")
     bench.add_argument("--json", metavar="PATH")
     bench.set_defaults(run=_bench)
 

@@ -30,6 +30,7 @@ CHAPTERS = {  # generated file -> package modules whose exercises it holds, in o
     "ch01_collectives": ["collectives", "comm"],
     "ch02_data_parallel": ["data_parallel", "buckets", "mixed_precision"],
     "ch03_data_loading": ["samplers"],
+    "ch04_tensor_parallel": ["tensor_parallel", "vocab_parallel"],
 }
 BEGIN = re.compile(r"^(\s*)# <exercise (\w+) points=(\d+)>\s*$")
 END = re.compile(r"^\s*# </exercise>\s*$")

@@ -99,3 +99,36 @@ def timeline(events_per_rank: list[list[tuple[str, float, float]]], title: str, 
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     return ax
+
+
+def tp_block(ax=None):
+    """Where tensor parallelism's collectives sit in a transformer block, without and with sequence parallelism.
+
+    Colors: replicated on every rank (grey), split by features across ranks (blue), split by sequence (green)."""
+    ax = ax or plt.subplots(figsize=(11, 3.6))[1]
+    colors = {"rep": "#dddddd", "tp": "#9ecae1", "seq": "#a1d99b", "comm": "#fdae6b"}
+    steps = [("Layer\nNorm", "norm"), ("f", "enter"), ("q k v\ncolumn", "tp"), ("attention\n(heads)", "tp"),
+             ("proj\nrow", "tp"), ("g", "leave"), ("+", "norm"), ("Layer\nNorm", "norm"), ("f", "enter"),
+             ("fc\ncolumn", "tp"), ("GELU", "tp"), ("proj\nrow", "tp"), ("g", "leave"), ("+", "norm")]
+    for row, (sp, title) in enumerate(((False, "tensor parallel (f: backward all-reduce; g: backward identity)"),
+                                       (True, "+ sequence parallel (all-gather: backward reduce-scatter, and back)"))):
+        y = 1.6 - 1.6 * row
+        ax.text(-0.2, y + 0.45, title, ha="left", fontsize=10, weight="bold")
+        for i, (label, kind) in enumerate(steps):
+            if kind in ("enter", "leave"):
+                label = {"enter": "all-\ngather" if sp else "f\nidentity",
+                         "leave": "reduce-\nscatter" if sp else "g\nall-reduce"}[kind]
+                color = colors["comm"]
+            else:
+                color = colors["tp"] if kind == "tp" else colors["seq" if sp else "rep"]
+            ax.add_patch(plt.Rectangle((i, y - 0.3), 0.9, 0.6, facecolor=color, edgecolor="black", lw=0.6))
+            ax.text(i + 0.45, y, label, ha="center", va="center", fontsize=7.5)
+            if i:
+                ax.annotate("", (i, y), (i - 0.1, y), arrowprops=dict(arrowstyle="->", lw=0.6))
+    for kind, text in (("rep", "replicated (B, T, C)"), ("seq", "sequence shard (B, T/N, C)"),
+                       ("tp", "feature shard: C/N or heads/N"), ("comm", "collective")):
+        ax.bar(0, 0, color=colors[kind], label=text)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, -0.08), ncol=4, fontsize=8, frameon=False)
+    ax.set(xlim=(-0.3, len(steps)), ylim=(-0.5, 2.2))
+    ax.axis("off")
+    return ax

@@ -1,13 +1,15 @@
-"""Train the tiny GPT on the shipped corpus with a data-parallel strategy.
+"""Train the tiny GPT (or a small Hugging Face Llama) on the shipped corpus with a data- or tensor-parallel strategy.
 
     torchrun --nproc_per_node=4 -m minidist.examples.train --strategy ddp          # one node, 4 ranks
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
              -m minidist.examples.train --strategy ddp                              # two nodes
     python -m minidist.examples.train --strategy ddp --world-size 2                 # no torchrun: minidist.launch
+    torchrun --nproc_per_node=2 -m minidist.examples.train --strategy tp --model tiny-llama --sequence-parallel
 
 gloo on CPUs, NCCL when every rank has a GPU. Rank 0 shows a progress bar and logs the loss averaged over ranks.
 Strategies: ddp (minidist.DataParallel), torch-ddp (PyTorch's DistributedDataParallel), none (each rank alone: what
-goes wrong without gradient averaging). Later chapters add theirs to STRATEGIES.
+goes wrong without gradient averaging), tp (minidist.tensor_parallel: every rank holds 1/N of the model and sees the
+whole batch; --sequence-parallel adds sequence parallelism). Later chapters add theirs to STRATEGIES.
 """
 import argparse
 import os
@@ -21,7 +23,7 @@ from minidist.args import positive_float, positive_int
 from minidist.data import random_batches, token_ids, train_val_split
 from minidist.data_parallel import DataParallel
 from minidist.launch import device
-from minidist.models import GPT, GPTConfig, lm_loss
+from minidist.models import GPT, GPTConfig, build_llama, lm_loss
 from minidist.testing import replica_divergence
 
 
@@ -30,19 +32,46 @@ def _torch_ddp(model, args):
     return DDP(model, bucket_cap_mb=args.bucket_cap_mb)
 
 
+def _tensor_parallel(model, args):
+    from minidist.tensor_parallel import GPT_PLAN, LLAMA_PLAN, parallelize
+    return parallelize(model, None, LLAMA_PLAN if args.model == "tiny-llama" else GPT_PLAN, args.sequence_parallel)
+
+
 STRATEGIES = {
     "ddp": lambda model, args: DataParallel(model, bucket_cap_mb=args.bucket_cap_mb),
     "torch-ddp": _torch_ddp,
     "none": lambda model, args: model,
+    "tp": _tensor_parallel,
 }
+MODELS = {"tiny-gpt": lambda args: GPT(GPTConfig(block_size=args.block_size)),
+          "tiny-llama": lambda args: build_llama(max_position_embeddings=max(128, args.block_size))}
+
+
+def _loss_fn(args):
+    """The loss on this rank's logits: the vocabulary-parallel cross-entropy under tensor parallelism."""
+    if args.strategy != "tp":
+        return lm_loss
+    from minidist.tensor_parallel import vocab_parallel_cross_entropy
+    return vocab_parallel_cross_entropy
+
+
+def _replicas(model, args):
+    """What must be identical on every rank: the whole model, or under tensor parallelism its replicated part."""
+    if args.strategy != "tp":
+        return model
+    from minidist.tp_plans import sharded_parameters
+    sharded = sharded_parameters(model)
+    return torch.nn.ParameterList(p for name, p in model.named_parameters() if name not in sharded)
 
 
 def train(args) -> dict:
     rank, n, dev = dist.get_rank(), dist.get_world_size(), device()
-    if args.batch_size % n:
+    split_batch = args.strategy != "tp"  # data parallel: a slice of the batch per rank; tensor parallel: all of it
+    if split_batch and args.batch_size % n:
         raise ValueError(f"global batch size {args.batch_size} is not divisible by the world size {n}")
     torch.manual_seed(args.seed)
-    model = STRATEGIES[args.strategy](GPT(GPTConfig(block_size=args.block_size)).to(dev), args)
+    model = STRATEGIES[args.strategy](MODELS[args.model](args).to(dev), args)
+    loss_fn, logits = _loss_fn(args), lambda out: getattr(out, "logits", out)  # HF models return an output object
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     train_ids, val_ids = train_val_split(token_ids())
     batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed)
@@ -52,13 +81,15 @@ def train(args) -> dict:
         progress = tqdm(total=args.steps, desc=f"{args.strategy} on {n} ranks", file=sys.stderr)
     losses = []
     for step, (x, y) in enumerate(batches):
-        x, y = x.chunk(n)[rank].to(dev), y.chunk(n)[rank].to(dev)   # this rank's slice of the global batch
-        loss = lm_loss(model(x), y)
+        if split_batch:
+            x, y = x.chunk(n)[rank], y.chunk(n)[rank]                  # this rank's slice of the global batch
+        x, y = x.to(dev), y.to(dev)
+        loss = loss_fn(logits(model(x)), y)
         loss.backward()
         opt.step()
         opt.zero_grad()
         mean = loss.detach().clone()
-        dist.all_reduce(mean)  # for the log only: the loss averaged over ranks
+        dist.all_reduce(mean)  # for the log only: the loss averaged over ranks (under tp every rank has the same)
         losses.append(mean.item() / n)
         if progress:
             progress.update()
@@ -68,15 +99,17 @@ def train(args) -> dict:
         progress.close()
     x, y = random_batches(val_ids, 32, args.block_size, 1, seed=1234)[0]
     with torch.no_grad():
-        val = lm_loss(model(x.to(dev)), y.to(dev)).item()
+        val = loss_fn(logits(model(x.to(dev))), y.to(dev)).item()
     return {"first_loss": losses[0], "last_loss": losses[-1], "val_loss": val,
-            "replica_divergence": replica_divergence(model)}
+            "replica_divergence": replica_divergence(_replicas(model, args))}
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m minidist.examples.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--strategy", choices=sorted(STRATEGIES), default="ddp")
+    p.add_argument("--model", choices=sorted(MODELS), default="tiny-gpt")
+    p.add_argument("--sequence-parallel", action="store_true", help="tp: split norms and dropout by sequence too")
     p.add_argument("--steps", type=positive_int, default=300)
     p.add_argument("--batch-size", type=positive_int, default=32, help="global batch, split across ranks")
     p.add_argument("--block-size", type=positive_int, default=64)
@@ -92,13 +125,15 @@ def parse(argv=None):
 def main(argv=None) -> int:
     args = parse(argv)
     world = int(os.environ.get("WORLD_SIZE", args.world_size))
-    if args.batch_size % world:
+    if args.strategy != "tp" and args.batch_size % world:  # data-parallel strategies split the batch over the ranks
         raise SystemExit(f"python -m minidist.examples.train: error: --batch-size {args.batch_size} is not divisible "
                          f"by the world size {world}")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
         result = run_under_torchrun(train, args)
         rank = int(os.environ["RANK"])
     else:
+        if args.model == "tiny-llama":  # import transformers once here: the forked ranks inherit it
+            import transformers.models.llama.modeling_llama  # noqa: F401
         result, rank = launch(train, args.world_size, args)[0], 0
     if rank == 0:
         print(f"loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, validation {result['val_loss']:.3f}, "
