@@ -31,9 +31,13 @@ def _memory(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import bench_ddp, format_ddp
-    result = bench_ddp(args.world_size, args.steps, args.warmup, args.bucket_cap_mb)
-    print(format_ddp(result))
+    from .bench import bench_ddp, bench_pp, format_ddp, format_pp
+    if args.what == "pp":
+        result = bench_pp(args.world_size, args.steps, args.warmup, args.microbatches)
+        print(format_pp(result))
+    else:
+        result = bench_ddp(args.world_size, args.steps, args.warmup, args.bucket_cap_mb)
+        print(format_ddp(result))
     _write_json(args.json, result)
     return 0
 
@@ -75,11 +79,13 @@ def main(argv=None) -> int:
     mem.set_defaults(run=_memory)
 
     bench = sub.add_parser("bench", help="time a technique side by side with its reference")
-    bench.add_argument("what", choices=["ddp"], help="ddp: DataParallel against torch DDP")
+    bench.add_argument("what", choices=["ddp", "pp"],
+                       help="ddp: DataParallel against torch DDP; pp: the 1F1B pipeline against torch's Schedule1F1B")
     bench.add_argument("--world-size", type=int, default=2)
     bench.add_argument("--steps", type=int, default=30, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=int, default=5)
-    bench.add_argument("--bucket-cap-mb", type=float, default=0.25, help="the same bucket size for both")
+    bench.add_argument("--bucket-cap-mb", type=float, default=0.25, help="ddp: the same bucket size for both")
+    bench.add_argument("--microbatches", type=int, default=4, help="pp: micro-batches per step")
     bench.add_argument("--json", metavar="PATH")
     bench.set_defaults(run=_bench)
 

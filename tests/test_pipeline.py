@@ -1,11 +1,17 @@
 """Pipeline parallelism executed on ranks: every schedule equals one process and torch.distributed.pipelining, the
 ledger's bytes equal 2 m (v p - 1) messages, measured bubbles and activation memory equal what the papers say."""
 
+import json
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from minidist import launch
+from minidist.__main__ import main
+from minidist.data import token_ids
+from minidist.examples.train import main as train_main
 from minidist.grading import implementation
 from minidist.models import GPT, GPTConfig, lm_loss
 from minidist.pipeline.backward import backward_input
@@ -167,3 +173,17 @@ def test_runtime_refuses_a_schedule_that_does_not_fit():
         "the schedule is for 3 pipeline ranks, but the group has 2",
         "the schedule runs 1 chunk(s) per rank, but this rank was given 2",
         "a global batch of 4 does not cut into 3 equal micro-batches"]
+
+
+def test_bench_pp_and_the_example_script(tmp_path, capsys):
+    token_ids()  # the tokenizer is trained once, here: the forked ranks inherit it
+    assert main(["bench", "pp", "--world-size", "2", "--steps", "2", "--warmup", "1", "--json",
+                 str(tmp_path / "pp.json")]) == 0
+    result = json.loads((tmp_path / "pp.json").read_text())
+    assert result["minidist_s"] > 0 and result["reference_s"] > 0
+    assert result["ratio"] == result["minidist_s"] / result["reference_s"]
+    assert train_main(["--strategy", "pp", "--schedule", "zb", "--microbatches", "4", "--steps", "30",
+                       "--world-size", "2", "--quiet"]) == 0
+    first, last, val, divergence = map(float, re.search(
+        r"loss ([\d.]+) -> ([\d.]+), validation ([\d.]+), replicas differ by (\S+)", capsys.readouterr().out).groups())
+    assert last < first - 0.5 and val < first - 0.5 and divergence == 0.0   # tied embedding copies agree

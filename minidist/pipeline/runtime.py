@@ -31,7 +31,7 @@ CPU), so that a timeline measures the schedule and the runtime, not how 4 ranks 
 """
 import time
 from collections import Counter, deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -116,7 +116,7 @@ class PipelineRuntime:
     """Runs `schedule` (one list of Actions per pipeline rank) on this rank's `stages` (chunk c = stages[c])."""
 
     def __init__(self, stages, schedule, hidden_size: int, group=None, loss_fn=lm_loss, action_seconds=None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, track_memory: bool = True):
         p, self.m, self.v = shape(schedule)
         validate(schedule)
         self.p, self.rank, self.group = comm.group_size(group), dist.get_rank(group), group
@@ -127,6 +127,7 @@ class PipelineRuntime:
         self.stages, self.actions, self.n_stages = list(stages), schedule[self.rank], p * self.v
         self.split = any(a.kind == "W" for rank in schedule for a in rank)
         self.hidden_size, self.dtype, self.loss_fn, self.action_seconds = hidden_size, dtype, loss_fn, action_seconds
+        self.track_memory = track_memory  # the saved-tensor hooks cost time: off for benchmarks
         self.tied = tied_parameters(self.stages)
         self._incoming = {src: [m[0] for a in schedule[src] if (m := self._message(src, a)) and m[1] == self.rank]
                           for src in range(p) if src != self.rank}
@@ -182,11 +183,13 @@ class PipelineRuntime:
         s, key = a.chunk * self.p + self.rank, (a.microbatch, a.chunk)
         x = self._x[a.microbatch] if s == 0 else self._receive(("act", a.microbatch, s), (s - 1) % self.p)
         x = x if s == 0 else x.requires_grad_()                                 # (b, T) ids or (b, T, C)
-        with self._timed(a), LiveActivations(self.stages[a.chunk], self.memory, key) as saved:
+        tracker = LiveActivations(self.stages[a.chunk], self.memory, key) if self.track_memory else nullcontext()
+        with self._timed(a), tracker:
             y = self.stages[a.chunk](x)
             if s == self.n_stages - 1:
                 y = self.loss_fn(y, self._y[a.microbatch]) / self.m
-        self.saved_bytes[key] = saved.bytes
+        if self.track_memory:
+            self.saved_bytes[key] = tracker.bytes
         self._graphs[key] = (x if s > 0 else None, y)
         if s < self.n_stages - 1:
             self._send(y.detach(), ("act", a.microbatch, s + 1), (s + 1) % self.p)
