@@ -33,11 +33,12 @@ def one_f_one_b(p: int, m: int) -> list[list[Action]]:
 def validate(schedule) -> list[tuple[int, Action]]:
     """Check that `schedule` can run; return all its actions as (rank, action) in an order that runs them.
 
-    Graded: the schedule is not changed; a ValueError for (1) a rank that runs some action twice or never runs one
-    (via _check_complete, given), (2) a B before the F of its (micro-batch, chunk) on the same rank, or a W before
-    its B, (3) ranks that wait on each other in a cycle, naming the ranks and actions that are stuck. Otherwise the
-    returned list holds every action once, each rank's in its own order, and each action after the one it waits
-    for (`waits_for`). Sends are asynchronous: only receives wait.
+    A rank that runs some action twice or never runs one is refused before your part (_check_complete, given).
+    Graded: a ValueError "rank R runs X before Y" for a B before the F of its (micro-batch, chunk) on the same rank,
+    or a W before its B; a ValueError starting "deadlock" and naming each stuck rank's action and what it waits for,
+    when ranks wait on each other in a cycle; otherwise the returned list holds every action once, each rank's in
+    its own order, each action after the one it waits for (`waits_for`), and the schedule is left unchanged.
+    Sends are asynchronous: only receives wait.
     """
     p, m, v = shape(schedule)
     _check_complete(schedule, m, v)

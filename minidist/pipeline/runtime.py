@@ -41,7 +41,7 @@ from ..launch import device, synchronize
 from ..memory import SavedActivations
 from ..models import lm_loss
 from .backward import backward_input
-from .schedule import Action, shape, validate
+from .schedule import Action, shape, splits_backward, validate
 
 
 class ActivationMemory:
@@ -125,7 +125,7 @@ class PipelineRuntime:
         if len(stages) != self.v:
             raise ValueError(f"the schedule runs {self.v} chunk(s) per rank, but this rank was given {len(stages)}")
         self.stages, self.actions, self.n_stages = list(stages), schedule[self.rank], p * self.v
-        self.split = any(a.kind == "W" for rank in schedule for a in rank)
+        self.split = splits_backward(schedule)
         self.hidden_size, self.dtype, self.loss_fn, self.action_seconds = hidden_size, dtype, loss_fn, action_seconds
         self.track_memory = track_memory  # the saved-tensor hooks cost time: off for benchmarks
         self.tied = tied_parameters(self.stages)

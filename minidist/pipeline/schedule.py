@@ -22,11 +22,9 @@ micro-batch through one rank's whole share of the model (a chunk's action takes 
   et al. 2021)                   long, so the bubble shrinks v-fold to (p - 1)(t_f + t_b)/v, a fraction
                                  (p - 1)/(v m + p - 1); it costs v times the messages, needs m divisible by p, and
                                  rank 0 holds p + (p - 1)/v micro-batches' worth (Korthikanti et al. 2022).
-  ZB-H1 (Qi et al. 2023,         B computes only the input gradient (what the previous stage waits for); the
-  "Zero Bubble Pipeline          weight gradient W waits: in slot x, rank r runs F(x), B(x - (p-1-r)),
-  Parallelism")                  W(x - (p-1)). The deferred Ws fill the drain: bubble (p - 1)(t_f + t_b - t_w),
-                                 a third of 1F1B's when the three take equal times, at 1F1B's peak memory (p
-                                 micro-batches: activations live until W).
+  ZB-H1 (Qi et al. 2023)         B computes only the input gradient (what the previous stage waits for), W the
+                                 weights' later: in slot x rank r runs F(x), B(x-(p-1-r)), W(x-(p-1)). The Ws fill
+                                 the drain: bubble (p-1)(t_f + t_b - t_w), at 1F1B's peak memory (p micro-batches).
 
 Messages are assumed asynchronous: a send never waits for its receive (the runtime posts isend and moves on), so
 a schedule deadlocks only if its ranks wait on each other in a cycle, which `validate` detects.
@@ -155,6 +153,11 @@ def shape(schedule) -> tuple[int, int, int]:
     return len(schedule), 1 + max(a.microbatch for a in actions), 1 + max(a.chunk for a in actions)
 
 
+def splits_backward(schedule) -> bool:
+    """True when the schedule has W actions: its B computes only the input gradient."""
+    return any(a.kind == "W" for rank in schedule for a in rank)
+
+
 def waits_for(action: Action, rank: int, p: int, stages: int) -> tuple[int, Action] | None:
     """The (rank, action) on another stage that `action` of `rank` needs first, or None.
 
@@ -171,7 +174,7 @@ def waits_for(action: Action, rank: int, p: int, stages: int) -> tuple[int, Acti
 
 def _check_complete(schedule, m: int, v: int) -> bool:
     """Every rank holds F and B of every (micro-batch, chunk) exactly once, and W for all of them or for none."""
-    split = any(a.kind == "W" for rank in schedule for a in rank)
+    split = splits_backward(schedule)
     expected = {Action(k, i, c) for k in ("FBW" if split else "FB") for i in range(m) for c in range(v)}
     for r, actions in enumerate(schedule):
         seen = set()
@@ -188,11 +191,12 @@ def _check_complete(schedule, m: int, v: int) -> bool:
 def validate(schedule) -> list[tuple[int, Action]]:
     """Check that `schedule` can run; return all its actions as (rank, action) in an order that runs them.
 
-    Graded: the schedule is not changed; a ValueError for (1) a rank that runs some action twice or never runs one
-    (via _check_complete, given), (2) a B before the F of its (micro-batch, chunk) on the same rank, or a W before
-    its B, (3) ranks that wait on each other in a cycle, naming the ranks and actions that are stuck. Otherwise the
-    returned list holds every action once, each rank's in its own order, and each action after the one it waits
-    for (`waits_for`). Sends are asynchronous: only receives wait.
+    A rank that runs some action twice or never runs one is refused before your part (_check_complete, given).
+    Graded: a ValueError "rank R runs X before Y" for a B before the F of its (micro-batch, chunk) on the same rank,
+    or a W before its B; a ValueError starting "deadlock" and naming each stuck rank's action and what it waits for,
+    when ranks wait on each other in a cycle; otherwise the returned list holds every action once, each rank's in
+    its own order, each action after the one it waits for (`waits_for`), and the schedule is left unchanged.
+    Sends are asynchronous: only receives wait.
     """
     p, m, v = shape(schedule)
     _check_complete(schedule, m, v)
@@ -261,22 +265,17 @@ def simulate(schedule, t_f=1, t_b=1, t_w=0) -> Simulation:
     times of one micro-batch through one rank's whole share of the model; an action on one of v chunks takes 1/v of
     it; in a schedule without W, B computes both gradients and takes t_b + t_w. Times are exact Fractions."""
     p, _, v = shape(schedule)
-    split = any(a.kind == "W" for rank in schedule for a in rank)
+    split = splits_backward(schedule)
     t_f, t_b, t_w = (Fraction(t) for t in (t_f, t_b, t_w))
     if min(t_f, t_b, t_w) < 0:
         raise ValueError(f"times must be non-negative, got t_f={t_f}, t_b={t_b}, t_w={t_w}")
     return _play(schedule, {"F": t_f / v, "B": (t_b if split else t_b + t_w) / v, "W": t_w / v})
 
 
-def bubble_fraction(p: int, m: int, v: int = 1) -> Fraction:
-    """The closed form for GPipe, 1F1B (v = 1) and interleaved 1F1B: (p - 1) / (v m + p - 1) of the step is idle."""
-    return Fraction(p - 1, v * m + p - 1)
-
-
 def peak_in_flight(schedule) -> list[int]:
     """Per rank, the most (micro-batch, chunk) pairs whose activations are alive at once: from an F until the
     backward that frees them (W when the schedule has W, else B)."""
-    split = any(a.kind == "W" for rank in schedule for a in rank)
+    split = splits_backward(schedule)
     peaks = []
     for actions in schedule:
         alive = peak = 0
