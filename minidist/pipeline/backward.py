@@ -71,7 +71,9 @@ def backward_input(output: torch.Tensor, grad_output: torch.Tensor | None, x: to
     boundary = boundary_nodes(output, x, params)
     saved = {}
     if x is None:  # nothing to compute now: W starts from the output itself
-        saved[output.grad_fn] = (torch.ones_like(output) if grad_output is None else grad_output,)
+        grads = [None] * (output.output_nr + 1)   # the gradient goes in at the output's own slot of its node
+        grads[output.output_nr] = torch.ones_like(output) if grad_output is None else grad_output
+        saved[output.grad_fn] = tuple(grads)
         dx = None
     else:
         hooks = [node.register_prehook(lambda grads, node=node: saved.__setitem__(node, grads)) for node in boundary]

@@ -27,10 +27,11 @@ between the first and the last rank (`sync_tied_grads`).
 Measured, not assumed: `timeline` holds each action's compute interval (after its input arrived), and `memory`
 follows every tensor autograd saves, from its forward until autograd frees it: its peak is the most activation bytes
 this rank held at once. `action_seconds=(t_f, t_b, t_w)` pads every action to a fixed time (a sleep, which uses no
-CPU), so that a timeline measures the schedule and the runtime, not how 4 ranks share 2 cores.
+CPU, then a 2 ms spin), so that a timeline measures the schedule and the runtime, not how 4 ranks share 2 cores.
 """
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -52,7 +53,8 @@ class ActivationMemory:
         self.live = self.peak = self.peak_in_flight = 0
         self._refs, self._owners = Counter(), Counter()
 
-    def hold(self, ptr: int, nbytes: int, owner) -> "callable":
+    def hold(self, ptr: int, nbytes: int, owner) -> Callable[[], None]:
+        """Count a saved storage for `owner`; returns the function that releases it."""
         if not self._refs[ptr]:
             self.live += nbytes
         self._refs[ptr] += 1
@@ -235,6 +237,8 @@ class PipelineRuntime:
         if src == self.rank:
             return self._local.pop(key)
         while key not in self._posted:
+            if not self._queues[src]:
+                raise RuntimeError(f"rank {self.rank} waits for {key} from rank {src}, which never sends it")
             self._post_next(src)
         work = self._posted.pop(key)
         self._post_next(src)
