@@ -34,16 +34,22 @@ def ddp_step_times(bucket_cap_mb: float, steps: int, warmup: int, batch_size: in
         torch.manual_seed(0)
         model = wrap(GPT().to(dev))
         models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
-    batches = random_batches(token_ids(), batch_size * n, GPT().cfg.block_size, steps + warmup)
-    times = {name: [] for name in models}
-    names = list(models)
+    batches = [(x.chunk(n)[rank].to(dev), y.chunk(n)[rank].to(dev)) for x, y in   # this rank's slices
+               random_batches(token_ids(), batch_size * n, GPT().cfg.block_size, steps + warmup)]
+    return median_step_times({name: (lambda x, y, model=model: lm_loss(model(x), y).backward(), opt)
+                              for name, (model, opt) in models.items()}, batches, warmup)
+
+
+def median_step_times(runs: dict, batches, warmup: int) -> dict[str, float]:
+    """runs: name -> (step(x, y), optimizer). For each batch every variant runs one training step (its step, then
+    its optimizer), in an order that rotates; returns each variant's median seconds per step after `warmup`."""
+    times, names = {name: [] for name in runs}, list(runs)
     for step, (x, y) in enumerate(batches):
-        x, y = x.chunk(n)[rank].to(dev), y.chunk(n)[rank].to(dev)
         for name in names[step % len(names):] + names[:step % len(names)]:  # rotate who goes first
-            model, opt = models[name]
+            run, opt = runs[name]
             dist.barrier()
             start = time.perf_counter()
-            lm_loss(model(x), y).backward()
+            run(x, y)
             opt.step()
             opt.zero_grad()
             synchronize()
@@ -106,20 +112,8 @@ def pp_step_times(microbatches: int, steps: int, warmup: int, batch_size: int, n
         sync_tied_grads(tied_parameters(stages))
     runs = {"minidist": (pipe.step, torch.optim.AdamW(pipe.parameters(), lr=1e-3)),
             "reference": (torch_step, torch.optim.AdamW([q for s in stages for q in s.parameters()], lr=1e-3))}
-    times, names = {name: [] for name in runs}, list(runs)
-    for step, (x, y) in enumerate(random_batches(token_ids(), batch_size, cfg.block_size, steps + warmup)):
-        x, y = x.to(dev), y.to(dev)
-        for name in names[step % 2:] + names[:step % 2]:  # alternate who goes first
-            run, opt = runs[name]
-            dist.barrier()
-            start = time.perf_counter()
-            run(x, y)
-            opt.step()
-            opt.zero_grad()
-            synchronize()
-            if step >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    batches = random_batches(token_ids(), batch_size, cfg.block_size, steps + warmup)
+    return median_step_times(runs, [(x.to(dev), y.to(dev)) for x, y in batches], warmup)
 
 
 def bench_pp(world_size: int = 2, steps: int = 20, warmup: int = 3, microbatches: int = 4,

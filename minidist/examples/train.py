@@ -40,6 +40,23 @@ STRATEGIES = {
 }
 
 
+def _progress(args, description: str):
+    """A progress bar on rank 0 (None elsewhere, or with --quiet)."""
+    if dist.get_rank() != 0 or args.quiet:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=args.steps, desc=description, file=sys.stderr)
+
+
+def _log(progress, args, step: int, loss: float) -> None:
+    if progress:
+        progress.update()
+        if step % args.log_every == 0 or step == args.steps - 1:
+            progress.write(f"step {step:5d}  loss {loss:.4f}")
+        if step == args.steps - 1:
+            progress.close()
+
+
 def train(args) -> dict:
     if args.strategy == "pp":
         return train_pp(args)
@@ -51,11 +68,7 @@ def train(args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     train_ids, val_ids = train_val_split(token_ids())
     batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed)
-    progress = None
-    if rank == 0 and not args.quiet:
-        from tqdm import tqdm
-        progress = tqdm(total=args.steps, desc=f"{args.strategy} on {n} ranks", file=sys.stderr)
-    losses = []
+    progress, losses = _progress(args, f"{args.strategy} on {n} ranks"), []
     for step, (x, y) in enumerate(batches):
         x, y = x.chunk(n)[rank].to(dev), y.chunk(n)[rank].to(dev)   # this rank's slice of the global batch
         loss = lm_loss(model(x), y)
@@ -65,12 +78,7 @@ def train(args) -> dict:
         mean = loss.detach().clone()
         dist.all_reduce(mean)  # for the log only: the loss averaged over ranks
         losses.append(mean.item() / n)
-        if progress:
-            progress.update()
-            if step % args.log_every == 0 or step == args.steps - 1:
-                progress.write(f"step {step:5d}  loss {losses[-1]:.4f}")
-    if progress:
-        progress.close()
+        _log(progress, args, step, losses[-1])
     x, y = random_batches(val_ids, 32, args.block_size, 1, seed=1234)[0]
     with torch.no_grad():
         val = lm_loss(model(x.to(dev)), y.to(dev)).item()
@@ -94,11 +102,7 @@ def train_pp(args) -> dict:
                            model.cfg.n_embd, track_memory=False)
     opt = torch.optim.AdamW(pipe.parameters(), lr=args.lr)
     train_ids, val_ids = train_val_split(token_ids())
-    progress = None
-    if rank == 0 and not args.quiet:
-        from tqdm import tqdm
-        progress = tqdm(total=args.steps, desc=f"pp {args.schedule} on {p} ranks", file=sys.stderr)
-    losses = []
+    progress, losses = _progress(args, f"pp {args.schedule} on {p} ranks"), []
     for step, (x, y) in enumerate(random_batches(train_ids, args.batch_size, args.block_size, args.steps,
                                                  seed=args.seed)):
         loss = pipe.step(x.to(dev), y.to(dev))
@@ -107,12 +111,7 @@ def train_pp(args) -> dict:
         loss = loss if loss is not None else torch.zeros((), device=dev)
         dist.broadcast(loss, src=p - 1)  # for the log only: the loss lives on the last stage's rank
         losses.append(loss.item())
-        if progress:
-            progress.update()
-            if step % args.log_every == 0 or step == args.steps - 1:
-                progress.write(f"step {step:5d}  loss {losses[-1]:.4f}")
-    if progress:
-        progress.close()
+        _log(progress, args, step, losses[-1])
     tied = model.wte.weight.detach().clone()  # the first and the last rank's copies of the tied embedding
     dist.broadcast(tied, src=p - 1)
     divergence = (model.wte.weight.detach() - tied).abs().max().item() if rank == 0 else 0.0
