@@ -10,6 +10,10 @@ first and the last stage). In a pipeline those stages live on different ranks, e
 receives only its own stage's part of the gradient, so before the optimizer step the two ranks add their parts
 (Megatron-LM's "embedding group" all-reduce); both copies then take the same step and stay equal. `Stage.tied`
 names the parameters this applies to; the runtime exchanges their gradients.
+
+Here every rank builds the whole (tiny) model and keeps its own stages, so that all ranks start from the same
+weights and can be compared with one process; a model too large for one device would be built on the meta device
+and only the rank's own stages materialized.
 """
 import torch
 import torch.nn as nn
