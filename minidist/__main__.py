@@ -34,15 +34,16 @@ def _memory(args) -> int:
 
 def _bench(args) -> int:
     from . import bench
-    if args.what == "buckets":
-        result = bench.bench_buckets(args.world_size, tuple(args.caps), args.alpha, args.bandwidth, args.steps)
-        print(bench.format_buckets(result))
-    elif args.what == "tp":
-        result = bench.bench_tp(args.world_size, args.steps, args.warmup, sequence_parallel=args.sequence_parallel)
-        print(bench.format_tp(result))
-    else:
-        result = bench.bench_ddp(args.world_size, args.steps, args.warmup, args.bucket_cap_mb)
-        print(bench.format_ddp(result))
+    runs = {  # one benchmark per chapter, each side by side with its PyTorch reference
+        "ddp": lambda: bench.bench_ddp(args.world_size, args.steps, args.warmup, args.bucket_cap_mb),
+        "buckets": lambda: bench.bench_buckets(args.world_size, tuple(args.caps), args.alpha, args.bandwidth,
+                                               args.steps),
+        "tp": lambda: bench.bench_tp(args.world_size, args.steps, args.warmup,
+                                     sequence_parallel=args.sequence_parallel),
+        "pp": lambda: bench.bench_pp(args.world_size, args.steps, args.warmup, args.microbatches),
+    }
+    result = runs[args.what]()
+    print(getattr(bench, f"format_{args.what}")(result))
     _write_json(args.json, result)
     return 0
 
@@ -92,10 +93,10 @@ def main(argv=None) -> int:
     mem.set_defaults(run=_memory)
 
     bench = sub.add_parser("bench", help="time a technique side by side with its reference")
-    bench.add_argument("what", choices=["ddp", "buckets", "tp"],
+    bench.add_argument("what", choices=["ddp", "buckets", "tp", "pp"],
                        help="ddp: DataParallel against torch DDP; buckets: step time across bucket sizes over a "
                             "simulated link, measured and predicted by the cost model; tp: parallelize against DTensor "
-                            "tensor parallel")
+                            "tensor parallel; pp: the 1F1B pipeline against torch's Schedule1F1B")
     bench.add_argument("--world-size", type=positive_int, default=2)
     bench.add_argument("--steps", type=positive_int, default=30, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=nonnegative_int, default=5)
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
     bench.add_argument("--alpha", type=nonnegative_float, default=1e-3, help="buckets: simulated latency per message (s)")
     bench.add_argument("--bandwidth", type=positive_float, default=50e6, help="buckets: simulated bandwidth (bytes/s)")
     bench.add_argument("--sequence-parallel", action="store_true", help="tp: with sequence parallelism")
+    bench.add_argument("--microbatches", type=positive_int, default=4, help="pp: micro-batches per step")
     bench.add_argument("--json", metavar="PATH")
     bench.set_defaults(run=_bench)
 
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
     grade.set_defaults(run=_grade)
 
     diag = sub.add_parser("diagnose", help="why ranks hung: analyse the flight records a torchrun job left in DIR")
-    diag.add_argument("directory", metavar="DIR", help="the job's $MINIDIST_FLIGHT_DIR (default ./minidist-flight)")
+    diag.add_argument("directory", metavar="DIR", help="the job's $MINIDIST_FLIGHT_DIR (printed by a failing rank)")
     diag.set_defaults(run=_diagnose)
 
     args = parser.parse_args(argv)

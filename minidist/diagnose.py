@@ -1,6 +1,6 @@
 """Why are the ranks stuck? The analysis of every rank's flight record (flight.py), in words.
 
-    python -m minidist diagnose DIR        # DIR: $MINIDIST_FLIGHT_DIR of a torchrun job (default ./minidist-flight)
+    python -m minidist diagnose DIR        # DIR: $MINIDIST_FLIGHT_DIR of a torchrun job (a failing rank prints it)
 
 For each group, the collectives each rank entered are lined up by sequence number; the first number at which the ranks
 disagree is the diagnosis:

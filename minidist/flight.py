@@ -12,7 +12,8 @@ dumps every thread's stack next to it (faulthandler, which works while the main 
 collective). When a rank fails, `launch` reads every rank's file and `diagnose` names the first disagreement: which
 ranks are in which collective, who never entered it, who issued a different one, whose sizes differ, which message
 was never sent, and where a rank that is in no collective at all is stuck. Under torchrun the files are written to
-$MINIDIST_FLIGHT_DIR (default ./minidist-flight), and `python -m minidist diagnose DIR` prints the analysis.
+$MINIDIST_FLIGHT_DIR (default: a directory per job in the temporary directory, which a failing rank prints), and
+`python -m minidist diagnose DIR` prints the analysis.
 """
 import collections
 import json

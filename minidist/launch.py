@@ -251,19 +251,25 @@ def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
 def run_under_torchrun(fn, *args, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT, **kwargs):
     """Run `fn` on this rank of a torchrun job; the same worker functions launch() runs.
 
-    The flight recorder is mirrored to $MINIDIST_FLIGHT_DIR (default ./minidist-flight)/flight-RANK, and the rank's
-    stacks are written next to it when torchrun ends it (SIGTERM) or on SIGUSR1: after a hang or a timeout,
-    `python -m minidist diagnose DIR` says why.
+    The flight recorder is mirrored to $MINIDIST_FLIGHT_DIR (default: minidist-flight-RUN_ID in the temporary
+    directory, one per torchrun job)/flight-RANK, and the rank's stacks are written next to it when torchrun ends it
+    (SIGTERM) or on SIGUSR1: after a hang or a timeout, `python -m minidist diagnose DIR` says why.
     """
     init_from_env(backend, timeout)
-    directory = os.environ.get("MINIDIST_FLIGHT_DIR", "minidist-flight")
+    directory = os.environ.get("MINIDIST_FLIGHT_DIR") or os.path.join(
+        tempfile.gettempdir(), f"minidist-flight-{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}")
     os.makedirs(directory, exist_ok=True)
     rank = dist.get_rank()
     flight.start(rank, directory)
     stacks = open(os.path.join(directory, f"stack-{rank}"), "w")
     faulthandler.register(signal.SIGUSR1, stacks, all_threads=True)
     faulthandler.register(signal.SIGTERM, stacks, all_threads=True, chain=True)
-    result = fn(*args, **kwargs)  # if it raises, torchrun sees the rank fail and ends the others
+    try:
+        result = fn(*args, **kwargs)  # if it raises, torchrun sees the rank fail and ends the others
+    except BaseException:
+        print(f"minidist: rank {rank} failed; every rank's flight record is in {directory}: run "
+              f"`python -m minidist diagnose {directory}` to see why", file=sys.stderr, flush=True)
+        raise
     dist.barrier()
     dist.destroy_process_group()
     return result

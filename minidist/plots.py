@@ -131,4 +131,24 @@ def tp_block(ax=None):
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, -0.08), ncol=4, fontsize=8, frameon=False)
     ax.set(xlim=(-0.3, len(steps)), ylim=(-0.5, 2.2))
     ax.axis("off")
+PIPELINE_COLORS = {"F": "tab:blue", "B": "tab:orange", "W": "tab:green"}
+
+
+def pipeline_timeline(events_per_rank, title: str, ax=None, unit: float = 1e3, xlabel: str = "ms"):
+    """One lane per pipeline rank, one bar per action ((label, start, end), label like "F3", "B2.1", "W0"): forward
+    blue, backward orange, weight gradient green, chunk 1 and later hatched; white space is the bubble."""
+    ax = ax or plt.subplots(figsize=(9, 0.5 + 0.45 * len(events_per_rank)))[1]
+    t0 = min(float(start) for events in events_per_rank for _, start, _ in events)
+    for rank, events in enumerate(events_per_rank):
+        for label, start, end in events:
+            label = str(label)
+            left, width = (float(start) - t0) * unit, (float(end) - float(start)) * unit
+            ax.barh(rank, width, left=left, height=0.8, color=PIPELINE_COLORS[label[0]], edgecolor="white",
+                    hatch="//" if "." in label else None)
+            ax.text(left + width / 2, rank, label[1:].split(".")[0], ha="center", va="center", fontsize=7,
+                    color="white")
+    ax.set_yticks(range(len(events_per_rank)), [f"rank {r}" for r in range(len(events_per_rank))])
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
     return ax

@@ -5,8 +5,10 @@ another: each step, every variant runs one training step, in an order that rotat
 variant's median over the steps is reported. Ratios (minidist / reference) are what to compare across machines.
 """
 from .buckets import _median_seconds, bench_buckets, bucket_sweep, format_buckets
-from .ddp import bench_ddp, ddp_step_times, ddp_variants, format_ddp
+from .ddp import bench_ddp, ddp_step_times, ddp_variants, format_ddp, median_step_times
+from .pp import bench_pp, format_pp, pp_step_times
 from .tp import bench_tp, format_tp, tp_step_times
 
 __all__ = ["bench_ddp", "format_ddp", "ddp_step_times", "ddp_variants", "bench_buckets", "format_buckets",
-           "bucket_sweep", "bench_tp", "format_tp", "tp_step_times", "_median_seconds"]
+           "bucket_sweep", "bench_tp", "format_tp", "tp_step_times", "_median_seconds", "median_step_times",
+           "bench_pp", "format_pp", "pp_step_times"]

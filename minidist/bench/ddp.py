@@ -1,4 +1,6 @@
-"""Data parallel: minidist's DataParallel (naive, bucketed, overlapped) against torch DDP (chapter 02)."""
+"""Data parallel: minidist's DataParallel (naive, bucketed, overlapped) against torch DDP (chapter 02).
+
+median_step_times is the interleaved timing loop every side-by-side benchmark uses."""
 import statistics
 import time
 
@@ -29,16 +31,22 @@ def ddp_step_times(bucket_cap_mb: float, steps: int, warmup: int, batch_size: in
         torch.manual_seed(0)
         model = wrap(GPT().to(dev))
         models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
-    batches = random_batches(token_ids(), batch_size * n, GPT().cfg.block_size, steps + warmup)
-    times = {name: [] for name in models}
-    names = list(models)
+    batches = [(x.chunk(n)[rank].to(dev), y.chunk(n)[rank].to(dev)) for x, y in   # this rank's slices
+               random_batches(token_ids(), batch_size * n, GPT().cfg.block_size, steps + warmup)]
+    return median_step_times({name: (lambda x, y, model=model: lm_loss(model(x), y).backward(), opt)
+                              for name, (model, opt) in models.items()}, batches, warmup)
+
+
+def median_step_times(runs: dict, batches, warmup: int) -> dict[str, float]:
+    """runs: name -> (step(x, y), optimizer). For each batch every variant runs one training step (its step, then
+    its optimizer), in an order that rotates; returns each variant's median seconds per step after `warmup`."""
+    times, names = {name: [] for name in runs}, list(runs)
     for step, (x, y) in enumerate(batches):
-        x, y = x.chunk(n)[rank].to(dev), y.chunk(n)[rank].to(dev)
         for name in names[step % len(names):] + names[:step % len(names)]:  # rotate who goes first
-            model, opt = models[name]
+            run, opt = runs[name]
             dist.barrier()
             start = time.perf_counter()
-            lm_loss(model(x), y).backward()
+            run(x, y)
             opt.step()
             opt.zero_grad()
             synchronize()

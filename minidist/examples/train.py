@@ -6,10 +6,14 @@
     python -m minidist.examples.train --strategy ddp --world-size 2                 # no torchrun: minidist.launch
     torchrun --nproc_per_node=2 -m minidist.examples.train --strategy tp --model tiny-llama --sequence-parallel
 
+    torchrun --nproc_per_node=4 -m minidist.examples.train --strategy pp --schedule interleaved --microbatches 8
+
 gloo on CPUs, NCCL when every rank has a GPU. Rank 0 shows a progress bar and logs the loss averaged over ranks.
 Strategies: ddp (minidist.DataParallel), torch-ddp (PyTorch's DistributedDataParallel), none (each rank alone: what
 goes wrong without gradient averaging), tp (minidist.tensor_parallel: every rank holds 1/N of the model and sees the
-whole batch; --sequence-parallel adds sequence parallelism). Later chapters add theirs to STRATEGIES.
+whole batch; --sequence-parallel adds sequence parallelism), pp (pipeline parallel, minidist.pipeline: each rank one
+stage of the model, the global batch cut into --microbatches, run by --schedule gpipe|1f1b|interleaved|zb). Later
+chapters add theirs to STRATEGIES.
 """
 import argparse
 import os
@@ -64,7 +68,26 @@ def _replicas(model, args):
     return torch.nn.ParameterList(p for name, p in model.named_parameters() if name not in sharded)
 
 
+def _progress(args, description: str):
+    """A progress bar on rank 0 (None elsewhere, or with --quiet)."""
+    if dist.get_rank() != 0 or args.quiet:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=args.steps, desc=description, file=sys.stderr)
+
+
+def _log(progress, args, step: int, loss: float) -> None:
+    if progress:
+        progress.update()
+        if step % args.log_every == 0 or step == args.steps - 1:
+            progress.write(f"step {step:5d}  loss {loss:.4f}")
+        if step == args.steps - 1:
+            progress.close()
+
+
 def train(args) -> dict:
+    if args.strategy == "pp":
+        return train_pp(args)
     rank, n, dev = dist.get_rank(), dist.get_world_size(), device()
     split_batch = args.strategy != "tp"  # data parallel: a slice of the batch per rank; tensor parallel: all of it
     if split_batch and args.batch_size % n:
@@ -75,11 +98,7 @@ def train(args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     train_ids, val_ids = train_val_split(token_ids())
     batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed)
-    progress = None
-    if rank == 0 and not args.quiet:
-        from tqdm import tqdm
-        progress = tqdm(total=args.steps, desc=f"{args.strategy} on {n} ranks", file=sys.stderr)
-    losses = []
+    progress, losses = _progress(args, f"{args.strategy} on {n} ranks"), []
     for step, (x, y) in enumerate(batches):
         if split_batch:
             x, y = x.chunk(n)[rank], y.chunk(n)[rank]                  # this rank's slice of the global batch
@@ -91,12 +110,7 @@ def train(args) -> dict:
         mean = loss.detach().clone()
         dist.all_reduce(mean)  # for the log only: the loss averaged over ranks (under tp every rank has the same)
         losses.append(mean.item() / n)
-        if progress:
-            progress.update()
-            if step % args.log_every == 0 or step == args.steps - 1:
-                progress.write(f"step {step:5d}  loss {losses[-1]:.4f}")
-    if progress:
-        progress.close()
+        _log(progress, args, step, losses[-1])
     x, y = random_batches(val_ids, 32, args.block_size, 1, seed=1234)[0]
     with torch.no_grad():
         val = loss_fn(logits(model(x.to(dev))), y.to(dev)).item()
@@ -104,10 +118,48 @@ def train(args) -> dict:
             "replica_divergence": replica_divergence(_replicas(model, args))}
 
 
+def train_pp(args) -> dict:
+    """Pipeline parallel: rank r holds stage r (chunks r, r + p, ... with interleaving); every rank reads the whole
+    global batch (the first stage uses the tokens, the last the targets), the loss lives on the last stage's rank."""
+    from minidist.pipeline.runtime import PipelineRuntime
+    from minidist.pipeline.schedule import build
+    from minidist.pipeline.stages import rank_stages, split_gpt
+    rank, p, dev = dist.get_rank(), dist.get_world_size(), device()
+    v = args.chunks if args.schedule == "interleaved" else 1
+    if args.batch_size % args.microbatches:
+        raise ValueError(f"global batch size {args.batch_size} is not divisible by {args.microbatches} micro-batches")
+    torch.manual_seed(args.seed)
+    model = GPT(GPTConfig(block_size=args.block_size, n_layer=args.n_layer or max(2, p * v))).to(dev)
+    pipe = PipelineRuntime(rank_stages(model, p, rank, v), build(args.schedule, p, args.microbatches, v),
+                           model.cfg.n_embd, track_memory=False)
+    opt = torch.optim.AdamW(pipe.parameters(), lr=args.lr)
+    train_ids, val_ids = train_val_split(token_ids())
+    progress, losses = _progress(args, f"pp {args.schedule} on {p} ranks"), []
+    for step, (x, y) in enumerate(random_batches(train_ids, args.batch_size, args.block_size, args.steps,
+                                                 seed=args.seed)):
+        loss = pipe.step(x.to(dev), y.to(dev))
+        opt.step()
+        opt.zero_grad()
+        loss = loss if loss is not None else torch.zeros((), device=dev)
+        dist.broadcast(loss, src=p - 1)  # for the log only: the loss lives on the last stage's rank
+        losses.append(loss.item())
+        _log(progress, args, step, losses[-1])
+    tied = model.wte.weight.detach().clone()  # the first and the last rank's copies of the tied embedding
+    dist.broadcast(tied, src=p - 1)
+    divergence = (model.wte.weight.detach() - tied).abs().max().item() if rank == 0 else 0.0
+    for s, stage in enumerate(split_gpt(model, p * v)):  # to evaluate: every stage's trained weights, everywhere
+        for q in stage.parameters():
+            dist.broadcast(q.data, src=s % p)
+    x, y = random_batches(val_ids, 32, args.block_size, 1, seed=1234)[0]
+    with torch.no_grad():
+        val = lm_loss(model(x.to(dev)), y.to(dev)).item()
+    return {"first_loss": losses[0], "last_loss": losses[-1], "val_loss": val, "replica_divergence": divergence}
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m minidist.examples.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategy", choices=sorted(STRATEGIES), default="ddp")
+    p.add_argument("--strategy", choices=sorted([*STRATEGIES, "pp"]), default="ddp")
     p.add_argument("--model", choices=sorted(MODELS), default="tiny-gpt")
     p.add_argument("--sequence-parallel", action="store_true", help="tp: split norms and dropout by sequence too")
     p.add_argument("--steps", type=positive_int, default=300)
@@ -115,6 +167,11 @@ def parse(argv=None):
     p.add_argument("--block-size", type=positive_int, default=64)
     p.add_argument("--lr", type=positive_float, default=3e-3)
     p.add_argument("--bucket-cap-mb", type=positive_float, default=25.0)
+    p.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved", "zb"], default="1f1b", help="pp only")
+    p.add_argument("--microbatches", type=positive_int, default=4, help="pp: micro-batches per step")
+    p.add_argument("--chunks", type=positive_int, default=2, help="pp: model chunks per rank with --schedule interleaved")
+    p.add_argument("--n-layer", type=positive_int, default=None,
+                   help="pp: transformer blocks (default: one per stage, >= 2)")
     p.add_argument("--log-every", type=positive_int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world-size", type=positive_int, default=2, help="ranks to start when not under torchrun")
@@ -125,7 +182,7 @@ def parse(argv=None):
 def main(argv=None) -> int:
     args = parse(argv)
     world = int(os.environ.get("WORLD_SIZE", args.world_size))
-    if args.strategy != "tp" and args.batch_size % world:  # data-parallel strategies split the batch over the ranks
+    if args.strategy not in ("tp", "pp") and args.batch_size % world:  # data parallel splits the batch over ranks
         raise SystemExit(f"python -m minidist.examples.train: error: --batch-size {args.batch_size} is not divisible "
                          f"by the world size {world}")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
