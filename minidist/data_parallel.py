@@ -150,6 +150,17 @@ class DataParallel(nn.Module):
         finally:
             self._require_sync = previous
 
+    def register_comm_hook(self, state, hook) -> None:
+        """Replace each bucket's all-reduce by `hook(state, bucket) -> Future` (DDP's interface and call).
+
+        The hook gets a GradBucket (bucket.buffer(): the flat gradients, not yet divided by N) and returns a future
+        (torch.futures.Future, or a minidist comm Work) whose value is the reduced, *averaged* buffer. Chapter 10's
+        compression hooks (fp16, top-k, PowerSGD) and torch's own ddp_comm_hooks both plug in here.
+        """
+        if not callable(hook):
+            raise ValueError(f"hook must be callable as hook(state, bucket), got {hook!r}")
+        self.reducer.comm_hook = (state, hook)
+
     def remove(self) -> nn.Module:
         """Unhook the module (it trains alone again, or can be wrapped anew); returns it."""
         self.reducer.remove()

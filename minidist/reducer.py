@@ -36,6 +36,44 @@ from . import comm
 from .buckets import MiB, Bucket, assign_buckets, launch_ready_buckets, layout  # noqa: F401
 
 
+class GradBucket:
+    """What a communication hook sees of one bucket (the interface of torch.distributed.GradBucket)."""
+
+    def __init__(self, reducer, bucket, buf):
+        self._reducer, self._bucket, self._buf = reducer, bucket, buf
+
+    def index(self) -> int:
+        return self._bucket.index
+
+    def buffer(self) -> torch.Tensor:
+        """The bucket's flat gradients (a view into the gradients themselves, summed over nothing yet)."""
+        return self._buf
+
+    def is_last(self) -> bool:
+        return self._bucket.index == len(self._reducer.buckets) - 1
+
+    def parameters(self) -> list:
+        return [self._reducer.params[i] for i in self._bucket.params]
+
+    def gradients(self) -> list:
+        return [self._reducer.grad_view(i) for i in self._bucket.params]
+
+
+class _HookWork:
+    """A hook's future (torch.futures.Future or a minidist Work): waiting writes its value into the bucket."""
+
+    def __init__(self, future, buf):
+        self.future, self.buf, self.completed_at = future, buf, None
+
+    def wait(self):
+        value = self.future.wait()
+        value = value[0] if isinstance(value, (list, tuple)) else value
+        if value is not None and value.data_ptr() != self.buf.data_ptr():
+            self.buf.copy_(value.reshape(self.buf.shape))
+        self.completed_at = time.perf_counter()
+        return self.buf
+
+
 class _OutputSink(torch.autograd.Function):
     """Identity on the module's outputs whose backward runs first in every backward through them: it tells the
     reducer that a backward has begun, so the end-of-backward reduction is queued in the outer backward."""
@@ -83,6 +121,7 @@ class GradReducer:
         self.shards = [None] * len(self.buckets)  # reduce_scatter: this rank's averaged shard of each bucket
         self.expected = None   # hook firings per parameter in one backward: learned in the first one
         self.sync, self.open, self.inflight, self.events = True, False, [], []
+        self.comm_hook = None  # (state, hook(state, GradBucket) -> future of the reduced buffer), as DDP's
         self._anchor = torch.zeros((), requires_grad=True)
         self._hooks = [p.register_post_accumulate_grad_hook(partial(self.grad_ready, i))
                        for i, p in enumerate(self.params)]
@@ -146,11 +185,16 @@ class GradReducer:
             for i in bucket.params:
                 if self.bucket_of[i][-1] is bucket:
                     self.params[i].grad = None
-        if self.average:
-            buf.div_(self.world)
-        if self.op == "all_reduce":
+        if self.comm_hook is not None and self.op == "all_reduce":  # the hook reduces (and averages) the bucket
+            state, hook = self.comm_hook
+            work = _HookWork(hook(state, GradBucket(self, bucket, buf)), buf)
+        elif self.op == "all_reduce":
+            if self.average:
+                buf.div_(self.world)
             work = comm.all_reduce_(buf, self.group, async_op=True)
         else:
+            if self.average:
+                buf.div_(self.world)
             self.shards[b] = buf.new_empty(buf.numel() // self.world)
             work = comm.reduce_scatter_into_(self.shards[b], buf, self.group, async_op=True)
         self.inflight.append((b, time.perf_counter(), work))

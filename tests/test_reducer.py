@@ -302,3 +302,31 @@ def test_a_bucket_capacity_that_is_not_a_positive_integer_is_refused(cap):
     from minidist.buckets import assign_buckets
     with pytest.raises(ValueError, match="bucket capacity must be a positive number of elements"):
         assign_buckets([3, 4], cap)
+
+
+def with_torch_fp16_hook():
+    """torch's own fp16_compress_hook, registered on minidist's DataParallel and on DDP: the same weights."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    n, rank = dist.get_world_size(), dist.get_rank()
+    models = []
+    for wrap in (lambda m: DataParallel(m, bucket_cap_mb=0.05), lambda m: DDP(m, bucket_cap_mb=0.05),
+                 lambda m: DataParallel(m, bucket_cap_mb=0.05)):
+        torch.manual_seed(0)
+        models.append(wrap(GPT(CFG)))
+    ours, theirs, plain = models  # plain: no hook, to show the hook changes the result
+    for model in (ours, theirs):
+        model.register_comm_hook(None, fp16_compress_hook)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    for x, y in BATCHES:
+        for model, opt in zip(models, opts):
+            lm_loss(model(x.chunk(n)[rank]), y.chunk(n)[rank]).backward()
+            opt.step()
+            opt.zero_grad()
+    diff = lambda a, b: max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))  # noqa
+    return diff(ours.module, theirs.module), diff(plain.module, theirs.module), replica_divergence(ours)
+
+
+def test_a_ddp_comm_hook_runs_on_data_parallel_as_on_ddp():
+    for diff, without_hook, divergence in launch(with_torch_fp16_hook, 2):
+        assert diff < 1e-7 < without_hook and divergence == 0.0, (diff, without_hook)
