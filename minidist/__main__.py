@@ -8,7 +8,9 @@ from .args import nonnegative_float, nonnegative_int, positive_float, positive_i
 
 def _tour(args) -> int:
     from .tour import format_rows, run_tour
-    report = run_tour(args.world_size, progress=not args.quiet, backend=args.backend)
+    report = run_tour(args.world_size, progress=not args.quiet, backend=args.backend, only=args.only)
+    if not report["rows"]:
+        raise ValueError(f"no tour row's technique contains {args.only!r}")
     print(format_rows(report["rows"]))
     failed = [r["technique"] for r in report["rows"] if not r["passed"]]
     print(f"\n{len(report['rows']) - len(failed)} of {len(report['rows'])} checks passed on {args.world_size} ranks"
@@ -79,6 +81,7 @@ def main(argv=None) -> int:
     tour.add_argument("--world-size", type=positive_int, default=4)
     tour.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     tour.add_argument("--quiet", action="store_true", help="no progress bar")
+    tour.add_argument("--only", metavar="TEXT", help="run only the rows whose technique contains TEXT (any case)")
     tour.add_argument("--backend", choices=["gloo", "nccl"], default="gloo",
                       help="gloo: CPU processes (default); nccl: one rank per GPU (make gpu-check)")
     tour.set_defaults(run=_tour)

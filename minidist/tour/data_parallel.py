@@ -17,7 +17,7 @@ from ..mixed_precision import LossScaler, MixedPrecisionOptimizer
 from ..models import GPT, GPTConfig, lm_loss
 from ..samplers import DistributedSampler, TokenBudgetBatchSampler, padding_waste
 from ..testing import compare_with_reference, on_device, replica_divergence, sgd, to_device
-from .rows import make_row
+from .rows import covers, make_row
 
 CFG = GPTConfig(n_layer=2, n_embd=32, block_size=16)
 BATCHES = random_batches(torch.randint(512, (5000,), generator=torch.Generator().manual_seed(0)), 12, 16, steps=4)
@@ -193,6 +193,7 @@ def _timed(fn, world_size, *args):
     return launch(fn, world_size, *args), time.perf_counter() - start
 
 
+@covers("data parallel naive bucketed overlapped", "gradient accumulation no_sync", "loss normalization", "fp16 loss scaler", "bf16 autocast")
 def check_data_parallel(world_size: int) -> list[dict]:
     n, rows = world_size, []
     for stage in STAGES:
@@ -229,6 +230,7 @@ def check_data_parallel(world_size: int) -> list[dict]:
     return rows
 
 
+@covers("DistributedSampler", "token-budget batches")
 def check_samplers(world_size: int) -> list[dict]:
     """Index-for-index against torch's DistributedSampler; token budgets: coverage, equal counts, budget kept."""
     from torch.utils.data import DistributedSampler as TorchSampler

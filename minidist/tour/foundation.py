@@ -10,7 +10,7 @@ from ..launch import launch
 from ..memory import SavedActivations, activation_bytes_per_layer, measure_state_bytes, zero_state_bytes
 from ..models import GPT, count_params, lm_loss
 from ..testing import on_device
-from .rows import make_row
+from .rows import covers, make_row
 
 SUM_TOL = 1e-5  # fp32 sums of N values in another order than gloo's: a few ulps of the largest partial sum
 
@@ -42,6 +42,7 @@ def ring_vs_backend() -> dict:
     return out
 
 
+@covers("ring all-reduce", "ring reduce-scatter", "ring all-gather", "chain broadcast")
 def check_collectives(world_size: int) -> list[dict]:
     per_rank = launch(ring_vs_backend, world_size)
     rows = []
@@ -97,6 +98,7 @@ def comm_backward_errors() -> dict[str, float]:
     return errors
 
 
+@covers("differentiable collectives")
 def check_comm_backward(world_size: int) -> list[dict]:
     start = time.perf_counter()
     per_rank = launch(comm_backward_errors, world_size)
@@ -127,6 +129,7 @@ def memory_on_rank(batch: int = 4) -> dict:
                 cfg.block_size, batch, cfg.n_embd, cfg.n_head, bytes_per_value=4, dropout=False)}
 
 
+@covers("model states", "activations saved by one layer")
 def check_memory(world_size: int) -> list[dict]:
     start = time.perf_counter()
     per_rank = launch(memory_on_rank, world_size)

@@ -23,7 +23,7 @@ from ..pipeline.runtime import PipelineRuntime, sync_tied_grads, tied_parameters
 from ..pipeline.schedule import build
 from ..pipeline.stages import parameter_names, rank_stages
 from ..testing import sgd
-from .rows import make_row
+from .rows import covers, make_row
 
 CFG = GPTConfig(n_layer=8, n_embd=32, block_size=16)   # 8 blocks: 2 chunks on each of 4 ranks; tied embeddings
 MICRO = 2            # sequences per micro-batch
@@ -205,6 +205,7 @@ def tour_configs(p: int) -> list[tuple[str, int, int]]:
     return [("gpipe", p + 1, 1), ("1f1b", p + 1, 1), ("interleaved", 2 * p, 2), ("zb", p + 1, 1)]
 
 
+@covers("pipeline GPipe 1F1B interleaved ZB-H1", "held by rank", "bubble of")
 def check_pipeline(world_size: int) -> list[dict]:
     """Rows for every schedule at p = world_size (a pipeline needs two ranks: none at world size 1)."""
     p, rows = world_size, []

@@ -21,7 +21,7 @@ from ..models import GPT, GPTConfig, build_llama, lm_loss
 from ..tensor_parallel import padded_size, vocab_parallel_cross_entropy
 from ..testing import replica_divergence
 from ..tp_plans import GPT_PLAN, LLAMA_PLAN, local_shard, parallelize, sharded_parameters
-from .rows import make_row
+from .rows import covers, make_row
 
 CFG = GPTConfig(n_layer=2, n_embd=48, n_head=12, block_size=12)  # heads, widths and sequence divide by 2, 3 and 4
 BATCH, STEPS, LR = 4, 5, 1e-3
@@ -227,6 +227,7 @@ def _timed(fn, *args):
     return launch(fn, *args), time.perf_counter() - start
 
 
+@covers("TP + SP tiny GPT HF Llama (GQA) activations per layer")
 def check_tensor_parallel(world_size: int) -> list[dict]:
     from .tp_dtensor import dtensor_side_by_side  # it builds on this module
     n, rows, tokens = world_size, [], BATCH * CFG.block_size
