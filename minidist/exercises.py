@@ -30,6 +30,8 @@ CHAPTERS = {  # generated file -> package modules whose exercises it holds, in o
     "ch01_collectives": ["collectives"],
     "ch02_data_parallel": ["data_parallel", "reducer", "mixed_precision"],
     "ch03_data_loading": ["samplers"],
+    "ch05_zero": ["zero"],
+    "ch06_fsdp": ["fsdp"],
 }
 BEGIN = re.compile(r"^(\s*)# <exercise (\w+) points=(\d+)>\s*$")
 END = re.compile(r"^\s*# </exercise>\s*$")

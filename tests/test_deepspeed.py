@@ -1,0 +1,9 @@
+"""DeepSpeed ZeRO stages 1, 2 and 3 as references, in one launch (DeepSpeed's start-up is the slow part)."""
+from minidist import launch
+from minidist.tour.zero import ADAM_TOL5, against_deepspeed
+
+
+def test_each_stage_equals_deepspeed_zero():
+    for diffs in launch(against_deepspeed, 2):
+        assert set(diffs) == {1, 2, 3}
+        assert all(d < ADAM_TOL5 for d in diffs.values()), diffs
