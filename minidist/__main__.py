@@ -31,9 +31,13 @@ def _memory(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import bench_ddp, format_ddp
-    result = bench_ddp(args.world_size, args.steps, args.warmup, args.bucket_cap_mb)
-    print(format_ddp(result))
+    from .bench import bench_ddp, bench_sharded, format_ddp, format_sharded
+    if args.what in ("zero", "fsdp"):
+        result = bench_sharded(args.what, args.world_size, args.steps, args.warmup)
+        print(format_sharded(result))
+    else:
+        result = bench_ddp(args.world_size, args.steps, args.warmup, args.bucket_cap_mb)
+        print(format_ddp(result))
     _write_json(args.json, result)
     return 0
 
@@ -75,7 +79,9 @@ def main(argv=None) -> int:
     mem.set_defaults(run=_memory)
 
     bench = sub.add_parser("bench", help="time a technique side by side with its reference")
-    bench.add_argument("what", choices=["ddp"], help="ddp: DataParallel against torch DDP")
+    bench.add_argument("what", choices=["ddp", "zero", "fsdp"],
+                       help="ddp: DataParallel against torch DDP; zero: ZeroOptimizer against ZeroRedundancyOptimizer; "
+                            "fsdp: fully_shard against FSDP2")
     bench.add_argument("--world-size", type=int, default=2)
     bench.add_argument("--steps", type=int, default=30, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=int, default=5)

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from minidist import launch
+from minidist.data import token_ids
 from minidist.fsdp import full_state_dict, fully_shard, reshard_, unshard_
 from minidist.grading import implementation
 from minidist.memory import zero_state_bytes
@@ -172,3 +173,14 @@ def test_bad_input_is_a_clear_error():
     assert "must share a dtype" in errors[1] and "torch.float64" in errors[1]
     assert "must be floating-point" in errors[2]
     assert "mlp.fc.weight is already sharded by another fully_shard unit" in errors[3]
+
+
+def test_bench_fsdp_prints_its_ratio(tmp_path, capsys):
+    import json
+    from minidist.__main__ import main
+    token_ids()  # tokenized once here: the forked ranks inherit it
+    assert main(["bench", "fsdp", "--steps", "1", "--warmup", "0", "--json", str(tmp_path / "b.json")]) == 0
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["ratio"] == result["minidist_s"] / result["reference_s"] and result["one_unit_s"] > 0
+    assert "FSDP2" in capsys.readouterr().out
+

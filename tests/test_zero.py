@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from minidist import comm, launch
+from minidist.data import token_ids
 from minidist.data_parallel import DataParallel
 from minidist.grading import implementation
 from minidist.memory import zero_state_bytes
@@ -286,3 +287,22 @@ def test_bad_input_is_a_clear_error():
     assert "bucket_cap_mb must be positive" in errors[1]
     assert "must be a torch.optim.Optimizer class" in errors[2]
     assert "parameter groups of [1] tensors, this optimizer [2]" in errors[3]
+
+
+def test_bench_zero_prints_its_ratio(tmp_path, capsys):
+    import json
+    from minidist.__main__ import main
+    token_ids()  # tokenized once here: the forked ranks inherit it
+    assert main(["bench", "zero", "--steps", "1", "--warmup", "0", "--json", str(tmp_path / "b.json")]) == 0
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["ratio"] == result["minidist_s"] / result["reference_s"] and result["stage2_s"] > 0
+    assert "ZeroRedundancyOptimizer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "fsdp"])
+def test_example_script_trains(strategy):
+    from minidist.examples.train import parse, train
+    token_ids()  # tokenized once here: the forked ranks inherit it
+    for r in launch(train, 2, parse(["--strategy", strategy, "--steps", "20", "--quiet"])):
+        assert r["last_loss"] < r["first_loss"] - 0.5
+        assert r["replica_divergence"] == (0.0 if strategy == "zero2" else None)  # fsdp: no replicas, shards
