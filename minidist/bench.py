@@ -138,6 +138,8 @@ def bench_sharded(what: str, world_size: int = 2, steps: int = 30, warmup: int =
         raise ValueError(f"bench_sharded compares 'zero' or 'fsdp', got {what!r}")
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    import torch._dynamo  # noqa: F401  (imported by the first optimizer: once here, the forked ranks inherit it)
+    token_ids()           # tokenized once here, not on every rank
     per_rank = launch(sharded_step_times, world_size, what, steps, warmup, batch_size)
     medians = {name: max(r[name] for r in per_rank) for name in per_rank[0]}
     extra = "stage2" if what == "zero" else "one_unit"

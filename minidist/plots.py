@@ -97,3 +97,24 @@ def timeline(events_per_rank: list[list[tuple[str, float, float]]], title: str, 
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     return ax
+
+
+def unit_timeline(events: list[tuple[str, float, float]], title: str, ax=None):
+    """FSDP events ("forward u", "backward u", "all-gather u", "reduce-scatter u"; start, end in seconds), one row per
+    unit: compute as wide bars, communication as thin bars under them (times in ms)."""
+    units = list(dict.fromkeys(what.split(" ", 1)[1] for what, _, _ in events))
+    ax = ax or plt.subplots(figsize=(9, 0.6 + 0.55 * len(units)))[1]
+    style = {"forward": ("tab:blue", 0.0, 0.5), "backward": ("tab:green", 0.0, 0.5),
+             "all-gather": ("tab:orange", -0.32, 0.22), "reduce-scatter": ("tab:red", -0.32, 0.22)}
+    seen = set()
+    for what, start, end in events:
+        kind, unit = what.split(" ", 1)
+        color, shift, height = style[kind]
+        ax.barh(len(units) - units.index(unit) + shift, max(end - start, 1e-5) * 1e3, left=start * 1e3,
+                height=height, color=color, label=None if kind in seen else kind)
+        seen.add(kind)
+    ax.set_yticks([len(units) - k for k in range(len(units))], units)
+    ax.set_xlabel("ms since the step started")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=8, ncol=4)
+    return ax

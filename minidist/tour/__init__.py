@@ -5,11 +5,11 @@ result matches the reference within its tolerance and, where a formula exists, t
 """
 import os
 
-from . import data_parallel, foundation
+from . import data_parallel, foundation, fsdp, zero
 from .foundation import comm_backward_errors
 from .rows import KEYS, format_rows, make_row
 
-CHECKS = [*foundation.CHECKS, *data_parallel.CHECKS]
+CHECKS = [*foundation.CHECKS, *data_parallel.CHECKS, *zero.CHECKS, *fsdp.CHECKS]
 
 
 def run_tour(world_size: int = 4, progress: bool = True) -> dict:

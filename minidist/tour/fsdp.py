@@ -90,6 +90,22 @@ def late_prefetches(events) -> int:
     return late
 
 
+def gathered_over_time(events, units: dict[str, int]) -> list[tuple[float, int]]:
+    """(time, bytes of gathered parameters held) through a step, read off its events: a unit holds its gathered
+    bytes from the moment its all-gather is issued to the end of the compute that uses them (it reshards after
+    forward and after backward)."""
+    changes = []
+    for what, issued, _ in (e for e in events if e[0].startswith("all-gather")):
+        unit = what.split(" ", 1)[1]
+        ends = [e for w, s, e in events if w in (f"forward {unit}", f"backward {unit}") and e > issued]
+        changes += [(issued, units[unit]), (min(ends), -units[unit])]
+    points, held = [(0.0, 0)], 0
+    for t, change in sorted(changes):
+        held += change
+        points.append((t, held))
+    return points
+
+
 def _timed(fn, world_size, *args):
     start = time.perf_counter()
     return launch(fn, world_size, *args), time.perf_counter() - start
@@ -97,10 +113,10 @@ def _timed(fn, world_size, *args):
 
 def check_fsdp2(world_size: int) -> list[dict]:
     per_rank, seconds = _timed(against_fsdp2, world_size)
-    return [make_row(f"FSDP per block, {name}, SGD", f"torch FSDP2 fully_shard{policy}",
+    return [make_row(f"FSDP per block, {name}, SGD", f"torch FSDP2{policy}",
                      max_abs_diff=max(r[dtype] for r in per_rank), tolerance=tol, seconds=seconds)
             for dtype, name, policy, tol in ((None, "fp32", "", SGD_TOL),
-                                             (torch.bfloat16, "bf16", " + MixedPrecisionPolicy(bf16)", BF16_TOL))]
+                                             (torch.bfloat16, "bf16", ", MixedPrecision bf16", BF16_TOL))]
 
 
 def check_peak_and_prefetch(world_size: int) -> list[dict]:

@@ -16,6 +16,7 @@ import time
 import warnings
 
 import torch
+import torch._dynamo  # noqa: F401  (the first optimizer imports it, seconds per rank: once here, ranks inherit it)
 import torch.distributed as dist
 
 from .. import comm
@@ -156,19 +157,25 @@ def against_zero_redundancy(batches=BATCHES5) -> float:
     return max((a - b).abs().max().item() for a, b in zip(ours.parameters(), theirs.module.parameters()))
 
 
-def against_deepspeed(stages=(1, 2, 3), batches=BATCHES5) -> dict[int, float]:
-    """DeepSpeed's ZeRO stage s (fp32, torch AdamW as its client optimizer) next to minidist's stage s on the same
-    slices: {stage: largest weight difference}.
-
-    DeepSpeed on CPU compiles a shared-memory all-reduce kernel on first use (35 s or more on 2 cores); it only
-    speeds up all-reduce, so here DeepSpeed's collectives run over gloo instead, like everything else.
-    """
+def import_deepspeed():
+    """DeepSpeed set up for CPU ranks, quiet. Its first init compiles a shared-memory all-reduce kernel (35 s or more
+    on 2 cores) that only speeds up all-reduce: it is left out, so its collectives run over gloo like the rest.
+    Called in the parent before launching, its imports (seconds, torch.compile's among them) are inherited by the
+    forked ranks."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
     import deepspeed
     import deepspeed.comm.torch  # noqa: F401
+    import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  (its first optimizer check imports it)
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # gloo for every collective (see above)
+    return deepspeed
+
+
+def against_deepspeed(stages=(1, 2, 3), batches=BATCHES5) -> dict[int, float]:
+    """DeepSpeed's ZeRO stage s (fp32, torch AdamW as its client optimizer) next to minidist's stage s on the same
+    slices: {stage: largest weight difference}."""
+    warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed calls deprecated torch.distributed names
+    deepspeed = import_deepspeed()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, n = dist.get_rank(), dist.get_world_size()
     out = {}
@@ -190,6 +197,12 @@ def against_deepspeed(stages=(1, 2, 3), batches=BATCHES5) -> dict[int, float]:
         mine = full_weights(f"zero{stage}", ours)
         out[stage] = max((mine[k] - v).abs().max().item() for k, v in theirs.items())
     return out
+
+
+def side_by_side_with_deepspeed(world_size: int, *args) -> list[dict[int, float]]:
+    """against_deepspeed on `world_size` ranks, DeepSpeed imported here first (the ranks inherit it)."""
+    import_deepspeed()
+    return launch(against_deepspeed, world_size, *args)
 
 
 def _timed(fn, world_size, *args):
@@ -233,7 +246,8 @@ def check_references(world_size: int) -> list[dict]:
     zero_red, seconds = _timed(against_zero_redundancy, world_size)
     rows = [make_row("ZeRO-1 (ZeroOptimizer), AdamW", "torch ZeroRedundancyOptimizer + DDP",
                      max_abs_diff=max(zero_red), tolerance=ADAM_TOL5, seconds=seconds)]
-    ds, seconds = _timed(against_deepspeed, world_size)
+    start = time.perf_counter()
+    ds, seconds = side_by_side_with_deepspeed(world_size), time.perf_counter() - start
     rows += [make_row(f"ZeRO-{stage} (minidist), AdamW", f"DeepSpeed ZeRO stage {stage}",
                       max_abs_diff=max(r[stage] for r in ds), tolerance=ADAM_TOL5, seconds=seconds)
              for stage in (1, 2, 3)]
