@@ -211,13 +211,13 @@ def _timed(fn, world_size, *args):
 
 
 NAMES = {"ddp": "DDP (DataParallel)", "zero1": "ZeRO-1 (ZeroOptimizer)", "zero2": "ZeRO-2 (ZeroOptimizer)",
-         "zero3": "ZeRO-3 (fully_shard, one unit)", "fsdp": "FSDP (fully_shard per block)",
-         "fsdp-keep": "FSDP, reshard_after_forward=False"}
+         "zero3": "ZeRO-3 (one fully_shard unit)", "fsdp": "FSDP (a unit per block)",
+         "fsdp-keep": "FSDP, no reshard after forward"}
 
 
 def check_cross_stage(world_size: int) -> list[dict]:
     per_rank, seconds = _timed(cross_stage, world_size)
-    return [make_row(f"{NAMES[s]}: 5 AdamW steps, tied + frozen", "one process, global batch",
+    return [make_row(f"{NAMES[s]}, 5 AdamW steps", "one process, global batch (AdamW)",
                      max_abs_diff=max(r[s][0] for r in per_rank), tolerance=ADAM_TOL5, seconds=seconds,
                      replica_divergence=max(r[s][1] for r in per_rank) if s in REPLICATED else None)
             for s in STRATEGIES]
@@ -228,7 +228,7 @@ def states_and_bytes_rows(strategies, world_size: int) -> list[dict]:
     rows = []
     for s in strategies:
         r = per_rank[0][s]
-        rows.append(make_row(f"{NAMES[s]}: bf16 states and bytes/step", f"ZeRO formula, stage {STAGE[s]}",
+        rows.append(make_row(f"{NAMES[s]}, bf16: bytes, states", f"ring and ZeRO formulas, stage {STAGE[s]}",
                              comm_bytes=counted_mean([{"bytes": p[s]["total"], "counted": p[s]["counted"]}
                                                       for p in per_rank]),
                              comm_bytes_theory=bytes_formula(s, r["psi"], r["tensors"], world_size),
@@ -244,11 +244,11 @@ def check_states_and_bytes(world_size: int) -> list[dict]:
 
 def check_references(world_size: int) -> list[dict]:
     zero_red, seconds = _timed(against_zero_redundancy, world_size)
-    rows = [make_row("ZeRO-1 (ZeroOptimizer), AdamW", "torch ZeroRedundancyOptimizer + DDP",
+    rows = [make_row("ZeRO-1 (ZeroOptimizer), AdamW", "ZeroRedundancyOptimizer + DDP",
                      max_abs_diff=max(zero_red), tolerance=ADAM_TOL5, seconds=seconds)]
     start = time.perf_counter()
     ds, seconds = side_by_side_with_deepspeed(world_size), time.perf_counter() - start
-    rows += [make_row(f"ZeRO-{stage} (minidist), AdamW", f"DeepSpeed ZeRO stage {stage}",
+    rows += [make_row(f"ZeRO-{stage}, AdamW", f"DeepSpeed ZeRO stage {stage}",
                       max_abs_diff=max(r[stage] for r in ds), tolerance=ADAM_TOL5, seconds=seconds)
              for stage in (1, 2, 3)]
     return rows
