@@ -17,8 +17,8 @@ mixed precision (fp32 shard 4 + fp32 gradient shard 4 + Adam moments 8, over N),
 
 Reshard frees the *storage* (autograd keeps the gathered weights it saved in forward); unshard refills the same
 tensors before backward reads them and restores their version counters (else autograd sees an in-place change).
-Unused parameters get zero gradients. Unlike FSDP2, the root unit honours reshard_after_forward (FSDP2 keeps it
-gathered), one unit's parameters share a dtype, and a parameter shared by two units is refused.
+Unused parameters get zero gradients. Unlike FSDP2: the root honours reshard_after_forward (FSDP2 keeps it gathered),
+a unit's parameters share a dtype, a parameter shared by two units is refused, a unit runs once per forward.
 """
 import itertools
 import time

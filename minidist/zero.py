@@ -156,10 +156,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
             layout(self.params, cap)
         self._partition()
         self.index = {id(p): k for k, p in enumerate(everything)}  # numbering of torch's state dicts
-        owner = [next(k for k, g in enumerate(self.param_groups) if any(p is q for q in g["params"]))
-                 for p in self.params]  # the group of each trainable parameter
+        owner = {id(p): k for k, g in enumerate(self.param_groups) for p in g["params"]}  # parameter -> its group
         inner_groups = [_hyper(g) | {"params": [piece for (i, *_), piece in zip(self.where, self.pieces)
-                                                if owner[i] == k]} for k, g in enumerate(self.param_groups)]
+                                                if owner[id(self.params[i])] == k]}
+                        for k, g in enumerate(self.param_groups)]
         self.optimizer = optimizer_class(inner_groups, **defaults)
         for outer, inner in zip(self.param_groups, self.optimizer.param_groups):  # the full hyperparameters
             outer.update(_hyper(inner))
@@ -264,7 +264,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for (i, *_), piece in zip(self.where, self.pieces):
             if piece in self.optimizer.state:
                 counts[i] += torch.tensor([1.0] + [float(self.optimizer.state[piece][k]) for k in self.scalars])
-        counts, state = comm.all_reduce_sum(counts, self.group), {}  # pieces of a parameter share its scalars
+        counts, state = comm.all_reduce_sum(counts.to(self.master.device), self.group).cpu(), {}  # scalars: shared
         for i, p in enumerate(self.params):
             has = counts[i, 0].item() > 0  # the optimizer has stepped this parameter
             entry = {k: full[k][i].view(p.shape).clone() for k in keys if has or k == "master"}

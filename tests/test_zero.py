@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from minidist import comm, launch
+from minidist import launch
 from minidist.data import token_ids
 from minidist.data_parallel import DataParallel
 from minidist.grading import implementation

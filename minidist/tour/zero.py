@@ -164,9 +164,11 @@ def import_deepspeed():
     forked ranks."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    import deepspeed
-    import deepspeed.comm.torch  # noqa: F401
-    import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  (its first optimizer check imports it)
+    with warnings.catch_warnings():  # its modules use deprecated torch.jit decorators
+        warnings.simplefilter("ignore")
+        import deepspeed
+        import deepspeed.comm.torch  # noqa: F401
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  (its first optimizer check imports it)
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # gloo for every collective (see above)
     return deepspeed
 
