@@ -306,3 +306,25 @@ def test_example_script_trains(strategy):
     for r in launch(train, 2, parse(["--strategy", strategy, "--steps", "20", "--quiet"])):
         assert r["last_loss"] < r["first_loss"] - 0.5
         assert r["replica_divergence"] == (0.0 if strategy == "zero2" else None)  # fsdp: no replicas, shards
+
+
+def stage2_reduces_during_backward():
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    opt = ZeroOptimizer(model.parameters(), torch.optim.AdamW, stage=2, lr=ADAM_LR, bucket_cap_mb=0.01)
+    x, y = BATCHES[0]
+    early = []
+    for _ in range(3):  # the first backward learns how often each hook fires; later ones launch buckets early
+        lm_loss(model(x), y).backward()
+        compute_end = opt.reducer.events[0][2]
+        early.append([launched < compute_end for _, launched, _ in opt.reducer.events[1:]])
+        opt.step()
+        opt.zero_grad()
+    return early, len(opt.buckets), all(p.grad is None for p in model.parameters())
+
+
+def test_stage2_reduce_scatters_buckets_while_backward_runs():
+    early, buckets, no_full_gradients = launch(stage2_reduces_during_backward, 2)[0]
+    assert buckets > 4 and no_full_gradients
+    assert not any(early[0])                       # first backward: everything at the end
+    assert all(sum(step) >= buckets // 2 for step in early[1:])  # then most buckets leave before backward ends
