@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup tour test lab exercises clean
+.PHONY: setup tour test lab exercises gpu-check clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,9 @@ tour: $(STAMP)                     ## every technique on 4 simulated ranks again
 
 test: $(STAMP)                     ## the whole suite, notebooks under nbval included
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+gpu-check: $(STAMP)                ## the tour over NCCL (one rank per GPU) and the torchrun example, on GPUs
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh
 
 lab: $(STAMP)                      ## JupyterLab on the chapters
 	$(BIN)/jupyter lab notebooks/

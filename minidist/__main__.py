@@ -3,10 +3,14 @@ import argparse
 import json
 import sys
 
+from .args import nonnegative_float, nonnegative_int, positive_float, positive_int
+
 
 def _tour(args) -> int:
     from .tour import format_rows, run_tour
-    report = run_tour(args.world_size, progress=not args.quiet)
+    report = run_tour(args.world_size, progress=not args.quiet, backend=args.backend, only=args.only)
+    if not report["rows"]:
+        raise ValueError(f"no tour row's technique contains {args.only!r}")
     print(format_rows(report["rows"]))
     failed = [r["technique"] for r in report["rows"] if not r["passed"]]
     print(f"\n{len(report['rows']) - len(failed)} of {len(report['rows'])} checks passed on {args.world_size} ranks"
@@ -31,13 +35,19 @@ def _memory(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import bench_ddp, bench_sharded, format_ddp, format_sharded
-    if args.what in ("zero", "fsdp"):
-        result = bench_sharded(args.what, args.world_size, args.steps, args.warmup)
-        print(format_sharded(result))
-    else:
-        result = bench_ddp(args.world_size, args.steps, args.warmup, args.bucket_cap_mb)
-        print(format_ddp(result))
+    from . import bench
+    runs = {  # one benchmark per chapter, each side by side with its PyTorch reference
+        "ddp": lambda: bench.bench_ddp(args.world_size, args.steps, args.warmup, args.bucket_cap_mb),
+        "buckets": lambda: bench.bench_buckets(args.world_size, tuple(args.caps), args.alpha, args.bandwidth,
+                                               args.steps),
+        "tp": lambda: bench.bench_tp(args.world_size, args.steps, args.warmup,
+                                     sequence_parallel=args.sequence_parallel),
+        "pp": lambda: bench.bench_pp(args.world_size, args.steps, args.warmup, args.microbatches),
+        "zero": lambda: bench.bench_zero(args.world_size, args.steps, args.warmup),
+        "fsdp": lambda: bench.bench_fsdp(args.world_size, args.steps, args.warmup),
+    }
+    result = runs[args.what]()
+    print(getattr(bench, f"format_{args.what}")(result))
     _write_json(args.json, result)
     return 0
 
@@ -49,6 +59,12 @@ def _grade(args) -> int:
     report = grade(path, args.only, args.extra_tests, args.timeout)
     print(format_grades(report))
     _write_json(args.json, report)
+    return 0
+
+
+def _diagnose(args) -> int:
+    from .diagnose import diagnose_directory
+    print(diagnose_directory(args.directory))
     return 0
 
 
@@ -64,28 +80,39 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     tour = sub.add_parser("tour", help="run every technique on N simulated ranks against its reference")
-    tour.add_argument("--world-size", type=int, default=4)
+    tour.add_argument("--world-size", type=positive_int, default=4)
     tour.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     tour.add_argument("--quiet", action="store_true", help="no progress bar")
+    tour.add_argument("--only", metavar="TEXT", help="run only the rows whose technique contains TEXT (any case)")
+    tour.add_argument("--backend", choices=["gloo", "nccl"], default="gloo",
+                      help="gloo: CPU processes (default); nccl: one rank per GPU (make gpu-check)")
     tour.set_defaults(run=_tour)
 
     mem = sub.add_parser("memory", help="per-rank model-state memory under ZeRO stages 0-3")
     what = mem.add_mutually_exclusive_group()
-    what.add_argument("--params", type=float, help="number of parameters, e.g. 7.5e9")
+    what.add_argument("--params", type=positive_float, help="number of parameters, e.g. 7.5e9")
     what.add_argument("--model", help="count the parameters of a model: tiny-gpt, tiny-llama, gpt2-124m, llama-7b")
-    mem.add_argument("--world-size", type=int, default=1)
+    mem.add_argument("--world-size", type=positive_int, default=1)
     mem.add_argument("--precision", choices=["mixed", "fp32"], default="mixed")
     mem.add_argument("--json", metavar="PATH")
     mem.set_defaults(run=_memory)
 
     bench = sub.add_parser("bench", help="time a technique side by side with its reference")
-    bench.add_argument("what", choices=["ddp", "zero", "fsdp"],
-                       help="ddp: DataParallel against torch DDP; zero: ZeroOptimizer against ZeroRedundancyOptimizer; "
-                            "fsdp: fully_shard against FSDP2")
-    bench.add_argument("--world-size", type=int, default=2)
-    bench.add_argument("--steps", type=int, default=30, help="timed steps (after warm-up)")
-    bench.add_argument("--warmup", type=int, default=5)
-    bench.add_argument("--bucket-cap-mb", type=float, default=0.25, help="the same bucket size for both")
+    bench.add_argument("what", choices=["ddp", "buckets", "tp", "pp", "zero", "fsdp"],
+                       help="ddp: DataParallel against torch DDP; buckets: step time across bucket sizes over a "
+                            "simulated link, measured and predicted by the cost model; tp: parallelize against DTensor "
+                            "tensor parallel; pp: the 1F1B pipeline against torch's Schedule1F1B; zero: ZeroOptimizer "
+                            "against DDP + ZeroRedundancyOptimizer; fsdp: fully_shard against FSDP2's")
+    bench.add_argument("--world-size", type=positive_int, default=2)
+    bench.add_argument("--steps", type=positive_int, default=30, help="timed steps (after warm-up)")
+    bench.add_argument("--warmup", type=nonnegative_int, default=5)
+    bench.add_argument("--bucket-cap-mb", type=positive_float, default=0.25, help="ddp: the same bucket size for both")
+    bench.add_argument("--caps", type=positive_float, nargs="+", default=[0.02, 0.1, 0.3, 1.0],
+                       help="buckets: bucket sizes to sweep (MiB)")
+    bench.add_argument("--alpha", type=nonnegative_float, default=1e-3, help="buckets: simulated latency per message (s)")
+    bench.add_argument("--bandwidth", type=positive_float, default=50e6, help="buckets: simulated bandwidth (bytes/s)")
+    bench.add_argument("--sequence-parallel", action="store_true", help="tp: with sequence parallelism")
+    bench.add_argument("--microbatches", type=positive_int, default=4, help="pp: micro-batches per step")
     bench.add_argument("--json", metavar="PATH")
     bench.set_defaults(run=_bench)
 
@@ -95,9 +122,13 @@ def main(argv=None) -> int:
     where.add_argument("--solutions", action="store_true", help="grade solutions/ (full marks expected)")
     grade.add_argument("--only", nargs="+", metavar="NAME", help="grade only these exercises")
     grade.add_argument("--extra-tests", metavar="DIR", help="also run an instructor's private tests from DIR")
-    grade.add_argument("--timeout", type=int, default=60, help="seconds per test before it counts as failed")
+    grade.add_argument("--timeout", type=positive_int, default=60, help="seconds per test before it counts as failed")
     grade.add_argument("--json", metavar="PATH")
     grade.set_defaults(run=_grade)
+
+    diag = sub.add_parser("diagnose", help="why ranks hung: analyse the flight records a torchrun job left in DIR")
+    diag.add_argument("directory", metavar="DIR", help="the job's $MINIDIST_FLIGHT_DIR (printed by a failing rank)")
+    diag.set_defaults(run=_diagnose)
 
     args = parser.parse_args(argv)
     try:

@@ -26,6 +26,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from . import flight
 from .ledger import open_ledgers, reporting_to
 
 RING_TAG = 1  # tag of ring-algorithm messages; user point-to-point messages use tag 0
@@ -54,9 +55,11 @@ class Work:
     `completed_at` is the time.perf_counter() at which the communication finished (None until then), for timelines.
     """
 
-    def __init__(self, result=None, *, future: Future | None = None, torch_work=None):
-        self._result, self._future, self._torch_work = result, future, torch_work
+    def __init__(self, result=None, *, future: Future | None = None, torch_work=None, entry=None):
+        self._result, self._future, self._torch_work, self._entry = result, future, torch_work, entry
         self.completed_at = None if (future or torch_work) else time.perf_counter()
+        if self.completed_at is not None:
+            flight.complete(entry)
         if future is not None:
             future.add_done_callback(self._mark_done)
         elif torch_work is not None:
@@ -68,6 +71,7 @@ class Work:
     def _mark_done(self, _):
         if self.completed_at is None:
             self.completed_at = time.perf_counter()
+            flight.complete(self._entry)
 
     def wait(self):
         if self._future is not None:
@@ -158,16 +162,21 @@ def drain() -> None:
         submit(lambda: None).wait()
 
 
-def submit(fn) -> Work:
+def submit(fn, entry=None) -> Work:
     """Run fn() on the communication thread; the Work's result is what fn returns (waited on if it is a Work)."""
-    return Work(future=_thread().submit(fn))
+    return Work(future=_thread().submit(fn), entry=entry)
 
 
-def run(on_ring, on_backend, async_op: bool):
-    """Dispatch one collective: under the ring backend on_ring() runs on the communication thread and returns the
-    result; else on_backend(async_op) returns (result, torch work or None). Returns the result, or a Work."""
+def run(on_ring, on_backend, async_op: bool, record: tuple):
+    """Dispatch one collective, `record` = (op, tensor, group) for the flight recorder: under the ring backend
+    on_ring() runs on the communication thread and returns the result; else on_backend(async_op) returns (result,
+    torch work or None). Returns the result, or a Work."""
+    entry = flight.enter(*record)
     if _state["ring"]:
-        work = submit(on_ring)
+        work = submit(on_ring, entry)
         return work if async_op else work.wait()
     result, torch_work = on_backend(async_op)
-    return Work(result, torch_work=torch_work) if async_op else result
+    if async_op:
+        return Work(result, torch_work=torch_work, entry=entry)
+    flight.complete(entry)
+    return result

@@ -35,11 +35,13 @@ import torch.distributed as dist
 
 from . import backend
 from .backend import SimulatedLink, Work, ring_backend
+from .flight import flight_recorder
 from .ledger import ByteLedger, CommRecord, counting, group_name, name_group, record, ring_bytes
 from .p2p import all_to_all, global_rank, group_size, irecv, isend, recv, send
 
 __all__ = ["ByteLedger", "CommRecord", "SimulatedLink", "Work", "ring_backend", "ring_bytes", "record", "name_group",
-           "group_name", "all_to_all", "global_rank", "group_size", "irecv", "isend", "recv", "send"]
+           "group_name", "all_to_all", "global_rank", "group_size", "irecv", "isend", "recv", "send",
+           "flight_recorder"]
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -64,7 +66,7 @@ def all_reduce_(x: torch.Tensor, group=None, async_op: bool = False):
         record("all_reduce", x, n, group=group)
         return x, dist.all_reduce(x, group=group, async_op=async_op)
     return backend.run(_ring("all_reduce", x, group, lambda: x.copy_(ring_all_reduce(x, group))), on_backend,
-                       async_op)
+                       async_op, ("all_reduce", x, group))
 
 
 def all_gather_into_(out: torch.Tensor, shard: torch.Tensor, group=None, async_op: bool = False):
@@ -77,7 +79,7 @@ def all_gather_into_(out: torch.Tensor, shard: torch.Tensor, group=None, async_o
         record("all_gather", out, n, group=group)
         return out, _all_gather_single(out, shard.contiguous(), group=group, async_op=async_op)
     return backend.run(_ring("all_gather", out, group, lambda: out.copy_(ring_all_gather(shard, group))),
-                       on_backend, async_op)
+                       on_backend, async_op, ("all_gather", out, group))
 
 
 def reduce_scatter_into_(out: torch.Tensor, x: torch.Tensor, group=None, async_op: bool = False):
@@ -90,19 +92,22 @@ def reduce_scatter_into_(out: torch.Tensor, x: torch.Tensor, group=None, async_o
         record("reduce_scatter", x, n, group=group)
         return out, _reduce_scatter_single(out, x.contiguous(), group=group, async_op=async_op)
     return backend.run(_ring("reduce_scatter", x, group, lambda: out.copy_(ring_reduce_scatter(x, group)
-                                                                           .view_as(out))), on_backend, async_op)
+                                                                           .view_as(out))), on_backend, async_op,
+                       ("reduce_scatter", x, group))
 
 
 def broadcast_(x: torch.Tensor, src: int = 0, group=None, async_op: bool = False):
     """Overwrite x with group rank `src`'s x, in place."""
     from .collectives import chain_broadcast
     n = group_size(group)
+    if not isinstance(src, int) or not 0 <= src < n:
+        raise ValueError(f"broadcast source {src!r} is not a rank of the group (0..{n - 1})")
 
     def on_backend(async_op):
         record("broadcast", x, n, group=group)
         return x, dist.broadcast(x, src=global_rank(src, group), group=group, async_op=async_op)
     return backend.run(_ring("broadcast", x, group, lambda: x.copy_(chain_broadcast(x, src, group))), on_backend,
-                       async_op)
+                       async_op, ("broadcast", x, group))
 
 
 def _check_shapes(full: torch.Tensor, shard: torch.Tensor, n: int) -> None:
@@ -183,7 +188,21 @@ DifferentiableIdentity = _dual_pair("DifferentiableIdentity", lambda x, group, d
                                     lambda grad, group, dim: all_reduce_sum(grad, group))
 DifferentiableAllReduceSum = _dual_pair("DifferentiableAllReduceSum", lambda x, group, dim: all_reduce_sum(x, group),
                                         lambda grad, group, dim: grad)
-DifferentiableAllGather = _dual_pair("DifferentiableAllGather", all_gather_cat, reduce_scatter_sum)
+def all_gather_backward(grad: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
+    """all_gather's backward: the gradient of this rank's shard, given the gradient of the gathered tensor.
+
+    Forward, rank r's shard x_r sits at position r (along `dim`) of the gathered tensor on *every* rank, and each rank
+    computes its own loss from it. So the gradient of x_r is the sum over ranks q of the slice r of q's gradient.
+    Graded: the values on every rank at group sizes 1 to 4, along dims 0 and 1 (grad.shape[dim] is N times the
+    shard's), and the input gradient left unmodified.
+    """
+    # <exercise all_gather_backward points=2>
+    # hint: which collective sums over ranks and hands each rank one slice of the result?
+    return reduce_scatter_sum(grad, group, dim)
+    # </exercise>
+
+
+DifferentiableAllGather = _dual_pair("DifferentiableAllGather", all_gather_cat, all_gather_backward)
 DifferentiableReduceScatterSum = _dual_pair("DifferentiableReduceScatterSum", reduce_scatter_sum, all_gather_cat)
 DifferentiableSplit = _dual_pair("DifferentiableSplit", my_chunk, all_gather_cat)
 DifferentiableGather = _dual_pair("DifferentiableGather", all_gather_cat, my_chunk)

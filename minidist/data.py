@@ -56,6 +56,9 @@ def train_val_split(ids: torch.Tensor, val_fraction: float = 0.1) -> tuple[torch
 def random_batches(ids: torch.Tensor, batch_size: int, block_size: int, steps: int,
                    seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`steps` batches of random windows: inputs (B, T) and next-token targets (B, T); the same on every rank."""
+    if batch_size < 1 or block_size < 1 or steps < 0:
+        raise ValueError(f"need batch_size >= 1, block_size >= 1 and steps >= 0, got {batch_size}, {block_size}, "
+                         f"{steps}")
     if len(ids) <= block_size:
         raise ValueError(f"the token stream ({len(ids)} tokens) is shorter than one window of {block_size + 1}")
     g = torch.Generator().manual_seed(seed)

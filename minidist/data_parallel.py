@@ -28,13 +28,16 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import comm
-from .reducer import MiB, GradReducer, assign_buckets  # noqa: F401  (assign_buckets: chapter 02 uses it from here)
+from .buckets import MiB, assign_buckets  # noqa: F401  (chapter 02 shows assign_buckets from here)
+from .reducer import GradReducer
 
 
 def average_gradients_(params, group=None) -> None:
     """The naive algorithm, after backward: replace every .grad by its average over the group, one all-reduce each.
 
-    Every rank must hold a gradient for the same parameters (call it after backward on every rank).
+    Every rank must hold a gradient for the same parameters (call it after backward on every rank); a parameter whose
+    .grad is None is skipped. Graded: the averaged values by hand, one all-reduce per parameter, and 4 SGD steps on 2
+    and 3 ranks equal to one process on the global batch, with replicas bitwise identical.
     """
     # <exercise average_gradients points=1>
     # hint: comm.all_reduce_sum(t, group) returns the sum over ranks in a new tensor.
@@ -54,7 +57,9 @@ def global_mean_loss(loss_sum: torch.Tensor, count, group=None) -> torch.Tensor:
     so each rank must scale its loss sum by N / total: after the average, sum_r grad(loss_sum_r) / total. The counts
     are all-reduced once per call. Under no_sync(), pass the rank's count for the whole step (all its micro-batches)
     in every micro-step. The value returned is this rank's share, scaled for backward: to print the global mean,
-    all-reduce `loss_sum` and divide by the total count.
+    all-reduce `loss_sum` and divide by the total count. A total count of 0 is an error.
+    Graded: gradients equal to one process on the union of the batches (tolerance 1e-6) with 2 and 3 ranks holding
+    3, 23 and 10 sequences, under no_sync with unequal micro-batches, and the error for a total of 0.
     """
     # <exercise global_mean_loss points=2>
     # hint: one all-reduce of this rank's count gives the total; the answer is loss_sum times a factor.
@@ -65,6 +70,25 @@ def global_mean_loss(loss_sum: torch.Tensor, count, group=None) -> torch.Tensor:
         raise ValueError("global_mean_loss: no rank holds a sample in this step (the total count is 0)")
     return loss_sum * (n / total.item())
     # </exercise>
+
+
+def predict_step_seconds(bucket_bytes: list[int], n: int, cost, forward_s: float, backward_s: float,
+                         overlap: bool = True) -> float:
+    """Predicted seconds of one data-parallel step (forward, backward, the buckets' all-reduces) on n ranks.
+
+    Model: backward produces gradients at a steady rate, last layer first, so bucket b is complete once backward has
+    produced all the bytes of buckets 0..b; with overlap its all-reduce starts then (without overlap: when backward
+    ends). Buckets are reduced one at a time, in order, each taking cost.predict("all_reduce", bytes, n) (chapter 01's
+    alpha-beta model). The step ends when both backward and the last all-reduce are done. Small buckets start early
+    but pay alpha many times; one big bucket pays alpha once but cannot start before backward ends: the best bucket
+    size lies between, and this predicts where.
+    """
+    total, produced, comm_end = sum(bucket_bytes), 0, 0.0
+    for nbytes in bucket_bytes:
+        produced += nbytes
+        ready = forward_s + backward_s * (produced / total if overlap else 1.0)
+        comm_end = max(comm_end, ready) + cost.predict("all_reduce", nbytes, n)
+    return max(forward_s + backward_s, comm_end)
 
 
 def broadcast_from_rank0_(module: nn.Module, group=None) -> None:
@@ -125,6 +149,17 @@ class DataParallel(nn.Module):
             yield
         finally:
             self._require_sync = previous
+
+    def register_comm_hook(self, state, hook) -> None:
+        """Replace each bucket's all-reduce by `hook(state, bucket) -> Future` (DDP's interface and call).
+
+        The hook gets a GradBucket (bucket.buffer(): the flat gradients, not yet divided by N) and returns a future
+        (torch.futures.Future, or a minidist comm Work) whose value is the reduced, *averaged* buffer. Chapter 10's
+        compression hooks (fp16, top-k, PowerSGD) and torch's own ddp_comm_hooks both plug in here.
+        """
+        if not callable(hook):
+            raise ValueError(f"hook must be callable as hook(state, bucket), got {hook!r}")
+        self.reducer.comm_hook = (state, hook)
 
     def remove(self) -> nn.Module:
         """Unhook the module (it trains alone again, or can be wrapped anew); returns it."""

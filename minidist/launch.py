@@ -14,6 +14,9 @@ What can go wrong, and what launch does about it:
     timeout), which becomes a RankError as above (NCCL's watchdog aborts the process instead: a RankError with a
     negative exit code and no traceback);
   * a rank dies without a word (a signal, os._exit): RankError with its exit code;
+  * in every case the RankError ends with a diagnosis from every rank's flight recorder (flight.py, diagnose.py):
+    which ranks were in which collective, who never entered it, who issued another one or another size, and where a
+    rank outside any collective is stuck (its stack, taken with SIGUSR1);
   * gloo sometimes aborts at interpreter exit after the work is done; ranks therefore barrier, destroy the process
     group and leave with os._exit(0), which skips the crashing teardown.
 Every child asks the kernel to kill it when its parent dies, so nothing is left running even if the parent is killed.
@@ -25,6 +28,7 @@ runs unchanged under torchrun through `run_under_torchrun(fn, ...)`.
 """
 import ctypes
 import datetime
+import faulthandler
 import multiprocessing as mp
 import os
 import pickle
@@ -32,11 +36,15 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 import traceback
 from multiprocessing.connection import wait
 
 import torch
 import torch.distributed as dist
+
+from . import flight
+from .diagnose import diagnose
 
 DEFAULT_TIMEOUT = float(os.environ.get("MINIDIST_TIMEOUT", 120))  # seconds a collective may wait for its peers
 
@@ -113,7 +121,7 @@ def launch(fn, world_size: int, *args, backend: str | None = None, timeout: floa
             child_end.close()
             procs.append(p)
             conns.append(parent_end)
-        return _collect(procs, conns)
+        return _collect(procs, conns, rendezvous)
     finally:
         _end(procs)
         for c in conns:
@@ -121,8 +129,8 @@ def launch(fn, world_size: int, *args, backend: str | None = None, timeout: floa
         shutil.rmtree(rendezvous, ignore_errors=True)
 
 
-def _collect(procs, conns) -> list:
-    """Gather every rank's result in rank order; raise on the first failure."""
+def _collect(procs, conns, directory) -> list:
+    """Gather every rank's result in rank order; raise on the first failure, with the flight records' diagnosis."""
     results, pending = [None] * len(procs), dict(enumerate(conns))
     while pending:
         waitables = list(pending.values()) + [procs[r].sentinel for r in pending]
@@ -134,14 +142,41 @@ def _collect(procs, conns) -> list:
                 except EOFError:  # the process ended without sending anything
                     procs[rank].join()
                     raise RankError(rank, f"the process exited with code {procs[rank].exitcode} before returning"
-                                          " (a negative code is the signal that killed it)") from None
+                                          " (a negative code is the signal that killed it)"
+                                    + _diagnosis(procs, directory, set(range(len(procs))) - set(pending))) from None
                 if status == "error":
-                    raise RankError(rank, value)
+                    raise RankError(rank, value + _diagnosis(procs, directory, set(range(len(procs))) - set(pending)))
                 results[rank] = value
                 del pending[rank]
     for p in procs:  # every result is in: the ranks are only tearing down now
         p.join(timeout=30)
     return results
+
+
+def _diagnosis(procs, directory, returned: set) -> str:
+    """Every rank's flight record (ranks still running are asked for their stacks first), analysed. `returned`: the
+    ranks whose function returned a result."""
+    alive = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in alive:
+        try:
+            os.kill(procs[r].pid, signal.SIGUSR1)  # faulthandler writes every thread's stack to stack-RANK
+        except ProcessLookupError:
+            pass
+    time.sleep(0.3 if alive else 0)
+    deaths, records = {}, {r: flight.read_rank(directory, r) for r in range(len(procs))}
+    for r, p in enumerate(procs):
+        if not p.is_alive() and p.exitcode is not None and p.exitcode < 0:
+            name = signal.Signals(-p.exitcode).name
+            deaths[r] = f"died from {name}" + (" (gloo aborts a rank that receives a message of the wrong size)"
+                                               if name == "SIGABRT" else "")
+        elif not p.is_alive() and records[r] is not None:
+            records[r]["exit"] = ("it is in no collective: it returned from its function" if r in returned
+                                  else f"it is in no collective: it has exited (code {p.exitcode})")
+    try:
+        text = diagnose(records, len(procs), deaths)
+    except Exception as e:  # a diagnosis must never hide the error it explains
+        text = f"(no diagnosis: {type(e).__name__}: {e})"
+    return "\n\nDiagnosis from every rank's flight recorder:\n" + text
 
 
 def _end(procs):
@@ -166,6 +201,9 @@ def _die_with_parent():
 
 def _run_rank(rank, world_size, store_path, backend, timeout, fn, args, kwargs, conn):
     _die_with_parent()
+    directory = os.path.dirname(store_path)
+    flight.start(rank, directory)  # the flight recorder, mirrored to a file the parent reads if something fails
+    faulthandler.register(signal.SIGUSR1, open(os.path.join(directory, f"stack-{rank}"), "w"), all_threads=True)
     os.environ.update(OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     # All ranks are on this machine: gloo talks over loopback, whatever the hostname resolves to (or fails to).
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
@@ -211,9 +249,27 @@ def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
 
 
 def run_under_torchrun(fn, *args, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT, **kwargs):
-    """Run `fn` on this rank of a torchrun job; the same worker functions launch() runs."""
+    """Run `fn` on this rank of a torchrun job; the same worker functions launch() runs.
+
+    The flight recorder is mirrored to $MINIDIST_FLIGHT_DIR (default: minidist-flight-RUN_ID in the temporary
+    directory, one per torchrun job)/flight-RANK, and the rank's stacks are written next to it when torchrun ends it
+    (SIGTERM) or on SIGUSR1: after a hang or a timeout, `python -m minidist diagnose DIR` says why.
+    """
     init_from_env(backend, timeout)
-    result = fn(*args, **kwargs)  # if it raises, torchrun sees the rank fail and ends the others
+    directory = os.environ.get("MINIDIST_FLIGHT_DIR") or os.path.join(
+        tempfile.gettempdir(), f"minidist-flight-{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}")
+    os.makedirs(directory, exist_ok=True)
+    rank = dist.get_rank()
+    flight.start(rank, directory)
+    stacks = open(os.path.join(directory, f"stack-{rank}"), "w")
+    faulthandler.register(signal.SIGUSR1, stacks, all_threads=True)
+    faulthandler.register(signal.SIGTERM, stacks, all_threads=True, chain=True)
+    try:
+        result = fn(*args, **kwargs)  # if it raises, torchrun sees the rank fail and ends the others
+    except BaseException:
+        print(f"minidist: rank {rank} failed; every rank's flight record is in {directory}: run "
+              f"`python -m minidist diagnose {directory}` to see why", file=sys.stderr, flush=True)
+        raise
     dist.barrier()
     dist.destroy_process_group()
     return result

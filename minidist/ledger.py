@@ -188,6 +188,11 @@ def count_send(tensor: torch.Tensor, group, group_size: int) -> None:
         record("send", tensor, group_size, nbytes, counted=True, group=group)
 
 
+def in_counted_collective() -> bool:
+    """True inside a collective minidist is counting (its sends are steps of that collective, not messages)."""
+    return bool(_local.__dict__.get("open"))
+
+
 def count_recv(tensor: torch.Tensor, group, group_size: int) -> None:
     """A message arrives: recorded (0 bytes sent) unless it is a step of a collective being counted."""
     if not _local.__dict__.get("open"):

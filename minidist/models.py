@@ -29,6 +29,11 @@ class GPTConfig:
     tie_weights: bool = True  # lm_head.weight is wte.weight
 
     def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
 
@@ -36,7 +41,7 @@ class GPTConfig:
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.attn_drop = nn.Dropout(cfg.dropout)
@@ -45,13 +50,15 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("future", future, persistent=False)  # True where position j > i: masked out
 
     def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)                           # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+        # The number of heads is read from the shapes (as Hugging Face models do), so a rank that holds only some of
+        # the heads' projections (tensor parallelism, chapter 04) runs this code unchanged.
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=2)                           # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, T)
         att = att.masked_fill(self.future[:T, :T], float("-inf")).softmax(dim=-1)
         y = self.attn_drop(att) @ v                                     # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)                # re-assemble the heads: (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, -1)                         # re-assemble the heads: (B, T, C)
         return self.resid_drop(self.proj(y))
 
 

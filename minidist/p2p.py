@@ -9,7 +9,7 @@ issued before them, and a simulated link holds each one for alpha + bytes / band
 import torch
 import torch.distributed as dist
 
-from . import backend
+from . import backend, flight
 from .backend import Work
 from .ledger import count_recv, count_send, counting
 
@@ -24,19 +24,27 @@ def global_rank(group_rank: int, group=None) -> int:
 
 
 def _post_send(x: torch.Tensor, dst: int, group, tag: int) -> Work:
+    to = global_rank(dst, group)
+    entry = flight.enter("send", x, group, peer=to)
     count_send(x, group, group_size(group))
     backend.simulate_message(x.numel() * x.element_size())
-    return Work(x, torch_work=dist.isend(x, global_rank(dst, group), group=group, tag=tag))
+    return Work(x, torch_work=dist.isend(x, to, group=group, tag=tag), entry=entry)
 
 
 def _post_recv(x: torch.Tensor, src: int, group, tag: int) -> Work:
+    frm = global_rank(src, group)
+    entry = flight.enter("recv", x, group, peer=frm)
     count_recv(x, group, group_size(group))
-    return Work(x, torch_work=dist.irecv(x, global_rank(src, group), group=group, tag=tag))
+    return Work(x, torch_work=dist.irecv(x, frm, group=group, tag=tag), entry=entry)
 
 
-def _post(fn, *args) -> Work:
+def _post(fn, x, peer, group, tag) -> Work:
     """Post a message now, or, under the ring backend, from the communication thread after what was issued before."""
-    return backend.submit(lambda: fn(*args)) if backend.ring_active() else fn(*args)
+    n, me = group_size(group), dist.get_rank(group)
+    if not isinstance(peer, int) or not 0 <= peer < n or peer == me:
+        raise ValueError(f"{'destination' if fn is _post_send else 'source'} {peer!r} is not another rank of the "
+                         f"group (group ranks 0..{n - 1}, this rank is {me})")
+    return backend.submit(lambda: fn(x, peer, group, tag)) if backend.ring_active() else fn(x, peer, group, tag)
 
 
 def isend(x: torch.Tensor, dst: int, group=None, tag: int = 0) -> Work:

@@ -43,7 +43,9 @@ def ring_states(n: int) -> list[list[list[frozenset]]]:
     """
     state = [[frozenset([r]) for _ in range(n)] for r in range(n)]
     states = [state]
-    for s in range(n - 1):  # reduce-scatter: rank r sends chunk (r-s-1), adds it into chunk (r-s-2) of rank r+1
+    # reduce-scatter: rank r sends chunk c = (r-s-1); rank r+1 adds it into its own chunk c (for rank r+1, c is its
+    # (rank - s - 2), the chunk collectives.ring_reduce_scatter_ receives into)
+    for s in range(n - 1):
         new = [row[:] for row in state]
         for r in range(n):
             c = (r - s - 1) % n
@@ -97,6 +99,59 @@ def timeline(events_per_rank: list[list[tuple[str, float, float]]], title: str, 
     ax.set_xlabel("ms since the step started")
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
+    return ax
+
+
+def tp_block(ax=None):
+    """Where tensor parallelism's collectives sit in a transformer block, without and with sequence parallelism.
+
+    Colors: replicated on every rank (grey), split by features across ranks (blue), split by sequence (green)."""
+    ax = ax or plt.subplots(figsize=(11, 3.6))[1]
+    colors = {"rep": "#dddddd", "tp": "#9ecae1", "seq": "#a1d99b", "comm": "#fdae6b"}
+    steps = [("Layer\nNorm", "norm"), ("f", "enter"), ("q k v\ncolumn", "tp"), ("attention\n(heads)", "tp"),
+             ("proj\nrow", "tp"), ("g", "leave"), ("+", "norm"), ("Layer\nNorm", "norm"), ("f", "enter"),
+             ("fc\ncolumn", "tp"), ("GELU", "tp"), ("proj\nrow", "tp"), ("g", "leave"), ("+", "norm")]
+    for row, (sp, title) in enumerate(((False, "tensor parallel (f: backward all-reduce; g: backward identity)"),
+                                       (True, "+ sequence parallel (all-gather: backward reduce-scatter, and back)"))):
+        y = 1.6 - 1.6 * row
+        ax.text(-0.2, y + 0.45, title, ha="left", fontsize=10, weight="bold")
+        for i, (label, kind) in enumerate(steps):
+            if kind in ("enter", "leave"):
+                label = {"enter": "all-\ngather" if sp else "f\nidentity",
+                         "leave": "reduce-\nscatter" if sp else "g\nall-reduce"}[kind]
+                color = colors["comm"]
+            else:
+                color = colors["tp"] if kind == "tp" else colors["seq" if sp else "rep"]
+            ax.add_patch(plt.Rectangle((i, y - 0.3), 0.9, 0.6, facecolor=color, edgecolor="black", lw=0.6))
+            ax.text(i + 0.45, y, label, ha="center", va="center", fontsize=7.5)
+            if i:
+                ax.annotate("", (i, y), (i - 0.1, y), arrowprops=dict(arrowstyle="->", lw=0.6))
+    for kind, text in (("rep", "replicated (B, T, C)"), ("seq", "sequence shard (B, T/N, C)"),
+                       ("tp", "feature shard: C/N or heads/N"), ("comm", "collective")):
+        ax.bar(0, 0, color=colors[kind], label=text)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, -0.08), ncol=4, fontsize=8, frameon=False)
+    ax.set(xlim=(-0.3, len(steps)), ylim=(-0.5, 2.2))
+    ax.axis("off")
+PIPELINE_COLORS = {"F": "tab:blue", "B": "tab:orange", "W": "tab:green"}
+
+
+def pipeline_timeline(events_per_rank, title: str, ax=None, unit: float = 1e3, xlabel: str = "ms"):
+    """One lane per pipeline rank, one bar per action ((label, start, end), label like "F3", "B2.1", "W0"): forward
+    blue, backward orange, weight gradient green, chunk 1 and later hatched; white space is the bubble."""
+    ax = ax or plt.subplots(figsize=(9, 0.5 + 0.45 * len(events_per_rank)))[1]
+    t0 = min(float(start) for events in events_per_rank for _, start, _ in events)
+    for rank, events in enumerate(events_per_rank):
+        for label, start, end in events:
+            label = str(label)
+            left, width = (float(start) - t0) * unit, (float(end) - float(start)) * unit
+            ax.barh(rank, width, left=left, height=0.8, color=PIPELINE_COLORS[label[0]], edgecolor="white",
+                    hatch="//" if "." in label else None)
+            ax.text(left + width / 2, rank, label[1:].split(".")[0], ha="center", va="center", fontsize=7,
+                    color="white")
+    ax.set_yticks(range(len(events_per_rank)), [f"rank {r}" for r in range(len(events_per_rank))])
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
     return ax
 
 

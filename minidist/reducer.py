@@ -33,69 +33,45 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import comm
-
-MiB = 1 << 20
-
-
-def assign_buckets(numels: list[int], cap: int | None) -> list[list[tuple[int, int, int]]]:
-    """Cut the flattened gradients into buckets of `cap` elements, walking the parameters in *reverse* order.
-
-    Returns, for each bucket, its pieces (parameter index, start, stop) within that flattened parameter. A parameter
-    may be split across two buckets, so every bucket but the last holds exactly `cap` elements and there are
-    ceil(total / cap) buckets. `cap=None` gives one bucket per parameter (the naive algorithm). Empty parameters
-    get no piece.
-    """
-    # <exercise assign_buckets points=2>
-    # hint: keep the current bucket and how much room it has left; a parameter can fill the current bucket and
-    #       continue in the next one, possibly several times.
-    if cap is None:
-        return [[(i, 0, numels[i])] for i in reversed(range(len(numels))) if numels[i]]
-    buckets, current, room = [], [], cap
-    for i in reversed(range(len(numels))):
-        start = 0
-        while start < numels[i]:
-            take = min(room, numels[i] - start)
-            current.append((i, start, start + take))
-            start, room = start + take, room - take
-            if room == 0:
-                buckets.append(current)
-                current, room = [], cap
-    if current:
-        buckets.append(current)
-    return buckets
-    # </exercise>
+from .buckets import MiB, Bucket, assign_buckets, launch_ready_buckets, layout  # noqa: F401
 
 
-class Bucket:
-    """One bucket: a slice [start, stop) of the flat buffer of its dtype, and the parameters it holds."""
+class GradBucket:
+    """What a communication hook sees of one bucket (the interface of torch.distributed.GradBucket)."""
 
-    def __init__(self, index: int, dtype: torch.dtype, start: int, stop: int, params: list[int]):
-        self.index, self.dtype, self.start, self.stop, self.params = index, dtype, start, stop, params
-        self.pending = 0  # hook firings still awaited in this backward
+    def __init__(self, reducer, bucket, buf):
+        self._reducer, self._bucket, self._buf = reducer, bucket, buf
 
-    def __repr__(self):
-        return f"Bucket({self.index}, {self.dtype}, [{self.start}, {self.stop}), params {self.params})"
+    def index(self) -> int:
+        return self._bucket.index
+
+    def buffer(self) -> torch.Tensor:
+        """The bucket's flat gradients (a view into the gradients themselves, summed over nothing yet)."""
+        return self._buf
+
+    def is_last(self) -> bool:
+        return self._bucket.index == len(self._reducer.buckets) - 1
+
+    def parameters(self) -> list:
+        return [self._reducer.params[i] for i in self._bucket.params]
+
+    def gradients(self) -> list:
+        return [self._reducer.grad_view(i) for i in self._bucket.params]
 
 
-def layout(params: list[torch.Tensor], cap_bytes: int | None):
-    """Buckets over one flat buffer per dtype: (buckets in launch order, {param index: (dtype, offset)})."""
-    buckets, offsets = [], {}
-    for dtype in dict.fromkeys(p.dtype for p in params):
-        members = [i for i, p in enumerate(params) if p.dtype == dtype]
-        cap = None if cap_bytes is None else max(1, cap_bytes // params[members[0]].element_size())
-        position = 0
-        for pieces in assign_buckets([params[i].numel() for i in members], cap):
-            start = position
-            for k, begin, stop in pieces:  # a parameter's pieces are consecutive: it is one slice of the buffer
-                if begin == 0:
-                    offsets[members[k]] = (dtype, position)
-                position += stop - begin
-            buckets.append(Bucket(0, dtype, start, position, list(dict.fromkeys(members[k] for k, _, _ in pieces))))
-    # Launch order: as backward produces them, i.e. by the latest parameter each bucket holds.
-    buckets.sort(key=lambda b: (-max(b.params), b.start))
-    for k, b in enumerate(buckets):
-        b.index = k
-    return buckets, offsets
+class _HookWork:
+    """A hook's future (torch.futures.Future or a minidist Work): waiting writes its value into the bucket."""
+
+    def __init__(self, future, buf):
+        self.future, self.buf, self.completed_at = future, buf, None
+
+    def wait(self):
+        value = self.future.wait()
+        value = value[0] if isinstance(value, (list, tuple)) else value
+        if value is not None and value.data_ptr() != self.buf.data_ptr():
+            self.buf.copy_(value.reshape(self.buf.shape))
+        self.completed_at = time.perf_counter()
+        return self.buf
 
 
 class _OutputSink(torch.autograd.Function):
@@ -145,6 +121,7 @@ class GradReducer:
         self.shards = [None] * len(self.buckets)  # reduce_scatter: this rank's averaged shard of each bucket
         self.expected = None   # hook firings per parameter in one backward: learned in the first one
         self.sync, self.open, self.inflight, self.events = True, False, [], []
+        self.comm_hook = None  # (state, hook(state, GradBucket) -> future of the reduced buffer), as DDP's
         self._anchor = torch.zeros((), requires_grad=True)
         self._hooks = [p.register_post_accumulate_grad_hook(partial(self.grad_ready, i))
                        for i, p in enumerate(self.params)]
@@ -193,12 +170,12 @@ class GradReducer:
         for b in self.bucket_of[i]:
             b.pending -= 1
         if self.overlap:
-            while self.next < len(self.buckets) and self.buckets[self.next].pending == 0:
-                self.launch(self.next)
+            launch_ready_buckets([b.pending for b in self.buckets], self.next, self.launch)
 
     def launch(self, b: int) -> None:
         """Start bucket b's collective asynchronously (in bucket order: every rank issues the same sequence)."""
-        assert b == self.next, "buckets must be launched in order"
+        if b != self.next:
+            raise RuntimeError(f"bucket {b} launched out of order (bucket {self.next} is next)")
         bucket = self.buckets[b]
         for i in bucket.params:
             if not self.fired[i]:
@@ -208,11 +185,16 @@ class GradReducer:
             for i in bucket.params:
                 if self.bucket_of[i][-1] is bucket:
                     self.params[i].grad = None
-        if self.average:
-            buf.div_(self.world)
-        if self.op == "all_reduce":
+        if self.comm_hook is not None and self.op == "all_reduce":  # the hook reduces (and averages) the bucket
+            state, hook = self.comm_hook
+            work = _HookWork(hook(state, GradBucket(self, bucket, buf)), buf)
+        elif self.op == "all_reduce":
+            if self.average:
+                buf.div_(self.world)
             work = comm.all_reduce_(buf, self.group, async_op=True)
         else:
+            if self.average:
+                buf.div_(self.world)
             self.shards[b] = buf.new_empty(buf.numel() // self.world)
             work = comm.reduce_scatter_into_(self.shards[b], buf, self.group, async_op=True)
         self.inflight.append((b, time.perf_counter(), work))

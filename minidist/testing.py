@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import global_rank
+from .launch import device
 from .models import lm_loss
 
 
@@ -22,6 +23,28 @@ class Comparison:
     worst_param: str             # the parameter where it occurs
     losses: list[float]          # the technique's loss on this rank's slice, per step
     reference_losses: list[float]
+
+
+def on_device(fn):
+    """Run a rank function with this rank's device as the default for new tensors and modules (its GPU under NCCL,
+    the CPU under gloo), and bring tensors in its result back to the CPU so they can travel to the parent."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        dev = device()
+        if dev.type == "cpu":  # the default already (and a device context slows every torch call down)
+            result = fn(*args, **kwargs)
+        else:
+            with torch.device(dev):
+                result = fn(*args, **kwargs)
+        return torch.utils._pytree.tree_map(lambda v: v.cpu() if torch.is_tensor(v) else v, result)
+    return run
+
+
+def to_device(batch):
+    """Every tensor of `batch` on this rank's device."""
+    return tuple(t.to(device()) for t in batch)
 
 
 def shard_batch(batch, rank: int, world_size: int):
@@ -56,7 +79,7 @@ def compare_with_reference(build_model, wrap, batches, *, optimizer=sgd(), dist_
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     torch.manual_seed(seed)
-    reference = build_model()
+    reference = build_model().to(device())
     model = copy.deepcopy(reference)
     wrapped = wrap(model)
     ref_opt = optimizer(reference.parameters())
@@ -64,6 +87,7 @@ def compare_with_reference(build_model, wrap, batches, *, optimizer=sgd(), dist_
     step = step or _default_step(loss_fn)
     losses, ref_losses = [], []
     for batch in batches:
+        batch = to_device(batch)
         ref_losses.append(_default_step(loss_fn)(reference, ref_opt, batch))
         losses.append(step(wrapped, opt, shard_batch(batch, rank, world)))
     trained = params_of(wrapped) if params_of else dict(model.named_parameters())
@@ -90,7 +114,7 @@ def replica_divergence(module: torch.nn.Module, group=None) -> float:
     Collective, and the same answer on every rank. Uses torch.distributed directly, so a ByteLedger measuring the
     technique does not see these checks.
     """
-    worst = torch.zeros(())
+    worst = torch.zeros((), device=next(module.parameters()).device)
     for p in module.parameters():
         mine = p.detach().contiguous()
         first = mine.clone()

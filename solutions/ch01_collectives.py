@@ -8,12 +8,15 @@ import torch
 import torch.distributed as dist
 
 from minidist.collectives import ring_exchange
+from minidist.comm import reduce_scatter_sum
 
 
 def ring_reduce_scatter_(chunks: list[torch.Tensor], group=None) -> None:
     """Ring reduce-scatter in place: `chunks` are this rank's N pieces; afterwards chunks[rank] is their sum over ranks.
 
-    The other chunks hold partial sums afterwards (they are scratch space).
+    The other chunks hold partial sums afterwards (they are scratch space). Chunks may differ in size by one element
+    and may be empty. Graded: chunks[rank] on every rank at N = 1 to 4 (integers, so exactly), the bytes sent
+    (N-1 chunks per rank, counted by ring_exchange), and which ranks' data each partial chunk holds afterwards.
     """
     # ---- exercise ring_reduce_scatter (3 points) ---------------------------------------------------
     # hint: at step s, send chunks[(rank - s - 1) % n] and receive into a scratch buffer shaped like
@@ -29,7 +32,10 @@ def ring_reduce_scatter_(chunks: list[torch.Tensor], group=None) -> None:
 
 
 def ring_all_gather_(chunks: list[torch.Tensor], group=None) -> None:
-    """Ring all-gather in place: chunks[rank] is this rank's piece; afterwards every chunks[i] holds rank i's piece."""
+    """Ring all-gather in place: chunks[rank] is this rank's piece; afterwards every chunks[i] holds rank i's piece.
+
+    Graded: every chunk on every rank at N = 1 to 4, chunks of unequal and zero size included, and N-1 sends a rank.
+    """
     # ---- exercise ring_all_gather (2 points) -------------------------------------------------------
     # hint: at step s, send chunks[(rank - s) % n] and receive straight into chunks[(rank - s - 1) % n].
     n, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -42,7 +48,8 @@ def ring_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """The sum of `tensor` over the group, computed with the ring, in a new tensor (the input is not modified).
 
     Works for any size: the flattened tensor is cut into N chunks whose sizes differ by at most one element, so a
-    tensor smaller than N simply has some empty chunks.
+    tensor smaller than N simply has some empty chunks. Graded: exact sums (integer tensors) of every shape from
+    empty to (64, 64) at N = 1 to 4, the input unmodified, the result's shape and dtype, and the bytes sent.
     """
     # ---- exercise ring_all_reduce (2 points) -------------------------------------------------------
     # hint: copy and flatten the tensor, cut it with torch.tensor_split into one chunk per rank (views, so working
@@ -53,3 +60,43 @@ def ring_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
     ring_all_gather_(chunks, group)
     return out.view_as(tensor)
     # ---- end of exercise ring_all_reduce --------------------------------------------------------------
+
+
+def fit_relative(terms: list[tuple[float, ...]], seconds: list[float]) -> list[float]:
+    """Non-negative coefficients c minimizing the sum of squared *relative* errors ((terms_i . c - t_i) / t_i)^2.
+
+    An absolute least-squares fit is ruled by the largest timings: a 16 MB all-reduce taking 15 ms outweighs a 256 B
+    one taking 0.2 ms by 75x, and the small messages end up predicted 2x too fast. Dividing every equation by its own
+    time weighs each measurement by how wrong the prediction is *relative* to it. A coefficient that would come out
+    negative (noise, or a term the data cannot see) is fixed at 0 and the others refitted.
+    Graded: exact recovery of known coefficients, the relative weighting, and the non-negativity.
+    """
+    # ---- exercise fit_relative (2 points) ----------------------------------------------------------
+    # hint: scale each row of terms and each time by 1 / t_i, then solve an ordinary least-squares problem
+    #       (torch.linalg.lstsq in float64) whose right-hand side is all ones.
+    # hint: while some coefficient is negative, drop the most negative one (fix it at 0) and solve again.
+    a = torch.tensor(terms, dtype=torch.float64) / torch.tensor(seconds, dtype=torch.float64).unsqueeze(1)
+    free = list(range(a.shape[1]))
+    while True:
+        c = torch.zeros(a.shape[1], dtype=torch.float64)
+        if free:
+            ones = torch.ones(a.shape[0], 1, dtype=torch.float64)
+            c[free] = torch.linalg.lstsq(a[:, free], ones).solution.squeeze(1)
+        if (c >= 0).all():
+            return c.tolist()
+        free.remove(int(c.argmin()))
+    # ---- end of exercise fit_relative -----------------------------------------------------------------
+
+
+def all_gather_backward(grad: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
+    """all_gather's backward: the gradient of this rank's shard, given the gradient of the gathered tensor.
+
+    Forward, rank r's shard x_r sits at position r (along `dim`) of the gathered tensor on *every* rank, and each rank
+    computes its own loss from it. So the gradient of x_r is the sum over ranks q of the slice r of q's gradient.
+    Graded: the values on every rank at group sizes 1 to 4, along dims 0 and 1 (grad.shape[dim] is N times the
+    shard's), and the input gradient left unmodified.
+    """
+    # ---- exercise all_gather_backward (2 points) ---------------------------------------------------
+    # hint: which collective sums over ranks and hands each rank one slice of the result?
+    return reduce_scatter_sum(grad, group, dim)
+    # ---- end of exercise all_gather_backward ----------------------------------------------------------

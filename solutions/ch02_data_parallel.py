@@ -13,7 +13,9 @@ from minidist import comm
 def average_gradients_(params, group=None) -> None:
     """The naive algorithm, after backward: replace every .grad by its average over the group, one all-reduce each.
 
-    Every rank must hold a gradient for the same parameters (call it after backward on every rank).
+    Every rank must hold a gradient for the same parameters (call it after backward on every rank); a parameter whose
+    .grad is None is skipped. Graded: the averaged values by hand, one all-reduce per parameter, and 4 SGD steps on 2
+    and 3 ranks equal to one process on the global batch, with replicas bitwise identical.
     """
     # ---- exercise average_gradients (1 point) -----------------------------------------------------
     # hint: comm.all_reduce_sum(t, group) returns the sum over ranks in a new tensor.
@@ -33,7 +35,9 @@ def global_mean_loss(loss_sum: torch.Tensor, count, group=None) -> torch.Tensor:
     so each rank must scale its loss sum by N / total: after the average, sum_r grad(loss_sum_r) / total. The counts
     are all-reduced once per call. Under no_sync(), pass the rank's count for the whole step (all its micro-batches)
     in every micro-step. The value returned is this rank's share, scaled for backward: to print the global mean,
-    all-reduce `loss_sum` and divide by the total count.
+    all-reduce `loss_sum` and divide by the total count. A total count of 0 is an error.
+    Graded: gradients equal to one process on the union of the batches (tolerance 1e-6) with 2 and 3 ranks holding
+    3, 23 and 10 sequences, under no_sync with unequal micro-batches, and the error for a total of 0.
     """
     # ---- exercise global_mean_loss (2 points) ------------------------------------------------------
     # hint: one all-reduce of this rank's count gives the total; the answer is loss_sum times a factor.
@@ -52,8 +56,13 @@ def assign_buckets(numels: list[int], cap: int | None) -> list[list[tuple[int, i
     Returns, for each bucket, its pieces (parameter index, start, stop) within that flattened parameter. A parameter
     may be split across two buckets, so every bucket but the last holds exactly `cap` elements and there are
     ceil(total / cap) buckets. `cap=None` gives one bucket per parameter (the naive algorithm). Empty parameters
-    get no piece.
+    get no piece. Inside a bucket the pieces are listed in the order they were added (so a parameter's pieces are in
+    increasing start order, and the last parameter comes first). A cap that is not a positive integer raises
+    ValueError (checked before the exercise region). Graded: exact buckets by hand, and on random sizes: ceil(total /
+    cap) buckets, full buckets but the last, each parameter's pieces tiling [0, numel) in order.
     """
+    if cap is not None and (not isinstance(cap, int) or cap <= 0):
+        raise ValueError(f"bucket capacity must be a positive number of elements (or None), got {cap!r}")
     # ---- exercise assign_buckets (2 points) --------------------------------------------------------
     # hint: keep the current bucket and how much room it has left; a parameter can fill the current bucket and
     #       continue in the next one, possibly several times.
@@ -75,9 +84,32 @@ def assign_buckets(numels: list[int], cap: int | None) -> list[list[tuple[int, i
     # ---- end of exercise assign_buckets ---------------------------------------------------------------
 
 
+def launch_ready_buckets(pending: list[int], next_bucket: int, launch) -> int:
+    """Launch, in bucket order, every bucket from `next_bucket` on whose gradients have all arrived; return the index
+    of the first bucket not launched.
+
+    pending[b] is how many gradient arrivals bucket b still awaits (0: complete). launch(b) starts bucket b's
+    collective. Buckets must start in index order on every rank, even when a later bucket completes first: if rank 0
+    launched bucket 3 before bucket 2 while rank 1 launched 2 first, their all-reduces would pair bucket 3 on one rank
+    with bucket 2 on the other (wrong sums, or a hang when the sizes differ). So a complete bucket waits for every
+    bucket before it. Graded: which buckets are launched, in which order, and the index returned.
+    """
+    # ---- exercise launch_ready_buckets (2 points) --------------------------------------------------
+    # hint: walk forward from next_bucket; stop at the first bucket that is still waiting for a gradient.
+    while next_bucket < len(pending) and pending[next_bucket] == 0:
+        launch(next_bucket)
+        next_bucket += 1
+    return next_bucket
+    # ---- end of exercise launch_ready_buckets ---------------------------------------------------------
+
+
 def update_scale(scale: float, good_steps: int, found_inf: bool, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000) -> tuple[float, int]:
-    """One update of the dynamic loss scale: returns (new scale, new count of good steps in a row)."""
+    """One update of the dynamic loss scale: returns (new scale, new count of good steps in a row).
+
+    The policy of torch.amp.GradScaler (module docstring). Graded: by hand, and step for step against GradScaler
+    driven through overflows, with bit-identical weights.
+    """
     # ---- exercise loss_scale_update (1 point) -----------------------------------------------------
     # hint: an overflow resets the count of good steps; reaching growth_interval good steps also resets it.
     if found_inf:

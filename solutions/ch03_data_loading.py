@@ -13,7 +13,12 @@ from minidist.samplers import _check_rank
 
 def distributed_indices(n: int, num_replicas: int, rank: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                         drop_last: bool = False) -> list[int]:
-    """The dataset positions rank `rank` reads in epoch `epoch` (see DistributedSampler)."""
+    """The dataset positions rank `rank` reads in epoch `epoch` (see DistributedSampler).
+
+    Graded: index for index the positions torch.utils.data.DistributedSampler yields with the same arguments, for
+    sizes that N divides and does not, n < N (padding repeats the order more than once), n = 0, shuffle on and off,
+    drop_last on and off, several epochs.
+    """
     _check_rank(num_replicas, rank)
     # ---- exercise distributed_indices (2 points) ---------------------------------------------------
     # hint: torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)) is the shuffled order.
@@ -32,7 +37,10 @@ def distributed_indices(n: int, num_replicas: int, rank: int, shuffle: bool = Tr
 def token_budget_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
     """Greedy batches over `lengths` taken in the given order: each batch's size x longest stays <= max_tokens.
 
-    A sample longer than max_tokens is a batch of its own. (Sort by length first to waste little padding.)
+    Returns lists of positions into `lengths`, in order; a batch is closed as soon as the next sample would push it
+    over the budget. A sample longer than max_tokens is a batch of its own. (Sort by length first to waste little
+    padding.) Graded: exact batches on hand-made inputs, and on random ones: every position once, in order, within
+    the budget, and no two neighbouring batches that would fit together.
     """
     # ---- exercise token_budget_batches (2 points) --------------------------------------------------
     # hint: adding a sample of length L to a batch of k samples whose longest is M costs (k + 1) * max(M, L).
@@ -47,3 +55,19 @@ def token_budget_batches(lengths: list[int], max_tokens: int) -> list[list[int]]
         batches.append(current)
     return batches
     # ---- end of exercise token_budget_batches ---------------------------------------------------------
+
+
+def straggler_idle(work: list[list[float]]) -> float:
+    """Share of the ranks' time spent waiting for the slowest rank, over all steps.
+
+    work[s][r] is how long rank r computes in step s (seconds, or a proxy: padded tokens). A synchronous step ends
+    when the slowest rank is done (the all-reduce waits for it), so rank r idles max_s - work[s][r]. Returned:
+    sum over steps and ranks of the idle time / sum over steps of N x max_s (0: perfectly balanced; 0.5: half the
+    machine waits). Graded: by hand on small tables, including equal work (0) and a single rank (0).
+    """
+    # ---- exercise straggler_idle (1 point) --------------------------------------------------------
+    # hint: per step, the slowest rank sets the step's length; every other rank idles for the difference.
+    idle = sum(max(step) * len(step) - sum(step) for step in work if step)
+    total = sum(max(step) * len(step) for step in work if step)
+    return idle / total if total else 0.0
+    # ---- end of exercise straggler_idle ---------------------------------------------------------------

@@ -59,4 +59,12 @@ def test_example_without_gradient_averaging_lets_replicas_drift():
 def test_example_rejects_a_batch_that_does_not_split():
     out = run_example("--strategy", "ddp", "--steps", "2", "--world-size", "3", "--batch-size", "32", "--quiet")
     assert out.returncode != 0
-    assert "global batch size 32 is not divisible by the world size 3" in out.stderr
+    assert "--batch-size 32 is not divisible by the world size 3" in out.stderr  # refused before any rank starts
+
+
+def test_bench_buckets_refuses_nonsense():
+    from minidist.bench import bench_buckets
+    with pytest.raises(ValueError, match="positive bucket sizes"):
+        bench_buckets(caps_mb=(0.1, 0.0))
+    with pytest.raises(ValueError, match="bandwidth must be positive"):
+        bench_buckets(bandwidth=-1.0)

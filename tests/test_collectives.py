@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 from minidist import comm, launch
 from minidist.grading import implementation
-from minidist.collectives import (AlphaBeta, chain_broadcast, ring_all_gather, ring_reduce_scatter_,
+from minidist.collectives import (AlphaBeta, chain_broadcast, ring_all_gather,
                                   ring_reduce_scatter, ring_step_time)
 
 SHAPES = [(0,), (1,), (2,), (3,), (7,), (1009,), (3, 5, 7), (64, 64)]
@@ -76,22 +76,49 @@ def test_each_rank_sends_2_n_minus_1_over_n_of_the_tensor(world_size):
         assert messages == 2 * (n - 1)
 
 
-def test_alpha_beta_fit_recovers_a_synthetic_link():
-    link = AlphaBeta(alpha=5e-5, beta=1e-9)
-    sizes = [1e3, 1e4, 1e5, 1e6, 1e7]
-    fitted = AlphaBeta.fit(sizes, [link.predict("send", b, 2) for b in sizes])
-    assert fitted.alpha == pytest.approx(link.alpha, rel=1e-6)
-    assert fitted.beta == pytest.approx(link.beta, rel=1e-6)
+@pytest.mark.exercise("fit_relative")
+def test_fit_recovers_a_synthetic_link_with_a_reduction_term():
+    import minidist.collectives as collectives
+    link = AlphaBeta(alpha=5e-5, beta=1e-9, gamma=4e-10)
+    samples = [(op, b, n, link.predict(op, b, n)) for op in ("send", "all_reduce") for b in (256, 1e4, 1e6, 1.6e7)
+               for n in (2, 4)]
+    terms = [collectives.cost_terms(op, b, n) for op, b, n, _ in samples]
+    alpha, beta, gamma = implementation("fit_relative")(terms, [t for *_, t in samples])
+    assert alpha == pytest.approx(link.alpha, rel=1e-6) and beta == pytest.approx(link.beta, rel=1e-6)
+    assert gamma == pytest.approx(link.gamma, rel=1e-6)
+
+
+@pytest.mark.exercise("fit_relative")
+def test_fit_weighs_small_messages_by_their_relative_error():
+    # Times no straight line alpha + m beta meets exactly. An absolute least-squares fit serves the 30 ms message and
+    # predicts the 256 B one 200x too fast (its alpha comes out negative); the relative fit stays within 1.3x.
+    sizes, seconds = [256.0, 4096.0, 1e6, 1.6e7], [1e-4, 1.1e-4, 1.5e-3, 3.0e-2]
+    absolute = torch.linalg.lstsq(torch.tensor([[1.0, b] for b in sizes], dtype=torch.float64),
+                                  torch.tensor(seconds, dtype=torch.float64).unsqueeze(1)).solution.squeeze(1)
+    assert (max(absolute[0].item(), 0) + absolute[1].item() * 256) / 1e-4 < 0.01  # the data discriminates
+    alpha, beta = implementation("fit_relative")([(1.0, b) for b in sizes], seconds)
+    ratios = [(alpha + beta * b) / t for b, t in zip(sizes, seconds)]
+    assert all(1 / 1.3 < r < 1.3 for r in ratios), ratios
+
+
+@pytest.mark.exercise("fit_relative")
+def test_fit_never_returns_a_negative_coefficient():
+    # Times that fall with size would need a negative beta: it is pinned at 0 and alpha refitted.
+    alpha, beta = implementation("fit_relative")([(1.0, 1e3), (1.0, 1e6)], [2e-3, 1e-3])
+    assert beta == 0.0 and 1e-3 < alpha < 2e-3
 
 
 def test_cost_formulas():
-    link = AlphaBeta(alpha=1.0, beta=0.5)
-    assert link.predict("all_reduce", 8, 4) == 2 * 3 * 1.0 + 2 * 3 / 4 * 8 * 0.5
-    assert link.predict("all_gather", 8, 4) == link.predict("reduce_scatter", 8, 4) == 3 + 3 / 4 * 8 * 0.5
+    link = AlphaBeta(alpha=1.0, beta=0.5, gamma=0.25)
+    assert link.predict("all_reduce", 8, 4) == 2 * 3 * 1.0 + 2 * 3 / 4 * 8 * 0.5 + 3 / 4 * 8 * 0.25
+    assert link.predict("all_gather", 8, 4) == 3 + 3 / 4 * 8 * 0.5
+    assert link.predict("reduce_scatter", 8, 4) == 3 + 3 / 4 * 8 * (0.5 + 0.25)
     assert link.predict("broadcast", 8, 4, pieces=4) == (4 - 2 + 4) * (1 + 2 * 0.5)
     assert link.predict("all_reduce", 8, 1) == 0.0
     with pytest.raises(ValueError, match="no cost formula for op 'all_to_all'"):
         link.predict("all_to_all", 8, 4)
+    with pytest.raises(ValueError, match="needs at least one timing"):
+        AlphaBeta.fit([])
 
 
 def test_ring_step_time_needs_two_ranks():
@@ -107,10 +134,11 @@ def test_ring_step_time_returns_one_median_per_rank():
 def partial_sums_after_reduce_scatter():
     n, rank = dist.get_world_size(), dist.get_rank()
     chunks = [torch.full((1,), 2 ** rank, dtype=torch.int64) for _ in range(n)]  # bit r marks rank r's data
-    ring_reduce_scatter_(chunks)
+    implementation("ring_reduce_scatter")(chunks)
     return [int(c) for c in chunks]
 
 
+@pytest.mark.exercise("ring_reduce_scatter")
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_the_ring_diagram_simulates_what_the_code_does(world_size):
     # Every chunk, on every rank, holds exactly the contributions the diagram's simulation says (partial sums too).

@@ -2,55 +2,31 @@
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from minidist import launch
-from minidist.data_parallel import DataParallel
 from minidist.grading import implementation
-from minidist.models import GPT
-from minidist.tour.data_parallel import BATCHES, CFG
+from minidist.tour.data_parallel import unequal_batches
 
-SIZES = {2: [3, 23], 3: [3, 23, 10]}  # samples per rank: rank 1 holds 7.7x rank 0's
-
-
-def loss_sum(model, x, y):
-    logits = model(x)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+SIZES = {2: [3, 23], 3: [3, 23, 10]}  # sequences per rank: rank 1 holds 7.7x rank 0's
 
 
-def unequal_batches(normalize: str, micro_steps: int = 1):
-    """Gradients of DataParallel on unequal per-rank batches vs one process on their union (max |diff|)."""
-    global_mean_loss = implementation("global_mean_loss")
-    n, rank = dist.get_world_size(), dist.get_rank()
-    sizes = SIZES[n]
-    x, y = torch.cat([b[0] for b in BATCHES]), torch.cat([b[1] for b in BATCHES])
-    starts = [sum(sizes[:r]) for r in range(n)]
-    torch.manual_seed(0)
-    reference, dp = GPT(CFG), DataParallel(GPT(CFG))
-    dp.module.load_state_dict(reference.state_dict())
-    total = sum(sizes) * x.shape[1]
-    (loss_sum(reference, x[:sum(sizes)], y[:sum(sizes)]) / total).backward()  # the global-batch mean
-    mine = slice(starts[rank], starts[rank] + sizes[rank])
-    xs, ys = x[mine].tensor_split(micro_steps), y[mine].tensor_split(micro_steps)  # unequal micro-batches
-    count = sizes[rank] * x.shape[1]  # tokens this rank holds in the whole step
-    for k, (xm, ym) in enumerate(zip(xs, ys)):
-        with dp.no_sync() if k < micro_steps - 1 else torch.enable_grad():
-            if normalize == "global":
-                loss = global_mean_loss(loss_sum(dp, xm, ym), count)
-            else:  # each rank's own mean: what averaging per-rank mean losses gives
-                loss = loss_sum(dp, xm, ym) / count
-            loss.backward()
-    return max((p.grad - q.grad).abs().max().item() for p, q in zip(dp.module.parameters(), reference.parameters()))
+def with_learners_function(sizes, normalize, micro_steps):
+    """The tour's rank function, with the learner's global_mean_loss in place of minidist's."""
+    import minidist.data_parallel as dp_module
+    dp_module.global_mean_loss = implementation("global_mean_loss")
+    return unequal_batches(sizes, normalize, micro_steps)
 
 
 @pytest.mark.exercise("global_mean_loss")
 @pytest.mark.parametrize("world_size, micro_steps", [(2, 1), (3, 1), (2, 3)])
 def test_global_mean_loss_gives_the_global_batch_gradient(world_size, micro_steps):
-    assert max(launch(unequal_batches, world_size, "global", micro_steps)) < 1e-6
+    for r in launch(with_learners_function, world_size, SIZES[world_size], "global", micro_steps):
+        assert r["diff"] < 1e-6 and r["divergence"] == 0.0
 
 
 def test_averaging_per_rank_means_is_biased_with_unequal_batches():
-    assert max(launch(unequal_batches, 2, "per-rank")) > 1e-3  # the bias global_mean_loss removes
+    for r in launch(unequal_batches, 2, SIZES[2], "per-rank"):
+        assert r["relative_error"] > 0.1 and r["divergence"] == 0.0  # consistent across ranks, and wrong
 
 
 def zero_everywhere():

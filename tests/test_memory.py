@@ -125,8 +125,8 @@ def test_cli_counts_a_model_from_its_config(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--params", "-1"], "num_params must be a non-negative number"),
-    (["--params", "10", "--world-size", "0"], "world_size must be a positive integer"),
+    (["--params", "-1"], "argument --params: -1.0 is not positive"),
+    (["--params", "10", "--world-size", "0"], "argument --world-size: 0 is not a positive integer"),
     (["--model", "gpt-5"], "unknown model 'gpt-5'"),
     ([], "give --params N or --model NAME"),
 ])

@@ -61,8 +61,8 @@ def test_loss_scaler_follows_the_rule():
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_fp16_data_parallel_with_master_weights_matches_one_process(world_size):
-    for diff, skipped, ref_skipped, _, divergence in launch(fp16_side_by_side, world_size, 2.0 ** 16):
-        assert skipped == ref_skipped == 0
+    for diff, skipped, ref_skipped, scales, ref_scales, divergence in launch(fp16_side_by_side, world_size, 2.0 ** 16):
+        assert skipped == ref_skipped == 0 and scales == ref_scales
         assert divergence == 0.0  # every rank applied the same reduced bytes
         assert diff < FP16_TOL  # fp16 gradients differ in their last bits; see minidist/tour/data_parallel.py
 
@@ -71,9 +71,10 @@ def test_an_overflowing_scale_backs_off_and_every_rank_skips_the_same_steps():
     # 2^20 overflows fp16's 65504 in the first backward passes: steps are skipped until the scale has backed off,
     # then training proceeds (2 of the 4 steps here), still matching one process that skipped the same steps.
     results = launch(fp16_side_by_side, 2, 2.0 ** 20)
-    assert len({r[1] for r in results}) == 1  # all ranks skipped the same steps
-    diff, skipped, ref_skipped, scale, divergence = results[0]
-    assert divergence == 0.0
+    assert len({tuple(r[3]) for r in results}) == 1  # all ranks went through the same scales
+    diff, skipped, ref_skipped, scales, ref_scales, divergence = results[0]
+    assert divergence == 0.0 and scales == ref_scales  # the same scale after every step, not just as many skips
+    scale = scales[-1]
     assert 1 <= skipped == ref_skipped < 4
     assert scale < 2.0 ** 20
     assert diff < FP16_TOL

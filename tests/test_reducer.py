@@ -1,5 +1,6 @@
 """The gradient-reduction engine under DataParallel's edge cases, and its reduce-scatter mode (ZeRO-2's)."""
 import math
+import time
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minidist import comm, launch
 from minidist.data_parallel import DataParallel, global_mean_loss
+from minidist.grading import implementation
 from minidist.models import GPT, lm_loss
 from minidist.reducer import MiB, GradReducer
 from minidist.testing import replica_divergence
@@ -181,22 +183,46 @@ def test_hooks_are_removable_and_a_module_can_be_wrapped_again():
         assert alone == 0 and reduced == buckets
 
 
+class SlowBackward(torch.autograd.Function):
+    """Identity whose backward takes 50 ms: backward computes long after the last layers' gradients are ready."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(0.05)
+        return grad
+
+
+class SlowStart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.body, self.head = nn.Embedding(16, 64), nn.Sequential(*[nn.Linear(64, 64) for _ in range(3)]), \
+            nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.head(self.body(SlowBackward.apply(self.emb(x))))
+
+
 def timeline(overlap):
     torch.manual_seed(0)
-    dp = DataParallel(GPT(CFG), bucket_cap_mb=0.01, overlap=overlap)
-    x, y = BATCHES[0]
+    dp = DataParallel(SlowStart(), bucket_cap_mb=0.01, overlap=overlap)
+    x = torch.randint(16, (4, 8))
     finished_early = []
     for _ in range(3):  # the first backward learns how often each hook fires; later ones overlap
-        lm_loss(dp(x), y).backward()
+        lm_loss(dp(x), x).backward()
         compute_end = dp.events[0][2]
         finished_early.append([end < compute_end for _, _, end in dp.events[1:]])
-    return finished_early[1:]
+    return finished_early[1:], len(dp.buckets)
 
 
 def test_overlap_completes_all_reduces_before_backward_ends():
-    overlapped, after = launch(timeline, 2, True)[0], launch(timeline, 2, False)[0]
-    assert len(overlapped[0]) == math.ceil(4 * sum(p.numel() for p in GPT(CFG).parameters()) / int(0.01 * MiB))
-    assert any(step[0] for step in overlapped)  # the first bucket was reduced while backward was still computing
+    (overlapped, buckets), (after, _) = launch(timeline, 2, True)[0], launch(timeline, 2, False)[0]
+    assert buckets == math.ceil(4 * sum(p.numel() for p in SlowStart().parameters()) / int(0.01 * MiB)) > 3
+    for step in overlapped:  # every bucket but the embedding's was reduced while backward still computed
+        assert all(step[:-1]), step
     assert not any(any(step) for step in after)
 
 
@@ -231,3 +257,76 @@ def test_reduce_scatter_mode_keeps_only_this_ranks_averaged_shard(world_size):
         assert diff < 1e-6 and dropped
         psi = sum(p.numel() for p in GPT(CFG).parameters())
         assert sum(shard_sizes) <= psi / world_size + len(shard_sizes)  # 1/N, up to one padding element a bucket
+
+
+@pytest.mark.exercise("launch_ready_buckets")
+def test_launch_ready_buckets_by_hand():
+    launch_ready = implementation("launch_ready_buckets")
+    launched = []
+    assert launch_ready([0, 0, 1, 0], 0, launched.append) == 2 and launched == [0, 1]
+    assert launch_ready([0, 0, 0, 0], 2, launched.append) == 4 and launched == [0, 1, 2, 3]
+    launched.clear()
+    assert launch_ready([1, 0, 0], 0, launched.append) == 0 and launched == []  # complete, but behind bucket 0
+    assert launch_ready([], 0, launched.append) == 0 and launched == []
+
+
+@pytest.mark.exercise("launch_ready_buckets")
+def test_any_arrival_order_launches_every_bucket_in_order_as_early_as_possible():
+    launch_ready = implementation("launch_ready_buckets")
+    owners = [[0, 1], [1, 2], [3], [4, 5, 6], [6]]  # bucket -> the gradients it waits for (6 straddles two)
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        pending, launched, nxt = [len(o) for o in owners], [], 0
+        for grad in torch.randperm(7, generator=rng).tolist():
+            for b, o in enumerate(owners):
+                pending[b] -= grad in o
+            nxt = launch_ready(pending, nxt, launched.append)
+            ready = next((b for b, p in enumerate(pending) if p), len(pending))  # all before this one are complete
+            assert launched == list(range(ready)) and nxt == ready
+
+
+def test_predicted_step_time_by_hand():
+    from minidist.collectives import AlphaBeta
+    from minidist.data_parallel import predict_step_seconds
+    cost = AlphaBeta(alpha=1.0, beta=0.0)  # every all-reduce on 2 ranks: 2 messages, 2 s
+    # no overlap: forward 1 + backward 4, then 3 buckets one after another
+    assert predict_step_seconds([10, 10, 20], 2, cost, 1.0, 4.0, overlap=False) == 5.0 + 3 * 2.0
+    # overlap: buckets ready at 1 + 4 * (1/4, 2/4, 4/4) = 2, 3, 5; reduced from 2-4, 4-6, 6-8
+    assert predict_step_seconds([10, 10, 20], 2, cost, 1.0, 4.0, overlap=True) == 8.0
+    free = AlphaBeta(alpha=0.0, beta=0.0)
+    assert predict_step_seconds([10, 10, 20], 2, free, 1.0, 4.0) == 5.0  # free communication hides entirely
+
+
+@pytest.mark.parametrize("cap", [0, -5, 2.5])
+def test_a_bucket_capacity_that_is_not_a_positive_integer_is_refused(cap):
+    from minidist.buckets import assign_buckets
+    with pytest.raises(ValueError, match="bucket capacity must be a positive number of elements"):
+        assign_buckets([3, 4], cap)
+
+
+def with_torch_fp16_hook():
+    """torch's own fp16_compress_hook, registered on minidist's DataParallel and on DDP: the same weights."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    n, rank = dist.get_world_size(), dist.get_rank()
+    models = []
+    for wrap in (lambda m: DataParallel(m, bucket_cap_mb=0.05), lambda m: DDP(m, bucket_cap_mb=0.05),
+                 lambda m: DataParallel(m, bucket_cap_mb=0.05)):
+        torch.manual_seed(0)
+        models.append(wrap(GPT(CFG)))
+    ours, theirs, plain = models  # plain: no hook, to show the hook changes the result
+    for model in (ours, theirs):
+        model.register_comm_hook(None, fp16_compress_hook)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    for x, y in BATCHES:
+        for model, opt in zip(models, opts):
+            lm_loss(model(x.chunk(n)[rank]), y.chunk(n)[rank]).backward()
+            opt.step()
+            opt.zero_grad()
+    diff = lambda a, b: max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))  # noqa
+    return diff(ours.module, theirs.module), diff(plain.module, theirs.module), replica_divergence(ours)
+
+
+def test_a_ddp_comm_hook_runs_on_data_parallel_as_on_ddp():
+    for diff, without_hook, divergence in launch(with_torch_fp16_hook, 2):
+        assert diff < 1e-7 < without_hook and divergence == 0.0, (diff, without_hook)

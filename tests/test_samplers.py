@@ -137,3 +137,24 @@ def test_token_budget_sampler_reshuffles_per_epoch():
 def test_bad_budget():
     with pytest.raises(ValueError, match="max_tokens must be positive"):
         TokenBudgetBatchSampler(LENGTHS, 0, 2, 0)
+
+
+@pytest.mark.exercise("straggler_idle")
+def test_straggler_idle_by_hand():
+    straggler_idle = implementation("straggler_idle")
+    assert straggler_idle([[3, 3], [5, 5]]) == 0.0                  # balanced: nobody waits
+    assert straggler_idle([[4, 2]]) == pytest.approx(2 / 8)         # rank 1 waits 2 of the 2 x 4 rank-seconds
+    assert straggler_idle([[4, 2], [1, 3]]) == pytest.approx((2 + 2) / (8 + 6))
+    assert straggler_idle([[7], [9]]) == 0.0                        # one rank never waits
+    assert straggler_idle([]) == 0.0
+
+
+def test_token_budget_batches_leave_ranks_less_idle_than_random_batches():
+    from minidist.samplers import padded_tokens_per_step
+    random_batches = [list(DistributedSampler(range(len(LENGTHS)), 4, r, seed=0)) for r in range(4)]
+    random_batches = [[b[i:i + 8] for i in range(0, len(b) - 7, 8)] for b in random_batches]
+    budget = [list(TokenBudgetBatchSampler(LENGTHS, 1000, 4, r, seed=0)) for r in range(4)]
+    from minidist.samplers import straggler_idle
+    idle_random = straggler_idle(padded_tokens_per_step(random_batches, LENGTHS))
+    idle_budget = straggler_idle(padded_tokens_per_step(budget, LENGTHS))
+    assert idle_budget < idle_random / 2, (idle_budget, idle_random)

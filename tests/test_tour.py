@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from minidist import tour
-from minidist.tour import KEYS, make_row, run_tour
+from minidist.tour import KEYS, covers, make_row, run_tour
 
 
 def test_tour_at_world_size_3_through_the_cli(tmp_path):
@@ -26,11 +26,23 @@ def test_tour_at_world_size_3_through_the_cli(tmp_path):
     assert "checks passed on 3 ranks" in out.stdout
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_every_row_passes(world_size):
-    rows = run_tour(world_size, progress=False)["rows"]
-    assert len(rows) >= 7
+@pytest.mark.parametrize("world_size, only", [(2, None), (1, "data parallel"), (4, "ring")])
+def test_every_row_passes(world_size, only):
+    # The whole tour at 2 ranks (and at 3 above); at 1 and 4 ranks a subset (each chapter's tests cover the sizes).
+    rows = run_tour(world_size, progress=False, only=only)["rows"]
+    assert len(rows) >= (7 if only is None else 3)
+    assert all(only is None or only in r["technique"] for r in rows)
     assert all(r["passed"] for r in rows), [r for r in rows if not r["passed"]]
+
+
+def test_only_runs_the_checks_that_can_match(monkeypatch):
+    ran = []
+    monkeypatch.setattr(tour, "CHECKS", [
+        covers("alpha things")(lambda n: ran.append("a") or [make_row("alpha one", "r", max_abs_diff=0, tolerance=0),
+                                                             make_row("beta two", "r", max_abs_diff=0, tolerance=0)]),
+        covers("gamma")(lambda n: ran.append("g") or [])])
+    rows = run_tour(2, progress=False, only="ALPHA")["rows"]
+    assert ran == ["a"] and [r["technique"] for r in rows] == ["alpha one"]
 
 
 def test_passed_is_derived_from_the_numbers():

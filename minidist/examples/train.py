@@ -1,15 +1,21 @@
-"""Train the tiny GPT on the shipped corpus with a data-parallel strategy.
+"""Train the tiny GPT (or a small Hugging Face Llama) on the shipped corpus with a data- or tensor-parallel strategy.
 
     torchrun --nproc_per_node=4 -m minidist.examples.train --strategy ddp          # one node, 4 ranks
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
              -m minidist.examples.train --strategy ddp                              # two nodes
     python -m minidist.examples.train --strategy ddp --world-size 2                 # no torchrun: minidist.launch
+    torchrun --nproc_per_node=2 -m minidist.examples.train --strategy tp --model tiny-llama --sequence-parallel
+
+    torchrun --nproc_per_node=4 -m minidist.examples.train --strategy pp --schedule interleaved --microbatches 8
 
 gloo on CPUs, NCCL when every rank has a GPU. Rank 0 shows a progress bar and logs the loss averaged over ranks.
 Strategies: ddp (minidist.DataParallel), torch-ddp (PyTorch's DistributedDataParallel), none (each rank alone: what
-goes wrong without gradient averaging), zero1 / zero2 (minidist.zero.ZeroOptimizer, stage 1 or 2), zero3 (minidist's
-fully_shard on the whole model), fsdp (minidist's fully_shard on each block, then the root), torch-fsdp (PyTorch's
-FSDP2 fully_shard, per block). Later chapters add theirs to STRATEGIES.
+goes wrong without gradient averaging), tp (minidist.tensor_parallel: every rank holds 1/N of the model and sees the
+whole batch; --sequence-parallel adds sequence parallelism), pp (pipeline parallel, minidist.pipeline: each rank one
+stage of the model, the global batch cut into --microbatches, run by --schedule gpipe|1f1b|interleaved|zb), zero1 /
+zero2 (minidist.zero.ZeroOptimizer, stage 1 or 2), zero3 (minidist's fully_shard on the whole model), fsdp
+(minidist's fully_shard on each block, then the root), torch-fsdp (PyTorch's FSDP2 fully_shard, per block). Later
+chapters add theirs to STRATEGIES.
 """
 import argparse
 import os
@@ -19,11 +25,12 @@ import torch
 import torch.distributed as dist
 
 from minidist import launch, run_under_torchrun
+from minidist.args import positive_float, positive_int
 from minidist.data import random_batches, token_ids, train_val_split
 from minidist.data_parallel import DataParallel
 from minidist.fsdp import fully_shard
 from minidist.launch import device
-from minidist.models import GPT, GPTConfig, lm_loss
+from minidist.models import GPT, GPTConfig, build_llama, lm_loss
 from minidist.testing import replica_divergence
 from minidist.zero import ZeroOptimizer
 
@@ -33,9 +40,14 @@ def _torch_ddp(model, args):
     return DDP(model, bucket_cap_mb=args.bucket_cap_mb)
 
 
+def _tensor_parallel(model, args):
+    from minidist.tensor_parallel import GPT_PLAN, LLAMA_PLAN, parallelize
+    return parallelize(model, None, LLAMA_PLAN if args.model == "tiny-llama" else GPT_PLAN, args.sequence_parallel)
+
+
 def _per_block(shard):
     def wrap(model, args):
-        for block in model.blocks:
+        for block in (model.blocks if hasattr(model, "blocks") else model.model.layers):  # tiny GPT or HF Llama
             shard(block)
         return shard(model)
     return wrap
@@ -51,6 +63,7 @@ STRATEGIES = {
     "ddp": lambda model, args: DataParallel(model, bucket_cap_mb=args.bucket_cap_mb),
     "torch-ddp": _torch_ddp,
     "none": lambda model, args: model,
+    "tp": _tensor_parallel,
     "zero1": lambda model, args: model,  # ZeroOptimizer (OPTIMIZERS) owns the gradient reduction
     "zero2": lambda model, args: model,
     "zero3": lambda model, args: fully_shard(model),
@@ -64,66 +77,150 @@ OPTIMIZERS = {  # the optimizer each strategy trains with (default: AdamW on the
                                                bucket_cap_mb=args.bucket_cap_mb),
 }
 SHARDED = ("zero3", "fsdp", "torch-fsdp")  # each rank holds a shard of the weights: no replicas to compare
+MODELS = {"tiny-gpt": lambda args: GPT(GPTConfig(block_size=args.block_size)),
+          "tiny-llama": lambda args: build_llama(max_position_embeddings=max(128, args.block_size))}
+
+
+def _loss_fn(args):
+    """The loss on this rank's logits: the vocabulary-parallel cross-entropy under tensor parallelism."""
+    if args.strategy != "tp":
+        return lm_loss
+    from minidist.tensor_parallel import vocab_parallel_cross_entropy
+    return vocab_parallel_cross_entropy
+
+
+def _replicas(model, args):
+    """What must be identical on every rank: the whole model, or under tensor parallelism its replicated part."""
+    if args.strategy != "tp":
+        return model
+    from minidist.tp_plans import sharded_parameters
+    sharded = sharded_parameters(model)
+    return torch.nn.ParameterList(p for name, p in model.named_parameters() if name not in sharded)
+
+
+def _progress(args, description: str):
+    """A progress bar on rank 0 (None elsewhere, or with --quiet)."""
+    if dist.get_rank() != 0 or args.quiet:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=args.steps, desc=description, file=sys.stderr)
+
+
+def _log(progress, args, step: int, loss: float) -> None:
+    if progress:
+        progress.update()
+        if step % args.log_every == 0 or step == args.steps - 1:
+            progress.write(f"step {step:5d}  loss {loss:.4f}")
+        if step == args.steps - 1:
+            progress.close()
 
 
 def train(args) -> dict:
+    if args.strategy == "pp":
+        return train_pp(args)
     rank, n, dev = dist.get_rank(), dist.get_world_size(), device()
-    if args.batch_size % n:
+    split_batch = args.strategy != "tp"  # data parallel: a slice of the batch per rank; tensor parallel: all of it
+    if split_batch and args.batch_size % n:
         raise ValueError(f"global batch size {args.batch_size} is not divisible by the world size {n}")
     torch.manual_seed(args.seed)
-    model = STRATEGIES[args.strategy](GPT(GPTConfig(block_size=args.block_size)).to(dev), args)
+    model = STRATEGIES[args.strategy](MODELS[args.model](args).to(dev), args)
+    loss_fn, logits = _loss_fn(args), lambda out: getattr(out, "logits", out)  # HF models return an output object
     opt = OPTIMIZERS.get(args.strategy, lambda m, a: torch.optim.AdamW(m.parameters(), lr=a.lr))(model, args)
     train_ids, val_ids = train_val_split(token_ids())
     batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed)
-    progress = None
-    if rank == 0 and not args.quiet:
-        from tqdm import tqdm
-        progress = tqdm(total=args.steps, desc=f"{args.strategy} on {n} ranks", file=sys.stderr)
-    losses = []
+    progress, losses = _progress(args, f"{args.strategy} on {n} ranks"), []
     for step, (x, y) in enumerate(batches):
-        x, y = x.chunk(n)[rank].to(dev), y.chunk(n)[rank].to(dev)   # this rank's slice of the global batch
-        loss = lm_loss(model(x), y)
+        if split_batch:
+            x, y = x.chunk(n)[rank], y.chunk(n)[rank]                  # this rank's slice of the global batch
+        x, y = x.to(dev), y.to(dev)
+        loss = loss_fn(logits(model(x)), y)
         loss.backward()
         opt.step()
         opt.zero_grad()
         mean = loss.detach().clone()
-        dist.all_reduce(mean)  # for the log only: the loss averaged over ranks
+        dist.all_reduce(mean)  # for the log only: the loss averaged over ranks (under tp every rank has the same)
         losses.append(mean.item() / n)
-        if progress:
-            progress.update()
-            if step % args.log_every == 0 or step == args.steps - 1:
-                progress.write(f"step {step:5d}  loss {losses[-1]:.4f}")
-    if progress:
-        progress.close()
+        _log(progress, args, step, losses[-1])
+    x, y = random_batches(val_ids, 32, args.block_size, 1, seed=1234)[0]
+    with torch.no_grad():
+        val = loss_fn(logits(model(x.to(dev))), y.to(dev)).item()
+    return {"first_loss": losses[0], "last_loss": losses[-1], "val_loss": val,
+            "replica_divergence": None if args.strategy in SHARDED else replica_divergence(_replicas(model, args))}
+
+
+def train_pp(args) -> dict:
+    """Pipeline parallel: rank r holds stage r (chunks r, r + p, ... with interleaving); every rank reads the whole
+    global batch (the first stage uses the tokens, the last the targets), the loss lives on the last stage's rank."""
+    from minidist.pipeline.runtime import PipelineRuntime
+    from minidist.pipeline.schedule import build
+    from minidist.pipeline.stages import rank_stages, split_gpt
+    rank, p, dev = dist.get_rank(), dist.get_world_size(), device()
+    v = args.chunks if args.schedule == "interleaved" else 1
+    if args.batch_size % args.microbatches:
+        raise ValueError(f"global batch size {args.batch_size} is not divisible by {args.microbatches} micro-batches")
+    torch.manual_seed(args.seed)
+    model = GPT(GPTConfig(block_size=args.block_size, n_layer=args.n_layer or max(2, p * v))).to(dev)
+    pipe = PipelineRuntime(rank_stages(model, p, rank, v), build(args.schedule, p, args.microbatches, v),
+                           model.cfg.n_embd, track_memory=False)
+    opt = torch.optim.AdamW(pipe.parameters(), lr=args.lr)
+    train_ids, val_ids = train_val_split(token_ids())
+    progress, losses = _progress(args, f"pp {args.schedule} on {p} ranks"), []
+    for step, (x, y) in enumerate(random_batches(train_ids, args.batch_size, args.block_size, args.steps,
+                                                 seed=args.seed)):
+        loss = pipe.step(x.to(dev), y.to(dev))
+        opt.step()
+        opt.zero_grad()
+        loss = loss if loss is not None else torch.zeros((), device=dev)
+        dist.broadcast(loss, src=p - 1)  # for the log only: the loss lives on the last stage's rank
+        losses.append(loss.item())
+        _log(progress, args, step, losses[-1])
+    tied = model.wte.weight.detach().clone()  # the first and the last rank's copies of the tied embedding
+    dist.broadcast(tied, src=p - 1)
+    divergence = (model.wte.weight.detach() - tied).abs().max().item() if rank == 0 else 0.0
+    for s, stage in enumerate(split_gpt(model, p * v)):  # to evaluate: every stage's trained weights, everywhere
+        for q in stage.parameters():
+            dist.broadcast(q.data, src=s % p)
     x, y = random_batches(val_ids, 32, args.block_size, 1, seed=1234)[0]
     with torch.no_grad():
         val = lm_loss(model(x.to(dev)), y.to(dev)).item()
-    return {"first_loss": losses[0], "last_loss": losses[-1], "val_loss": val,
-            "replica_divergence": None if args.strategy in SHARDED else replica_divergence(model)}
+    return {"first_loss": losses[0], "last_loss": losses[-1], "val_loss": val, "replica_divergence": divergence}
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m minidist.examples.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategy", choices=sorted(STRATEGIES), default="ddp")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=32, help="global batch, split across ranks")
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--bucket-cap-mb", type=float, default=25.0)
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--strategy", choices=sorted([*STRATEGIES, "pp"]), default="ddp")
+    p.add_argument("--model", choices=sorted(MODELS), default="tiny-gpt")
+    p.add_argument("--sequence-parallel", action="store_true", help="tp: split norms and dropout by sequence too")
+    p.add_argument("--steps", type=positive_int, default=300)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="global batch, split across ranks")
+    p.add_argument("--block-size", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=3e-3)
+    p.add_argument("--bucket-cap-mb", type=positive_float, default=25.0)
+    p.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved", "zb"], default="1f1b", help="pp only")
+    p.add_argument("--microbatches", type=positive_int, default=4, help="pp: micro-batches per step")
+    p.add_argument("--chunks", type=positive_int, default=2, help="pp: model chunks per rank with --schedule interleaved")
+    p.add_argument("--n-layer", type=positive_int, default=None,
+                   help="pp: transformer blocks (default: one per stage, >= 2)")
+    p.add_argument("--log-every", type=positive_int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--world-size", type=int, default=2, help="ranks to start when not under torchrun")
+    p.add_argument("--world-size", type=positive_int, default=2, help="ranks to start when not under torchrun")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
+    world = int(os.environ.get("WORLD_SIZE", args.world_size))
+    if args.strategy not in ("tp", "pp") and args.batch_size % world:  # data parallel splits the batch over ranks
+        raise SystemExit(f"python -m minidist.examples.train: error: --batch-size {args.batch_size} is not divisible "
+                         f"by the world size {world}")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
         result = run_under_torchrun(train, args)
         rank = int(os.environ["RANK"])
     else:
+        if args.model == "tiny-llama":  # import transformers once here: the forked ranks inherit it
+            import transformers.models.llama.modeling_llama  # noqa: F401
         result, rank = launch(train, args.world_size, args)[0], 0
     if rank == 0:
         replicas = ("weights sharded over the ranks" if result["replica_divergence"] is None

@@ -5,21 +5,30 @@ result matches the reference within its tolerance and, where a formula exists, t
 """
 import os
 
-from . import data_parallel, foundation, fsdp, zero
+from . import data_parallel, foundation, fsdp, pipeline, tensor_parallel, zero
 from .foundation import comm_backward_errors
-from .rows import KEYS, format_rows, make_row
+from .rows import KEYS, covers, format_rows, make_row
 
-CHECKS = [*foundation.CHECKS, *data_parallel.CHECKS, *zero.CHECKS, *fsdp.CHECKS]
+CHECKS = [*foundation.CHECKS, *data_parallel.CHECKS, *tensor_parallel.CHECKS, *zero.CHECKS, *fsdp.CHECKS,
+          *pipeline.CHECKS]
 
 
-def run_tour(world_size: int = 4, progress: bool = True) -> dict:
-    """Every check on `world_size` CPU ranks over gloo (also on a GPU machine: the checks build CPU tensors)."""
+def run_tour(world_size: int = 4, progress: bool = True, backend: str = "gloo", only: str | None = None) -> dict:
+    """Every check on `world_size` ranks: CPU processes over gloo (the default, also on a GPU machine), or one rank
+    per GPU over NCCL with backend="nccl" (`make gpu-check`): the rank functions build their tensors on device().
+
+    `only`: run only the rows whose technique contains this text (case-insensitive); checks whose declared topics
+    (rows.covers) cannot match are skipped without running."""
     from tqdm.auto import tqdm
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     rows, previous = [], os.environ.get("MINIDIST_BACKEND")
-    os.environ["MINIDIST_BACKEND"] = "gloo"
+    os.environ["MINIDIST_BACKEND"] = backend
     try:
-        for check in tqdm(CHECKS, desc=f"tour on {world_size} ranks", disable=not progress):
-            rows.extend(check(world_size))
+        text = only.lower() if only else None
+        checks = [c for c in CHECKS if text is None or text in getattr(c, "covers", text)]
+        for check in tqdm(checks, desc=f"tour on {world_size} ranks", disable=not progress):
+            rows.extend(r for r in check(world_size) if text is None or text in r["technique"].lower())
     finally:
         if previous is None:
             del os.environ["MINIDIST_BACKEND"]
@@ -28,4 +37,4 @@ def run_tour(world_size: int = 4, progress: bool = True) -> dict:
     return {"world_size": world_size, "rows": rows}
 
 
-__all__ = ["CHECKS", "KEYS", "comm_backward_errors", "format_rows", "make_row", "run_tour"]
+__all__ = ["CHECKS", "KEYS", "comm_backward_errors", "covers", "format_rows", "make_row", "run_tour"]

@@ -16,8 +16,8 @@ from ..launch import launch
 from ..mixed_precision import LossScaler, MixedPrecisionOptimizer
 from ..models import GPT, GPTConfig, lm_loss
 from ..samplers import DistributedSampler, TokenBudgetBatchSampler, padding_waste
-from ..testing import compare_with_reference, replica_divergence, sgd
-from .rows import make_row
+from ..testing import compare_with_reference, on_device, replica_divergence, sgd, to_device
+from .rows import covers, make_row
 
 CFG = GPTConfig(n_layer=2, n_embd=32, block_size=16)
 BATCHES = random_batches(torch.randint(512, (5000,), generator=torch.Generator().manual_seed(0)), 12, 16, steps=4)
@@ -31,6 +31,7 @@ FP16_TOL = 1e-4   # fp16 gradients differ in their last bits (eps 9.8e-4) x lr 0
 BF16_TOL = 1e-3   # bf16 matmuls (eps 7.8e-3) over half the batch round differently
 
 
+@on_device
 def stage_against_one_process(stage: str, optimizer=sgd(0.1)) -> dict:
     """Train DataParallel(stage) next to one process on the global batch; the bytes this rank really sent in the last
     step's backward (counted: the collectives run on minidist's own ring)."""
@@ -55,6 +56,7 @@ def stage_against_one_process(stage: str, optimizer=sgd(0.1)) -> dict:
             "counted": ledger.counted, "collectives": ledger.count(), "buckets": len(kept["dp"].buckets), "psi": psi}
 
 
+@on_device
 def side_by_side_with_ddp(optimizer=sgd(0.1)) -> float:
     """Largest weight difference between minidist's DataParallel and torch DDP trained on the same slices."""
     torch.manual_seed(0)
@@ -63,7 +65,7 @@ def side_by_side_with_ddp(optimizer=sgd(0.1)) -> float:
     theirs = DDP(GPT(CFG), bucket_cap_mb=0.02)
     opts = optimizer(ours.parameters()), optimizer(theirs.parameters())
     rank, n = dist.get_rank(), dist.get_world_size()
-    for x, y in BATCHES:
+    for x, y in map(to_device, BATCHES):
         for model, opt in zip((ours, theirs), opts):
             lm_loss(model(x.chunk(n)[rank]), y.chunk(n)[rank]).backward()
             opt.step()
@@ -71,6 +73,7 @@ def side_by_side_with_ddp(optimizer=sgd(0.1)) -> float:
     return max((a - b).abs().max().item() for a, b in zip(ours.module.parameters(), theirs.module.parameters()))
 
 
+@on_device
 def accumulation(micro_steps: int = 2) -> tuple[float, int, float]:
     """Micro-steps under no_sync + one synchronized step vs one backward on the whole batch.
 
@@ -80,7 +83,7 @@ def accumulation(micro_steps: int = 2) -> tuple[float, int, float]:
     reference, dp = GPT(CFG), DataParallel(GPT(CFG))
     dp.module.load_state_dict(reference.state_dict())
     rank, n = dist.get_rank(), dist.get_world_size()
-    x, y = torch.cat([b[0] for b in BATCHES]), torch.cat([b[1] for b in BATCHES])  # 48 rows
+    x, y = to_device((torch.cat([b[0] for b in BATCHES]), torch.cat([b[1] for b in BATCHES])))  # 48 rows
     if len(x) % (n * micro_steps):
         raise ValueError(f"{len(x)} rows do not split into {n} ranks x {micro_steps} equal micro-batches")
     lm_loss(reference(x), y).backward()
@@ -94,10 +97,12 @@ def accumulation(micro_steps: int = 2) -> tuple[float, int, float]:
     return diff, quiet.count(), synced.total_bytes() if synced.counted else None
 
 
+@on_device
 def fp16_side_by_side(init_scale: float = 2.0 ** 16) -> tuple:
     """fp16 model + loss scaler + fp32 masters, data parallel vs one process.
 
-    Returns (diff, steps skipped, steps one process skipped, final scale, replica divergence)."""
+    Returns (diff, steps skipped, steps one process skipped, the scale after every step, the same for one process,
+    replica divergence): the scale sequences must match step for step, not only the number of skips."""
     rank, n = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     reference = GPT(CFG).half()
@@ -105,15 +110,18 @@ def fp16_side_by_side(init_scale: float = 2.0 ** 16) -> tuple:
     dp = DataParallel(GPT(CFG).half())
     ref_opt = MixedPrecisionOptimizer(reference, torch.optim.SGD, LossScaler(init_scale), lr=0.1)
     opt = MixedPrecisionOptimizer(dp.module, torch.optim.SGD, LossScaler(init_scale), lr=0.1)
-    for x, y in BATCHES:
+    scales = {id(opt): [], id(ref_opt): []}
+    for x, y in map(to_device, BATCHES):
         for model, o, (xb, yb) in ((reference, ref_opt, (x, y)), (dp, opt, (x.chunk(n)[rank], y.chunk(n)[rank]))):
             o.scaler.scale_loss(lm_loss(model(xb).float(), yb)).backward()
             o.step()
             o.zero_grad()
+            scales[id(o)].append(o.scaler.scale)
     diff = max((a - b).abs().max().item() for a, b in zip(ref_opt.master, opt.master))
-    return diff, opt.skipped, ref_opt.skipped, opt.scaler.scale, replica_divergence(dp)
+    return diff, opt.skipped, ref_opt.skipped, scales[id(opt)], scales[id(ref_opt)], replica_divergence(dp)
 
 
+@on_device
 def bf16_side_by_side() -> float:
     """bf16 autocast, data parallel vs one process (SGD): (largest weight difference, replica divergence)."""
     rank, n = dist.get_rank(), dist.get_world_size()
@@ -122,15 +130,51 @@ def bf16_side_by_side() -> float:
     torch.manual_seed(0)
     dp = DataParallel(GPT(CFG))
     ref_opt, opt = torch.optim.SGD(reference.parameters(), lr=0.1), torch.optim.SGD(dp.parameters(), lr=0.1)
-    for x, y in BATCHES:
+    for x, y in map(to_device, BATCHES):
         for model, o, (xb, yb) in ((reference, ref_opt, (x, y)), (dp, opt, (x.chunk(n)[rank], y.chunk(n)[rank]))):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
                 loss = lm_loss(model(xb), yb)
             loss.backward()
             o.step()
             o.zero_grad()
     diff = max((a - b).abs().max().item() for a, b in zip(reference.parameters(), dp.module.parameters()))
     return diff, replica_divergence(dp)
+
+
+@on_device
+def unequal_batches(sizes: list[int], normalize: str = "global", micro_steps: int = 1) -> dict:
+    """Gradients of DataParallel when ranks hold different numbers of sequences, against one process on their union.
+
+    sizes[r]: sequences on rank r (split into `micro_steps` unequal micro-batches under no_sync). normalize="global":
+    the loss is data_parallel.global_mean_loss(sum of token losses, this rank's token count); "per-rank": each rank's
+    own mean (what averaging per-rank mean losses gives). Returns the largest gradient difference, the relative error
+    |g - g_true| / |g_true| over all parameters, and the replica divergence of the gradients.
+    """
+    import torch.nn.functional as F
+    from ..data_parallel import global_mean_loss
+    n, rank = dist.get_world_size(), dist.get_rank()
+    x, y = to_device((torch.cat([b[0] for b in BATCHES]), torch.cat([b[1] for b in BATCHES])))
+    if len(sizes) != n or sum(sizes) > len(x):
+        raise ValueError(f"need one size per rank ({n}) and at most {len(x)} sequences in all, got {sizes}")
+
+    def loss_sum(model, xb, yb):
+        logits = model(xb)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), yb.reshape(-1), reduction="sum")
+    torch.manual_seed(0)
+    reference, dp = GPT(CFG), DataParallel(GPT(CFG))
+    dp.module.load_state_dict(reference.state_dict())
+    (loss_sum(reference, x[:sum(sizes)], y[:sum(sizes)]) / (sum(sizes) * x.shape[1])).backward()
+    mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    count = sizes[rank] * x.shape[1]  # tokens on this rank in the whole step
+    for k, (xm, ym) in enumerate(zip(x[mine].tensor_split(micro_steps), y[mine].tensor_split(micro_steps))):
+        with dp.no_sync() if k < micro_steps - 1 else torch.enable_grad():
+            loss = loss_sum(dp, xm, ym)
+            (global_mean_loss(loss, count) if normalize == "global" else loss / count).backward()
+    grads = [(p.grad, q.grad) for p, q in zip(dp.module.parameters(), reference.parameters())]
+    error = torch.cat([(g - t).flatten() for g, t in grads]).norm() / torch.cat([t.flatten() for _, t in grads]).norm()
+    spread = max((g - comm.broadcast(g, 0)).abs().max().item() for g, _ in grads)
+    return {"diff": max((g - t).abs().max().item() for g, t in grads), "relative_error": error.item(),
+            "divergence": spread}
 
 
 def counted_mean(per_rank: list[dict]):
@@ -149,6 +193,7 @@ def _timed(fn, world_size, *args):
     return launch(fn, world_size, *args), time.perf_counter() - start
 
 
+@covers("data parallel naive bucketed overlapped", "gradient accumulation no_sync", "loss normalization", "fp16 loss scaler", "bf16 autocast")
 def check_data_parallel(world_size: int) -> list[dict]:
     n, rows = world_size, []
     for stage in STAGES:
@@ -169,10 +214,15 @@ def check_data_parallel(world_size: int) -> list[dict]:
                          max_abs_diff=max(a[0] for a in acc) + sum(a[1] for a in acc), tolerance=SGD_TOL,
                          comm_bytes=counted_mean([{"bytes": a[2], "counted": a[2] is not None} for a in acc]),
                          comm_bytes_theory=comm.ring_bytes("all_reduce", 4 * psi, n), seconds=seconds))
+    sizes = [3, 23, 10, 5][:n] if n > 1 else [26]
+    unequal, seconds = _timed(unequal_batches, n, sizes, "global", 2)
+    rows.append(make_row(f"loss normalization, unequal batches {sizes}, no_sync", "one process on their union",
+                         max_abs_diff=max(u["diff"] for u in unequal), tolerance=SGD_TOL,
+                         replica_divergence=max(u["divergence"] for u in unequal), seconds=seconds))
     fp16, seconds = _timed(fp16_side_by_side, n)
     rows.append(make_row("fp16 + loss scaler + fp32 master weights", "one process, same precision",
-                         max_abs_diff=max(f[0] for f in fp16), tolerance=FP16_TOL,
-                         replica_divergence=max(f[4] for f in fp16), seconds=seconds))
+                         max_abs_diff=max(f[0] for f in fp16) + sum(f[3] != f[4] for f in fp16), tolerance=FP16_TOL,
+                         replica_divergence=max(f[5] for f in fp16), seconds=seconds))
     bf16, seconds = _timed(bf16_side_by_side, n)
     rows.append(make_row("bf16 autocast", "one process, same precision",
                          max_abs_diff=max(d for d, _ in bf16), tolerance=BF16_TOL,
@@ -180,6 +230,7 @@ def check_data_parallel(world_size: int) -> list[dict]:
     return rows
 
 
+@covers("DistributedSampler", "token-budget batches")
 def check_samplers(world_size: int) -> list[dict]:
     """Index-for-index against torch's DistributedSampler; token budgets: coverage, equal counts, budget kept."""
     from torch.utils.data import DistributedSampler as TorchSampler

@@ -9,13 +9,15 @@ from ..collectives import chain_broadcast, ring_all_gather, ring_all_reduce, rin
 from ..launch import launch
 from ..memory import SavedActivations, activation_bytes_per_layer, measure_state_bytes, zero_state_bytes
 from ..models import GPT, count_params, lm_loss
-from .rows import make_row
+from ..testing import on_device
+from .rows import covers, make_row
 
 SUM_TOL = 1e-5  # fp32 sums of N values in another order than gloo's: a few ulps of the largest partial sum
 
 
 # Chapter 01: ring collectives from send/recv against gloo's own.
 
+@on_device
 def ring_vs_backend() -> dict:
     """On each rank: (max |ring - backend|, bytes this rank sent, seconds) for each collective."""
     n, rank = dist.get_world_size(), dist.get_rank()
@@ -40,6 +42,7 @@ def ring_vs_backend() -> dict:
     return out
 
 
+@covers("ring all-reduce", "ring reduce-scatter", "ring all-gather", "chain broadcast")
 def check_collectives(world_size: int) -> list[dict]:
     per_rank = launch(ring_vs_backend, world_size)
     rows = []
@@ -57,6 +60,7 @@ def check_collectives(world_size: int) -> list[dict]:
     return rows
 
 
+@on_device
 def comm_backward_errors() -> dict[str, float]:
     """On each rank: max |autograd gradient - closed form| for every differentiable collective, along dims 0 and 1.
 
@@ -94,6 +98,7 @@ def comm_backward_errors() -> dict[str, float]:
     return errors
 
 
+@covers("differentiable collectives")
 def check_comm_backward(world_size: int) -> list[dict]:
     start = time.perf_counter()
     per_rank = launch(comm_backward_errors, world_size)
@@ -104,6 +109,7 @@ def check_comm_backward(world_size: int) -> list[dict]:
 
 # Chapter 00: where memory goes, measured against the formulas.
 
+@on_device
 def memory_on_rank(batch: int = 4) -> dict:
     torch.manual_seed(0)
     model = GPT()
@@ -123,6 +129,7 @@ def memory_on_rank(batch: int = 4) -> dict:
                 cfg.block_size, batch, cfg.n_embd, cfg.n_head, bytes_per_value=4, dropout=False)}
 
 
+@covers("model states", "activations saved by one layer")
 def check_memory(world_size: int) -> list[dict]:
     start = time.perf_counter()
     per_rank = launch(memory_on_rank, world_size)

@@ -1,6 +1,15 @@
 """The tour's row format: one dict per check, `passed` derived from its numbers."""
 from fractions import Fraction
 
+def covers(*names: str):
+    """Declare what a check's rows are about (words of their technique names), so `tour --only TEXT` runs only the
+    checks that can produce a matching row."""
+    def mark(check):
+        check.covers = " ".join(names).lower()
+        return check
+    return mark
+
+
 KEYS = ("technique", "reference", "max_abs_diff", "tolerance", "passed", "comm_bytes", "comm_bytes_theory",
         "state_bytes_per_rank", "state_bytes_per_rank_theory", "seconds")
 

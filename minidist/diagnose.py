@@ -1,0 +1,148 @@
+"""Why are the ranks stuck? The analysis of every rank's flight record (flight.py), in words.
+
+    python -m minidist diagnose DIR        # DIR: $MINIDIST_FLIGHT_DIR of a torchrun job (a failing rank prints it)
+
+For each group, the collectives each rank entered are lined up by sequence number; the first number at which the ranks
+disagree is the diagnosis:
+  * some ranks entered collective #k and others never did (they skipped it, or are stuck elsewhere: where, is said);
+  * the ranks entered different collectives as #k (issued in another order, or another op);
+  * the same collective with different sizes or dtypes (a size mismatch; gloo then aborts the receiving rank).
+For point-to-point messages, each (source, destination) pair is lined up the same way: a receive with no matching
+send is named, with where the would-be sender is. A rank that is in no collective at all is located by its stack.
+"""
+import re
+
+from .flight import read_directory
+
+
+def _describe(e: dict) -> str:
+    return f"{e['op']} #{e['seq']} ({e['dtype']}, {e['numel']:,} elements)"
+
+
+def _ranks(ranks) -> str:
+    ranks = sorted(ranks)
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+
+
+def _group(ranks, world: int) -> str:
+    return f"group world {list(ranks)}" if list(ranks) == list(range(world)) else f"group {list(ranks)}"
+
+
+def where(rank: int, record: dict | None) -> str:
+    """Where a rank is: in an unfinished collective or message, else the innermost user frame of its main thread."""
+    if record is None:
+        return "it left no record"
+    pending = [e for e in record["entries"] if not e["completed"]]
+    if pending:
+        e = pending[-1]
+        peer = "" if e["peer"] < 0 else f" {'to' if e['op'] == 'send' else 'from'} rank {e['peer']}"
+        return f"it is in {_describe(e)}{peer} on group {e['group']}"
+    if not record.get("stack") and record.get("exit"):
+        return record["exit"]
+    return _stack_location(record.get("stack"))
+
+
+def _stack_location(stack: str | None) -> str:
+    if not stack:
+        return "it is in no collective (no stack was taken)"
+    threads = re.split(r"\n(?=(?:Current thread|Thread) 0x)", stack.strip())
+    main = next((t for t in threads if "_run_rank" in t or "run_under_torchrun" in t), threads[0])
+    frames = re.findall(r'File "([^"]+)", line (\d+) in (\S+)', main)
+    entry = next((k for k, f in enumerate(frames) if f[2] in ("_run_rank", "run_under_torchrun")), len(frames))
+    above = frames[:entry]  # below the rank's entry point lie the frames a forked rank inherited from its parent
+    if entry < len(frames) and all("/torch/" in f[0] for f in above) and any(f[2] == "barrier" for f in above):
+        return "it is in no collective: it returned from its function"
+    frames = frames[:entry + 1]
+    user = [f for f in frames if "/minidist/" not in f[0] and "/lib/python" not in f[0] and "site-packages" not in f[0]]
+    if user:
+        path, line, func = user[0]
+        return f"it is in no collective: its main thread is at {path}:{line} in {func}()"
+    return "it is in no collective" + (f": at {frames[0][0]}:{frames[0][1]} in {frames[0][2]}()" if frames else "")
+
+
+def _collectives(records: dict, world: int) -> list[str]:
+    found = []
+    groups = {tuple(e["group"]) for r in records.values() if r for e in r["entries"] if e["peer"] < 0}
+    for ranks in sorted(groups):
+        seen = {r: {e["seq"]: e for e in records[r]["entries"] if e["peer"] < 0 and tuple(e["group"]) == ranks}
+                for r in ranks if records.get(r)}
+        last = {r: max(s, default=0) for r, s in seen.items()}
+        if len(set(last.values())) == 1 and all(e["completed"] for s in seen.values() for e in s.values()):
+            continue
+        first = max((min(s) for s in seen.values() if s), default=1)  # older entries may have left the window
+        for k in range(first, max(last.values()) + 1):
+            at = {r: s[k] for r, s in seen.items() if k in s}
+            kinds = {}
+            for r, e in at.items():
+                kinds.setdefault((e["op"], e["dtype"], e["numel"]), []).append(r)
+            missing = [r for r in seen if k not in seen[r]] + [r for r in ranks if r not in seen]
+            head = f"{_group(ranks, world)}: "
+            if len(kinds) > 1:
+                parts = [f"{_ranks(rs)} {'is' if len(rs) == 1 else 'are'} in {_describe(at[rs[0]])}"
+                         for rs in sorted(kinds.values(), key=len, reverse=True)]
+                ops = {op for op, _, _ in kinds}
+                why = "the ranks issued different collectives" if len(ops) > 1 else \
+                    "a size mismatch (the same collective with different sizes or dtypes)"
+                found.append(head + "; ".join(parts) + f": {why}")
+            elif missing:
+                (rs,) = kinds.values()
+                found.append(head + f"{_ranks(rs)} {'is' if len(rs) == 1 else 'are'} in {_describe(at[rs[0]])}; "
+                             + "; ".join(f"rank {r} never entered {at[rs[0]]['op']} #{k} ({where(r, records.get(r))})"
+                                         for r in missing))
+            elif not all(e["completed"] for e in at.values()):
+                stuck = [r for r, e in at.items() if not e["completed"]]
+                found.append(head + f"{_ranks(stuck)} did not complete {_describe(at[stuck[0]])}, which every "
+                             f"rank entered")
+            else:
+                continue
+            break
+    return found
+
+
+def _messages(records: dict) -> list[str]:
+    found = []
+    channels = {}
+    for r, rec in records.items():
+        for e in rec["entries"] if rec else []:
+            if e["peer"] >= 0:
+                src, dst = (r, e["peer"]) if e["op"] == "send" else (e["peer"], r)
+                channels.setdefault((src, dst), {"send": {}, "recv": {}})[e["op"]][e["seq"]] = e
+    for (src, dst), ends in sorted(channels.items()):
+        for k in sorted(set(ends["send"]) | set(ends["recv"])):
+            s, r = ends["send"].get(k), ends["recv"].get(k)
+            if r and not s and not r["completed"] and records.get(src) is not None:
+                found.append(f"rank {dst} waits in recv #{k} from rank {src} ({r['dtype']}, {r['numel']:,} elements), "
+                             f"which rank {src} never sent (it sent {len(ends['send'])} message(s) to rank {dst}; "
+                             f"{where(src, records.get(src))})")
+            elif s and not r and not s["completed"] and records.get(dst) is not None:
+                found.append(f"rank {src} is in send #{k} to rank {dst}, which rank {dst} never receives "
+                             f"({where(dst, records.get(dst))})")
+            elif s and r and (s["numel"], s["dtype"]) != (r["numel"], r["dtype"]):
+                found.append(f"message #{k} from rank {src} to rank {dst}: a size mismatch, sent {_describe(s)}, "
+                             f"received into {_describe(r)}")
+            else:
+                continue
+            break
+    return found
+
+
+def diagnose(records: dict[int, dict | None], world: int, deaths: dict[int, str] | None = None) -> str:
+    """The first disagreement in every group and message channel, or where each rank is when there is none.
+
+    records[r]: rank r's flight record ({"entries", "stack", and optionally "exit": how it ended}); deaths[r]: how a
+    rank that was killed died (reported at the end)."""
+    records = {r: records.get(r) for r in range(world)}
+    found = _collectives(records, world) + _messages(records)
+    if not found:
+        found = ["the flight records agree: every rank completed the same collectives"]
+        found += [f"rank {r}: {where(r, rec)}" for r, rec in records.items()
+                  if rec is not None and r not in (deaths or {})]
+    found += [f"rank {r} {how}" for r, how in sorted((deaths or {}).items())]
+    return "\n".join(found)
+
+
+def diagnose_directory(directory) -> str:
+    records = read_directory(directory)
+    if not records:
+        raise ValueError(f"no flight records (flight-RANK files) in {directory}")
+    return diagnose(records, max(records) + 1)

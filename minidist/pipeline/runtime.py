@@ -1,0 +1,273 @@
+"""Executing a pipeline schedule on ranks: the actions of pipeline/schedule.py become compute and messages.
+
+    stages = rank_stages(model, p, rank, v)                            # this rank's v chunks (pipeline/stages.py)
+    pipe = PipelineRuntime(stages, one_f_one_b(p, m), hidden_size=model.cfg.n_embd, group=pp_group)
+    loss = pipe.step(x, y)     # every rank passes the global batch; the loss on the last stage's rank, else None
+    optimizer.step()           # over pipe.parameters(): the gradients are those of the mean loss over the batch
+
+What an action does on pipeline rank r, for its virtual stage s = chunk * p + r of S = v p:
+  F  take the input (token ids at s = 0, else the activation received from stage s - 1), run the stage under
+     autograd (the last stage also computes loss / m, so the gradients summed over the m micro-batches are those of
+     the mean loss), send the output (b, T, C) to stage s + 1. Its activations stay saved for the backward.
+  B  receive d loss / d output from stage s + 1 (the last stage starts from its loss), run the backward, send
+     d loss / d input to stage s - 1. When the schedule has W, B computes only the input gradient (backward.py).
+  W  compute the weight gradients B left for later; only then are the micro-batch's activations freed.
+
+Why it cannot deadlock: sends are posted (isend) and not waited for until the end of the step, so a rank only ever
+waits in a receive, for a message an earlier action of the sender posts; `validate` proves the schedule has no
+cycle of such waits. Receives are posted in the order the sender sends (every rank knows every rank's schedule), so
+the messages on one link always match in order, as NCCL, which ignores tags, requires: with interleaving at p = 2,
+activations and gradients share each link.
+
+Bytes: every micro-batch crosses each of the S - 1 boundaries between consecutive stages twice (its activation
+forward, its gradient backward): 2 m (v p - 1) messages of b T C values per step, summed over the ranks, all
+through comm.isend / comm.irecv, so the ledger records every one. Tied embeddings add one exchange of their gradient
+between the first and the last rank (`sync_tied_grads`).
+
+Measured, not assumed: `timeline` holds each action's compute interval (after its input arrived), and `memory`
+follows every tensor autograd saves, from its forward until autograd frees it: its peak is the most activation bytes
+this rank held at once. `action_seconds=(t_f, t_b, t_w)` pads every action to a fixed time (a sleep, which uses no
+CPU, then a 2 ms spin), so that a timeline measures the schedule and the runtime, not how 4 ranks share 2 cores.
+"""
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.distributed as dist
+
+from .. import comm
+from ..launch import device, synchronize
+from ..memory import SavedActivations
+from ..models import lm_loss
+from .backward import backward_input
+from .schedule import Action, shape, splits_backward, validate
+
+
+class ActivationMemory:
+    """Bytes held for backward on this rank right now, counted per storage, with their peak, and the number of
+    (micro-batch, chunk) pairs holding any (`peak_in_flight`)."""
+
+    def __init__(self):
+        self.live = self.peak = self.peak_in_flight = 0
+        self._refs, self._owners = Counter(), Counter()
+
+    def hold(self, ptr: int, nbytes: int, owner) -> Callable[[], None]:
+        """Count a saved storage for `owner`; returns the function that releases it."""
+        if not self._refs[ptr]:
+            self.live += nbytes
+        self._refs[ptr] += 1
+        self._owners[owner] += 1
+        self.peak, self.peak_in_flight = max(self.peak, self.live), max(self.peak_in_flight, len(self._owners))
+
+        def release():
+            self._refs[ptr] -= 1
+            if not self._refs[ptr]:
+                del self._refs[ptr]
+                self.live -= nbytes
+            self._owners[owner] -= 1
+            if not self._owners[owner]:
+                del self._owners[owner]
+        return release
+
+
+class _Held:
+    """A saved tensor as autograd keeps it: when autograd frees this, the tensor's bytes are released."""
+    __slots__ = ("tensor", "release")
+
+    def __init__(self, tensor, release):
+        self.tensor, self.release = tensor, release
+
+    def __del__(self):
+        self.release()
+
+
+class LiveActivations(SavedActivations):
+    """SavedActivations (bytes saved inside the block, `.bytes`) that also reports each saved tensor's lifetime to
+    an ActivationMemory, on behalf of `owner`."""
+
+    def __init__(self, exclude, memory: ActivationMemory, owner):
+        super().__init__(exclude)
+        self.memory, self.owner = memory, owner
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack_live, self._unpack_live)
+
+    def _pack_live(self, t):
+        storage = self._pack(t).untyped_storage()
+        if storage.data_ptr() in self._excluded:  # a parameter: not an activation
+            return t
+        # Hold a detached alias: the tensor itself may be this node's output, whose grad_fn points back at the node
+        # holding us, a reference cycle through C++ that would never be freed.
+        return _Held(t.detach(), self.memory.hold(storage.data_ptr(), storage.nbytes(), self.owner))
+
+    @staticmethod
+    def _unpack_live(held):
+        return held.tensor if isinstance(held, _Held) else held
+
+
+def _wait_until(deadline: float, spin: float = 0.002) -> None:
+    """Sleep (no CPU) until `spin` seconds before the deadline, then spin: a sleeping process on a busy machine
+    wakes up late, and that lateness would be measured as pipeline bubble."""
+    if deadline - time.perf_counter() > spin:
+        time.sleep(deadline - time.perf_counter() - spin)
+    while time.perf_counter() < deadline:
+        pass
+
+
+class PipelineRuntime:
+    """Runs `schedule` (one list of Actions per pipeline rank) on this rank's `stages` (chunk c = stages[c])."""
+
+    def __init__(self, stages, schedule, hidden_size: int, group=None, loss_fn=lm_loss, action_seconds=None,
+                 dtype: torch.dtype = torch.float32, track_memory: bool = True):
+        p, self.m, self.v = shape(schedule)
+        validate(schedule)
+        self.p, self.rank, self.group = comm.group_size(group), dist.get_rank(group), group
+        if p != self.p:
+            raise ValueError(f"the schedule is for {p} pipeline ranks, but the group has {self.p}")
+        if len(stages) != self.v:
+            raise ValueError(f"the schedule runs {self.v} chunk(s) per rank, but this rank was given {len(stages)}")
+        self.stages, self.actions, self.n_stages = list(stages), schedule[self.rank], p * self.v
+        self.split = splits_backward(schedule)
+        self.hidden_size, self.dtype, self.loss_fn, self.action_seconds = hidden_size, dtype, loss_fn, action_seconds
+        self.track_memory = track_memory  # the saved-tensor hooks cost time: off for benchmarks
+        self.tied = tied_parameters(self.stages)
+        self._incoming = {src: [m[0] for a in schedule[src] if (m := self._message(src, a)) and m[1] == self.rank]
+                          for src in range(p) if src != self.rank}
+        self.timeline, self.memory, self.saved_bytes = [], ActivationMemory(), {}
+
+    def parameters(self):
+        """This rank's parameters, each once (the optimizer's)."""
+        return list({id(q): q for s in self.stages for q in s.parameters()}.values())
+
+    def _message(self, rank: int, a: Action):
+        """What `a` on `rank` sends, as (key, destination rank), or None. A key names the receiving stage."""
+        s = a.chunk * self.p + rank
+        if a.kind == "F" and s < self.n_stages - 1:
+            return ("act", a.microbatch, s + 1), (s + 1) % self.p
+        if a.kind == "B" and s > 0:
+            return ("grad", a.microbatch, s - 1), (s - 1) % self.p
+        return None
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor):
+        """One training step's gradients: run the schedule, then add the tied embeddings' gradients."""
+        loss = self.run_schedule(inputs, targets)
+        self.sync_tied_grads()
+        return loss
+
+    def run_schedule(self, inputs: torch.Tensor, targets: torch.Tensor):
+        """Run this rank's actions on the global batch cut into m micro-batches (gradients accumulate into .grad)."""
+        if inputs.shape[0] % self.m:
+            raise ValueError(f"a global batch of {inputs.shape[0]} does not cut into {self.m} equal micro-batches")
+        # Own storage per micro-batch, so each one's saved token ids are its own bytes, not a view of the batch.
+        self._x = [c.clone() for c in inputs.chunk(self.m)]
+        self._y = [c.clone() for c in targets.chunk(self.m)]
+        self._shape = (inputs.shape[0] // self.m, *inputs.shape[1:], self.hidden_size)   # (b, T, C)
+        self._queues = {src: deque(keys) for src, keys in self._incoming.items()}
+        self._posted, self._local, self._sends, self._graphs, self._weight_grads = {}, {}, [], {}, {}
+        for src in self._queues:
+            self._post_next(src)
+        self.timeline, self.memory, self.saved_bytes, losses = [], ActivationMemory(), {}, []
+        for a in self.actions:
+            if a.kind == "F":
+                losses += self._forward(a)
+            elif a.kind == "B":
+                self._backward(a)
+            else:
+                with self._timed(a):
+                    self._weight_grads.pop((a.microbatch, a.chunk))()
+                del self._graphs[(a.microbatch, a.chunk)]  # the micro-batch's activations are freed here
+        for work in self._sends:
+            work.wait()
+        self._sends = []
+        return sum(losses) if losses else None
+
+    def _forward(self, a: Action) -> list:
+        s, key = a.chunk * self.p + self.rank, (a.microbatch, a.chunk)
+        x = self._x[a.microbatch] if s == 0 else self._receive(("act", a.microbatch, s), (s - 1) % self.p)
+        x = x if s == 0 else x.requires_grad_()                                 # (b, T) ids or (b, T, C)
+        tracker = LiveActivations(self.stages[a.chunk], self.memory, key) if self.track_memory else nullcontext()
+        with self._timed(a), tracker:
+            y = self.stages[a.chunk](x)
+            if s == self.n_stages - 1:
+                y = self.loss_fn(y, self._y[a.microbatch]) / self.m
+        if self.track_memory:
+            self.saved_bytes[key] = tracker.bytes
+        self._graphs[key] = (x if s > 0 else None, y)
+        if s < self.n_stages - 1:
+            self._send(y.detach(), ("act", a.microbatch, s + 1), (s + 1) % self.p)
+            return []
+        return [y.detach()]
+
+    def _backward(self, a: Action) -> None:
+        s, key = a.chunk * self.p + self.rank, (a.microbatch, a.chunk)
+        grad = None if s == self.n_stages - 1 else self._receive(("grad", a.microbatch, s), (s + 1) % self.p)
+        x, y = self._graphs[key] if self.split else self._graphs.pop(key)
+        with self._timed(a):
+            if self.split:
+                dx, self._weight_grads[key] = backward_input(y, grad, x, list(self.stages[a.chunk].parameters()))
+            else:
+                torch.autograd.backward(y, grad)   # frees the saved activations as it goes
+                dx = None if x is None else x.grad
+        if s > 0:
+            self._send(dx, ("grad", a.microbatch, s - 1), (s - 1) % self.p)
+
+    @contextmanager
+    def _timed(self, a: Action):
+        """Record the action's compute interval; with action_seconds, pad it to its fixed length first."""
+        start = time.perf_counter()
+        yield
+        if self.action_seconds is not None:
+            t_f, t_b, t_w = self.action_seconds
+            seconds = {"F": t_f, "B": t_b if self.split else t_b + t_w, "W": t_w}[a.kind] / self.v
+            synchronize()
+            _wait_until(start + seconds)
+        synchronize()
+        self.timeline.append((a, start, time.perf_counter()))
+
+    def _send(self, t: torch.Tensor, key, dst: int) -> None:
+        if dst == self.rank:  # consecutive chunks on one rank (p = 1): no message
+            self._local[key] = t.detach()
+        else:
+            self._sends.append(comm.isend(t.contiguous(), dst, self.group))
+
+    def _receive(self, key, src: int) -> torch.Tensor:
+        """The message `key` from `src`, after posting every receive that `src` sends before it; then the next
+        receive from `src` is posted at once, so that a message finds its receive waiting (as Megatron-LM posts
+        the next receive before computing) instead of waiting for a rendezvous."""
+        if src == self.rank:
+            return self._local.pop(key)
+        while key not in self._posted:
+            if not self._queues[src]:
+                raise RuntimeError(f"rank {self.rank} waits for {key} from rank {src}, which never sends it")
+            self._post_next(src)
+        work = self._posted.pop(key)
+        self._post_next(src)
+        return work.wait()
+
+    def _post_next(self, src: int) -> None:
+        if self._queues[src]:
+            buffer = torch.empty(self._shape, dtype=self.dtype, device=device())
+            self._posted[self._queues[src].popleft()] = comm.irecv(buffer, src, self.group)
+
+    def sync_tied_grads(self) -> None:
+        sync_tied_grads(self.tied, self.group)
+
+
+def tied_parameters(stages) -> list:
+    """The parameters of `stages` tied between the first and the last stage (each once)."""
+    return list({id(t): t for s in stages for t in getattr(s, "tied", [])}.values())
+
+
+def sync_tied_grads(tied: list, group=None) -> None:
+    """Add the gradients of parameters tied between the first stage (rank 0) and the last (rank p - 1), on both."""
+    p, rank = comm.group_size(group), dist.get_rank(group)
+    if p == 1 or not tied:   # one rank: its stages share the parameter and autograd already added the two parts
+        return
+    peer = p - 1 if rank == 0 else 0
+    for t in tied:
+        mine = t.grad if t.grad is not None else torch.zeros_like(t)
+        theirs = torch.empty_like(mine)
+        works = [comm.isend(mine.contiguous(), peer, group), comm.irecv(theirs, peer, group)]
+        for w in works:
+            w.wait()
+        t.grad = mine + theirs if rank == 0 else theirs + mine   # first + last on both ranks: bitwise equal

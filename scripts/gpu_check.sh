@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# `make gpu-check`: for anyone with NVIDIA GPUs. Runs the tour's checks over NCCL with one rank per GPU (the rank
+# functions build their models and tensors on their own GPU), then the example training script under torchrun.
+# Needs a CUDA build of torch (README: "Installing on a GPU machine").
+set -euo pipefail
+PY=${PYTHON:-python}
+NGPU=$("$PY" -c "from minidist.launch import gpu_count; print(gpu_count())")
+if [ "$NGPU" -lt 1 ]; then
+    echo "gpu-check: no GPU visible to torch (a CPU build of torch, or no NVIDIA driver)" >&2
+    exit 1
+fi
+echo "== $NGPU GPU(s): the tour over NCCL, one rank per GPU"
+MINIDIST_BACKEND=nccl "$PY" -m minidist tour --world-size "$NGPU" --backend nccl --quiet
+echo "== the example script under torchrun, one rank per GPU"
+"$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" -m minidist.examples.train --strategy ddp \
+    --steps 50 --quiet
+echo "gpu-check passed on $NGPU GPU(s)"
