@@ -18,7 +18,9 @@ def shard_pieces(sizes: list[int], rank: int, world_size: int) -> tuple[int, lis
     Returns (chunk, pieces): chunk = ceil(sum(sizes) / world_size) elements per rank, and pieces, in order, a tuple
     (index, start, stop, offset) for each tensor that has elements in this rank's chunk: its elements [start, stop)
     (numbered within the flattened tensor) sit at [offset, offset + stop - start) of the chunk. Empty tensors and the
-    padding give no piece; a tensor cut by a chunk boundary gives a piece to each rank it touches.
+    padding give no piece; a tensor cut by a chunk boundary gives a piece to each rank it touches. Graded: by hand
+    (an empty tensor, a rank holding only padding, no tensors at all), and for N = 1, 2, 3, 7: the chunk size, and
+    every element in exactly one piece, at its own flat position.
     """
     # ---- exercise zero_shard_pieces (2 points) -----------------------------------------------------
     # hint: the chunk of rank r covers flat positions [r * chunk, (r + 1) * chunk); walk the tensors keeping the flat
@@ -33,7 +35,8 @@ def reduce_scatter_gradients(flat_grads: list[torch.Tensor], group=None) -> list
 
     Start every reduce-scatter asynchronously, in bucket order (every rank issues the same collectives in the same
     order), then wait for them. Divide by N *before* summing, as DDP does (a 16-bit sum of N gradients could
-    overflow where their mean would not). The inputs are left as they were.
+    overflow where their mean would not). The inputs are left as they were. Graded: on 3 ranks, an fp32 and a bf16
+    bucket: the averaged chunks, their dtypes, the inputs untouched.
     """
     # ---- exercise zero_reduce_scatter (2 points) ---------------------------------------------------
     # hint: comm.reduce_scatter_into_(out, x, group, async_op=True) returns a Work; wait() on it gives out.
@@ -43,9 +46,8 @@ def reduce_scatter_gradients(flat_grads: list[torch.Tensor], group=None) -> list
 
 def all_gather_parameters(shards: list[torch.Tensor], group=None) -> list[torch.Tensor]:
     """Phase 3: for each bucket, every rank's chunk concatenated in rank order (N * len elements, the shard's dtype).
-
-    Start every all-gather asynchronously, in bucket order, then wait for them.
-    """
+    Start every all-gather asynchronously, in bucket order, then wait for them. Graded: on 3 ranks, an fp32 and a
+    bf16 bucket, exactly."""
     # ---- exercise zero_all_gather (1 point) -------------------------------------------------------
     # hint: comm.all_gather_into_(out, shard, group, async_op=True) is the in-place, asynchronous all-gather.
     raise NotImplementedError("exercise zero_all_gather: write this part")

@@ -17,16 +17,15 @@ and moments: 2 + 2 + 12 bytes per parameter; padding adds at most N - 1 elements
              (chapter 02's GradReducer hooks); only the shard is kept                     2Ψ + 14Ψ/N bytes
 Stage 3 shards the parameters too: minidist.fsdp.fully_shard.
 
-The wrapped optimizer steps *pieces*: each parameter's part in this rank's chunks, a view into the master buffer. So
-a parameter without a gradient in a step (agreed with one small all-reduce of flags) is skipped as a torch optimizer
-skips it, and an elementwise optimizer (SGD, Adam, AdamW...) updates as on whole tensors (LAMB's per-tensor trust
-ratio would not).
+The wrapped optimizer steps *pieces* (each parameter's part in my chunks, views of the master buffer): a parameter with
+no gradient in a step (agreed with an all-reduce of flags) is skipped as torch skips it, and an elementwise optimizer
+(SGD, Adam, AdamW...) updates as on whole tensors (LAMB's per-tensor trust ratio would not).
 """
 import torch
 import torch.distributed as dist
 
 from . import comm
-from .reducer import MiB, GradReducer, layout
+from .reducer import MiB, GradReducer, layout  # (layout and MiB live in buckets.py; reducer re-exports them)
 
 
 def shard_pieces(sizes: list[int], rank: int, world_size: int) -> tuple[int, list[tuple[int, int, int, int]]]:
@@ -36,7 +35,9 @@ def shard_pieces(sizes: list[int], rank: int, world_size: int) -> tuple[int, lis
     Returns (chunk, pieces): chunk = ceil(sum(sizes) / world_size) elements per rank, and pieces, in order, a tuple
     (index, start, stop, offset) for each tensor that has elements in this rank's chunk: its elements [start, stop)
     (numbered within the flattened tensor) sit at [offset, offset + stop - start) of the chunk. Empty tensors and the
-    padding give no piece; a tensor cut by a chunk boundary gives a piece to each rank it touches.
+    padding give no piece; a tensor cut by a chunk boundary gives a piece to each rank it touches. Graded: by hand
+    (an empty tensor, a rank holding only padding, no tensors at all), and for N = 1, 2, 3, 7: the chunk size, and
+    every element in exactly one piece, at its own flat position.
     """
     # <exercise zero_shard_pieces points=2>
     # hint: the chunk of rank r covers flat positions [r * chunk, (r + 1) * chunk); walk the tensors keeping the flat
@@ -59,7 +60,8 @@ def reduce_scatter_gradients(flat_grads: list[torch.Tensor], group=None) -> list
 
     Start every reduce-scatter asynchronously, in bucket order (every rank issues the same collectives in the same
     order), then wait for them. Divide by N *before* summing, as DDP does (a 16-bit sum of N gradients could
-    overflow where their mean would not). The inputs are left as they were.
+    overflow where their mean would not). The inputs are left as they were. Graded: on 3 ranks, an fp32 and a bf16
+    bucket: the averaged chunks, their dtypes, the inputs untouched.
     """
     # <exercise zero_reduce_scatter points=2>
     # hint: comm.reduce_scatter_into_(out, x, group, async_op=True) returns a Work; wait() on it gives out.
@@ -71,9 +73,8 @@ def reduce_scatter_gradients(flat_grads: list[torch.Tensor], group=None) -> list
 
 def all_gather_parameters(shards: list[torch.Tensor], group=None) -> list[torch.Tensor]:
     """Phase 3: for each bucket, every rank's chunk concatenated in rank order (N * len elements, the shard's dtype).
-
-    Start every all-gather asynchronously, in bucket order, then wait for them.
-    """
+    Start every all-gather asynchronously, in bucket order, then wait for them. Graded: on 3 ranks, an fp32 and a
+    bf16 bucket, exactly."""
     # <exercise zero_all_gather points=1>
     # hint: comm.all_gather_into_(out, shard, group, async_op=True) is the in-place, asynchronous all-gather.
     n = dist.get_world_size(group)
@@ -82,14 +83,14 @@ def all_gather_parameters(shards: list[torch.Tensor], group=None) -> list[torch.
     # </exercise>
 
 
-def _hyper(param_group: dict) -> dict:
+def _hyper(param_group: dict) -> dict:  # a parameter group's hyperparameters
     return {k: v for k, v in param_group.items() if k != "params"}
 
 
 def used_on_some_rank(params: list[torch.Tensor], group=None) -> list[bool]:
     """Which parameters hold a gradient on at least one rank (one all-reduce of an int32 flag per tensor)."""
-    flags = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
-                         device=params[0].device if params else None)
+    flags = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    flags = flags.to(params[0].device) if params else flags
     return (comm.all_reduce_sum(flags, group) > 0).tolist()
 
 
@@ -126,11 +127,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         opt.step()                                       # every rank's model receives the same updated weights
         opt.zero_grad()
 
-    It owns the gradient reduction (use it on a plain model, not a DataParallel) and broadcasts rank 0's weights
-    first. `param_groups` hold the model's parameters (LR schedulers work on them); `state_dict()` gathers the wrapped
+    It owns the gradient reduction (use it on a plain model, not a DataParallel) and broadcasts rank 0's weights first.
+    `param_groups` hold the model's parameters (LR schedulers work on them); `state_dict()` gathers the wrapped
     optimizer's state in its own format (collective), which `load_state_dict` takes from any world size or from the
-    plain optimizer. bucket_cap_mb: bucket size in MiB. In stage 2 every backward until step() is a micro-step whose
-    gradient shards add up.
+    plain optimizer. bucket_cap_mb: bucket size in MiB. In stage 2 each backward before step() is a micro-step.
     """
 
     def __init__(self, params, optimizer_class, *, stage: int = 1, group=None, bucket_cap_mb: float = 25,

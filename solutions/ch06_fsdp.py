@@ -14,29 +14,29 @@ from minidist import comm
 
 def unshard_(full: torch.Tensor, shard: torch.Tensor, group=None) -> comm.Work:
     """Start gathering every rank's `shard` into `full` (N * shard.numel() elements, in shard's dtype), whose storage
-    reshard_ emptied: give `full` its storage back, start the all-gather asynchronously, return its Work."""
+    reshard_ emptied: give `full` its storage back, start the all-gather asynchronously, return its Work. Graded: on 3
+    ranks, the gathered values, also as seen through a view of `full` taken before its storage was freed."""
     # ---- exercise fsdp_unshard (2 points) ----------------------------------------------------------
-    # hint: a tensor's storage can be resized in place (full.untyped_storage().resize_(nbytes)): every view of it
-    #       sees the new memory.
+    # hint: a storage can be resized in place (t.untyped_storage().resize_(nbytes)); every view sees the new memory.
     full.untyped_storage().resize_(full.numel() * full.element_size())
     return comm.all_gather_into_(full, shard, group, async_op=True)
     # ---- end of exercise fsdp_unshard -----------------------------------------------------------------
 
 
 def reshard_(full: torch.Tensor) -> None:
-    """Free the memory of `full` and of every view of it, keeping the tensors themselves (autograd holds them)."""
+    """Free the memory of `full` and of every view of it, keeping the tensors themselves (autograd holds them).
+    Graded: 0 bytes of storage after it, the views keep their shapes, and `full` can be gathered into again."""
     # ---- exercise fsdp_reshard (1 point) ----------------------------------------------------------
     # hint: the opposite of unshard_'s first line.
     full.untyped_storage().resize_(0)
     # ---- end of exercise fsdp_reshard -----------------------------------------------------------------
 
 
-def reduce_scatter_grads(grads: list, numels: list[int], chunk: int, dtype: torch.dtype, group=None,
-                         device=None) -> comm.Work:
-    """Post-backward: start the reduce-scatter of a unit's gradients (`grads`, of the unit's parameters in order,
-    None for zeros; `numels` their sizes). Its Work's wait() gives this rank's `chunk` elements of their average
-    over the ranks, in `dtype`: the gradients laid end to end in a zero-padded flat buffer of N * chunk elements of
-    `dtype`, divided by N, reduce-scattered."""
+def reduce_scatter_grads(grads: list, numels: list[int], chunk: int, dtype, group=None, device=None) -> comm.Work:
+    """Post-backward: start reducing a unit's gradients (`grads`: of its parameters in order, None for zeros; `numels`:
+    their sizes), laid end to end in a zero-padded flat buffer of N * chunk elements of `dtype`, divided by N and
+    reduce-scattered; the Work's wait() gives this rank's `chunk` elements. Graded: on 3 ranks, with a None gradient
+    and padding, exactly."""
     # ---- exercise fsdp_post_backward (2 points) ----------------------------------------------------
     # hint: comm.reduce_scatter_into_(out, x, group, async_op=True) starts it.
     n = dist.get_world_size(group)
@@ -51,7 +51,7 @@ def reduce_scatter_grads(grads: list, numels: list[int], chunk: int, dtype: torc
 def prefetch_target(order: list, current):
     """The unit to prefetch when `current` starts computing: the one after it in `order` (forward: the order units
     ran forward; backward: the reverse of the order they finished forward), or None when current is last or not in
-    the order (a unit the first step never saw)."""
+    the order (a unit the first step never saw). Graded: by hand, both ends and an unknown unit included."""
     # ---- exercise fsdp_prefetch (1 point) ---------------------------------------------------------
     # hint: list.index finds current; mind the ends.
     if current not in order or order.index(current) + 1 == len(order):

@@ -13,8 +13,8 @@ from ..launch import launch
 from ..mesh import Mesh
 from ..models import GPT, GPTConfig, lm_loss
 from .data_parallel import BATCHES, BF16_TOL, CFG, SGD_TOL
-from .rows import make_row
-from .zero import states_and_bytes_rows
+from .rows import covers, make_row
+from .zero import NAMES, states_and_bytes_rows
 
 PEAK_CFG = GPTConfig(n_layer=4, n_embd=64, block_size=32)  # four blocks: "one at a time" shows
 
@@ -111,6 +111,7 @@ def _timed(fn, world_size, *args):
     return launch(fn, world_size, *args), time.perf_counter() - start
 
 
+@covers("FSDP (a unit per block), fp32, SGD", "FSDP (a unit per block), bf16, SGD")
 def check_fsdp2(world_size: int) -> list[dict]:
     per_rank, seconds = _timed(against_fsdp2, world_size)
     return [make_row(f"FSDP (a unit per block), {name}, SGD", f"torch FSDP2{policy}",
@@ -119,6 +120,7 @@ def check_fsdp2(world_size: int) -> list[dict]:
                                              (torch.bfloat16, "bf16", ", MixedPrecision bf16", BF16_TOL))]
 
 
+@covers("FSDP peak gathered parameters", "FSDP prefetch (late all-gathers)")
 def check_peak_and_prefetch(world_size: int) -> list[dict]:
     per_rank, seconds = _timed(timeline, world_size)
     r = per_rank[0]
@@ -132,6 +134,7 @@ def check_peak_and_prefetch(world_size: int) -> list[dict]:
                      seconds=seconds)]
 
 
+@covers(*[f"{NAMES[s]}, bf16: bytes, states" for s in ("fsdp", "fsdp-keep")])
 def check_states_and_bytes(world_size: int) -> list[dict]:
     return states_and_bytes_rows(("fsdp", "fsdp-keep"), world_size)
 

@@ -30,7 +30,7 @@ from ..models import GPT, GPTConfig, count_params, lm_loss
 from ..testing import replica_divergence
 from ..zero import ZeroOptimizer
 from .data_parallel import ADAM_LR, CFG, counted_mean
-from .rows import make_row
+from .rows import covers, make_row
 
 BATCHES5 = random_batches(torch.randint(512, (5000,), generator=torch.Generator().manual_seed(5)), 12, 16, steps=5)
 ADAM_TOL5 = 0.01 * ADAM_LR * len(BATCHES5)  # README: 1% of the most Adam can move a weight in these steps
@@ -217,6 +217,7 @@ NAMES = {"ddp": "DDP (DataParallel)", "zero1": "ZeRO-1 (ZeroOptimizer)", "zero2"
          "fsdp-keep": "FSDP, no reshard after forward"}
 
 
+@covers(*[f"{NAMES[s]}, 5 AdamW steps" for s in STRATEGIES])
 def check_cross_stage(world_size: int) -> list[dict]:
     per_rank, seconds = _timed(cross_stage, world_size)
     return [make_row(f"{NAMES[s]}, 5 AdamW steps", "one process, global batch (AdamW)",
@@ -240,10 +241,12 @@ def states_and_bytes_rows(strategies, world_size: int) -> list[dict]:
     return rows
 
 
+@covers(*[f"{NAMES[s]}, bf16: bytes, states" for s in ("ddp", "zero1", "zero2", "zero3")])
 def check_states_and_bytes(world_size: int) -> list[dict]:
     return states_and_bytes_rows(("ddp", "zero1", "zero2", "zero3"), world_size)
 
 
+@covers("ZeRO-1 (ZeroOptimizer), AdamW", *[f"ZeRO-{stage}, AdamW" for stage in (1, 2, 3)])
 def check_references(world_size: int) -> list[dict]:
     zero_red, seconds = _timed(against_zero_redundancy, world_size)
     rows = [make_row("ZeRO-1 (ZeroOptimizer), AdamW", "ZeroRedundancyOptimizer + DDP",
