@@ -9,9 +9,10 @@ import torch.distributed as dist
 
 from .. import comm
 from ..fsdp import full_state_dict, fully_shard
-from ..launch import launch
+from ..launch import device, launch
 from ..mesh import Mesh
 from ..models import GPT, GPTConfig, lm_loss
+from ..testing import on_device, to_device
 from .data_parallel import BATCHES, BF16_TOL, CFG, SGD_TOL
 from .rows import covers, make_row
 from .zero import NAMES, states_and_bytes_rows
@@ -26,6 +27,7 @@ def per_block(model, **options):
     return fully_shard(model, **options)
 
 
+@on_device
 def against_fsdp2(dtypes=(None, torch.bfloat16), batches=BATCHES) -> dict:
     """minidist's fully_shard and torch's (FSDP2, on a DeviceMesh over the same ranks) side by side, per-block
     units, SGD on the same slices: {param_dtype: largest difference of the full weights}."""
@@ -44,7 +46,7 @@ def against_fsdp2(dtypes=(None, torch.bfloat16), batches=BATCHES) -> dict:
             torch_fully_shard(block, mesh=mesh, mp_policy=policy)
         torch_fully_shard(theirs, mesh=mesh, mp_policy=policy)
         opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ours, theirs)]
-        for x, y in batches:
+        for x, y in map(to_device, batches):
             for model, opt in zip((ours, theirs), opts):
                 lm_loss(model(x.chunk(n)[rank]).float(), y.chunk(n)[rank]).backward()
                 opt.step()
@@ -54,6 +56,7 @@ def against_fsdp2(dtypes=(None, torch.bfloat16), batches=BATCHES) -> dict:
     return out
 
 
+@on_device
 def timeline(cfg=PEAK_CFG, link=None, steps: int = 3, batch: int = 4) -> dict:
     """Per-block FSDP training steps (with a simulated link: communication takes visible time on one machine).
 
@@ -64,7 +67,8 @@ def timeline(cfg=PEAK_CFG, link=None, steps: int = 3, batch: int = 4) -> dict:
     model = per_block(GPT(cfg))
     root = model.fsdp_unit
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randint(cfg.vocab_size, (batch, cfg.block_size), generator=torch.Generator().manual_seed(dist.get_rank()))
+    x = torch.randint(cfg.vocab_size, (batch, cfg.block_size), generator=torch.Generator().manual_seed(dist.get_rank()),
+                      device="cpu").to(device())
     with comm.ring_backend(link=link):
         for _ in range(steps):  # the first step records the order of the units; later steps prefetch
             root.events.clear()

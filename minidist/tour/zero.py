@@ -27,7 +27,8 @@ from ..launch import launch
 from ..memory import measure_state_bytes, zero_state_bytes
 from ..mixed_precision import LossScaler, MixedPrecisionOptimizer
 from ..models import GPT, GPTConfig, count_params, lm_loss
-from ..testing import replica_divergence
+from ..launch import default_backend, device
+from ..testing import on_device, replica_divergence, to_device
 from ..zero import ZeroOptimizer
 from .data_parallel import ADAM_LR, CFG, counted_mean
 from .rows import covers, make_row
@@ -84,6 +85,7 @@ def train_step(module, opt, x, y) -> float:
     return loss.item()
 
 
+@on_device
 def cross_stage(strategies=STRATEGIES, batches=BATCHES5, bucket_cap_mb: float = 0.02) -> dict:
     """Each strategy trains the frozen-wpe tiny GPT from the same start, on this rank's slices, with AdamW; one
     process trains on the whole batches. Returns {strategy: (max |w - w_one_process|, replica divergence or None)}."""
@@ -92,6 +94,7 @@ def cross_stage(strategies=STRATEGIES, batches=BATCHES5, bucket_cap_mb: float = 
     start = frozen_gpt()
     reference = copy.deepcopy(start)
     ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=ADAM_LR)
+    batches = [to_device(b) for b in batches]
     for x, y in batches:
         train_step(reference, ref_opt, x, y)
     expected, out = reference.state_dict(), {}
@@ -105,11 +108,12 @@ def cross_stage(strategies=STRATEGIES, batches=BATCHES5, bucket_cap_mb: float = 
     return out
 
 
+@on_device
 def states_and_bytes(strategies=("ddp", "zero1", "zero2", "zero3"), cfg=ZCFG) -> dict:
     """Mixed precision: for each strategy, the model states this rank holds after a backward (moments exist: one step
     was taken before), walked tensor by tensor, and the bytes it sent in that step, counted on minidist's ring."""
     rank, n = dist.get_rank(), dist.get_world_size()
-    x, y = (t.chunk(n)[rank] for t in BATCHES5[0])
+    x, y = (t.chunk(n)[rank] for t in to_device(BATCHES5[0]))
     out = {}
     for s in strategies:
         torch.manual_seed(0)
@@ -140,6 +144,7 @@ def bytes_formula(strategy: str, psi: int, tensors: int, n: int, element: int = 
     return grads
 
 
+@on_device
 def against_zero_redundancy(batches=BATCHES5) -> float:
     """ZeroOptimizer stage 1 next to torch's DDP + ZeroRedundancyOptimizer (AdamW) on the same slices: the largest
     weight difference."""
@@ -151,18 +156,19 @@ def against_zero_redundancy(batches=BATCHES5) -> float:
     theirs = DDP(copy.deepcopy(ours))
     opts = (ZeroOptimizer(ours.parameters(), torch.optim.AdamW, stage=1, lr=ADAM_LR),
             ZeroRedundancyOptimizer(theirs.parameters(), torch.optim.AdamW, lr=ADAM_LR))
-    for x, y in batches:
+    for x, y in map(to_device, batches):
         for model, opt in zip((ours, theirs), opts):
             train_step(model, opt, x.chunk(n)[rank], y.chunk(n)[rank])
     return max((a - b).abs().max().item() for a, b in zip(ours.parameters(), theirs.module.parameters()))
 
 
-def import_deepspeed():
+def import_deepspeed(cpu: bool = True):
     """DeepSpeed set up for CPU ranks, quiet. Its first init compiles a shared-memory all-reduce kernel (35 s or more
     on 2 cores) that only speeds up all-reduce: it is left out, so its collectives run over gloo like the rest.
     Called in the parent before launching, its imports (seconds, torch.compile's among them) are inherited by the
     forked ranks."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if cpu:  # DeepSpeed picks its accelerator once, at import
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     with warnings.catch_warnings():  # its modules use deprecated torch.jit decorators
         warnings.simplefilter("ignore")
@@ -173,12 +179,13 @@ def import_deepspeed():
     return deepspeed
 
 
+@on_device
 def against_deepspeed(stages=(1, 2, 3), batches=BATCHES5) -> dict[int, float]:
     """DeepSpeed's ZeRO stage s (fp32, torch AdamW as its client optimizer) next to minidist's stage s on the same
     slices: {stage: largest weight difference}."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed calls deprecated torch.distributed names
-    deepspeed = import_deepspeed()
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed = import_deepspeed(cpu=device().type == "cpu")
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
     rank, n = dist.get_rank(), dist.get_world_size()
     out = {}
     for stage in stages:
@@ -189,7 +196,7 @@ def against_deepspeed(stages=(1, 2, 3), batches=BATCHES5) -> dict[int, float]:
                   "zero_optimization": {"stage": stage}}
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=ADAM_LR),
                                           config=config)
-        for x, y in batches:
+        for x, y in map(to_device, batches):
             x, y = x.chunk(n)[rank], y.chunk(n)[rank]
             train_step(ours, opt, x, y)
             engine.backward(lm_loss(engine(x), y))
@@ -203,7 +210,7 @@ def against_deepspeed(stages=(1, 2, 3), batches=BATCHES5) -> dict[int, float]:
 
 def side_by_side_with_deepspeed(world_size: int, *args) -> list[dict[int, float]]:
     """against_deepspeed on `world_size` ranks, DeepSpeed imported here first (the ranks inherit it)."""
-    import_deepspeed()
+    import_deepspeed(cpu=default_backend(world_size) == "gloo")
     return launch(against_deepspeed, world_size, *args)
 
 
