@@ -213,8 +213,8 @@ def show(func):
     replaced by its hints and a stub. Notebooks use this instead of inspect.getsource, so no chapter shows the
     answers to its own exercises."""
     import inspect
-    text = stub_source(inspect.getsource(func))
-    text = inspect.cleandoc(text) if text.startswith((" ", "\t")) else text
+    import textwrap
+    text = textwrap.dedent(stub_source(inspect.getsource(func)))  # a method's source is indented: remove it evenly
     try:
         from IPython.display import Code
         return Code(text, language="python")
