@@ -31,6 +31,8 @@ CHAPTERS = {  # generated file -> package modules whose exercises it holds, in o
     "ch02_data_parallel": ["data_parallel", "buckets", "mixed_precision"],
     "ch03_data_loading": ["samplers"],
     "ch04_tensor_parallel": ["tensor_parallel", "vocab_parallel"],
+    "ch05_zero": ["zero"],
+    "ch06_fsdp": ["fsdp"],
     "ch07_pipeline": ["pipeline.schedule", "pipeline.stages"],
 }
 BEGIN = re.compile(r"^(\s*)# <exercise (\w+) points=(\d+)>\s*$")

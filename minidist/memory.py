@@ -124,18 +124,24 @@ def _unique_storages(tensors):
     return seen
 
 
-def measure_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> StateBytes:
+def measure_state_bytes(model: torch.nn.Module, optimizer=None) -> StateBytes:
     """Bytes this rank holds in parameters, gradients and optimizer state, by walking the tensors.
 
+    Parameters and their .grad come from the model (a sharded model, fully_shard's, holds its shards there).
     Optimizer state counts the per-parameter tensors (Adam's moments); the 0-dim `step` counters (4 bytes per
-    parameter tensor, not per parameter) are left out, as the formula leaves them out.
+    parameter tensor, not per parameter) are left out, as the formula leaves them out. An optimizer that holds more
+    (fp32 master weights, gradient shards: ZeroOptimizer, MixedPrecisionOptimizer) lists it in a `held_tensors()`
+    method returning {"grads": [...], "optimizer": [...]}, which is counted instead of its `state`.
     """
     params = list(model.parameters())
-    state = [] if optimizer is None else [
-        t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    if hasattr(optimizer, "held_tensors"):
+        held = optimizer.held_tensors()
+    else:
+        held = {"grads": [], "optimizer": [] if optimizer is None else [
+            t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]}
     return StateBytes(params=sum(_unique_storages(params).values()),
-                      grads=sum(_unique_storages(p.grad for p in params).values()),
-                      optimizer=sum(_unique_storages(state).values()))
+                      grads=sum(_unique_storages([p.grad for p in params] + held["grads"]).values()),
+                      optimizer=sum(_unique_storages(held["optimizer"]).values()))
 
 
 class SavedActivations:

@@ -176,3 +176,9 @@ class MixedPrecisionOptimizer:
         for p in self.params:
             p.grad = None
         self.optimizer.zero_grad()
+
+    def held_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """For memory.measure_state_bytes: the fp32 master weights (and their gradients inside a step) and the
+        wrapped optimizer's per-element states, held beyond the model."""
+        states = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+        return {"grads": [m.grad for m in self.master if m.grad is not None], "optimizer": [*self.master, *states]}
