@@ -34,6 +34,7 @@ CHAPTERS = {  # generated file -> package modules whose exercises it holds, in o
     "ch05_zero": ["zero"],
     "ch06_fsdp": ["fsdp"],
     "ch07_pipeline": ["pipeline.schedule", "pipeline.stages"],
+    "ch11_checkpoints": ["checkpoint", "checkpoint_format", "checkpoint_layout"],
 }
 BEGIN = re.compile(r"^(\s*)# <exercise (\w+) points=(\d+)>\s*$")
 END = re.compile(r"^\s*# </exercise>\s*$")

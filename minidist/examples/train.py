@@ -16,6 +16,11 @@ stage of the model, the global batch cut into --microbatches, run by --schedule 
 zero2 (minidist.zero.ZeroOptimizer, stage 1 or 2), zero3 (minidist's fully_shard on the whole model), fsdp
 (minidist's fully_shard on each block, then the root), torch-fsdp (PyTorch's FSDP2 fully_shard, per block). Later
 chapters add theirs to STRATEGIES.
+
+Checkpoints, restarts and injected failures (--checkpoint-dir, --checkpoint-every, --fail-at-step, --hang-at-step,
+--timeout): see minidist/examples/fault_tolerance.py.
+    torchrun --standalone --nproc_per_node=2 --max-restarts=3 -m minidist.examples.train --strategy fsdp \\
+             --steps 40 --checkpoint-dir ckpt --checkpoint-every 10 --fail-at-step 25
 """
 import argparse
 import os
@@ -25,9 +30,10 @@ import torch
 import torch.distributed as dist
 
 from minidist import launch, run_under_torchrun
-from minidist.args import positive_float, positive_int
+from minidist.args import nonnegative_float, positive_float, positive_int
 from minidist.data import random_batches, token_ids, train_val_split
 from minidist.data_parallel import DataParallel
+from minidist.examples import fault_tolerance as ft
 from minidist.fsdp import fully_shard
 from minidist.launch import device
 from minidist.models import GPT, GPTConfig, build_llama, lm_loss
@@ -77,7 +83,7 @@ OPTIMIZERS = {  # the optimizer each strategy trains with (default: AdamW on the
                                                bucket_cap_mb=args.bucket_cap_mb),
 }
 SHARDED = ("zero3", "fsdp", "torch-fsdp")  # each rank holds a shard of the weights: no replicas to compare
-MODELS = {"tiny-gpt": lambda args: GPT(GPTConfig(block_size=args.block_size)),
+MODELS = {"tiny-gpt": lambda args: GPT(GPTConfig(block_size=args.block_size, dropout=args.dropout)),
           "tiny-llama": lambda args: build_llama(max_position_embeddings=max(128, args.block_size))}
 
 
@@ -98,12 +104,12 @@ def _replicas(model, args):
     return torch.nn.ParameterList(p for name, p in model.named_parameters() if name not in sharded)
 
 
-def _progress(args, description: str):
+def _progress(args, description: str, start: int = 0):
     """A progress bar on rank 0 (None elsewhere, or with --quiet)."""
     if dist.get_rank() != 0 or args.quiet:
         return None
     from tqdm import tqdm
-    return tqdm(total=args.steps, desc=description, file=sys.stderr)
+    return tqdm(total=args.steps, initial=start, desc=description, file=sys.stderr)
 
 
 def _log(progress, args, step: int, loss: float) -> None:
@@ -128,8 +134,10 @@ def train(args) -> dict:
     opt = OPTIMIZERS.get(args.strategy, lambda m, a: torch.optim.AdamW(m.parameters(), lr=a.lr))(model, args)
     train_ids, val_ids = train_val_split(token_ids())
     batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed)
-    progress, losses = _progress(args, f"{args.strategy} on {n} ranks"), []
-    for step, (x, y) in enumerate(batches):
+    state = ft.resume(args, model, opt)  # step 0, or the newest checkpoint's
+    progress, losses = _progress(args, f"{args.strategy} on {n} ranks", state["step"]), state["losses"]
+    for step, (x, y) in enumerate(batches[state["step"]:], start=state["step"]):
+        ft.inject(args, step)
         if split_batch:
             x, y = x.chunk(n)[rank], y.chunk(n)[rank]                  # this rank's slice of the global batch
         x, y = x.to(dev), y.to(dev)
@@ -139,12 +147,13 @@ def train(args) -> dict:
         opt.zero_grad()
         mean = loss.detach().clone()
         dist.all_reduce(mean)  # for the log only: the loss averaged over ranks (under tp every rank has the same)
-        losses.append(mean.item() / n)
+        ft.after_step(args, state, step + 1, model, opt, mean.item() / n)
         _log(progress, args, step, losses[-1])
     x, y = random_batches(val_ids, 32, args.block_size, 1, seed=1234)[0]
     with torch.no_grad():
         val = loss_fn(logits(model(x.to(dev))), y.to(dev)).item()
-    return {"first_loss": losses[0], "last_loss": losses[-1], "val_loss": val,
+    return {"first_loss": losses[0], "last_loss": losses[-1], "val_loss": val, "losses": losses,
+            "resumed_at": state["resumed_at"], "digest": ft.digest(ft.full_weights(model, args.strategy)),
             "replica_divergence": None if args.strategy in SHARDED else replica_divergence(_replicas(model, args))}
 
 
@@ -164,15 +173,18 @@ def train_pp(args) -> dict:
                            model.cfg.n_embd, track_memory=False)
     opt = torch.optim.AdamW(pipe.parameters(), lr=args.lr)
     train_ids, val_ids = train_val_split(token_ids())
-    progress, losses = _progress(args, f"pp {args.schedule} on {p} ranks"), []
-    for step, (x, y) in enumerate(random_batches(train_ids, args.batch_size, args.block_size, args.steps,
-                                                 seed=args.seed)):
+    stages = torch.nn.ModuleList(pipe.stages)  # what this rank checkpoints: its stages, named as in the whole model
+    state = ft.resume(args, stages, opt)
+    progress, losses = _progress(args, f"pp {args.schedule} on {p} ranks", state["step"]), state["losses"]
+    batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed)
+    for step, (x, y) in enumerate(batches[state["step"]:], start=state["step"]):
+        ft.inject(args, step)
         loss = pipe.step(x.to(dev), y.to(dev))
         opt.step()
         opt.zero_grad()
         loss = loss if loss is not None else torch.zeros((), device=dev)
         dist.broadcast(loss, src=p - 1)  # for the log only: the loss lives on the last stage's rank
-        losses.append(loss.item())
+        ft.after_step(args, state, step + 1, stages, opt, loss.item())
         _log(progress, args, step, losses[-1])
     tied = model.wte.weight.detach().clone()  # the first and the last rank's copies of the tied embedding
     dist.broadcast(tied, src=p - 1)
@@ -183,7 +195,8 @@ def train_pp(args) -> dict:
     x, y = random_batches(val_ids, 32, args.block_size, 1, seed=1234)[0]
     with torch.no_grad():
         val = lm_loss(model(x.to(dev)), y.to(dev)).item()
-    return {"first_loss": losses[0], "last_loss": losses[-1], "val_loss": val, "replica_divergence": divergence}
+    return {"first_loss": losses[0], "last_loss": losses[-1], "val_loss": val, "replica_divergence": divergence,
+            "losses": losses, "resumed_at": state["resumed_at"], "digest": ft.digest(model.state_dict())}
 
 
 def parse(argv=None):
@@ -204,6 +217,8 @@ def parse(argv=None):
                    help="pp: transformer blocks (default: one per stage, >= 2)")
     p.add_argument("--log-every", type=positive_int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dropout", type=nonnegative_float, default=0.0, help="tiny-gpt: dropout (draws from the RNG)")
+    ft.add_arguments(p)
     p.add_argument("--world-size", type=positive_int, default=2, help="ranks to start when not under torchrun")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -215,18 +230,24 @@ def main(argv=None) -> int:
     if args.strategy not in ("tp", "pp") and args.batch_size % world:  # data parallel splits the batch over ranks
         raise SystemExit(f"python -m minidist.examples.train: error: --batch-size {args.batch_size} is not divisible "
                          f"by the world size {world}")
+    if ft.check(args):
+        raise SystemExit(f"python -m minidist.examples.train: error: {ft.check(args)}")
+    import torch._dynamo  # noqa: F401  (else the first optimizer step imports it, seconds late for the others)
+    token_ids()  # the corpus tokenized before ranks wait on each other: a late rank would eat into --timeout
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
-        result = run_under_torchrun(train, args)
+        result = run_under_torchrun(train, args, timeout=args.timeout)
         rank = int(os.environ["RANK"])
     else:
         if args.model == "tiny-llama":  # import transformers once here: the forked ranks inherit it
             import transformers.models.llama.modeling_llama  # noqa: F401
-        result, rank = launch(train, args.world_size, args)[0], 0
+        result, rank = launch(train, args.world_size, args, timeout=args.timeout)[0], 0
     if rank == 0:
         replicas = ("weights sharded over the ranks" if result["replica_divergence"] is None
                     else f"replicas differ by {result['replica_divergence']:.3g}")
         print(f"loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, validation {result['val_loss']:.3f}, "
               f"{replicas}")
+        resumed = f", resumed at step(s) {result['resumed_at']}" if result["resumed_at"] else ""
+        print(f"weights sha256 {result['digest']}{resumed}")
     return 0
 
 
