@@ -10,7 +10,8 @@ checkpoint directory remembers it across restarts. torchrun sees a rank die, end
 again (up to --max-restarts times); they load the newest whole checkpoint and continue from it. The final weights
 are bit-identical to those of a run that never failed (the script prints their SHA-256, to compare). With
 --hang-at-step K one rank instead sleeps, once: the others wait in their next collective until --timeout seconds
-pass, raise, and torchrun restarts everyone: a hang becomes a restart.
+pass, raise, and torchrun restarts everyone: a hang becomes a restart. (--timeout counts from an attempt's second
+step on; setting up, ranks wait up to 120 s for each other.)
 
 What resuming needs besides the tensors travels in each rank's `extra`: the step, the RNG states (torch's, Python's,
 the accelerator's; dropout draws from them), the sampler's seed and position, the loss history and the steps at
@@ -23,6 +24,7 @@ resharded to M ranks and continues at global batch k, cut in M slices: the same 
 sums then run over another number of ranks, so the weights match the N-rank run within the reduction-order
 tolerance, not bit for bit; the RNG states are those of the ranks of the same number (rank 0's on a new rank).
 """
+import datetime
 import hashlib
 import os
 import re
@@ -49,7 +51,8 @@ def add_arguments(p) -> None:
                    help="a rank SIGKILLs itself at this step, once (needs --checkpoint-dir)")
     p.add_argument("--hang-at-step", type=nonnegative_int, default=None,
                    help="a rank sleeps at this step, once, until --timeout ends the others (needs --checkpoint-dir)")
-    p.add_argument("--timeout", type=positive_float, default=120.0, help="seconds a collective waits for its peers")
+    p.add_argument("--timeout", type=positive_float, default=120.0,
+                   help="seconds a collective waits for its peers, from the second step of an attempt on")
 
 
 def check(args) -> str | None:
@@ -60,6 +63,28 @@ def check(args) -> str | None:
     if args.checkpoint_dir is not None and args.strategy in UNSUPPORTED:
         return f"--checkpoint-dir does not support --strategy {args.strategy}: {UNSUPPORTED[args.strategy]}"
     return None
+
+
+def join_attempt() -> None:
+    """Under torchrun, start the process group of this attempt in a store namespace of its own (call it before
+    run_under_torchrun, which then finds the group up).
+
+    torchrun shares its rendezvous TCPStore with the workers and keeps it across restarts, so a restarted worker can
+    read the address a peer published in the attempt before: a dead process, "Connection refused", and the restart
+    fails too (pytorch issue 135712; seen here in about one restart in three). Prefixing the keys with the restart
+    count gives every attempt fresh ones. (One node: the agent's restart count is the same for all its workers.)"""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+        return
+    from minidist.launch import DEFAULT_TIMEOUT, default_backend
+    timeout, world = datetime.timedelta(seconds=DEFAULT_TIMEOUT), int(env["WORLD_SIZE"])
+    store = dist.PrefixStore(f"minidist-attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                             dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False,
+                                           timeout=timeout))
+    backend = default_backend(int(env.get("LOCAL_WORLD_SIZE", world)))
+    if backend == "nccl":
+        torch.accelerator.set_device_index(int(env.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, store=store, rank=int(env["RANK"]), world_size=world, timeout=timeout)
 
 
 def latest(directory: str) -> tuple[str, int] | None:
@@ -121,8 +146,14 @@ def inject(args, step: int) -> None:
 
 
 def after_step(args, state: dict, done: int, model, opt, loss: float) -> None:
-    """Record the loss; every --checkpoint-every steps (and after the last one) save, keeping the two newest."""
+    """Record the loss; every --checkpoint-every steps (and after the last one) save, keeping the two newest. After
+    this attempt's first step, collectives may wait --timeout seconds (setting up keeps the launcher's 120 s: ranks
+    that start, build and load a few seconds apart are not hung; torchtitan's init and train timeouts do the same)."""
     state["losses"].append(loss)
+    if not state.setdefault("timeout_set", False):
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+        _set_pg_timeout(datetime.timedelta(seconds=args.timeout))
+        state["timeout_set"] = True
     if args.checkpoint_dir is None or not (done == args.steps or args.checkpoint_every and
                                            done % args.checkpoint_every == 0):
         return

@@ -235,12 +235,14 @@ def main(argv=None) -> int:
     import torch._dynamo  # noqa: F401  (else the first optimizer step imports it, seconds late for the others)
     token_ids()  # the corpus tokenized before ranks wait on each other: a late rank would eat into --timeout
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
-        result = run_under_torchrun(train, args, timeout=args.timeout)
+        if args.checkpoint_dir is not None:
+            ft.join_attempt()  # restarts possible: each attempt its own rendezvous keys
+        result = run_under_torchrun(train, args)
         rank = int(os.environ["RANK"])
     else:
         if args.model == "tiny-llama":  # import transformers once here: the forked ranks inherit it
             import transformers.models.llama.modeling_llama  # noqa: F401
-        result, rank = launch(train, args.world_size, args, timeout=args.timeout)[0], 0
+        result, rank = launch(train, args.world_size, args)[0], 0
     if rank == 0:
         replicas = ("weights sharded over the ranks" if result["replica_divergence"] is None
                     else f"replicas differ by {result['replica_divergence']:.3g}")
@@ -252,4 +254,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "RANK" in os.environ:  # a torchrun worker, done: skip the interpreter teardown, where gloo may abort or stall
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
