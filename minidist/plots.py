@@ -176,3 +176,43 @@ def unit_timeline(events: list[tuple[str, float, float]], title: str, ax=None):
     ax.legend([Patch(color=color) for color, _, _ in style.values()], list(style), loc="upper center",
               bbox_to_anchor=(0.5, -0.22), fontsize=8, ncol=4)
     return ax
+
+
+def element_runs(lengths, source) -> list[tuple[int, int]]:
+    """The box `source` (slices) of a row-major chunk of `lengths`, as [start, stop) runs of the chunk's flat
+    elements (adjacent runs merged): the byte ranges a reader touches, divided by the element size."""
+    import itertools
+    strides = [1] * len(lengths)
+    for d in range(len(lengths) - 2, -1, -1):
+        strides[d] = strides[d + 1] * lengths[d + 1]
+    runs = []
+    for lead in itertools.product(*[range(s.start, s.stop) for s in source[:-1]]):
+        base = sum(i * st for i, st in zip(lead, strides))
+        start, stop = (base + source[-1].start, base + source[-1].stop) if source else (0, 1)
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], stop)
+        else:
+            runs.append((start, stop))
+    return runs
+
+
+def read_plan(plans: list[list[dict]], key: str, ax=None):
+    """Which elements of each saved chunk of `key` every loading rank reads: a bar per saved chunk (its file),
+    coloured by the reading rank. plans[r]: the reads of rank r (minidist.checkpoint.plan_load)."""
+    ax = ax or plt.subplots(figsize=(9, 2.2))[1]
+    chunks = sorted({(r["file"], tuple(r["chunk"][1])) for plan in plans for r in plan if r["key"] == key})
+    for y, (file, lengths) in enumerate(chunks):
+        total = 1
+        for n in lengths:
+            total *= n
+        ax.barh(y, total, color="0.92", edgecolor="0.4")
+        for rank, plan in enumerate(plans):
+            for r in (r for r in plan if r["key"] == key and r["file"] == file):
+                for start, stop in element_runs(lengths, r["source"]):
+                    ax.barh(y, stop - start, left=start, color=f"C{rank}", edgecolor="none")
+    ax.set_yticks(range(len(chunks)), [f"{f} {'x'.join(map(str, ln))}" for f, ln in chunks])
+    ax.set_xlabel("element of the saved chunk (row-major)")
+    ax.set_title(f"{key}: what each new rank reads")
+    ax.legend(handles=[Patch(color=f"C{r}", label=f"new rank {r}") for r in range(len(plans))],
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    return ax

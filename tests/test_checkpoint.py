@@ -198,5 +198,14 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
 
 def test_dcp_reads_minidist_and_minidist_reads_dcp(tmp_path):
     results = launch(tc.dcp_interop, 2, str(tmp_path))
-    assert set(results[0]) == {"zero2 -> DCP", "fsdp -> DCP", "DCP -> FSDP"}
+    assert set(results[0]) == {"minidist ZeRO-2 checkpoint -> dcp.load", "minidist FSDP checkpoint -> dcp.load",
+                               "dcp.save -> minidist load (FSDP)"}
     assert all(v == 0.0 for r in results for v in r.values())
+
+
+def test_element_runs_are_the_flat_ranges_a_box_covers():
+    from minidist.plots import element_runs
+    assert element_runs((3, 4), (slice(1, 3), slice(0, 4))) == [(4, 12)]          # whole rows: one run
+    assert element_runs((3, 4), (slice(0, 2), slice(1, 3))) == [(1, 3), (5, 7)]  # a column band: one run per row
+    assert element_runs((5,), (slice(2, 4),)) == [(2, 4)]
+    assert element_runs((), ()) == [(0, 1)]

@@ -117,9 +117,14 @@ def resume(args, model, opt) -> dict:
     state = {"step": extra["step"], "losses": extra["losses"], "resumed_at": extra["resumed_at"] + [extra["step"]]}
     if dist.get_rank() == 0:
         saved_by = checkpoint.read_metadata(found[0])["world_size"]
-        print(f"resumed at step {extra['step']} from {found[0]} (saved by {saved_by} ranks, loaded on "
-              f"{dist.get_world_size()})", file=sys.stderr, flush=True)
+        _say(args, f"resumed at step {extra['step']} from {found[0]} (saved by {saved_by} ranks, loaded on "
+             f"{dist.get_world_size()})")
     return state
+
+
+def _say(args, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _once(args, what: str, step: int) -> bool:
@@ -137,10 +142,10 @@ def _once(args, what: str, step: int) -> bool:
 def inject(args, step: int) -> None:
     """The faults, at the start of `step`: the last rank dies (SIGKILL) or hangs, once."""
     if step == args.fail_at_step and _once(args, "failed", step):
-        print(f"rank {dist.get_rank()}: killing myself at step {step} (--fail-at-step)", file=sys.stderr, flush=True)
+        _say(args, f"rank {dist.get_rank()}: killing myself at step {step} (--fail-at-step)")
         os.kill(os.getpid(), signal.SIGKILL)
     if step == args.hang_at_step and _once(args, "hung", step):
-        print(f"rank {dist.get_rank()}: hanging at step {step} (--hang-at-step)", file=sys.stderr, flush=True)
+        _say(args, f"rank {dist.get_rank()}: hanging at step {step} (--hang-at-step)")
         while True:
             time.sleep(60)
 
