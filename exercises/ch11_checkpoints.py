@@ -23,7 +23,7 @@ def read_plan(chunks, offsets, lengths) -> list[tuple[int, tuple, tuple]]:
     0-d case) and on random 1-3-d boxes: the parts copied from their chunks fill the box with the global values.
     """
     # ---- exercise read_plan (3 points) -------------------------------------------------------------
-    # hint: along each dimension, two ranges [a, a + m) and [b, b + n) share [max(a, b), min(a + m, b + n)).
+    # hint: one dimension at a time: where do the ranges [a, a + m) and [b, b + n) overlap, and when not at all?
     # hint: the same global index g is g - (chunk offset) inside the chunk and g - (box offset) inside the box.
     raise NotImplementedError("exercise read_plan: write this part")
     # ---- end of exercise read_plan --------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Sharded checkpoints: each rank writes its own pieces, one metadata file says where every piece of every global
 tensor lies, and any layout at any world size reads back exactly the pieces it needs. Resharding is a property of
-the format, not a conversion step (the idea of torch.distributed.checkpoint, DCP; Wang et al. 2024, "ByteCheckpoint",
-describe the same split of metadata and data at scale).
+the format, not a conversion step (the idea of torch.distributed.checkpoint, DCP, and of ByteCheckpoint, 2024, at
+scale; why checkpoints must be frequent and cheap to write: Mohan et al. 2021, "CheckFreq").
 
 Saving `model.state_dict()` from rank 0 cannot work once anything is sharded: rank 0 holds only its shard of a ZeRO
 optimizer, of an FSDP unit, of a tensor-parallel layer, and only its own pipeline stage. Instead, each global
@@ -48,7 +48,7 @@ def read_plan(chunks, offsets, lengths) -> list[tuple[int, tuple, tuple]]:
     0-d case) and on random 1-3-d boxes: the parts copied from their chunks fill the box with the global values.
     """
     # <exercise read_plan points=3>
-    # hint: along each dimension, two ranges [a, a + m) and [b, b + n) share [max(a, b), min(a + m, b + n)).
+    # hint: one dimension at a time: where do the ranges [a, a + m) and [b, b + n) overlap, and when not at all?
     # hint: the same global index g is g - (chunk offset) inside the chunk and g - (box offset) inside the box.
     plan = []
     for i, (c_off, c_len) in enumerate(chunks):
