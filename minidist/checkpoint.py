@@ -128,8 +128,9 @@ def _agree(error: BaseException | None, what: str, path: str, staged: str | None
         if staged and _rank() == 0:
             shutil.rmtree(staged, ignore_errors=True)
         detail = f": {type(error).__name__}: {error}" if error is not None else ""
-        raise RuntimeError(f"checkpoint.save({path!r}) failed while {what} on rank(s) {failed}{detail}; the "
-                           f"checkpoint at {path} was left as it was") from error
+        kind = ValueError if isinstance(error, ValueError) else RuntimeError  # bad input stays a ValueError
+        raise kind(f"checkpoint.save({path!r}) failed while {what} on rank(s) {failed}{detail}; the checkpoint at "
+                   f"{path} was left as it was") from error
 
 
 def save(path: str, model, optimizer=None, extra=None) -> None:

@@ -155,7 +155,7 @@ def test_refusals_name_the_problem(tmp_path):
         checkpoint.load(str(tmp_path / "missing"), model)
     weird = torch.optim.SGD(model.parameters(), lr=0.1)
     weird.state[model.wte.weight] = {"factored": torch.zeros(3)}
-    with pytest.raises(RuntimeError, match="neither per element nor a scalar"):
+    with pytest.raises(ValueError, match="neither per element nor a scalar"):
         checkpoint.save(str(tmp_path / "b"), model, weird)
     assert not os.path.exists(tmp_path / "b") and not os.path.exists(tmp_path / "b.partial")
 
