@@ -1,4 +1,4 @@
-"""Command line: `python -m minidist tour | memory | bench | grade` (see `python -m minidist -h`)."""
+"""Command line: `python -m minidist tour | memory | plan | bench | grade` (see `python -m minidist -h`)."""
 import argparse
 import json
 import sys
@@ -31,6 +31,25 @@ def _memory(args) -> int:
     print(format_zero_table(params, args.world_size, args.precision))
     _write_json(args.json, {"params": params, "world_size": args.world_size, "precision": args.precision,
                             "stages": {str(s): b.total for s, b in table.items()}})
+    return 0
+
+
+def _plan(args) -> int:
+    from dataclasses import replace
+    from .planner import SHAPES, Cluster, as_json, format_plans, plan, shape_for
+    if args.params is None and args.model is None:
+        raise ValueError("give --params P, or --model NAME (or both: --params overrides the model's count)")
+    shape = SHAPES[args.model] if args.model else shape_for(args.params, args.seq or 2048)
+    shape = replace(shape, seq=args.seq) if args.seq else shape
+    params = args.params or shape.params()
+    cluster = Cluster(args.gpus, args.gpu_memory_gb, args.gpus_per_node, args.tflops, args.mfu, args.intra_node_gbps,
+                      args.inter_node_gbps, args.alpha_us, args.reserve_gb)
+    plans = plan(params, cluster, shape, args.global_batch, args.top)
+    print(f"{params:.4g} parameters ({args.model or 'GPT-3-like shape'}: {shape.layers} layers, hidden {shape.hidden},"
+          f" sequence {shape.seq}) on {args.gpus} GPUs of {args.gpu_memory_gb:g} GB, {args.gpus_per_node} per node,"
+          f" global batch {args.global_batch} sequences; best first:")
+    print(format_plans(plans))
+    _write_json(args.json, as_json(plans))
     return 0
 
 
@@ -94,6 +113,27 @@ def main(argv=None) -> int:
     mem.add_argument("--precision", choices=["mixed", "fp32"], default="mixed")
     mem.add_argument("--json", metavar="PATH")
     mem.set_defaults(run=_memory)
+
+    pl = sub.add_parser("plan", help="choose dp, pp, tp, cp, ZeRO stage, micro-batches and checkpointing for a model "
+                                     "and cluster from minidist's memory and cost models")
+    pl.add_argument("--params", type=positive_float, help="number of parameters, e.g. 175e9")
+    pl.add_argument("--model", choices=["gpt3-175b", "llama3-8b", "llama3-70b", "llama3-405b"],
+                    help="the model's shape (layers, hidden, heads, vocabulary, sequence); default: GPT-3-like")
+    pl.add_argument("--gpus", type=positive_int, required=True)
+    pl.add_argument("--gpu-memory-gb", type=positive_float, required=True)
+    pl.add_argument("--seq", type=positive_int, help="sequence length (default: the model's, or 2048)")
+    pl.add_argument("--global-batch", type=positive_int, default=1024, help="sequences per optimizer step")
+    pl.add_argument("--gpus-per-node", type=positive_int, default=8)
+    pl.add_argument("--tflops", type=positive_float, default=989.0, help="peak 16-bit TFLOP/s per GPU")
+    pl.add_argument("--mfu", type=positive_float, default=0.5, help="fraction of the peak the matmuls reach")
+    pl.add_argument("--intra-node-gbps", type=positive_float, default=450.0, help="GB/s per GPU inside a node")
+    pl.add_argument("--inter-node-gbps", type=positive_float, default=50.0, help="GB/s per GPU between nodes")
+    pl.add_argument("--alpha-us", type=nonnegative_float, default=5.0, help="latency per message (microseconds)")
+    pl.add_argument("--reserve-gb", type=nonnegative_float, default=4.0,
+                    help="memory per GPU kept for the CUDA context, buffers and fragmentation")
+    pl.add_argument("--top", type=positive_int, default=10, help="how many plans to print")
+    pl.add_argument("--json", metavar="PATH", help='also write {"plans": [...]}, best first')
+    pl.set_defaults(run=_plan)
 
     bench = sub.add_parser("bench", help="time a technique side by side with its reference")
     bench.add_argument("what", choices=["ddp", "buckets", "tp", "pp"],

@@ -7,13 +7,14 @@
     torchrun --nproc_per_node=2 -m minidist.examples.train --strategy tp --model tiny-llama --sequence-parallel
 
     torchrun --nproc_per_node=4 -m minidist.examples.train --strategy pp --schedule interleaved --microbatches 8
+    torchrun --nproc_per_node=8 -m minidist.examples.train --strategy 3d --dp 2 --pp 2 --tp 2   # or --cp 2
 
 gloo on CPUs, NCCL when every rank has a GPU. Rank 0 shows a progress bar and logs the loss averaged over ranks.
 Strategies: ddp (minidist.DataParallel), torch-ddp (PyTorch's DistributedDataParallel), none (each rank alone: what
 goes wrong without gradient averaging), tp (minidist.tensor_parallel: every rank holds 1/N of the model and sees the
 whole batch; --sequence-parallel adds sequence parallelism), pp (pipeline parallel, minidist.pipeline: each rank one
-stage of the model, the global batch cut into --microbatches, run by --schedule gpipe|1f1b|interleaved|zb). Later
-chapters add theirs to STRATEGIES.
+stage of the model, the global batch cut into --microbatches, run by --schedule gpipe|1f1b|interleaved|zb), 3d
+(examples/parallel3d.py: a --dp x --pp x --cp x --tp mesh). Later chapters add theirs to STRATEGIES.
 """
 import argparse
 import os
@@ -29,6 +30,8 @@ from minidist.data_parallel import DataParallel
 from minidist.launch import device
 from minidist.models import GPT, GPTConfig, build_llama, lm_loss
 from minidist.testing import replica_divergence
+
+from . import parallel3d
 
 
 def _torch_ddp(model, args):
@@ -88,6 +91,8 @@ def _log(progress, args, step: int, loss: float) -> None:
 def train(args) -> dict:
     if args.strategy == "pp":
         return train_pp(args)
+    if args.strategy == "3d":
+        return parallel3d.train_3d(args)
     rank, n, dev = dist.get_rank(), dist.get_world_size(), device()
     split_batch = args.strategy != "tp"  # data parallel: a slice of the batch per rank; tensor parallel: all of it
     if split_batch and args.batch_size % n:
@@ -159,7 +164,7 @@ def train_pp(args) -> dict:
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m minidist.examples.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategy", choices=sorted([*STRATEGIES, "pp"]), default="ddp")
+    p.add_argument("--strategy", choices=sorted([*STRATEGIES, "pp", "3d"]), default="ddp")
     p.add_argument("--model", choices=sorted(MODELS), default="tiny-gpt")
     p.add_argument("--sequence-parallel", action="store_true", help="tp: split norms and dropout by sequence too")
     p.add_argument("--steps", type=positive_int, default=300)
@@ -172,6 +177,7 @@ def parse(argv=None):
     p.add_argument("--chunks", type=positive_int, default=2, help="pp: model chunks per rank with --schedule interleaved")
     p.add_argument("--n-layer", type=positive_int, default=None,
                    help="pp: transformer blocks (default: one per stage, >= 2)")
+    parallel3d.add_arguments(p)
     p.add_argument("--log-every", type=positive_int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world-size", type=positive_int, default=2, help="ranks to start when not under torchrun")
@@ -182,7 +188,9 @@ def parse(argv=None):
 def main(argv=None) -> int:
     args = parse(argv)
     world = int(os.environ.get("WORLD_SIZE", args.world_size))
-    if args.strategy not in ("tp", "pp") and args.batch_size % world:  # data parallel splits the batch over ranks
+    if args.strategy == "3d":
+        parallel3d.prepare(args, world)
+    elif args.strategy not in ("tp", "pp") and args.batch_size % world:  # data parallel splits the batch over ranks
         raise SystemExit(f"python -m minidist.examples.train: error: --batch-size {args.batch_size} is not divisible "
                          f"by the world size {world}")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
