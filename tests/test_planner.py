@@ -47,12 +47,13 @@ def test_less_memory_never_makes_the_best_plan_faster():
     assert all(p.memory_per_gpu_gb <= m for m, p in best.items())
 
 
-def test_with_free_communication_the_only_loss_is_chapter_07s_bubble():
+@pytest.mark.parametrize("v", [1, 2, 4])
+def test_with_free_communication_the_only_loss_is_chapter_07s_bubble(v):
     free = Cluster(64, 80, intra_node_gbps=1e12, inter_node_gbps=1e12, alpha_us=0)
     p = evaluate(Plan(dp=2, pp=4, tp=4, cp=2, zero_stage=1, microbatches=8, checkpointing=False,
-                      micro_batch_size=8), 70e9, SHAPES["llama3-70b"], free)
+                      micro_batch_size=8, virtual_stages=v), 70e9, SHAPES["llama3-70b"], free)
     assert p.comm_share < 1e-6
-    assert p.bubble_share == pytest.approx((4 - 1) / (8 + 4 - 1), rel=1e-5)
+    assert p.bubble_share == pytest.approx((4 - 1) / (v * 8 + 4 - 1), rel=1e-5)     # (p-1)/(vm+p-1)
 
 
 def test_model_states_are_chapter_00s_formula_over_the_model_parallel_shard():
@@ -75,6 +76,8 @@ def test_the_published_configurations_are_in_the_search_space(model, gpus, batch
 def test_bad_input_is_refused_by_name():
     with pytest.raises(ValueError, match="no plan fits a 7e\\+12-parameter model on 8 GPUs of 80 GB"):
         plan(7e12, Cluster(8, 80))
+    with pytest.raises(ValueError, match="no plan fits .*'tp': 16"):
+        plan(1e9, Cluster(64, 80), where={"tp": 16})
     with pytest.raises(ValueError, match="12 GPUs are not whole nodes of 8"):
         plan(1e9, Cluster(12, 80))
     out = subprocess.run([sys.executable, "-m", "minidist", "plan", "--gpus", "8", "--gpu-memory-gb", "80"],
