@@ -131,7 +131,7 @@ class ParallelRun:
     """
 
     def __init__(self, model, mesh, *, lr: float = 1e-3, schedule: str = "1f1b", microbatches: int = 1,
-                 zero_stage: int = 0, balanced: bool = True, **optimizer_kwargs):
+                 zero_stage: int = 1, balanced: bool = True, **optimizer_kwargs):
         self.mesh, self.cfg = mesh, model.cfg
         if mesh.cp > 1:
             apply_context_parallel(model, mesh.group("cp"), balanced)

@@ -7,6 +7,7 @@ smaller sizes in the chapter's other tests (context parallelism at cp = 2, 3, 4;
 chapters 04 and 07)."""
 import itertools
 import os
+from fractions import Fraction
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from minidist import launch
 from minidist.grading import implementation
 from minidist.mesh import mesh_groups
 from minidist.parallel3d import group_ranks
-from minidist.tour.parallel3d import ADAM_TOL, SHAPES, bytes_by_axis, mesh_vs_one_process
+from minidist.tour.parallel3d import ADAM_TOL, SHAPES, bytes_by_axis, mesh_vs_one_process, states_formula
 
 MESHES = [dict(dp=2, pp=2, cp=1, tp=2), dict(dp=3, pp=1, cp=2, tp=2), dict(dp=1, pp=2, cp=3, tp=1),
           dict(dp=2, pp=3, cp=2, tp=2), dict(dp=1, pp=1, cp=1, tp=1)]
@@ -71,6 +72,15 @@ def test_eight_ranks_train_like_one_process_and_send_the_formula_on_every_axis(n
     busy = {"tp", "dp", "pp"} if "pp" in SHAPES[name] else {"tp", "dp", "cp"}
     assert {a for a, b in counted.items() if b} == busy
     assert max(abs(a - b) for a, b in itertools.pairwise(per_rank[0]["losses"])) > 0   # it trained
+    # ZeRO-1: the replicas of a shard hold its AdamW moments once between them (8 bytes per parameter), not N times
+    for group in {tuple(group_ranks(r, dict(dp=2, pp=1, cp=1, tp=2) | SHAPES[name], grad_axes(name)))
+                  for r in range(8)}:
+        assert sum(per_rank[r]["states"] for r in group) == 8 * per_rank[group[0]]["psi"]
+    assert Fraction(sum(r["states"] for r in per_rank), 8) == states_formula(per_rank)
+
+
+def grad_axes(name):
+    return ("dp", "cp") if "cp" in SHAPES[name] else ("dp",)
 
 
 def test_a_batch_the_mesh_cannot_split_is_refused():

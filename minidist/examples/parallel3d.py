@@ -23,7 +23,7 @@ def add_arguments(p) -> None:
     for axis, what in (("dp", "data-parallel replicas"), ("pp", "pipeline stages"),
                        ("cp", "context-parallel ranks (ring attention)"), ("tp", "tensor-parallel ranks")):
         p.add_argument(f"--{axis}", type=positive_int, default=1, help=f"3d: {what}")
-    p.add_argument("--zero-stage", type=nonnegative_int, choices=[0, 1], default=0,
+    p.add_argument("--zero-stage", type=nonnegative_int, choices=[0, 1], default=1,
                    help="3d: 1 = ZeRO-1 on the data-parallel axis, 0 = all-reduce")
 
 

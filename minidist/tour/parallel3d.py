@@ -28,7 +28,7 @@ LR, STEPS = 1e-3, 5
 ADAM_TOL = 0.01 * LR * STEPS   # README: 1% of the most AdamW can move a weight in STEPS steps
 ATTN_TOL = 1e-5                # reduction order: softmax merged block by block, sums over blocks in another order
 TOKENS = torch.randint(512, (5000,), generator=torch.Generator().manual_seed(0))
-ZERO_STAGE = 0                 # on the data-parallel axis: 1 (ZeRO-1, chapter 05) once merged, 0 until then
+ZERO_STAGE = 1                 # on the data-parallel axis: ZeRO-1 (chapter 05)
 SHAPES = {"dp x pp x tp": dict(dp=2, pp=2, tp=2), "dp x cp x tp": dict(dp=2, cp=2, tp=2)}
 
 
@@ -90,6 +90,13 @@ def dp_bytes_formula(optimizer, n: int) -> Fraction:
     return sum((comm.ring_bytes("all_reduce", 4 * p.numel(), n) for p in optimizer.params), Fraction(0))
 
 
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of AdamW's moments this rank holds (the per-element states of the optimizer that steps its tensors)."""
+    inner = getattr(optimizer, "optimizer", None) or optimizer.inner
+    return sum(t.numel() * t.element_size() for state in inner.state.values() for t in state.values()
+               if torch.is_tensor(t) and t.dim() > 0)
+
+
 def step_bytes_formula(shape: dict, microbatches: int, b: int, dp_mean: Fraction) -> dict[str, Fraction]:
     """Bytes one rank sends in one training step on each axis, the mean over all ranks, with b sequences per
     micro-batch (fp32): the stages of a pipeline share one model's tensor-parallel and ring-attention traffic; each
@@ -129,7 +136,17 @@ def mesh_vs_one_process(shape: dict, microbatches: int = 2, steps: int = STEPS, 
     by_axis = {axes.get(a, a): v for a, v in by_axis.items()} if ledger.counted else None
     return {"diff": run.diff_from(reference), "divergence": run.replica_divergence(), "losses": losses,
             "bytes": by_axis, "dp_formula": dp_bytes_formula(run.optimizer, comm.group_size(run.grad_group)),
-            "table": ledger.table(), "coords": dict(mesh.coords), "b": rows // (mesh.dp * microbatches)}
+            "table": ledger.table(), "coords": dict(mesh.coords), "b": rows // (mesh.dp * microbatches),
+            "states": optimizer_state_bytes(run.optimizer), "psi": sum(p.numel() for p in run.pipe.parameters()),
+            "group": comm.group_size(run.grad_group)}
+
+
+def states_formula(per_rank: list[dict], zero_stage: int | None = None) -> Fraction:
+    """AdamW's two fp32 moments of this rank's Ψ_rank parameters, 8 Ψ_rank bytes, held once per replica group under
+    ZeRO-1 (each rank 1/N of them: the mean over ranks is exact whatever the padding), N times under stage 0."""
+    zero_stage = ZERO_STAGE if zero_stage is None else zero_stage
+    return sum((Fraction(8 * r["psi"], r["group"] if zero_stage == 1 else 1) for r in per_rank),
+               Fraction(0)) / len(per_rank)
 
 
 def _timed(fn, world_size, *args, **kwargs):
@@ -144,7 +161,7 @@ def check_context_parallel(world_size: int) -> list[dict]:
     counted = Fraction(sum(r["bytes"] for r in per_rank), n) if all(r["counted"] for r in per_rank) else None
     rows.append(make_row(f"ring attention, cp={n}: outputs, gradients", "one process's causal attention",
                          max_abs_diff=max(r["diff"] for r in per_rank), tolerance=ATTN_TOL, comm_bytes=counted,
-                         comm_bytes_theory=per_rank[0]["formula"], seconds=seconds))
+                         comm_bytes_theory=per_rank[0]["formula"] if n > 1 else None, seconds=seconds))  # 1: no ring
     work = [r["work"] for r in per_rank]
     contiguous = [r["work"] for r in launch(ring_vs_one_process, n, False)]
     rows.append(make_row(f"causal load balance, cp={n}: {'/'.join(map(str, work))} scores per rank",
@@ -176,7 +193,9 @@ def composition_row(name: str, per_rank: list[dict], seconds: float) -> dict:
                     max_abs_diff=max(r["diff"] for r in per_rank), tolerance=ADAM_TOL,
                     replica_divergence=max(r["divergence"] for r in per_rank), seconds=seconds,
                     comm_bytes=None if counted is None else sum(counted.values()),
-                    comm_bytes_theory=sum(formula.values()))
+                    comm_bytes_theory=sum(formula.values()),
+                    state_bytes_per_rank=Fraction(sum(r["states"] for r in per_rank), len(per_rank)),
+                    state_bytes_per_rank_theory=states_formula(per_rank))
 
 
 @covers("3D dp x pp x tp, dp x cp x tp")
