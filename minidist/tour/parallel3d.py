@@ -164,7 +164,7 @@ def check_context_parallel(world_size: int) -> list[dict]:
                          comm_bytes_theory=per_rank[0]["formula"] if n > 1 else None, seconds=seconds))  # 1: no ring
     work = [r["work"] for r in per_rank]
     contiguous = [r["work"] for r in launch(ring_vs_one_process, n, False)]
-    rows.append(make_row(f"causal load balance, cp={n}: {'/'.join(map(str, work))} scores per rank",
+    rows.append(make_row(f"causal load balance, cp={n}: {'/'.join(map(str, work))} scores/rank",
                          f"equal (contiguous: {'/'.join(map(str, contiguous))})", max_abs_diff=max(work) - min(work),
                          tolerance=0, seconds=0.0))
     per_rank, seconds = _timed(mesh_vs_one_process, n, dict(cp=n), 1)
@@ -187,9 +187,9 @@ def bytes_by_axis(shape: dict, per_rank: list[dict], microbatches: int = 2) -> t
 def composition_row(name: str, per_rank: list[dict], seconds: float) -> dict:
     shape = SHAPES[name]
     sizes = " x ".join(shape) + " = " + "x".join(map(str, shape.values()))
-    dp = ("ZeRO-1" if ZERO_STAGE == 1 else "all-reduce") + (" on dp x cp" if "cp" in shape else " on dp")
+    dp = "ZeRO-1" if ZERO_STAGE == 1 else "all-reduce"
     counted, formula = bytes_by_axis(shape, per_rank)
-    return make_row(f"3D {sizes} (8 ranks, {dp}): {STEPS} AdamW steps", "one process, global batch (AdamW)",
+    return make_row(f"3D {sizes}, {dp}: {STEPS} AdamW steps", "8 ranks: one process (AdamW)",
                     max_abs_diff=max(r["diff"] for r in per_rank), tolerance=ADAM_TOL,
                     replica_divergence=max(r["divergence"] for r in per_rank), seconds=seconds,
                     comm_bytes=None if counted is None else sum(counted.values()),
