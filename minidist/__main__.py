@@ -45,9 +45,9 @@ def _plan(args) -> int:
     cluster = Cluster(args.gpus, args.gpu_memory_gb, args.gpus_per_node, args.tflops, args.mfu, args.intra_node_gbps,
                       args.inter_node_gbps, args.alpha_us, args.reserve_gb)
     plans = plan(params, cluster, shape, args.global_batch, args.top)
-    print(f"{params:.4g} parameters ({args.model or 'GPT-3-like shape'}: {shape.layers} layers, hidden {shape.hidden},"
-          f" sequence {shape.seq}) on {args.gpus} GPUs of {args.gpu_memory_gb:g} GB, {args.gpus_per_node} per node,"
-          f" global batch {args.global_batch} sequences; best first:")
+    print(f"{params:.4g} parameters ({args.model or 'GPT-3-like shape'}: {shape.layers} layers, hidden "
+          f"{shape.hidden}, sequence {shape.seq}) on {args.gpus} GPUs of {args.gpu_memory_gb:g} GB, "
+          f"{args.gpus_per_node} per node, global batch {args.global_batch} sequences; best first:")
     print(format_plans(plans))
     _write_json(args.json, as_json(plans))
     return 0

@@ -18,9 +18,13 @@ over the whole sequence: the same numbers as one process, up to rounding.
 
 Causal load balancing. With the sequence cut in N contiguous pieces, rank 0's queries see only their own keys while
 rank N-1's see everything: N times the work. Cut it into 2N chunks instead and give rank i chunks i and 2N-1-i (an
-early one and a late one, as Megatron-LM's context parallelism does): every rank then computes 3 half-blocks of
-scores on its own block and 2 on each of the N-1 others, the same work everywhere. Chunk pairs entirely in the future
-(every key after every query) are skipped; `stats` counts the score entries each rank really computes.
+early one and a late one, as Megatron-LM's context parallelism does): of the 4 (query chunk, key chunk) pairs of a
+block, every rank then computes 3 on its own block and 2 on each of the N-1 others, the same work everywhere. Pairs
+entirely in the future (every key after every query) are skipped; `stats` counts the score entries each rank really
+computes (per batch row and head).
+
+Memory: the ring holds two K/V blocks at a time (the one in use, the one arriving), never the whole sequence's; the
+scores of one query chunk against one block at a time are materialized here (FlashAttention would tile them).
 
 Backward (exact). Saved: q, k, v, out and the final lse (no scores). Each block's scores are recomputed,
 P = exp(S - lse), and with D = rowsum(dout * out): dV += P^T dout, dS = P * (dout V^T - D), dQ += dS K / sqrt(d),
@@ -171,7 +175,8 @@ class RingAttention(torch.autograd.Function):
         group, dout = ctx.group, dout.contiguous()
         n, me = comm.group_size(group), dist.get_rank(group)
         scale, delta = 1.0 / math.sqrt(q.shape[-1]), (dout * out).sum(-1)   # delta: (B, H, T/N)
-        dq, kv, acc_works = torch.zeros_like(q), torch.stack([k, v]).contiguous(), None
+        dq, kv = torch.zeros_like(q), torch.stack([k, v]).contiguous()
+        incoming, acc_works = None, None                                    # the dK/dV accumulator arriving
         for s in range(n):
             if s < n - 1:
                 nxt, works = _exchange(kv, group)

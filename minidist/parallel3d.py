@@ -20,7 +20,7 @@ Each axis is one earlier chapter, applied to the model from outside, in this ord
 
 What a rank reads: its dp coordinate picks rows of the global batch, its cp coordinate positions; pp and tp ranks
 read the same data as their peers. Where the bytes go in one step, S = b T h activation bytes per micro-batch:
-  tp   per layer and micro-batch: 4 all-reduces of S (2 forward, 2 backward)              every layer: inside a node
+  tp   per layer and micro-batch: 4 all-reduces of S (2 forward, 2 backward)
   cp   per attention layer and micro-batch: (3 cp - 2) K/V blocks of 2 S / cp around the ring
   pp   per micro-batch: one activation and one gradient of S / cp across each stage boundary
   dp   once per step: reduce-scatter of the gradients + all-gather of the parameters, 2 (N-1)/N x Ψ_rank each
@@ -39,6 +39,7 @@ from .pipeline.schedule import build
 from .pipeline.stages import parameter_names, rank_stages, split_gpt
 from .tp_plans import GPT_PLAN, full_parameters, local_shard, parallelize
 from .vocab_parallel import vocab_parallel_cross_entropy
+from .zero import ZeroOptimizer
 
 
 def group_ranks(rank: int, shape: dict, axes) -> list[int]:
@@ -98,7 +99,6 @@ def make_optimizer(params, group, zero_stage: int, lr: float, **kwargs):
     """AdamW over `params`, its gradients averaged over `group`: ZeRO stage 1 (chapter 05), or stage 0 (every rank
     keeps full states, gradients all-reduced: chapter 02's data parallelism)."""
     if zero_stage == 1:
-        from .zero import ZeroOptimizer
         return ZeroOptimizer(params, torch.optim.AdamW, stage=1, group=group, lr=lr, **kwargs)
     if zero_stage == 0:
         return AveragingOptimizer(params, group, lr=lr, **kwargs)

@@ -202,7 +202,8 @@ def plan(params: float, cluster: Cluster, shape: Shape | None = None, global_bat
         raise ValueError(f"{cluster.gpus} GPUs are not whole nodes of {cluster.gpus_per_node}")
     chosen = (c for c in candidates(params, shape, cluster, global_batch)
               if all(getattr(c, k) == v for k, v in (where or {}).items()))
-    fits = [p for p in (evaluate(c, params, shape, cluster) for c in chosen) if p.memory_per_gpu_gb <= cluster.gpu_memory_gb]
+    fits = [p for p in (evaluate(c, params, shape, cluster) for c in chosen)
+            if p.memory_per_gpu_gb <= cluster.gpu_memory_gb]
     if not fits:
         raise ValueError(f"no plan fits a {params:.3g}-parameter model on {cluster.gpus} GPUs of "
                          f"{cluster.gpu_memory_gb:g} GB (global batch {global_batch}"

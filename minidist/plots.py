@@ -201,8 +201,8 @@ def draw_mesh(shape: dict, ax=None):
         if c[a2] == 0:
             ax.add_patch(plt.Rectangle((x - 0.45, y - 0.4), n2 - 0.1, 0.8, fill=False, edgecolor="tab:red", lw=1.5))
         if c[a1] + 1 < n1:
-            ax.annotate("", (x + n2 + 1 - 0.37, y), (x + 0.37, y), arrowprops=dict(arrowstyle="->", color="tab:green",
-                                                                                  lw=1.2, connectionstyle="arc3,rad=-0.3"))
+            arrow = dict(arrowstyle="->", color="tab:green", lw=1.2, connectionstyle="arc3,rad=-0.3")
+            ax.annotate("", (x + n2 + 1 - 0.37, y), (x + 0.37, y), arrowprops=arrow)
         if c[a0] + 1 < n0:
             ax.plot([x, x], [y - 0.3, y - 1.3], "--", color="tab:purple", lw=1.2)
     ax.plot([], [], color="tab:red", label=f"{a2} group (boxed)")
