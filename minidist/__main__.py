@@ -1,4 +1,4 @@
-"""Command line: `python -m minidist tour | memory | bench | grade` (see `python -m minidist -h`)."""
+"""Command line: `python -m minidist tour | memory | bench | grade | serve` (see `python -m minidist -h`)."""
 import argparse
 import json
 import sys
@@ -119,6 +119,9 @@ def main(argv=None) -> int:
     grade.add_argument("--timeout", type=positive_int, default=60, help="seconds per test before it counts as failed")
     grade.add_argument("--json", metavar="PATH")
     grade.set_defaults(run=_grade)
+
+    from .serve import add_parser as add_serve_parser
+    add_serve_parser(sub)  # serve: the HTTP endpoint of chapter 12
 
     diag = sub.add_parser("diagnose", help="why ranks hung: analyse the flight records a torchrun job left in DIR")
     diag.add_argument("directory", metavar="DIR", help="the job's $MINIDIST_FLIGHT_DIR (printed by a failing rank)")

@@ -32,6 +32,7 @@ CHAPTERS = {  # generated file -> package modules whose exercises it holds, in o
     "ch03_data_loading": ["samplers"],
     "ch04_tensor_parallel": ["tensor_parallel", "vocab_parallel"],
     "ch07_pipeline": ["pipeline.schedule", "pipeline.stages"],
+    "ch12_inference": ["inference", "balancer", "monitor"],
 }
 BEGIN = re.compile(r"^(\s*)# <exercise (\w+) points=(\d+)>\s*$")
 END = re.compile(r"^\s*# </exercise>\s*$")

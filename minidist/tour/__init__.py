@@ -5,11 +5,12 @@ result matches the reference within its tolerance and, where a formula exists, t
 """
 import os
 
-from . import data_parallel, foundation, pipeline, tensor_parallel
+from . import data_parallel, foundation, inference, monitoring, pipeline, tensor_parallel
 from .foundation import comm_backward_errors
 from .rows import KEYS, format_rows, make_row
 
-CHECKS = [*foundation.CHECKS, *data_parallel.CHECKS, *tensor_parallel.CHECKS, *pipeline.CHECKS]
+CHECKS = [*foundation.CHECKS, *data_parallel.CHECKS, *tensor_parallel.CHECKS, *pipeline.CHECKS, *inference.CHECKS,
+          *monitoring.CHECKS]
 
 
 def run_tour(world_size: int = 4, progress: bool = True, backend: str = "gloo") -> dict:
