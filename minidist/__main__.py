@@ -41,6 +41,8 @@ def _bench(args) -> int:
         "tp": lambda: bench.bench_tp(args.world_size, args.steps, args.warmup,
                                      sequence_parallel=args.sequence_parallel),
         "pp": lambda: bench.bench_pp(args.world_size, args.steps, args.warmup, args.microbatches),
+        "serve": lambda: bench.bench_serve(args.world_size, args.requests, args.utilization, args.slots,
+                                           args.pattern, args.repeats, rate=args.rate),
     }
     result = runs[args.what]()
     print(getattr(bench, f"format_{args.what}")(result))
@@ -93,10 +95,11 @@ def main(argv=None) -> int:
     mem.set_defaults(run=_memory)
 
     bench = sub.add_parser("bench", help="time a technique side by side with its reference")
-    bench.add_argument("what", choices=["ddp", "buckets", "tp", "pp"],
+    bench.add_argument("what", choices=["ddp", "buckets", "tp", "pp", "serve"],
                        help="ddp: DataParallel against torch DDP; buckets: step time across bucket sizes over a "
                             "simulated link, measured and predicted by the cost model; tp: parallelize against DTensor "
-                            "tensor parallel; pp: the 1F1B pipeline against torch's Schedule1F1B")
+                            "tensor parallel; pp: the 1F1B pipeline against torch's Schedule1F1B; serve: "
+                            "round-robin against least-outstanding-tokens routing over --world-size replicas")
     bench.add_argument("--world-size", type=positive_int, default=2)
     bench.add_argument("--steps", type=positive_int, default=30, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=nonnegative_int, default=5)
@@ -107,6 +110,14 @@ def main(argv=None) -> int:
     bench.add_argument("--bandwidth", type=positive_float, default=50e6, help="buckets: simulated bandwidth (bytes/s)")
     bench.add_argument("--sequence-parallel", action="store_true", help="tp: with sequence parallelism")
     bench.add_argument("--microbatches", type=positive_int, default=4, help="pp: micro-batches per step")
+    bench.add_argument("--requests", type=positive_int, default=160, help="serve: requests in the load")
+    bench.add_argument("--utilization", type=positive_float, default=0.75,
+                       help="serve: the load as a share of the measured capacity (sets the arrival rate)")
+    bench.add_argument("--rate", type=positive_float, default=None, help="serve: Poisson arrivals per second instead")
+    bench.add_argument("--slots", type=positive_int, default=4, help="serve: KV-cache slots per replica")
+    bench.add_argument("--pattern", choices=["alternating", "iid"], default="alternating",
+                       help="serve: short and long requests in turn, or lengths drawn at random")
+    bench.add_argument("--repeats", type=positive_int, default=3, help="serve: rounds per balancer (medians)")
     bench.add_argument("--json", metavar="PATH")
     bench.set_defaults(run=_bench)
 

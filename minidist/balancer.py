@@ -10,7 +10,8 @@ Round-robin balances the *number* of requests. With mixed lengths a replica that
 for hundreds of steps while its short requests queue behind them for KV-cache slots and share its slower steps, and
 the other replica idles; least-outstanding-tokens balances the *work*. (Least outstanding requests, what many HTTP
 load balancers do, sits in between.) The cost of a request is known up front from its prompt and max_new_tokens;
-it is added to its replica when routed and removed when the request finishes.
+it is added to its replica when routed, and taken off as the replica reports the tokens it generates at each step
+(the prompt when the request finishes).
 
 `poisson_load` makes the synthetic load: arrivals with exponential gaps (a Poisson process of `rate` requests per
 second) and lengths mixed from a small table; `run_load` replays it against a cluster and measures each request's
@@ -70,14 +71,18 @@ MIX = ((4, 0.75), (40, 0.25))  # (max_new_tokens, probability): many short answe
 
 
 def poisson_load(n: int, rate: float, mix=MIX, prompt_tokens: tuple[int, int] = (4, 12), vocab: int = 512,
-                 seed: int = 0) -> list[dict]:
+                 seed: int = 0, alternate: bool = False) -> list[dict]:
     """n requests: {"at": seconds after the start, "input_ids", "max_new_tokens"}, arrivals a Poisson process of
-    `rate` per second, lengths drawn from `mix`, prompts of uniformly random length in `prompt_tokens`."""
+    `rate` per second, lengths drawn from `mix` (alternate: its lengths in turn, whatever their probabilities: two
+    clients taking turns, the case that defeats round-robin), prompts of uniformly random length in
+    `prompt_tokens`."""
     if n < 1 or not rate > 0:
         raise ValueError(f"need n >= 1 requests and a positive rate, got n={n}, rate={rate}")
     g = torch.Generator().manual_seed(seed)
     lengths, weights = zip(*mix)
     picks = torch.multinomial(torch.tensor(weights, dtype=torch.float), n, replacement=True, generator=g)
+    if alternate:
+        picks = torch.arange(n) % len(mix)
     gaps = -torch.log(1 - torch.rand(n, generator=g, dtype=torch.float64)) / rate  # exponential, mean 1/rate
     at = torch.cumsum(gaps, 0) - gaps[0]
     sizes = torch.randint(prompt_tokens[0], prompt_tokens[1] + 1, (n,), generator=g)

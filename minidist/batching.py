@@ -59,7 +59,7 @@ class Engine:
         self.cache = KVCache(n_layers(model), slots, self.context)
         self.device = next(model.parameters()).device
         self.free, self.waiting, self.running = list(range(slots)), deque(), {}
-        self.steps, self.batch_sizes = 0, []
+        self.steps, self.batch_sizes, self.tokens_last_step = 0, [], 0
 
     def add(self, request: Request) -> None:
         check_request(len(request.prompt), request.max_new_tokens, request.temperature, self.context)
@@ -77,11 +77,14 @@ class Engine:
         finished = [r for r in self.waiting if r.max_new_tokens == 0]  # nothing to generate: done at once
         self.waiting = deque(r for r in self.waiting if r.max_new_tokens > 0)
         decoding = list(self.running.values())                      # admitted before this step
+        admitted = 0
         while self.waiting and self.free:
             self._prefill(self.waiting.popleft())
+            admitted += 1
         if decoding:
             self._decode(decoding)
         self.batch_sizes.append(len(decoding))
+        self.tokens_last_step = admitted + len(decoding)              # one token per prefill and per decoded row
         self.steps += 1
         now = time.time()
         for r in [r for r in self.running.values() if r.done]:

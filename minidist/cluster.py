@@ -145,14 +145,18 @@ class Cluster:
             msg = self.outbox.get()
             if msg[0] == "closed":
                 break
-            if msg[0] == "step" and self.listener:
-                self.listener.step(*msg[1:])
+            if msg[0] == "step":
+                _, replica, batch, waiting, generated = msg
+                with self.lock:
+                    self.outstanding[replica] -= generated  # tokens done: the work left shrinks every step
+                if self.listener:
+                    self.listener.step(replica, batch, waiting)
             if msg[0] != "done":
                 continue
             _, rid, output, first, replica = msg
             with self.lock:
                 future, replica, cost, prompt, submitted = self.pending.pop(rid)
-                self.outstanding[replica] -= cost
+                self.outstanding[replica] -= cost - len(output)  # the rest: its prompt (its tokens went step by step)
             result = Result(rid, output, replica, prompt, submitted, first or time.time(), time.time())
             if self.listener:
                 self.listener.finished(result)
@@ -207,7 +211,7 @@ def replica_rank(name: str, tp: int, replicas: int, slots: int, inboxes, outbox)
         if leader:
             for r in finished:
                 outbox.put(("done", r.rid, r.output, r.first_token_at, replica))
-            outbox.put(("step", replica, engine.batch_sizes[-1], len(engine.waiting)))
+            outbox.put(("step", replica, engine.batch_sizes[-1], len(engine.waiting), engine.tokens_last_step))
 
 
 def _next_requests(inbox, idle: bool):
