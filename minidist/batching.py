@@ -43,6 +43,8 @@ class Request:
     admitted_at: float | None = None      # time.time() of the prefill
     first_token_at: float | None = None
     finished_at: float | None = None
+    admitted_step: int | None = None      # the engine's step counter at its prefill, and when it left
+    finished_step: int | None = None
 
     @property
     def done(self) -> bool:
@@ -93,11 +95,11 @@ class Engine:
             self.free.append(r.slot)
             finished.append(r)
         for r in finished:
-            r.finished_at = r.finished_at or now
+            r.finished_at, r.finished_step = r.finished_at or now, self.steps - 1
         return finished
 
     def _prefill(self, r: Request) -> None:
-        r.slot, r.admitted_at = self.free.pop(0), time.time()
+        r.slot, r.admitted_at, r.admitted_step = self.free.pop(0), time.time(), self.steps
         ids = torch.tensor([r.prompt], device=self.device)                # (1, P)
         logits = forward_cached(self.model, ids, self.cache, torch.tensor([r.slot], device=self.device),
                                 torch.zeros(1, dtype=torch.long, device=self.device))

@@ -186,11 +186,9 @@ def sample_next(logits: torch.Tensor, temperatures, generators) -> torch.Tensor:
     """One token per row of logits (B, V): argmax where the temperature is 0, else a draw from
     softmax(logits / temperature) with that row's generator. Returns (B,) token ids (int64, on the CPU)."""
     logits = logits.detach().float().cpu()
-    out = torch.empty(logits.shape[0], dtype=torch.long)
+    out = logits.argmax(dim=-1)                                         # (B,) greedy everywhere first
     for b, (t, g) in enumerate(zip(temperatures, generators)):
-        if t == 0:
-            out[b] = logits[b].argmax()
-        else:
+        if t != 0:
             out[b] = torch.multinomial((logits[b] / t).softmax(-1), 1, generator=g)[0]
     return out
 
