@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     bench.add_argument("--sequence-parallel", action="store_true", help="tp: with sequence parallelism")
     bench.add_argument("--microbatches", type=positive_int, default=4, help="pp: micro-batches per step")
     bench.add_argument("--requests", type=positive_int, default=160, help="serve: requests in the load")
-    bench.add_argument("--utilization", type=positive_float, default=0.75,
+    bench.add_argument("--utilization", type=positive_float, default=0.9,
                        help="serve: the load as a share of the measured capacity (sets the arrival rate)")
     bench.add_argument("--rate", type=positive_float, default=None, help="serve: Poisson arrivals per second instead")
     bench.add_argument("--slots", type=positive_int, default=4, help="serve: KV-cache slots per replica")

@@ -1,6 +1,6 @@
 """Serving: the round-robin and least-outstanding-tokens balancers under the same synthetic load (chapter 12).
 
-    python -m minidist bench serve --world-size 2 --requests 160 --utilization 0.75 --slots 4 --pattern alternating
+    python -m minidist bench serve --world-size 2 --requests 160 --utilization 0.9 --slots 4 --pattern alternating
 
 starts `world-size` replicas of the tiny Llama (one rank each, continuous batching over `slots` KV-cache slots),
 replays one Poisson load against each balancer in turn (`repeats` rounds, the order alternating), and reports each
@@ -18,18 +18,22 @@ import time
 from ..balancer import BALANCERS, MIX, poisson_load, run_load
 
 
-def measure_capacity(cluster, slots: int, new_tokens: int = 40) -> float:
-    """Tokens per second the cluster generates with all its slots busy: replicas x slots requests at once."""
-    cluster.balancer = BALANCERS["round-robin"]()
-    start = time.time()
-    futures = [cluster.submit([1, 2, 3, 4], new_tokens) for _ in range(cluster.replicas * slots)]
-    tokens = sum(len(f.result(timeout=120).output) for f in futures)
-    return tokens / (time.time() - start)
+def measure_capacity(cluster, slots: int, new_tokens: int = 100, bursts: int = 3) -> float:
+    """Tokens per second the cluster generates with all its slots busy (replicas x slots requests at once): the
+    best of `bursts` bursts, since other processes on the machine can only slow a burst down."""
+    best = 0.0
+    for _ in range(bursts):
+        cluster.balancer = BALANCERS["round-robin"]()
+        start = time.time()
+        futures = [cluster.submit([1, 2, 3, 4], new_tokens) for _ in range(cluster.replicas * slots)]
+        tokens = sum(len(f.result(timeout=120).output) for f in futures)
+        best = max(best, tokens / (time.time() - start))
+    return best
 
 PATTERNS = {"iid": MIX, "alternating": ((4, 0.5), (40, 0.5))}
 
 
-def bench_serve(replicas: int = 2, requests: int = 160, utilization: float = 0.75, slots: int = 4,
+def bench_serve(replicas: int = 2, requests: int = 160, utilization: float = 0.9, slots: int = 4,
                 pattern: str = "alternating", repeats: int = 1, model: str = "tiny-llama", seed: int = 0,
                 rate: float | None = None) -> dict:
     from ..cluster import Cluster
