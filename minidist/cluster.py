@@ -208,10 +208,10 @@ def replica_rank(name: str, tp: int, replicas: int, slots: int, inboxes, outbox)
         if engine.idle():
             continue
         finished = engine.step()
-        if leader:
+        if leader:  # the step's progress first: when a request's future resolves, its tokens are accounted for
+            outbox.put(("step", replica, engine.batch_sizes[-1], len(engine.waiting), engine.tokens_last_step))
             for r in finished:
                 outbox.put(("done", r.rid, r.output, r.first_token_at, replica))
-            outbox.put(("step", replica, engine.batch_sizes[-1], len(engine.waiting), engine.tokens_last_step))
 
 
 def _next_requests(inbox, idle: bool):

@@ -18,7 +18,7 @@ from ..monitor import Monitor, summary
 from .data_parallel import BATCHES, CFG
 from .rows import make_row
 
-DELAY = 0.03  # seconds the slow rank sleeps in each step: several times the tiny model's step on a laptop core
+DELAY = 0.05  # seconds the slow rank sleeps in each step: several times the tiny model's step on a laptop core
 
 
 def monitored_training(slow_rank: int | None = None, delay: float = DELAY, steps: int = 4) -> dict:
