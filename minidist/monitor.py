@@ -16,7 +16,8 @@ minidist.comm is seen (torch DDP's own all-reduces are not), and none of it when
 Stragglers. In synchronous training every rank's step takes as long as the slowest rank's, because the others wait
 for it inside the collective: wall step times cannot say who is slow. The time *outside* communication can: the
 straggler computes longer and waits less, the others compute as usual and wait longer. A rank whose median compute
-time is more than `factor` times the median of the other ranks' is named a straggler. (Chapter 03's straggler idle
+time is more than `factor` (default 2) times the median of the other ranks' is named a straggler: on a shared
+machine a rank's compute time wanders by tens of percent from step to step, a straggler's by much more. (Chapter 03's straggler idle
 share counted the waiting a slow rank causes; here it is found from measurements.)
 
 Exports: JSON lines (one record per rank and step, for pandas or jq) and the Chrome trace event format: one process
@@ -36,7 +37,7 @@ from . import comm
 from .launch import device, synchronize
 
 
-def find_stragglers(times: list[float], factor: float = 1.5) -> list[int]:
+def find_stragglers(times: list[float], factor: float = 2.0) -> list[int]:
     """Indices r whose times[r] exceeds `factor` times the median of the *other* entries' times, in index order.
 
     Graded: cases by hand (one straggler, two, none, two ranks, one rank: nobody to compare with, so none), the
@@ -145,9 +146,10 @@ def _all_gather_bytes(data: bytes, group=None) -> list[bytes]:
     return [every[r, :sizes[r]].numpy().tobytes() for r in range(n)]
 
 
-def summary(records: list[dict], factor: float = 1.5) -> dict:
+def summary(records: list[dict], factor: float = 2.0, min_seconds: float = 0.01) -> dict:
     """Per rank: medians of step, compute and communication seconds and tokens per second, mean bytes per step;
-    and the stragglers by median compute time."""
+    and the stragglers by median compute time: more than `factor` times the others' median, and more than
+    `min_seconds` above it (a rank computing 4 ms where the others take 2 is timer and scheduler noise)."""
     ranks = sorted({r["rank"] for r in records})
     per = {}
     for rank in ranks:
@@ -155,7 +157,9 @@ def summary(records: list[dict], factor: float = 1.5) -> dict:
         per[rank] = {key: statistics.median(r[key] for r in mine)
                      for key in ("seconds", "compute_seconds", "comm_seconds", "tokens_per_second")}
         per[rank]["bytes_per_step"] = statistics.fmean(r["bytes_sent"] for r in mine)
-    slow = find_stragglers([per[r]["compute_seconds"] for r in ranks], factor) if ranks else []
+    times = [per[r]["compute_seconds"] for r in ranks]
+    slow = [i for i in (find_stragglers(times, factor) if ranks else [])
+            if times[i] - statistics.median(times[:i] + times[i + 1:]) > min_seconds]
     return {"ranks": per, "stragglers": [ranks[i] for i in slow]}
 
 

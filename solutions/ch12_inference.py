@@ -52,7 +52,7 @@ def least_outstanding_tokens(outstanding: list[int], healthy: list[bool] | None 
     # ---- end of exercise least_outstanding_tokens -----------------------------------------------------
 
 
-def find_stragglers(times: list[float], factor: float = 1.5) -> list[int]:
+def find_stragglers(times: list[float], factor: float = 2.0) -> list[int]:
     """Indices r whose times[r] exceeds `factor` times the median of the *other* entries' times, in index order.
 
     Graded: cases by hand (one straggler, two, none, two ranks, one rank: nobody to compare with, so none), the

@@ -21,7 +21,7 @@ from .rows import make_row
 DELAY = 0.05  # seconds the slow rank sleeps in each step: several times the tiny model's step on a laptop core
 
 
-def monitored_training(slow_rank: int | None = None, delay: float = DELAY, steps: int = 4) -> dict:
+def monitored_training(slow_rank: int | None = None, delay: float = DELAY, steps: int = 6) -> dict:
     """DataParallel training monitored on every rank; every rank returns every rank's records (gathered)."""
     torch.manual_seed(0)
     model = DataParallel(GPT(CFG), bucket_cap_mb=0.02)
