@@ -1,4 +1,4 @@
-"""Command line: `python -m minidist tour | memory | plan | bench | grade` (see `python -m minidist -h`)."""
+"""Command line: `python -m minidist tour | memory | plan | bench | grade | serve | diagnose` (see `python -m minidist -h`)."""
 import argparse
 import json
 import sys
@@ -64,6 +64,8 @@ def _bench(args) -> int:
         "pp": lambda: bench.bench_pp(args.world_size, args.steps, args.warmup, args.microbatches),
         "zero": lambda: bench.bench_zero(args.world_size, args.steps, args.warmup),
         "fsdp": lambda: bench.bench_fsdp(args.world_size, args.steps, args.warmup),
+        "serve": lambda: bench.bench_serve(args.world_size, args.requests, args.utilization, args.slots,
+                                           args.pattern, args.repeats, rate=args.rate),
     }
     result = runs[args.what]()
     print(getattr(bench, f"format_{args.what}")(result))
@@ -138,11 +140,12 @@ def main(argv=None) -> int:
     pl.set_defaults(run=_plan)
 
     bench = sub.add_parser("bench", help="time a technique side by side with its reference")
-    bench.add_argument("what", choices=["ddp", "buckets", "tp", "pp", "zero", "fsdp"],
+    bench.add_argument("what", choices=["ddp", "buckets", "tp", "pp", "zero", "fsdp", "serve"],
                        help="ddp: DataParallel against torch DDP; buckets: step time across bucket sizes over a "
                             "simulated link, measured and predicted by the cost model; tp: parallelize against DTensor "
                             "tensor parallel; pp: the 1F1B pipeline against torch's Schedule1F1B; zero: ZeroOptimizer "
-                            "against DDP + ZeroRedundancyOptimizer; fsdp: fully_shard against FSDP2's")
+                            "against DDP + ZeroRedundancyOptimizer; fsdp: fully_shard against FSDP2's; serve: "
+                            "round-robin against least-outstanding-tokens routing over --world-size replicas")
     bench.add_argument("--world-size", type=positive_int, default=2)
     bench.add_argument("--steps", type=positive_int, default=30, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=nonnegative_int, default=5)
@@ -153,6 +156,14 @@ def main(argv=None) -> int:
     bench.add_argument("--bandwidth", type=positive_float, default=50e6, help="buckets: simulated bandwidth (bytes/s)")
     bench.add_argument("--sequence-parallel", action="store_true", help="tp: with sequence parallelism")
     bench.add_argument("--microbatches", type=positive_int, default=4, help="pp: micro-batches per step")
+    bench.add_argument("--requests", type=positive_int, default=160, help="serve: requests in the load")
+    bench.add_argument("--utilization", type=positive_float, default=0.9,
+                       help="serve: the load as a share of the measured capacity (sets the arrival rate)")
+    bench.add_argument("--rate", type=positive_float, default=None, help="serve: Poisson arrivals per second instead")
+    bench.add_argument("--slots", type=positive_int, default=4, help="serve: KV-cache slots per replica")
+    bench.add_argument("--pattern", choices=["alternating", "iid"], default="alternating",
+                       help="serve: short and long requests in turn, or lengths drawn at random")
+    bench.add_argument("--repeats", type=positive_int, default=3, help="serve: rounds per balancer (medians)")
     bench.add_argument("--json", metavar="PATH")
     bench.set_defaults(run=_bench)
 
@@ -165,6 +176,9 @@ def main(argv=None) -> int:
     grade.add_argument("--timeout", type=positive_int, default=60, help="seconds per test before it counts as failed")
     grade.add_argument("--json", metavar="PATH")
     grade.set_defaults(run=_grade)
+
+    from .serve import add_parser as add_serve_parser
+    add_serve_parser(sub)  # serve: the HTTP endpoint of chapter 12
 
     diag = sub.add_parser("diagnose", help="why ranks hung: analyse the flight records a torchrun job left in DIR")
     diag.add_argument("directory", metavar="DIR", help="the job's $MINIDIST_FLIGHT_DIR (printed by a failing rank)")

@@ -35,6 +35,7 @@ CHAPTERS = {  # generated file -> package modules whose exercises it holds, in o
     "ch06_fsdp": ["fsdp"],
     "ch07_pipeline": ["pipeline.schedule", "pipeline.stages"],
     "ch08_3d_parallel": ["context_parallel", "parallel3d"],
+    "ch12_inference": ["inference", "balancer", "monitor"],
 }
 BEGIN = re.compile(r"^(\s*)# <exercise (\w+) points=(\d+)>\s*$")
 END = re.compile(r"^\s*# </exercise>\s*$")

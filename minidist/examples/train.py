@@ -32,6 +32,7 @@ from minidist.data_parallel import DataParallel
 from minidist.fsdp import fully_shard
 from minidist.launch import device
 from minidist.models import GPT, GPTConfig, build_llama, lm_loss
+from minidist.monitor import Monitor
 from minidist.testing import replica_divergence
 from minidist.zero import ZeroOptimizer
 
@@ -134,9 +135,11 @@ def train(args) -> dict:
     train_ids, val_ids = train_val_split(token_ids())
     batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed)
     progress, losses = _progress(args, f"{args.strategy} on {n} ranks"), []
+    monitor = Monitor(enabled=args.monitor is not None)  # --monitor PATH: per-rank step telemetry (minidist.monitor)
     for step, (x, y) in enumerate(batches):
         if split_batch:
             x, y = x.chunk(n)[rank], y.chunk(n)[rank]                  # this rank's slice of the global batch
+        monitor.begin(tokens=x.numel())
         x, y = x.to(dev), y.to(dev)
         loss = loss_fn(logits(model(x)), y)
         loss.backward()
@@ -145,7 +148,9 @@ def train(args) -> dict:
         mean = loss.detach().clone()
         dist.all_reduce(mean)  # for the log only: the loss averaged over ranks (under tp every rank has the same)
         losses.append(mean.item() / n)
+        monitor.end()
         _log(progress, args, step, losses[-1])
+    monitor.report(args.monitor)
     x, y = random_batches(val_ids, 32, args.block_size, 1, seed=1234)[0]
     with torch.no_grad():
         val = loss_fn(logits(model(x.to(dev))), y.to(dev)).item()
@@ -170,15 +175,19 @@ def train_pp(args) -> dict:
     opt = torch.optim.AdamW(pipe.parameters(), lr=args.lr)
     train_ids, val_ids = train_val_split(token_ids())
     progress, losses = _progress(args, f"pp {args.schedule} on {p} ranks"), []
+    monitor = Monitor(enabled=args.monitor is not None)
     for step, (x, y) in enumerate(random_batches(train_ids, args.batch_size, args.block_size, args.steps,
                                                  seed=args.seed)):
+        monitor.begin(tokens=x.numel())
         loss = pipe.step(x.to(dev), y.to(dev))
         opt.step()
         opt.zero_grad()
         loss = loss if loss is not None else torch.zeros((), device=dev)
         dist.broadcast(loss, src=p - 1)  # for the log only: the loss lives on the last stage's rank
         losses.append(loss.item())
+        monitor.end()
         _log(progress, args, step, losses[-1])
+    monitor.report(args.monitor)
     tied = model.wte.weight.detach().clone()  # the first and the last rank's copies of the tied embedding
     dist.broadcast(tied, src=p - 1)
     divergence = (model.wte.weight.detach() - tied).abs().max().item() if rank == 0 else 0.0
@@ -209,6 +218,8 @@ def parse(argv=None):
                    help="pp: transformer blocks (default: one per stage, >= 2)")
     parallel3d.add_arguments(p)
     p.add_argument("--log-every", type=positive_int, default=50)
+    p.add_argument("--monitor", metavar="PATH", help="per-rank step telemetry: JSON lines to PATH, a Chrome trace "
+                                                   "to PATH with suffix .trace.json, stragglers named")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world-size", type=positive_int, default=2, help="ranks to start when not under torchrun")
     p.add_argument("--quiet", action="store_true")
