@@ -41,7 +41,8 @@ from minidist.args import nonnegative_int, positive_float, positive_int
 
 STEP_DIR = re.compile(r"^step-(\d{8})(\.old)?$")
 UNSUPPORTED = {"none": "its replicas differ, a checkpoint holds one model",
-               "torch-fsdp": "its DTensor parameters are torch.distributed.checkpoint's to save"}
+               "torch-fsdp": "its DTensor parameters are torch.distributed.checkpoint's to save",
+               "3d": "its loop (examples/parallel3d.py) does not checkpoint yet"}
 
 
 def add_arguments(p) -> None:

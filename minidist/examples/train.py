@@ -7,6 +7,7 @@
     torchrun --nproc_per_node=2 -m minidist.examples.train --strategy tp --model tiny-llama --sequence-parallel
 
     torchrun --nproc_per_node=4 -m minidist.examples.train --strategy pp --schedule interleaved --microbatches 8
+    torchrun --nproc_per_node=8 -m minidist.examples.train --strategy 3d --dp 2 --pp 2 --tp 2   # or --cp 2
 
 gloo on CPUs, NCCL when every rank has a GPU. Rank 0 shows a progress bar and logs the loss averaged over ranks.
 Strategies: ddp (minidist.DataParallel), torch-ddp (PyTorch's DistributedDataParallel), none (each rank alone: what
@@ -14,8 +15,8 @@ goes wrong without gradient averaging), tp (minidist.tensor_parallel: every rank
 whole batch; --sequence-parallel adds sequence parallelism), pp (pipeline parallel, minidist.pipeline: each rank one
 stage of the model, the global batch cut into --microbatches, run by --schedule gpipe|1f1b|interleaved|zb), zero1 /
 zero2 (minidist.zero.ZeroOptimizer, stage 1 or 2), zero3 (minidist's fully_shard on the whole model), fsdp
-(minidist's fully_shard on each block, then the root), torch-fsdp (PyTorch's FSDP2 fully_shard, per block). Later
-chapters add theirs to STRATEGIES.
+(minidist's fully_shard on each block, then the root), torch-fsdp (PyTorch's FSDP2 fully_shard, per block), 3d
+(examples/parallel3d.py: a --dp x --pp x --cp x --tp mesh). Later chapters add theirs to STRATEGIES.
 
 Checkpoints, restarts and injected failures (--checkpoint-dir, --checkpoint-every, --fail-at-step, --hang-at-step,
 --timeout): see minidist/examples/fault_tolerance.py.
@@ -37,8 +38,11 @@ from minidist.examples import fault_tolerance as ft
 from minidist.fsdp import fully_shard
 from minidist.launch import device
 from minidist.models import GPT, GPTConfig, build_llama, lm_loss
+from minidist.monitor import Monitor
 from minidist.testing import replica_divergence
 from minidist.zero import ZeroOptimizer
+
+from . import parallel3d
 
 
 def _torch_ddp(model, args):
@@ -124,6 +128,8 @@ def _log(progress, args, step: int, loss: float) -> None:
 def train(args) -> dict:
     if args.strategy == "pp":
         return train_pp(args)
+    if args.strategy == "3d":
+        return parallel3d.train_3d(args)
     rank, n, dev = dist.get_rank(), dist.get_world_size(), device()
     split_batch = args.strategy != "tp"  # data parallel: a slice of the batch per rank; tensor parallel: all of it
     if split_batch and args.batch_size % n:
@@ -136,10 +142,12 @@ def train(args) -> dict:
     batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed)
     state = ft.resume(args, model, opt)  # step 0, or the newest checkpoint's
     progress, losses = _progress(args, f"{args.strategy} on {n} ranks", state["step"]), state["losses"]
+    monitor = Monitor(enabled=args.monitor is not None)  # --monitor PATH: per-rank step telemetry (minidist.monitor)
     for step, (x, y) in enumerate(batches[state["step"]:], start=state["step"]):
         ft.inject(args, step)
         if split_batch:
             x, y = x.chunk(n)[rank], y.chunk(n)[rank]                  # this rank's slice of the global batch
+        monitor.begin(tokens=x.numel())
         x, y = x.to(dev), y.to(dev)
         loss = loss_fn(logits(model(x)), y)
         loss.backward()
@@ -147,8 +155,10 @@ def train(args) -> dict:
         opt.zero_grad()
         mean = loss.detach().clone()
         dist.all_reduce(mean)  # for the log only: the loss averaged over ranks (under tp every rank has the same)
-        ft.after_step(args, state, step + 1, model, opt, mean.item() / n)
+        monitor.end()
+        ft.after_step(args, state, step + 1, model, opt, mean.item() / n)  # the loss logged; maybe a checkpoint
         _log(progress, args, step, losses[-1])
+    monitor.report(args.monitor)
     x, y = random_batches(val_ids, 32, args.block_size, 1, seed=1234)[0]
     with torch.no_grad():
         val = loss_fn(logits(model(x.to(dev))), y.to(dev)).item()
@@ -176,16 +186,20 @@ def train_pp(args) -> dict:
     stages = torch.nn.ModuleList(pipe.stages)  # what this rank checkpoints: its stages, named as in the whole model
     state = ft.resume(args, stages, opt)
     progress, losses = _progress(args, f"pp {args.schedule} on {p} ranks", state["step"]), state["losses"]
+    monitor = Monitor(enabled=args.monitor is not None)
     batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed)
     for step, (x, y) in enumerate(batches[state["step"]:], start=state["step"]):
         ft.inject(args, step)
+        monitor.begin(tokens=x.numel())
         loss = pipe.step(x.to(dev), y.to(dev))
         opt.step()
         opt.zero_grad()
         loss = loss if loss is not None else torch.zeros((), device=dev)
         dist.broadcast(loss, src=p - 1)  # for the log only: the loss lives on the last stage's rank
+        monitor.end()
         ft.after_step(args, state, step + 1, stages, opt, loss.item())
         _log(progress, args, step, losses[-1])
+    monitor.report(args.monitor)
     tied = model.wte.weight.detach().clone()  # the first and the last rank's copies of the tied embedding
     dist.broadcast(tied, src=p - 1)
     divergence = (model.wte.weight.detach() - tied).abs().max().item() if rank == 0 else 0.0
@@ -202,7 +216,7 @@ def train_pp(args) -> dict:
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m minidist.examples.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategy", choices=sorted([*STRATEGIES, "pp"]), default="ddp")
+    p.add_argument("--strategy", choices=sorted([*STRATEGIES, "pp", "3d"]), default="ddp")
     p.add_argument("--model", choices=sorted(MODELS), default="tiny-gpt")
     p.add_argument("--sequence-parallel", action="store_true", help="tp: split norms and dropout by sequence too")
     p.add_argument("--steps", type=positive_int, default=300)
@@ -215,7 +229,10 @@ def parse(argv=None):
     p.add_argument("--chunks", type=positive_int, default=2, help="pp: model chunks per rank with --schedule interleaved")
     p.add_argument("--n-layer", type=positive_int, default=None,
                    help="pp: transformer blocks (default: one per stage, >= 2)")
+    parallel3d.add_arguments(p)
     p.add_argument("--log-every", type=positive_int, default=50)
+    p.add_argument("--monitor", metavar="PATH", help="per-rank step telemetry: JSON lines to PATH, a Chrome trace "
+                                                   "to PATH with suffix .trace.json, stragglers named")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dropout", type=nonnegative_float, default=0.0, help="tiny-gpt: dropout (draws from the RNG)")
     ft.add_arguments(p)
@@ -227,7 +244,9 @@ def parse(argv=None):
 def main(argv=None) -> int:
     args = parse(argv)
     world = int(os.environ.get("WORLD_SIZE", args.world_size))
-    if args.strategy not in ("tp", "pp") and args.batch_size % world:  # data parallel splits the batch over ranks
+    if args.strategy == "3d":
+        parallel3d.prepare(args, world)
+    elif args.strategy not in ("tp", "pp") and args.batch_size % world:  # data parallel splits the batch over ranks
         raise SystemExit(f"python -m minidist.examples.train: error: --batch-size {args.batch_size} is not divisible "
                          f"by the world size {world}")
     if ft.check(args):
@@ -248,8 +267,9 @@ def main(argv=None) -> int:
                     else f"replicas differ by {result['replica_divergence']:.3g}")
         print(f"loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, validation {result['val_loss']:.3f}, "
               f"{replicas}")
-        resumed = f", resumed at step(s) {result['resumed_at']}" if result["resumed_at"] else ""
-        print(f"weights sha256 {result['digest']}{resumed}")
+        resumed = f", resumed at step(s) {result['resumed_at']}" if result.get("resumed_at") else ""
+        if "digest" in result:
+            print(f"weights sha256 {result['digest']}{resumed}")
     return 0
 
 
