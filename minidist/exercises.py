@@ -34,7 +34,7 @@ CHAPTERS = {  # generated file -> package modules whose exercises it holds, in o
     "ch05_zero": ["zero"],
     "ch06_fsdp": ["fsdp"],
     "ch07_pipeline": ["pipeline.schedule", "pipeline.stages"],
-    "ch08_3d_parallel": ["context_parallel", "parallel3d"],
+    "ch08_3d_parallel": ["parallel3d", "context_parallel"],  # the notebook's order of the exercises
     "ch12_inference": ["inference", "balancer", "monitor"],
 }
 BEGIN = re.compile(r"^(\s*)# <exercise (\w+) points=(\d+)>\s*$")

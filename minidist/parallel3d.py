@@ -50,7 +50,8 @@ def group_ranks(rank: int, shape: dict, axes) -> list[int]:
     One axis gives Mesh's group along it ("dp": the replicas of this rank's shard); several give the flattened group
     (("dp", "cp"): everything that averages gradients under context parallelism). An axis not in the shape and a
     rank outside 0 .. world-1 are refused before your part (given). Graded: equal to mesh.mesh_groups for every
-    axis of several shapes (sizes 1 included), flattened groups over two and three axes, ascending order.
+    axis of several shapes (sizes 1 included), flattened groups over two and three axes, ascending order. Not
+    graded: how you find them (the hints compute them by strides; filtering all the ranks passes too, in O(world)).
     """
     world = 1
     for size in shape.values():
