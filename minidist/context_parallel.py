@@ -23,8 +23,8 @@ block, every rank then computes 3 on its own block and 2 on each of the N-1 othe
 entirely in the future (every key after every query) are skipped; `stats` counts the score entries each rank really
 computes (per batch row and head).
 
-Memory: the ring holds two K/V blocks at a time (the one in use, the one arriving), never the whole sequence's; the
-scores of one query chunk against one block at a time are materialized here (FlashAttention would tile them).
+Memory: two K/V blocks at a time (the one in use, the one arriving), never the whole sequence's; the scores of one
+query chunk against one block at a time are materialized here (FlashAttention would tile them).
 
 Backward (exact). Saved: q, k, v, out and the final lse (no scores). Each block's scores are recomputed,
 P = exp(S - lse), and with D = rowsum(dout * out): dV += P^T dout, dS = P * (dout V^T - D), dQ += dS K / sqrt(d),
@@ -171,7 +171,8 @@ def _exchange(t: torch.Tensor, group):
 
 
 def _wait(works) -> None:
-    [w.wait() for w in works]
+    for w in works:
+        w.wait()
 
 
 class RingAttention(torch.autograd.Function):
@@ -247,10 +248,8 @@ def ring_attention_bytes(n: int, batch: int, heads: int, local_len: int, head_di
 
 
 def _placed(t: torch.Tensor, device, cache: dict) -> torch.Tensor:
-    """t (on the CPU) on `device`, copied there once."""
-    if device not in cache:
-        cache[device] = t.to(device)
-    return cache[device]
+    """t (on the CPU) on `device`, copied there once (cache: device -> the copy)."""
+    return cache[device] if device in cache else cache.setdefault(device, t.to(device))
 
 
 class ContextParallelAttention(nn.Module):
