@@ -147,6 +147,10 @@ class offload_activations(torch.autograd.graph.saved_tensors_hooks):
         self.handles = weakref.WeakSet()
         super().__init__(self._pack, self._unpack)
 
+    def __enter__(self):
+        super().__enter__()
+        return self
+
     def _pack(self, t):
         ptr = t.untyped_storage().data_ptr()
         if ptr in self.keep:

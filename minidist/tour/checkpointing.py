@@ -1,0 +1,216 @@
+"""Tour checks for chapter 09 (activation checkpointing and offload).
+
+Checkpointed and offloaded training runs next to plain training on the same ranks, the same batches and the same
+dropout masks: the weights must be bit-identical. Saved activations, recomputed FLOPs and bytes per storage tier are
+measured and compared with their formulas. The tests call these same rank functions.
+"""
+import copy
+import time
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+from torch.utils.flop_counter import FlopCounterMode
+
+from .. import comm
+from ..checkpointing import checkpoint_blocks, saved_bytes_per_layer
+from ..data_parallel import DataParallel
+from ..launch import launch
+from ..memory import SavedActivations
+from ..mixed_precision import LossScaler, MixedPrecisionOptimizer
+from ..models import GPT, GPTConfig, lm_loss
+from ..offload import DiskTier, bytes_by_location, offload_activations, offload_optimizer, optimizer_tensors
+from ..testing import on_device, replica_divergence, to_device
+from .data_parallel import BATCHES
+from .rows import covers, make_row
+from .tensor_parallel import layernorm_stat_bytes
+
+CFG = GPTConfig(n_layer=2, n_embd=32, block_size=16, dropout=0.1)  # dropout on: recomputation must replay masks
+NO_DROPOUT = GPTConfig(n_layer=2, n_embd=32, block_size=16)         # for activation bytes (chapter 00's fp32 count)
+POLICIES = ("none", "selective", "full")
+
+
+def torch_checkpointed(model):
+    """Every block through torch.utils.checkpoint (non-reentrant), the reference."""
+    for block in model.blocks:
+        block.forward = (lambda f: lambda x: torch_checkpoint(f, x, use_reentrant=False))(block.forward)
+    return model
+
+
+TRANSFORMS = {"none": lambda m: m, "full": lambda m: checkpoint_blocks(m, "full"),
+              "selective": lambda m: checkpoint_blocks(m, "selective"), "torch": torch_checkpointed}
+
+
+@on_device
+def train(transform: str = "none", offload: str | None = None, steps: int = len(BATCHES)) -> dict:
+    """DataParallel on the tiny GPT with dropout, `transform` applied to it ("none", "full", "selective", "torch")
+    and, with offload="activations", every saved tensor sent to a disk tier. SGD; the dropout seed is reset before
+    every step, so every variant draws the same masks. Returns the weights, the replica divergence, the bytes counted
+    in the last step's backward, and the bytes held for backward per location at the end of the last forward."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = TRANSFORMS[transform](GPT(CFG))
+    dp = DataParallel(model, bucket_cap_mb=0.02)
+    opt = torch.optim.SGD(dp.parameters(), lr=0.1)
+    tier, held = DiskTier(), None
+    with comm.ring_backend():
+        for step, (x, y) in enumerate(map(to_device, BATCHES[:steps])):
+            torch.manual_seed(100 + step)
+            with comm.ByteLedger() as ledger:
+                hooks = offload_activations(tier, keep=model) if offload == "activations" else None
+                with hooks or torch.enable_grad():
+                    loss = lm_loss(dp(x.chunk(n)[rank]), y.chunk(n)[rank])
+                if hooks:
+                    held = bytes_by_location(hooks.held(), x.device) | {"files": tier.bytes_on_disk()}
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+    return {"weights": [p.detach().clone() for p in model.parameters()], "divergence": replica_divergence(dp),
+            "bytes": ledger.total_bytes(), "counted": ledger.counted, "held": held,
+            "psi": sum(p.numel() for p in model.parameters())}
+
+
+@on_device
+def against_plain(variants: list[tuple[str, str | None]]) -> dict:
+    """Each (transform, offload) variant trained next to plain training on this rank: the largest weight
+    difference, the replica divergence, counted bytes and bytes held per tier."""
+    plain, out = train(), {}
+    for transform, offload in variants:
+        run = train(transform, offload)
+        diff = max((a - b).abs().max().item() for a, b in zip(run["weights"], plain["weights"]))
+        out[(transform, offload)] = run | {"diff": diff, "weights": None}
+    return out
+
+
+def saved_per_layer(policy: str, batch: int = 12) -> dict:
+    """Bytes one block of the tiny GPT (fp32, no dropout) keeps for backward under `policy`, measured with
+    SavedActivations, next to the formula and the LayerNorm statistics the formula leaves out."""
+    torch.manual_seed(0)
+    model = GPT(NO_DROPOUT)
+    if policy != "none":
+        checkpoint_blocks(model, policy)
+    cfg, block = model.cfg, model.blocks[0]
+    h = torch.randn(batch, cfg.block_size, cfg.n_embd, requires_grad=True)
+    with SavedActivations(exclude=block) as saved:
+        block(h)
+    formula = saved_bytes_per_layer(policy, cfg.block_size, batch, cfg.n_embd, cfg.n_head, 4, dropout=False)
+    stats = layernorm_stat_bytes(batch * cfg.block_size) if policy != "full" else 0  # LayerNorms recomputed in full
+    return {"bytes": saved.bytes, "formula": formula, "layernorm_stats": stats}
+
+
+def recompute_flops(policy: str, batch: int = 12) -> dict:
+    """FLOPs of one training step (forward + backward, FlopCounterMode) with and without `policy`, and the FLOPs
+    of what it should recompute: every block's forward (full), every core attention's two matmuls (selective)."""
+    torch.manual_seed(0)
+    plain = GPT(NO_DROPOUT)
+    cfg = plain.cfg
+    x = torch.randint(cfg.vocab_size, (batch, cfg.block_size))
+
+    def step_flops(model):
+        with FlopCounterMode(display=False) as counter:
+            lm_loss(model(x), x).backward()
+        return counter.get_total_flops()
+    with FlopCounterMode(display=False) as forward:
+        with torch.no_grad():
+            h = plain.wte(x) + plain.wpe(torch.arange(cfg.block_size))
+            for block in plain.blocks:
+                h = block(h)
+    expected = forward.get_total_flops() if policy == "full" else \
+        cfg.n_layer * 4 * batch * cfg.block_size ** 2 * cfg.n_embd  # q k^T and att v: 2 x 2 b s^2 h FLOPs
+    base = step_flops(plain)
+    return {"plain": base, "checkpointed": step_flops(checkpoint_blocks(copy.deepcopy(plain), policy)),
+            "expected_extra": expected}
+
+
+def offloaded_layer_bytes(batch: int = 12) -> dict:
+    """One block's forward under offload_activations to a disk tier: bytes autograd holds per location, the bytes
+    the file system reports, and the formula (chapter 00's, plus LayerNorm statistics)."""
+    torch.manual_seed(0)
+    model, tier = GPT(NO_DROPOUT), DiskTier()
+    cfg, block = model.cfg, model.blocks[0]
+    h = torch.randn(batch, cfg.block_size, cfg.n_embd, requires_grad=True)
+    with offload_activations(tier, keep=block) as hooks:
+        out = block(h)
+    held, files = bytes_by_location(hooks.held(), h.device), tier.bytes_on_disk()
+    del out
+    return {"held": held, "files": files, "files_after_free": tier.bytes_on_disk(),
+            "formula": saved_bytes_per_layer("none", cfg.block_size, batch, cfg.n_embd, cfg.n_head, 4, False)
+            + layernorm_stat_bytes(batch * cfg.block_size)}
+
+
+@on_device
+def optimizer_offload(offload: bool, steps: int = 3) -> dict:
+    """fp16 GPT, data parallel, MixedPrecisionOptimizer(Adam) with its masters and moments on a disk tier (or not):
+    the weights, the replica divergence, and the bytes of the model states per location just before the last
+    step (16-bit weights and gradients present) and after it."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    dp = DataParallel(GPT(NO_DROPOUT).half(), bucket_cap_mb=0.02)
+    opt = MixedPrecisionOptimizer(dp.module, torch.optim.Adam, LossScaler(2.0 ** 10), lr=1e-3)
+    if offload:
+        offload_optimizer(opt, DiskTier())
+    for step, (x, y) in enumerate(map(to_device, BATCHES[:steps])):
+        opt.scaler.scale_loss(lm_loss(dp(x.chunk(n)[rank]).float(), y.chunk(n)[rank])).backward()
+        before = bytes_by_location(optimizer_tensors(dp.module, opt), x.device)
+        opt.step()
+        opt.zero_grad()
+    return {"weights": [p.detach().clone() for p in dp.module.parameters()], "divergence": replica_divergence(dp),
+            "before_step": before, "after_step": bytes_by_location(optimizer_tensors(dp.module, opt), x.device),
+            "psi": sum(p.numel() for p in dp.module.parameters()), "skipped": opt.skipped}
+
+
+@on_device
+def optimizer_offload_against_plain() -> dict:
+    plain, offloaded = optimizer_offload(False), optimizer_offload(True)
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(plain["weights"], offloaded["weights"]))
+    return offloaded | {"diff": diff, "weights": None}
+
+
+def _mean_bytes(per_rank: list[dict]):
+    return sum(r["bytes"] for r in per_rank) / len(per_rank) if all(r["counted"] for r in per_rank) else None
+
+
+@covers("activation checkpointing", "saved by one layer", "recomputed FLOPs", "offload")
+def check_checkpointing(world_size: int) -> list[dict]:
+    n, rows, start = world_size, [], time.perf_counter()
+    variants = [("full", None), ("selective", None), ("torch", None), ("none", "activations")]
+    per_rank = launch(against_plain, n, variants)
+    seconds = time.perf_counter() - start
+    names = {("full", None): ("activation checkpointing, full", "no checkpointing, same masks (SGD)"),
+             ("selective", None): ("activation checkpointing, selective", "no checkpointing, same masks (SGD)"),
+             ("torch", None): ("torch.utils.checkpoint, every block", "no checkpointing, same masks (SGD)"),
+             ("none", "activations"): ("activation offload to disk", "no offload, same masks (SGD)")}
+    for key, (name, reference) in names.items():
+        runs = [r[key] for r in per_rank]
+        rows.append(make_row(name, reference, max_abs_diff=max(r["diff"] for r in runs), tolerance=0.0,
+                             replica_divergence=max(r["divergence"] for r in runs), comm_bytes=_mean_bytes(runs),
+                             comm_bytes_theory=comm.ring_bytes("all_reduce", 4 * runs[0]["psi"], n),
+                             seconds=seconds))
+    for policy in POLICIES:
+        m = saved_per_layer(policy)
+        rows.append(make_row(f"saved by one layer, {policy}: {m['bytes']:,} B", "Korthikanti et al. + LN statistics",
+                             max_abs_diff=abs(m["bytes"] - m["formula"] - m["layernorm_stats"]), tolerance=0))
+    for policy in ("full", "selective"):
+        f = recompute_flops(policy)
+        rows.append(make_row(f"recomputed FLOPs, {policy}: x{f['checkpointed'] / f['plain']:.3f} per step",
+                             "one more forward" if policy == "full" else "4 b s^2 h per layer",
+                             max_abs_diff=abs(f["checkpointed"] - f["plain"] - f["expected_extra"]), tolerance=0))
+    layer = offloaded_layer_bytes()
+    rows.append(make_row(f"offload: one layer's activations on disk ({layer['files']:,} B)",
+                         "chapter 00 formula + LN statistics", tolerance=0,
+                         max_abs_diff=abs(layer["files"] - layer["formula"]) + layer["held"]["fast"]
+                         + layer["files_after_free"]))
+    start = time.perf_counter()
+    opt = launch(optimizer_offload_against_plain, n)
+    psi = opt[0]["psi"]
+    rows.append(make_row("optimizer-state offload to disk (fp16 Adam)", "no offload (bitwise)",
+                         max_abs_diff=max(o["diff"] for o in opt), tolerance=0.0,
+                         replica_divergence=max(o["divergence"] for o in opt), seconds=time.perf_counter() - start))
+    rows.append(make_row("offload: model states on the fast tier (16-bit w + g)", "2Ψ + 2Ψ, and 12Ψ on disk",
+                         max_abs_diff=max(abs(o["before_step"]["disk"] - 12 * psi) for o in opt), tolerance=0,
+                         state_bytes_per_rank=max(o["before_step"]["fast"] for o in opt),
+                         state_bytes_per_rank_theory=4 * psi))
+    return rows
+
+
+CHECKS = [check_checkpointing]
