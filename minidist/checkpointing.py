@@ -38,6 +38,8 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .memory import activation_bytes_per_layer
+
 POLICIES = ("full", "selective")
 
 
@@ -154,11 +156,15 @@ def checkpoint_blocks(model: nn.Module, policy: str = "full") -> nn.Module:
 
     policy "full": each block's forward is recomputed in backward (only block inputs are kept);
     "selective": each block's core attention (a module's `attend(q, k, v)` method, the GPT's) is recomputed.
+    A recomputed segment must have no side effects: a Hugging Face model's KV cache is turned off
+    (config.use_cache = False, as HF's own gradient checkpointing does), or the recomputation would append to it.
     """
     if policy not in POLICIES:
         raise ValueError(f"checkpointing policy must be one of {POLICIES}, got {policy!r}")
     if any(getattr(m, "_minidist_checkpointed", None) for m in model.modules()):
         raise ValueError("this model is already checkpointed: call uncheckpoint(model) first")
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        model.config.use_cache = False  # a KV cache filled in forward would be filled again by the recomputation
     blocks = find_blocks(model)
     for block in blocks:
         if policy == "full":
@@ -192,7 +198,6 @@ def saved_bytes_per_layer(policy: str, seq: int, batch: int, hidden: int, heads:
     ValueError. Graded: the paper's 34 sbh and 2 sbh in 16-bit with dropout, none equal to chapter 00's formula, and
     the fp32 counts without dropout that SavedActivations measures on the tiny GPT (plus LayerNorm statistics).
     """
-    from .memory import activation_bytes_per_layer
     if policy not in ("none", *POLICIES):
         raise ValueError(f"policy must be 'none', 'full' or 'selective', got {policy!r}")
     everything = activation_bytes_per_layer(seq, batch, hidden, heads, bytes_per_value, dropout, mask_bytes)

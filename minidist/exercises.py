@@ -32,6 +32,8 @@ CHAPTERS = {  # generated file -> package modules whose exercises it holds, in o
     "ch03_data_loading": ["samplers"],
     "ch04_tensor_parallel": ["tensor_parallel", "vocab_parallel"],
     "ch07_pipeline": ["pipeline.schedule", "pipeline.stages"],
+    "ch09_memory": ["checkpointing", "offload"],
+    "ch10_compression": ["compression", "powersgd"],
 }
 BEGIN = re.compile(r"^(\s*)# <exercise (\w+) points=(\d+)>\s*$")
 END = re.compile(r"^\s*# </exercise>\s*$")
