@@ -43,6 +43,8 @@ def _bench(args) -> int:
         "tp": lambda: bench.bench_tp(args.world_size, args.steps, args.warmup,
                                      sequence_parallel=args.sequence_parallel),
         "pp": lambda: bench.bench_pp(args.world_size, args.steps, args.warmup, args.microbatches),
+        "zero": lambda: bench.bench_zero(args.world_size, args.steps, args.warmup),
+        "fsdp": lambda: bench.bench_fsdp(args.world_size, args.steps, args.warmup),
     }
     result = runs[args.what]()
     print(getattr(bench, f"format_{args.what}")(result))
@@ -96,10 +98,11 @@ def main(argv=None) -> int:
     mem.set_defaults(run=_memory)
 
     bench = sub.add_parser("bench", help="time a technique side by side with its reference")
-    bench.add_argument("what", choices=["ddp", "buckets", "tp", "pp"],
+    bench.add_argument("what", choices=["ddp", "buckets", "tp", "pp", "zero", "fsdp"],
                        help="ddp: DataParallel against torch DDP; buckets: step time across bucket sizes over a "
                             "simulated link, measured and predicted by the cost model; tp: parallelize against DTensor "
-                            "tensor parallel; pp: the 1F1B pipeline against torch's Schedule1F1B")
+                            "tensor parallel; pp: the 1F1B pipeline against torch's Schedule1F1B; zero: ZeroOptimizer "
+                            "against DDP + ZeroRedundancyOptimizer; fsdp: fully_shard against FSDP2's")
     bench.add_argument("--world-size", type=positive_int, default=2)
     bench.add_argument("--steps", type=positive_int, default=30, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=nonnegative_int, default=5)

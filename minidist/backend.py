@@ -14,8 +14,9 @@ on computing while the communication thread sends. The simulated link makes that
 loopback is nearly free and communication otherwise competes with compute for the same cores: the delay is a sleep
 on the communication thread, which uses no CPU, so compute proceeds exactly as it would beside a real network card.
 
-Point-to-point messages and ring steps use different tags, so a pipeline's activations can never be taken for a step
-of a ring collective issued around them.
+Point-to-point messages, ring steps and all-to-all exchanges use different tags (under gloo), so a pipeline's
+activations can never be taken for a step of a collective issued around them; user tags 1-15 are refused. (NCCL
+ignores tags: there, only the order in which every rank issues its messages keeps them apart.)
 """
 import math
 import os
@@ -29,7 +30,8 @@ from dataclasses import dataclass
 from . import flight
 from .ledger import open_ledgers, reporting_to
 
-RING_TAG = 1  # tag of ring-algorithm messages; user point-to-point messages use tag 0
+RING_TAG, ALL_TO_ALL_TAG = 1, 2  # tags of minidist's own messages; user messages use 0 or any tag >= RESERVED_TAGS
+RESERVED_TAGS = 16
 
 
 @dataclass(frozen=True)
@@ -61,17 +63,40 @@ class Work:
         if self.completed_at is not None:
             flight.complete(entry)
         if future is not None:
-            future.add_done_callback(self._mark_done)
+            future.add_done_callback(self._future_done)
         elif torch_work is not None:
             try:
-                torch_work.get_future().then(self._mark_done)
+                torch_work.get_future().then(self._torch_done)
             except RuntimeError:  # some works (e.g. on a one-rank group) have no future: timed at wait()
                 pass
 
-    def _mark_done(self, _):
+    def _mark_done(self) -> None:
+        """The communication finished *successfully*: time it and complete its flight-recorder entry."""
         if self.completed_at is None:
             self.completed_at = time.perf_counter()
             flight.complete(self._entry)
+
+    def _torch_done(self, fut) -> None:
+        try:
+            fut.value()  # raises if the collective failed: then it stays "entered" in the flight record
+        except Exception:
+            return
+        self._mark_done()
+
+    def _future_done(self, fut: Future) -> None:
+        if fut.exception() is not None:
+            return
+        inner = fut.result()
+        if isinstance(inner, Work):  # a message the communication thread posted: done when it is delivered
+            if inner.completed_at is not None:
+                self._mark_done()
+            elif inner._torch_work is not None:
+                try:
+                    inner._torch_work.get_future().then(lambda f: self._torch_done(f))
+                except RuntimeError:
+                    pass
+        else:
+            self._mark_done()
 
     def wait(self):
         if self._future is not None:
@@ -80,7 +105,7 @@ class Work:
                 self._result = self._result.wait()
         if self._torch_work is not None:
             self._torch_work.wait()
-        self._mark_done(None)
+        self._mark_done()
         return self._result
 
     def is_completed(self) -> bool:

@@ -40,7 +40,7 @@ def average_gradients_(params, group=None) -> None:
     and 3 ranks equal to one process on the global batch, with replicas bitwise identical.
     """
     # <exercise average_gradients points=1>
-    # hint: comm.all_reduce_sum(t, group) returns the sum over ranks in a new tensor.
+    # hint: comm.all_reduce_sum(t, group) returns the sum over ranks in a new tensor (from minidist import comm).
     n = dist.get_world_size(group)
     for p in params:
         if p.grad is not None:
@@ -53,17 +53,20 @@ def global_mean_loss(loss_sum: torch.Tensor, count, group=None) -> torch.Tensor:
 
     `loss_sum` is this rank's loss *summed* over its `count` samples. DataParallel averages gradients over the N
     ranks, which weights every rank equally: with a mean loss per rank, a sample on a rank with 3 samples would count
-    7.7 times as much as one on a rank with 23. The global-batch gradient is grad(sum of all losses) / (total count),
-    so each rank must scale its loss sum by N / total: after the average, sum_r grad(loss_sum_r) / total. The counts
-    are all-reduced once per call. Under no_sync(), pass the rank's count for the whole step (all its micro-batches)
-    in every micro-step. The value returned is this rank's share, scaled for backward: to print the global mean,
-    all-reduce `loss_sum` and divide by the total count. A total count of 0 is an error.
-    Graded: gradients equal to one process on the union of the batches (tolerance 1e-6) with 2 and 3 ranks holding
-    3, 23 and 10 sequences, under no_sync with unequal micro-batches, and the error for a total of 0.
+    7.7 times as much as one on a rank with 23. What we want after DataParallel's average is the global-batch
+    gradient, grad(sum of all ranks' losses) / (total count over all ranks). Return the loss whose gradient, once
+    averaged over the N ranks, is exactly that. The counts travel in one all-reduce per call. Under no_sync(), pass
+    the rank's count for the whole step (all its micro-batches) in every micro-step. The value returned is only
+    meant for backward: to print the global mean, all-reduce `loss_sum` and divide by the total count.
+    Raises ValueError("global_mean_loss: no rank holds a sample in this step (the total count is 0)") when the
+    total is 0. Graded: gradients equal to one process on the union of the batches (tolerance 1e-6) with 2 and 3
+    ranks holding 3, 23 and 10 sequences, under no_sync with unequal micro-batches, and that ValueError (the test
+    matches "the total count is 0").
     """
     # <exercise global_mean_loss points=2>
-    # hint: one all-reduce of this rank's count gives the total; the answer is loss_sum times a factor.
-    # hint: remember what DataParallel does to the gradients afterwards (it divides their sum by N).
+    # hint: minidist.comm.all_reduce_sum (from minidist import comm) sums a tensor over the group.
+    # hint: write the gradient DataParallel leaves on every rank (the mean over ranks of each rank's gradient) and
+    #       ask what each rank's loss must be for that mean to be the global-batch gradient.
     n = dist.get_world_size(group)
     total = comm.all_reduce_sum(torch.tensor(float(count), dtype=torch.float64, device=loss_sum.device), group)
     if total.item() == 0:
@@ -84,6 +87,8 @@ def predict_step_seconds(bucket_bytes: list[int], n: int, cost, forward_s: float
     size lies between, and this predicts where.
     """
     total, produced, comm_end = sum(bucket_bytes), 0, 0.0
+    if total <= 0:
+        raise ValueError(f"predict_step_seconds needs buckets holding some bytes, got {bucket_bytes}")
     for nbytes in bucket_bytes:
         produced += nbytes
         ready = forward_s + backward_s * (produced / total if overlap else 1.0)
@@ -159,6 +164,8 @@ class DataParallel(nn.Module):
         """
         if not callable(hook):
             raise ValueError(f"hook must be callable as hook(state, bucket), got {hook!r}")
+        if self.reducer.op != "all_reduce":
+            raise ValueError("a communication hook replaces an all-reduce; this reducer reduce-scatters")
         self.reducer.comm_hook = (state, hook)
 
     def remove(self) -> nn.Module:

@@ -62,9 +62,11 @@ def _stack_location(stack: str | None) -> str:
 
 def _collectives(records: dict, world: int) -> list[str]:
     found = []
-    groups = {tuple(e["group"]) for r in records.values() if r for e in r["entries"] if e["peer"] < 0}
-    for ranks in sorted(groups):
-        seen = {r: {e["seq"]: e for e in records[r]["entries"] if e["peer"] < 0 and tuple(e["group"]) == ranks}
+    groups = {(e.get("group_id", ""), tuple(e["group"])) for r in records.values() if r for e in r["entries"]
+              if e["peer"] < 0}
+    for gid, ranks in sorted(groups):
+        seen = {r: {e["seq"]: e for e in records[r]["entries"]
+                    if e["peer"] < 0 and (e.get("group_id", ""), tuple(e["group"])) == (gid, ranks)}
                 for r in ranks if records.get(r)}
         last = {r: max(s, default=0) for r, s in seen.items()}
         if len(set(last.values())) == 1 and all(e["completed"] for s in seen.values() for e in s.values()):
@@ -106,8 +108,8 @@ def _messages(records: dict) -> list[str]:
         for e in rec["entries"] if rec else []:
             if e["peer"] >= 0:
                 src, dst = (r, e["peer"]) if e["op"] == "send" else (e["peer"], r)
-                channels.setdefault((src, dst), {"send": {}, "recv": {}})[e["op"]][e["seq"]] = e
-    for (src, dst), ends in sorted(channels.items()):
+                channels.setdefault((e.get("group_id", ""), src, dst), {"send": {}, "recv": {}})[e["op"]][e["seq"]] = e
+    for (_, src, dst), ends in sorted(channels.items()):
         for k in sorted(set(ends["send"]) | set(ends["recv"])):
             s, r = ends["send"].get(k), ends["recv"].get(k)
             if r and not s and not r["completed"] and records.get(src) is not None:

@@ -31,6 +31,8 @@ CHAPTERS = {  # generated file -> package modules whose exercises it holds, in o
     "ch02_data_parallel": ["data_parallel", "buckets", "mixed_precision"],
     "ch03_data_loading": ["samplers"],
     "ch04_tensor_parallel": ["tensor_parallel", "vocab_parallel"],
+    "ch05_zero": ["zero"],
+    "ch06_fsdp": ["fsdp"],
     "ch07_pipeline": ["pipeline.schedule", "pipeline.stages"],
     "ch09_memory": ["checkpointing", "offload"],
     "ch10_compression": ["compression", "powersgd"],
@@ -213,8 +215,8 @@ def show(func):
     replaced by its hints and a stub. Notebooks use this instead of inspect.getsource, so no chapter shows the
     answers to its own exercises."""
     import inspect
-    text = stub_source(inspect.getsource(func))
-    text = inspect.cleandoc(text) if text.startswith((" ", "\t")) else text
+    import textwrap
+    text = textwrap.dedent(stub_source(inspect.getsource(func)))  # a method's source is indented: remove it evenly
     try:
         from IPython.display import Code
         return Code(text, language="python")

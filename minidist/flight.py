@@ -20,6 +20,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -37,24 +38,31 @@ class Entry:
     __slots__ = ("seq", "group", "gid", "peer", "op", "dtype", "numel", "state", "time", "slot")
 
     def as_dict(self) -> dict:
-        return {"seq": self.seq, "group": list(self.group), "peer": self.peer, "op": self.op, "dtype": self.dtype,
-                "numel": self.numel, "completed": self.state == COMPLETED, "time": self.time}
+        return {"seq": self.seq, "group": list(self.group), "group_id": _table[self.gid][0], "peer": self.peer,
+                "op": self.op, "dtype": self.dtype, "numel": self.numel, "completed": self.state == COMPLETED,
+                "time": self.time}
 
 
 _entries: collections.deque = collections.deque(maxlen=CAPACITY)
 _seq: dict = {}
-_groups: dict = {}       # id(group) -> (global ranks, id in the group table)
-_table: list = []        # group id -> global ranks
+_groups: dict = {}       # id(group) -> (global ranks, index in the group table)
+_table: list = []        # index -> (group id, the same on every rank; global ranks)
 _file = {"map": None, "dir": None, "rank": None, "count": 0}
+_lock = threading.Lock()  # under the ring backend, messages are recorded from the communication thread too
 
 
-def start(rank: int, directory: str) -> None:
-    """Mirror this rank's entries into DIRECTORY/flight-RANK (and its group table into groups-RANK.json)."""
+def start(rank: int, directory: str, world_size: int | None = None) -> None:
+    """Mirror this rank's entries into DIRECTORY/flight-RANK (and its group table into groups-RANK.json); forget
+    whatever this process recorded before (a forked rank inherits its parent's memory)."""
     path = Path(directory) / f"flight-{rank}"
     with open(path, "wb") as f:
         f.write(b"\0" * (HEADER.size + CAPACITY * RECORD.size))
     with open(path, "r+b") as f:
         _file.update(map=mmap.mmap(f.fileno(), 0), dir=Path(directory), rank=rank, count=0)
+    if world_size is not None:
+        (Path(directory) / "world-size").write_text(str(world_size))
+    _entries.clear()
+    _seq.clear()
     _table.clear()
     _groups.clear()
 
@@ -62,8 +70,11 @@ def start(rank: int, directory: str) -> None:
 def _group(group) -> tuple[tuple, int]:
     key = id(group)
     if key not in _groups:
-        ranks = tuple(range(dist.get_world_size())) if group is None else tuple(dist.get_process_group_ranks(group))
-        _table.append(ranks)
+        if group is None or group is dist.group.WORLD:
+            name, ranks = "world", tuple(range(dist.get_world_size()))
+        else:  # process groups are created in the same order on every rank: their names agree across ranks
+            name, ranks = str(getattr(group, "group_name", key)), tuple(dist.get_process_group_ranks(group))
+        _table.append((name, ranks))
         _groups[key] = (ranks, len(_table) - 1)
         if _file["map"] is not None:
             (_file["dir"] / f"groups-{_file['rank']}.json").write_text(json.dumps(_table))
@@ -77,6 +88,11 @@ def enter(op: str, tensor, group=None, peer: int | None = None) -> Entry | None:
     """Record that this rank entered `op` on `tensor`; for a message, `peer` is the other end (global rank)."""
     if not ENABLED:
         return None
+    with _lock:
+        return _enter(op, tensor, group, peer)
+
+
+def _enter(op, tensor, group, peer) -> Entry:
     ranks, gid = _group(group)
     me = dist.get_rank()
     key = (gid, "coll") if peer is None else (gid, me, peer) if op == "send" else (gid, peer, me)
@@ -125,14 +141,19 @@ def read_rank(directory, rank: int) -> dict | None:
     table = json.loads(groups.read_text()) if groups.exists() else []
     entries = []
     for k in range(max(0, count - CAPACITY), count):
-        seq, gid, peer, op, dtype, state, numel, t = RECORD.unpack_from(data, HEADER.size + (k % CAPACITY) * RECORD.size)
-        entries.append({"seq": seq, "group": table[gid] if gid < len(table) else [], "peer": peer, "op": OPS[op],
+        seq, gid, peer, op, dtype, state, numel, t = RECORD.unpack_from(data, HEADER.size + k % CAPACITY * RECORD.size)
+        name, ranks = table[gid] if gid < len(table) else ("?", [])
+        entries.append({"seq": seq, "group": ranks, "group_id": name, "peer": peer, "op": OPS[op],
                         "dtype": DTYPES[dtype], "numel": numel, "completed": state == COMPLETED, "time": t})
     stack = directory / f"stack-{rank}"
     return {"entries": entries, "stack": stack.read_text() if stack.exists() else None}
 
 
 def read_directory(directory) -> dict[int, dict]:
-    """Every rank's record in `directory` (as written under launch or torchrun)."""
-    ranks = sorted(int(p.name.split("-")[1]) for p in Path(directory).glob("flight-*"))
+    """Every rank's record in `directory` (as written under launch or torchrun): ranks 0..world size - 1 when the
+    directory says its world size (a reused directory may hold more files, from an earlier and larger job)."""
+    directory = Path(directory)
+    ranks = sorted(int(p.name.split("-")[1]) for p in directory.glob("flight-*"))
+    if (directory / "world-size").exists():
+        ranks = [r for r in ranks if r < int((directory / "world-size").read_text())]
     return {r: read_rank(directory, r) for r in ranks}

@@ -107,6 +107,7 @@ def launch(fn, world_size: int, *args, backend: str | None = None, timeout: floa
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     if backend == "nccl" and gpu_count() < world_size:
         raise ValueError(f"NCCL needs one GPU per rank: {world_size} ranks, {gpu_count()} GPUs visible")
+    import torch._dynamo  # noqa: F401  (imported once here, not lazily by each rank's first optimizer: 2-8 s a rank)
     # CUDA cannot be used in a child forked after the parent initialized it; before that, fork is fine.
     start_method = start_method or ("spawn" if backend == "nccl" and torch.cuda.is_initialized() else "fork")
     ctx = mp.get_context(start_method)
@@ -121,7 +122,7 @@ def launch(fn, world_size: int, *args, backend: str | None = None, timeout: floa
             child_end.close()
             procs.append(p)
             conns.append(parent_end)
-        return _collect(procs, conns, rendezvous)
+        return _collect(procs, conns, rendezvous, timeout)
     finally:
         _end(procs)
         for c in conns:
@@ -129,12 +130,20 @@ def launch(fn, world_size: int, *args, backend: str | None = None, timeout: floa
         shutil.rmtree(rendezvous, ignore_errors=True)
 
 
-def _collect(procs, conns, directory) -> list:
-    """Gather every rank's result in rank order; raise on the first failure, with the flight records' diagnosis."""
+def _collect(procs, conns, directory, timeout: float) -> list:
+    """Gather every rank's result in rank order; raise on the first failure, with the flight records' diagnosis.
+
+    Once a rank has returned, the others get `timeout` seconds more to return too: a rank stuck outside any
+    collective (an infinite loop, say) would otherwise keep launch waiting forever, no collective timing out."""
     results, pending = [None] * len(procs), dict(enumerate(conns))
     while pending:
         waitables = list(pending.values()) + [procs[r].sentinel for r in pending]
-        ready = wait(waitables)
+        ready = wait(waitables, timeout=None if len(pending) == len(procs) else timeout)
+        if not ready:
+            first = min(pending)
+            raise RankError(first, f"the rank had not returned {timeout:g} s after rank "
+                                   f"{min(set(range(len(procs))) - set(pending))} had (stuck outside any collective?)"
+                            + _diagnosis(procs, directory, set(range(len(procs))) - set(pending)))
         for rank, conn in list(pending.items()):
             if conn in ready or procs[rank].sentinel in ready:
                 try:
@@ -176,6 +185,8 @@ def _diagnosis(procs, directory, returned: set) -> str:
         text = diagnose(records, len(procs), deaths)
     except Exception as e:  # a diagnosis must never hide the error it explains
         text = f"(no diagnosis: {type(e).__name__}: {e})"
+    if text.startswith("the flight records agree") and not deaths:
+        return ""  # nothing went wrong between the ranks: the traceback above says it all
     return "\n\nDiagnosis from every rank's flight recorder:\n" + text
 
 
@@ -202,7 +213,7 @@ def _die_with_parent():
 def _run_rank(rank, world_size, store_path, backend, timeout, fn, args, kwargs, conn):
     _die_with_parent()
     directory = os.path.dirname(store_path)
-    flight.start(rank, directory)  # the flight recorder, mirrored to a file the parent reads if something fails
+    flight.start(rank, directory, world_size)  # the flight recorder, mirrored to a file the parent reads
     faulthandler.register(signal.SIGUSR1, open(os.path.join(directory, f"stack-{rank}"), "w"), all_threads=True)
     os.environ.update(OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     # All ranks are on this machine: gloo talks over loopback, whatever the hostname resolves to (or fails to).
@@ -260,7 +271,7 @@ def run_under_torchrun(fn, *args, backend: str | None = None, timeout: float = D
         tempfile.gettempdir(), f"minidist-flight-{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}")
     os.makedirs(directory, exist_ok=True)
     rank = dist.get_rank()
-    flight.start(rank, directory)
+    flight.start(rank, directory, dist.get_world_size())
     stacks = open(os.path.join(directory, f"stack-{rank}"), "w")
     faulthandler.register(signal.SIGUSR1, stacks, all_threads=True)
     faulthandler.register(signal.SIGTERM, stacks, all_threads=True, chain=True)

@@ -78,8 +78,9 @@ class ByteLedger:
 
     @property
     def counted(self) -> bool:
-        """True when every record holds bytes really sent (none modelled)."""
-        return all(r.counted for r in self.records)
+        """True when there are records and every one holds bytes really sent (none modelled). An empty ledger is not
+        evidence of anything: communication that bypassed minidist.comm leaves no record at all."""
+        return bool(self.records) and all(r.counted for r in self.records)
 
     def by_op(self) -> dict[str, tuple[int, Fraction]]:
         """op -> (number of calls, bytes sent)."""
@@ -118,7 +119,8 @@ def name_group(group, name: str) -> None:
 
 
 def group_name(group) -> str | None:
-    if group is None:
+    import torch.distributed as dist
+    if group is None or group is dist.group.WORLD:
         return "world"
     try:
         return _GROUP_NAMES.get(group) or _NAMES_BY_ID.get(id(group))

@@ -57,8 +57,8 @@ def zero_state_bytes(num_params: float, world_size: int = 1, stage: int = 0, pre
         raise ValueError(f"precision must be one of {sorted(BYTES_PER_PARAM)}, got {precision!r}")
     # <exercise zero_state_bytes points=2>
     # hint: BYTES_PER_PARAM[precision] gives (weights, gradients, optimizer) bytes per parameter.
-    # hint: each stage shards one more of the three, in the order the module docstring lists them; a sharded
-    #       state is split evenly over the N ranks.
+    # hint: each stage shards one more of the three, in the order of chapter 00's table (minidist/memory.py's
+    #       docstring): first the optimizer states; a sharded state is split evenly over the N ranks.
     w, g, k = BYTES_PER_PARAM[precision]
     n = world_size
     return StateBytes(params=w * num_params / (n if stage >= 3 else 1),
@@ -101,8 +101,8 @@ def activation_bytes_per_layer(seq: int, batch: int, hidden: int, heads: int, by
     """
     _check_positive(seq=seq, batch=batch, hidden=hidden, heads=heads)
     # <exercise activation_bytes_per_layer points=2>
-    # hint: add up the module docstring's table in values first (which tensors grow with s*b*h, which with
-    #       a*s^2*b?), then turn values into bytes.
+    # hint: add up chapter 00's table of saved tensors (also in minidist/memory.py's docstring) in values first
+    #       (which tensors grow with s*b*h, which with a*s^2*b?), then turn values into bytes.
     # hint: dropout adds a mask per dropout layer (mask_bytes per element) and one more saved tensor: which?
     sbh, as2b = seq * batch * hidden, heads * seq * seq * batch
     total = bytes_per_value * (16 * sbh + as2b)
@@ -124,18 +124,24 @@ def _unique_storages(tensors):
     return seen
 
 
-def measure_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> StateBytes:
+def measure_state_bytes(model: torch.nn.Module, optimizer=None) -> StateBytes:
     """Bytes this rank holds in parameters, gradients and optimizer state, by walking the tensors.
 
+    Parameters and their .grad come from the model (a sharded model, fully_shard's, holds its shards there).
     Optimizer state counts the per-parameter tensors (Adam's moments); the 0-dim `step` counters (4 bytes per
-    parameter tensor, not per parameter) are left out, as the formula leaves them out.
+    parameter tensor, not per parameter) are left out, as the formula leaves them out. An optimizer that holds more
+    (fp32 master weights, gradient shards: ZeroOptimizer, MixedPrecisionOptimizer) lists it in a `held_tensors()`
+    method returning {"grads": [...], "optimizer": [...]}, which is counted instead of its `state`.
     """
     params = list(model.parameters())
-    state = [] if optimizer is None else [
-        t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    if hasattr(optimizer, "held_tensors"):
+        held = optimizer.held_tensors()
+    else:
+        held = {"grads": [], "optimizer": [] if optimizer is None else [
+            t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]}
     return StateBytes(params=sum(_unique_storages(params).values()),
-                      grads=sum(_unique_storages(p.grad for p in params).values()),
-                      optimizer=sum(_unique_storages(state).values()))
+                      grads=sum(_unique_storages([p.grad for p in params] + held["grads"]).values()),
+                      optimizer=sum(_unique_storages(held["optimizer"]).values()))
 
 
 class SavedActivations:

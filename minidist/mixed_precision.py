@@ -26,8 +26,9 @@ def update_scale(scale: float, good_steps: int, found_inf: bool, growth_factor: 
                  backoff_factor: float = 0.5, growth_interval: int = 2000) -> tuple[float, int]:
     """One update of the dynamic loss scale: returns (new scale, new count of good steps in a row).
 
-    The policy of torch.amp.GradScaler (module docstring). Graded: by hand, and step for step against GradScaler
-    driven through overflows, with bit-identical weights.
+    The policy of torch.amp.GradScaler: on an overflow, multiply the scale by backoff_factor and start counting good
+    steps again; after growth_interval good steps in a row, multiply it by growth_factor and start counting again.
+    Graded: by hand, and step for step against GradScaler driven through overflows, with bit-identical weights.
     """
     # <exercise loss_scale_update points=1>
     # hint: an overflow resets the count of good steps; reaching growth_interval good steps also resets it.
@@ -45,12 +46,14 @@ def unscale_and_check_(grads: list[torch.Tensor], scale: float, agree: bool = Fa
 
     One host synchronization for all the tensors (not one per tensor). With `agree`, the answer is agreed by every
     rank of `group` (one small all-reduce): ranks that hold different shards of the gradients (ZeRO) must still skip
-    the same steps, or their weights drift apart.
+    the same steps, or their weights drift apart. Graded: the divided values, a Python bool (checked with `is`) for
+    inf, -inf, nan and finite gradients, and on 3 ranks where only one holds an inf: False/True without/with agree.
     """
     # <exercise unscale_and_check points=2>
     # hint: keep the check on the device: one 0-dim tensor that counts the non-finite gradients, read with .item()
     #       once at the end.
-    # hint: with `agree`, sum that count over the group with comm.all_reduce_sum before reading it.
+    # hint: with `agree`, sum that count over the group with comm.all_reduce_sum (from minidist import comm)
+    #       before reading it.
     bad = torch.zeros((), device=grads[0].device if grads else None)
     for g in grads:
         g.mul_(1.0 / scale)
@@ -66,7 +69,9 @@ def clip_grad_norm_(grads: list[torch.Tensor], max_norm: float, sharded: bool = 
 
     As torch.nn.utils.clip_grad_norm_: factor min(1, max_norm / (norm + 1e-6)). With `sharded`, each rank of `group`
     holds a *shard* of one gradient (ZeRO): the squared norms are summed over the ranks first, so every rank clips by
-    the same factor. Clip *after* unscaling: the scaled gradients' norm is S times too large.
+    the same factor. Clip *after* unscaling: the scaled gradients' norm is S times too large. Graded: the returned
+    norm (a float) and the clipped values against torch.nn.utils.clip_grad_norm_ at three bounds, gradients within
+    the bound left bit for bit untouched, and on 3 ranks holding shards, the global norm and the common factor.
     """
     # <exercise clip_grad_norm points=2>
     # hint: the global norm is the square root of the sum of every tensor's squared norm (in fp32).
@@ -171,3 +176,9 @@ class MixedPrecisionOptimizer:
         for p in self.params:
             p.grad = None
         self.optimizer.zero_grad()
+
+    def held_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """For memory.measure_state_bytes: the fp32 master weights (and their gradients inside a step) and the
+        wrapped optimizer's per-element states, held beyond the model."""
+        states = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+        return {"grads": [m.grad for m in self.master if m.grad is not None], "optimizer": [*self.master, *states]}

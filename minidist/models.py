@@ -54,9 +54,10 @@ class CausalSelfAttention(nn.Module):
         # the heads' projections (tensor parallelism, chapter 04) runs this code unchanged.
         B, T, _ = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=2)                           # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        nh = q.shape[-1] // self.head_dim                               # (not -1: a batch may be empty)
+        q, k, v = (t.view(B, T, nh, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         y = self.attend(q, k, v)                                        # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, -1)                         # re-assemble the heads: (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, nh * self.head_dim)         # re-assemble the heads: (B, T, C)
         return self.resid_drop(self.proj(y))
 
     def attend(self, q, k, v):

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from . import backend, flight
-from .backend import Work
+from .backend import ALL_TO_ALL_TAG, RESERVED_TAGS, Work
 from .ledger import count_recv, count_send, counting
 
 
@@ -41,6 +41,8 @@ def _post_recv(x: torch.Tensor, src: int, group, tag: int) -> Work:
 def _post(fn, x, peer, group, tag) -> Work:
     """Post a message now, or, under the ring backend, from the communication thread after what was issued before."""
     n, me = group_size(group), dist.get_rank(group)
+    if not isinstance(tag, int) or (0 < tag < RESERVED_TAGS) or tag < 0:
+        raise ValueError(f"tag {tag!r}: use 0 or a tag >= {RESERVED_TAGS} (1-{RESERVED_TAGS - 1} are minidist's own)")
     if not isinstance(peer, int) or not 0 <= peer < n or peer == me:
         raise ValueError(f"{'destination' if fn is _post_send else 'source'} {peer!r} is not another rank of the "
                          f"group (group ranks 0..{n - 1}, this rank is {me})")
@@ -81,8 +83,8 @@ def all_to_all(x: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
         out[me].copy_(chunks[me])
         with counting("all_to_all", x, group, n):
             for s in range(1, n):
-                works = [_post_send(chunks[(me + s) % n], (me + s) % n, group, 0),
-                         _post_recv(out[(me - s) % n], (me - s) % n, group, 0)]
+                works = [_post_send(chunks[(me + s) % n], (me + s) % n, group, ALL_TO_ALL_TAG),
+                         _post_recv(out[(me - s) % n], (me - s) % n, group, ALL_TO_ALL_TAG)]
                 for w in works:
                     w.wait()
         return torch.cat(out, dim)

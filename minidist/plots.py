@@ -1,5 +1,6 @@
 """Figures for the chapters (matplotlib). Each function draws from numbers it is given, or from a pure simulation."""
 import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
 
 
 def bars(groups: dict[str, dict[str, float]], title: str, ylabel: str, scale: float = 1.0, ax=None):
@@ -151,4 +152,27 @@ def pipeline_timeline(events_per_rank, title: str, ax=None, unit: float = 1e3, x
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=9)
+    return ax
+
+
+def unit_timeline(events: list[tuple[str, float, float]], title: str, ax=None):
+    """FSDP events ("forward u", "backward u", "all-gather u", "reduce-scatter u"; start, end in seconds), one row per
+    unit: compute as wide bars (faded when they enclose inner units' compute: the root's forward runs the blocks),
+    communication as thin bars under them (times in ms)."""
+    units = list(dict.fromkeys(what.split(" ", 1)[1] for what, _, _ in events))
+    ax = ax or plt.subplots(figsize=(9, 1.2 + 0.55 * len(units)))[1]
+    style = {"forward": ("tab:blue", 0.0, 0.5), "backward": ("tab:green", 0.0, 0.5),
+             "all-gather": ("tab:orange", -0.32, 0.22), "reduce-scatter": ("tab:red", -0.32, 0.22)}
+    computes = [(w.split(" ", 1)[1], s, e) for w, s, e in events if w.startswith(("forward", "backward"))]
+    for what, start, end in events:
+        kind, unit = what.split(" ", 1)
+        color, shift, height = style[kind]
+        encloses = shift == 0 and any(u != unit and start <= s and e <= end for u, s, e in computes)
+        ax.barh(len(units) - units.index(unit) + shift, max(end - start, 1e-5) * 1e3, left=start * 1e3,
+                height=height, color=color, alpha=0.3 if encloses else 1.0)
+    ax.set_yticks([len(units) - k for k in range(len(units))], units)
+    ax.set_xlabel("ms since the step started")
+    ax.set_title(title)
+    ax.legend([Patch(color=color) for color, _, _ in style.values()], list(style), loc="upper center",
+              bbox_to_anchor=(0.5, -0.22), fontsize=8, ncol=4)
     return ax

@@ -64,13 +64,15 @@ class _HookWork:
 
     def __init__(self, future, buf):
         self.future, self.buf, self.completed_at = future, buf, None
+        if hasattr(future, "then"):  # a torch future: note when it completes, for the timeline
+            future.then(lambda _: setattr(self, "completed_at", self.completed_at or time.perf_counter()))
 
     def wait(self):
         value = self.future.wait()
         value = value[0] if isinstance(value, (list, tuple)) else value
         if value is not None and value.data_ptr() != self.buf.data_ptr():
             self.buf.copy_(value.reshape(self.buf.shape))
-        self.completed_at = time.perf_counter()
+        self.completed_at = self.completed_at or getattr(self.future, "completed_at", None) or time.perf_counter()
         return self.buf
 
 
@@ -102,8 +104,12 @@ class GradReducer:
             raise ValueError(f"op must be 'all_reduce' or 'reduce_scatter', got {op!r}")
         if cap_bytes is not None and cap_bytes <= 0:
             raise ValueError(f"bucket size must be positive (or None for one bucket per parameter), got {cap_bytes}")
-        self.params = [p for p in params if p.requires_grad]
-        self.names = names or [f"parameter {i}" for i in range(len(self.params))]
+        params = list(params)
+        names = list(names) if names is not None else [f"parameter {i}" for i in range(len(params))]
+        if len(names) != len(params):
+            raise ValueError(f"GradReducer: {len(names)} names for {len(params)} parameters")
+        kept = [(p, n) for p, n in zip(params, names) if p.requires_grad and p.numel() > 0]  # nothing to reduce in
+        self.params, self.names = [p for p, _ in kept], [n for _, n in kept]               # an empty parameter
         self.group, self.op, self.overlap, self.average = group, op, overlap, average
         self.find_unused_parameters = find_unused_parameters
         self.world = dist.get_world_size(group)

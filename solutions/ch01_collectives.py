@@ -21,7 +21,8 @@ def ring_reduce_scatter_(chunks: list[torch.Tensor], group=None) -> None:
     # ---- exercise ring_reduce_scatter (3 points) ---------------------------------------------------
     # hint: at step s, send chunks[(rank - s - 1) % n] and receive into a scratch buffer shaped like
     #       chunks[(rank - s - 2) % n]; then add the scratch into that chunk.
-    # hint: use ring_exchange(send, recv, group) for the step's communication.
+    # hint: use ring_exchange(send, recv, group) for the step's communication
+    #       (from minidist.collectives import ring_exchange).
     n, rank = dist.get_world_size(group), dist.get_rank(group)
     for s in range(n - 1):
         send, into = chunks[(rank - s - 1) % n], chunks[(rank - s - 2) % n]
@@ -65,8 +66,9 @@ def ring_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
 def fit_relative(terms: list[tuple[float, ...]], seconds: list[float]) -> list[float]:
     """Non-negative coefficients c minimizing the sum of squared *relative* errors ((terms_i . c - t_i) / t_i)^2.
 
-    An absolute least-squares fit is ruled by the largest timings: a 16 MB all-reduce taking 15 ms outweighs a 256 B
-    one taking 0.2 ms by 75x, and the small messages end up predicted 2x too fast. Dividing every equation by its own
+    An absolute least-squares fit is ruled by the largest timings: a 16 MB all-reduce taking 15 ms is 75x a 256 B one
+    taking 0.2 ms, so its squared error weighs about 75^2 = 5600 times as much, and the small messages end up
+    predicted several times too fast. Dividing every equation by its own
     time weighs each measurement by how wrong the prediction is *relative* to it. A coefficient that would come out
     negative (noise, or a term the data cannot see) is fixed at 0 and the others refitted.
     Graded: exact recovery of known coefficients, the relative weighting, and the non-negativity.
@@ -97,6 +99,7 @@ def all_gather_backward(grad: torch.Tensor, group=None, dim: int = 0) -> torch.T
     shard's), and the input gradient left unmodified.
     """
     # ---- exercise all_gather_backward (2 points) ---------------------------------------------------
-    # hint: which collective sums over ranks and hands each rank one slice of the result?
+    # hint: which collective sums over ranks and hands each rank one slice of the result? minidist.comm has it
+    #       (the exercise file does not import it for you: from minidist import comm).
     return reduce_scatter_sum(grad, group, dim)
     # ---- end of exercise all_gather_backward ----------------------------------------------------------

@@ -18,7 +18,7 @@ def average_gradients_(params, group=None) -> None:
     and 3 ranks equal to one process on the global batch, with replicas bitwise identical.
     """
     # ---- exercise average_gradients (1 point) -----------------------------------------------------
-    # hint: comm.all_reduce_sum(t, group) returns the sum over ranks in a new tensor.
+    # hint: comm.all_reduce_sum(t, group) returns the sum over ranks in a new tensor (from minidist import comm).
     n = dist.get_world_size(group)
     for p in params:
         if p.grad is not None:
@@ -31,17 +31,20 @@ def global_mean_loss(loss_sum: torch.Tensor, count, group=None) -> torch.Tensor:
 
     `loss_sum` is this rank's loss *summed* over its `count` samples. DataParallel averages gradients over the N
     ranks, which weights every rank equally: with a mean loss per rank, a sample on a rank with 3 samples would count
-    7.7 times as much as one on a rank with 23. The global-batch gradient is grad(sum of all losses) / (total count),
-    so each rank must scale its loss sum by N / total: after the average, sum_r grad(loss_sum_r) / total. The counts
-    are all-reduced once per call. Under no_sync(), pass the rank's count for the whole step (all its micro-batches)
-    in every micro-step. The value returned is this rank's share, scaled for backward: to print the global mean,
-    all-reduce `loss_sum` and divide by the total count. A total count of 0 is an error.
-    Graded: gradients equal to one process on the union of the batches (tolerance 1e-6) with 2 and 3 ranks holding
-    3, 23 and 10 sequences, under no_sync with unequal micro-batches, and the error for a total of 0.
+    7.7 times as much as one on a rank with 23. What we want after DataParallel's average is the global-batch
+    gradient, grad(sum of all ranks' losses) / (total count over all ranks). Return the loss whose gradient, once
+    averaged over the N ranks, is exactly that. The counts travel in one all-reduce per call. Under no_sync(), pass
+    the rank's count for the whole step (all its micro-batches) in every micro-step. The value returned is only
+    meant for backward: to print the global mean, all-reduce `loss_sum` and divide by the total count.
+    Raises ValueError("global_mean_loss: no rank holds a sample in this step (the total count is 0)") when the
+    total is 0. Graded: gradients equal to one process on the union of the batches (tolerance 1e-6) with 2 and 3
+    ranks holding 3, 23 and 10 sequences, under no_sync with unequal micro-batches, and that ValueError (the test
+    matches "the total count is 0").
     """
     # ---- exercise global_mean_loss (2 points) ------------------------------------------------------
-    # hint: one all-reduce of this rank's count gives the total; the answer is loss_sum times a factor.
-    # hint: remember what DataParallel does to the gradients afterwards (it divides their sum by N).
+    # hint: minidist.comm.all_reduce_sum (from minidist import comm) sums a tensor over the group.
+    # hint: write the gradient DataParallel leaves on every rank (the mean over ranks of each rank's gradient) and
+    #       ask what each rank's loss must be for that mean to be the global-batch gradient.
     n = dist.get_world_size(group)
     total = comm.all_reduce_sum(torch.tensor(float(count), dtype=torch.float64, device=loss_sum.device), group)
     if total.item() == 0:
@@ -107,8 +110,9 @@ def update_scale(scale: float, good_steps: int, found_inf: bool, growth_factor: 
                  backoff_factor: float = 0.5, growth_interval: int = 2000) -> tuple[float, int]:
     """One update of the dynamic loss scale: returns (new scale, new count of good steps in a row).
 
-    The policy of torch.amp.GradScaler (module docstring). Graded: by hand, and step for step against GradScaler
-    driven through overflows, with bit-identical weights.
+    The policy of torch.amp.GradScaler: on an overflow, multiply the scale by backoff_factor and start counting good
+    steps again; after growth_interval good steps in a row, multiply it by growth_factor and start counting again.
+    Graded: by hand, and step for step against GradScaler driven through overflows, with bit-identical weights.
     """
     # ---- exercise loss_scale_update (1 point) -----------------------------------------------------
     # hint: an overflow resets the count of good steps; reaching growth_interval good steps also resets it.
@@ -126,12 +130,14 @@ def unscale_and_check_(grads: list[torch.Tensor], scale: float, agree: bool = Fa
 
     One host synchronization for all the tensors (not one per tensor). With `agree`, the answer is agreed by every
     rank of `group` (one small all-reduce): ranks that hold different shards of the gradients (ZeRO) must still skip
-    the same steps, or their weights drift apart.
+    the same steps, or their weights drift apart. Graded: the divided values, a Python bool (checked with `is`) for
+    inf, -inf, nan and finite gradients, and on 3 ranks where only one holds an inf: False/True without/with agree.
     """
     # ---- exercise unscale_and_check (2 points) -----------------------------------------------------
     # hint: keep the check on the device: one 0-dim tensor that counts the non-finite gradients, read with .item()
     #       once at the end.
-    # hint: with `agree`, sum that count over the group with comm.all_reduce_sum before reading it.
+    # hint: with `agree`, sum that count over the group with comm.all_reduce_sum (from minidist import comm)
+    #       before reading it.
     bad = torch.zeros((), device=grads[0].device if grads else None)
     for g in grads:
         g.mul_(1.0 / scale)
@@ -147,7 +153,9 @@ def clip_grad_norm_(grads: list[torch.Tensor], max_norm: float, sharded: bool = 
 
     As torch.nn.utils.clip_grad_norm_: factor min(1, max_norm / (norm + 1e-6)). With `sharded`, each rank of `group`
     holds a *shard* of one gradient (ZeRO): the squared norms are summed over the ranks first, so every rank clips by
-    the same factor. Clip *after* unscaling: the scaled gradients' norm is S times too large.
+    the same factor. Clip *after* unscaling: the scaled gradients' norm is S times too large. Graded: the returned
+    norm (a float) and the clipped values against torch.nn.utils.clip_grad_norm_ at three bounds, gradients within
+    the bound left bit for bit untouched, and on 3 ranks holding shards, the global norm and the common factor.
     """
     # ---- exercise clip_grad_norm (2 points) --------------------------------------------------------
     # hint: the global norm is the square root of the sum of every tensor's squared norm (in fp32).

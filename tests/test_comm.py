@@ -1,5 +1,4 @@
 """Differentiable collectives (forward values, backward duals against closed forms) and the byte ledger."""
-from fractions import Fraction
 
 import pytest
 import torch
@@ -78,17 +77,23 @@ def test_ledger_bytes_equal_the_ring_formula(world_size):
     assert [r.op for r in outer] == ["all_reduce", "all_gather", "reduce_scatter", "broadcast"]
     assert not any(r.counted for r in outer) and {r.axis for r in outer} == {"world"}  # modelled: handed to gloo
     assert inner == outer[1:]                   # nested ledgers both see what happens inside
-    s = 12 * 10 * 4
-    assert outer[0].bytes_sent == Fraction(2 * (n - 1) * s, n)
-    assert outer[1].bytes_sent == Fraction((n - 1) * (4 * n * 10 * 4), n) and outer[1].numel == 4 * n * 10
-    assert outer[2].bytes_sent == Fraction((n - 1) * s, n)
-    assert outer[3].bytes_sent == Fraction((n - 1) * 2 * s, n) and outer[3].dtype == torch.float64
+    # What each record describes (its bytes here are the ring model's, not evidence: test_comm_counted counts them).
+    assert outer[1].numel == 4 * n * 10 and outer[3].dtype == torch.float64
     assert all(r.group_size == n for r in outer)
 
 
-def test_ledger_outside_a_collective_records_nothing():
+def closed_ledger():
     ledger = comm.ByteLedger()
-    assert ledger.total_bytes() == 0 and ledger.count() == 0 and ledger.by_op() == {}
+    with ledger:
+        comm.all_reduce_sum(torch.zeros(2))
+    comm.all_reduce_sum(torch.zeros(2))  # after it closed: not its business
+    return ledger.count(), ledger.counted, comm.ByteLedger().counted
+
+
+def test_a_closed_ledger_records_nothing_more_and_an_empty_one_proves_nothing():
+    for count, counted, empty_counted in launch(closed_ledger, 2):
+        assert count == 1 and not counted  # one modelled record (gloo's all-reduce)
+        assert not empty_counted           # no records: not evidence of counted bytes
 
 
 def test_ring_bytes_of_a_single_rank_is_zero():

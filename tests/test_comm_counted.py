@@ -70,14 +70,15 @@ def async_and_in_place():
         ctx = comm.ring_backend() if mode == "ring" else torch.enable_grad()
         with ctx:
             x = torch.full((4,), float(r))
+            issued = time.perf_counter()
             work = comm.all_reduce_(x, async_op=True)
             y = work.wait()
             shard = torch.empty(2)
             rs = comm.reduce_scatter_into_(shard, torch.arange(2.0 * n), async_op=True)
             full = torch.empty(2 * n)
             ag = comm.all_gather_into_(full, torch.full((2,), float(r)), async_op=True)
-            out[mode] = (y is x, x.clone(), rs.wait().clone(), ag.wait().clone(), work.completed_at is not None,
-                         work.is_completed())
+            out[mode] = (y is x, x.clone(), rs.wait().clone(), ag.wait().clone(),
+                         issued <= work.completed_at <= time.perf_counter(), work.is_completed())
     return out
 
 
@@ -164,3 +165,44 @@ def test_a_simulated_link_needs_sensible_numbers():
         comm.SimulatedLink(alpha=0.0, bandwidth=0)
     with pytest.raises(ValueError, match="alpha must be a non-negative"):
         comm.SimulatedLink(alpha=-1.0)
+
+
+def all_to_all_beside_a_pending_receive():
+    """A receive posted before an all_to_all must get the message meant for it, not a chunk of the all_to_all."""
+    r = dist.get_rank()
+    inbox = torch.zeros(2)
+    pending = comm.irecv(inbox, src=1) if r == 0 else None
+    swapped = comm.all_to_all(torch.full((4,), 10.0 * r))
+    if r == 1:
+        comm.send(torch.tensor([99.0, 99.0]), dst=0)
+    return (pending.wait() if pending else None), swapped
+
+
+def test_point_to_point_messages_and_all_to_all_do_not_mix():
+    (inbox, swapped0), (_, swapped1) = launch(all_to_all_beside_a_pending_receive, 2)
+    assert torch.equal(inbox, torch.tensor([99.0, 99.0]))
+    assert torch.equal(swapped0, torch.tensor([0.0, 0.0, 10.0, 10.0]))
+    with pytest.raises(Exception, match="tag 1: use 0 or a tag >= 16"):
+        launch(lambda: comm.isend(torch.ones(1), dst=1 - dist.get_rank(), tag=1), 2)
+
+
+class EmptyParameter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.empty = torch.nn.Linear(3, 3), torch.nn.Parameter(torch.zeros(0))
+
+    def forward(self, x):
+        return self.lin(x) + self.empty.sum()
+
+
+def empty_parameter_step():
+    from minidist.data_parallel import DataParallel
+    dp = DataParallel(EmptyParameter())
+    for _ in range(2):
+        dp(torch.ones(2, 3)).sum().backward()
+    return dp.module.lin.weight.grad
+
+
+def test_a_zero_size_parameter_does_not_break_data_parallel():
+    for grad in launch(empty_parameter_step, 2):
+        assert torch.equal(grad, torch.full((3, 3), 4.0))  # 2 rows of ones, 2 backwards, averaged over 2 ranks

@@ -267,12 +267,17 @@ def accumulate_with_a_branch_used_early():
     dp = DataParallel(Branchy(), find_unused_parameters=True)
     even = torch.full((3, 5), 2 * dist.get_rank())            # even first token: takes the `rare` branch
     odd = even + 1
+    local = Branchy()
+    local.load_state_dict(dp.module.state_dict())
+    for x in (even, odd):  # what this rank accumulates on its own, without communication
+        lm_loss(local(x), x).backward()
     with dp.no_sync():
         lm_loss(dp(even), even).backward()
     lm_loss(dp(odd), odd).backward()
-    return dp.module.rare.weight.grad
+    return dp.module.rare.weight.grad, local.rare.weight.grad
 
 
 def test_find_unused_parameters_counts_gradients_accumulated_under_no_sync():
-    grads = launch(accumulate_with_a_branch_used_early, 2)
-    assert grads[0] is not None and torch.equal(grads[0], grads[1])  # averaged: the same on both ranks
+    (g0, local0), (g1, local1) = launch(accumulate_with_a_branch_used_early, 2)
+    assert local0.abs().sum() > 0 and torch.equal(g0, g1)  # averaged: the same on both ranks...
+    assert torch.allclose(g0, (local0 + local1) / 2, atol=1e-7)  # ...and the mean of what each rank accumulated

@@ -222,3 +222,10 @@ def test_show_displays_the_skeleton_not_the_answer():
     gather = stub_source(__import__("inspect").getsource(ring_all_gather_))
     assert "ring_exchange(chunks[(rank - s) % n]" not in gather and "def ring_all_gather_" in gather
     assert "exercise" not in getattr(show(DataParallel.forward), "data", "")  # code without a region: unchanged
+
+
+def test_show_keeps_a_method_valid_python():
+    import ast
+    from minidist.data_parallel import DataParallel
+    from minidist.exercises import show
+    ast.parse(show(DataParallel.forward).data)  # a body flush with its `def` would not parse

@@ -185,13 +185,14 @@ def test_under_torchrun_the_records_land_in_a_directory_that_diagnose_reads(tmp_
     import os
     script = tmp_path / "job.py"
     script.write_text(
-        "import os, torch, torch.distributed as dist\n"
+        "import time, torch, torch.distributed as dist\n"
         "from minidist import comm, run_under_torchrun\n"
         "def work():\n"
         "    x = torch.ones(10)\n"
         "    comm.all_reduce_sum(x)\n"
-        "    if dist.get_rank() == 0:\n"
-        "        comm.all_reduce_sum(x)  # rank 1 skips this one\n"
+        "    if dist.get_rank() == 1:\n"
+        "        time.sleep(60)  # stuck outside any collective: torchrun ends it once rank 0 times out\n"
+        "    comm.all_reduce_sum(x)\n"
         "run_under_torchrun(work, timeout=2)\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root, MINIDIST_FLIGHT_DIR=str(tmp_path / "flight"))
@@ -202,3 +203,5 @@ def test_under_torchrun_the_records_land_in_a_directory_that_diagnose_reads(tmp_
                          capture_output=True, text=True, timeout=60)
     assert "rank 0 is in all_reduce #2 (float32, 10 elements); rank 1 never entered all_reduce #2" in out.stdout, \
         out.stdout + out.stderr
+    assert re.search(r"its main thread is at \S*job\.py:\d+ in work\(\)", out.stdout), out.stdout  # SIGTERM's stack
+    assert "python -m minidist diagnose" in run.stderr  # the failing rank says where the records are

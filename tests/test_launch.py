@@ -189,8 +189,14 @@ def test_choosing_the_backend_does_not_initialize_cuda(monkeypatch):
     """A launcher that forks must decide "GPUs or not" without initializing CUDA in the parent (fork would break)."""
     import torch
     from minidist.launch import default_backend
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.cuda.is_available() initializes CUDA in the parent")
     monkeypatch.delenv("MINIDIST_BACKEND", raising=False)
-    assert default_backend(2) in ("gloo", "nccl")
+    monkeypatch.setattr(torch.cuda, "is_available", forbidden)
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)     # as on a CUDA build of torch...
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)             # ...with 4 GPUs, counted through NVML
+    assert default_backend(2) == "nccl" and default_backend(8) == "gloo"
     assert not torch.cuda.is_initialized()
     monkeypatch.setenv("MINIDIST_BACKEND", "mpi")
     with pytest.raises(ValueError, match="MINIDIST_BACKEND must be 'gloo' or 'nccl'"):
@@ -202,3 +208,17 @@ def test_nccl_without_a_gpu_per_rank_is_a_clear_error():
     n = gpu_count() + 1  # one rank more than there are GPUs, on any machine
     with pytest.raises(ValueError, match=f"NCCL needs one GPU per rank: {n} ranks, {n - 1} GPUs visible"):
         launch(rank_and_sum, n, 1.0, backend="nccl")
+
+
+def spins_on_rank_1():
+    if dist.get_rank() == 1:
+        while True:  # stuck in Python, and no collective left to time out
+            pass
+    return "done"
+
+
+def test_a_rank_stuck_after_the_others_returned_is_reported_not_waited_for(no_leftover_processes):
+    start = time.monotonic()
+    with pytest.raises(RankError, match=r"had not returned 2 s after rank 0 had"):
+        launch(spins_on_rank_1, 2, timeout=2)
+    assert time.monotonic() - start < 30

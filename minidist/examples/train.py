@@ -12,7 +12,9 @@ gloo on CPUs, NCCL when every rank has a GPU. Rank 0 shows a progress bar and lo
 Strategies: ddp (minidist.DataParallel), torch-ddp (PyTorch's DistributedDataParallel), none (each rank alone: what
 goes wrong without gradient averaging), tp (minidist.tensor_parallel: every rank holds 1/N of the model and sees the
 whole batch; --sequence-parallel adds sequence parallelism), pp (pipeline parallel, minidist.pipeline: each rank one
-stage of the model, the global batch cut into --microbatches, run by --schedule gpipe|1f1b|interleaved|zb). Later
+stage of the model, the global batch cut into --microbatches, run by --schedule gpipe|1f1b|interleaved|zb), zero1 /
+zero2 (minidist.zero.ZeroOptimizer, stage 1 or 2), zero3 (minidist's fully_shard on the whole model), fsdp
+(minidist's fully_shard on each block, then the root), torch-fsdp (PyTorch's FSDP2 fully_shard, per block). Later
 chapters add theirs to STRATEGIES.
 """
 import argparse
@@ -26,9 +28,11 @@ from minidist import launch, run_under_torchrun
 from minidist.args import positive_float, positive_int
 from minidist.data import random_batches, token_ids, train_val_split
 from minidist.data_parallel import DataParallel
+from minidist.fsdp import fully_shard
 from minidist.launch import device
 from minidist.models import GPT, GPTConfig, build_llama, lm_loss
 from minidist.testing import replica_divergence
+from minidist.zero import ZeroOptimizer
 
 
 def _torch_ddp(model, args):
@@ -41,12 +45,38 @@ def _tensor_parallel(model, args):
     return parallelize(model, None, LLAMA_PLAN if args.model == "tiny-llama" else GPT_PLAN, args.sequence_parallel)
 
 
+def _per_block(shard):
+    def wrap(model, args):
+        for block in (model.blocks if hasattr(model, "blocks") else model.model.layers):  # tiny GPT or HF Llama
+            shard(block)
+        return shard(model)
+    return wrap
+
+
+def _torch_fully_shard(module):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    return fully_shard(module, mesh=init_device_mesh(device().type, (dist.get_world_size(),)))
+
+
 STRATEGIES = {
     "ddp": lambda model, args: DataParallel(model, bucket_cap_mb=args.bucket_cap_mb),
     "torch-ddp": _torch_ddp,
     "none": lambda model, args: model,
     "tp": _tensor_parallel,
+    "zero1": lambda model, args: model,  # ZeroOptimizer (OPTIMIZERS) owns the gradient reduction
+    "zero2": lambda model, args: model,
+    "zero3": lambda model, args: fully_shard(model),
+    "fsdp": _per_block(fully_shard),
+    "torch-fsdp": _per_block(_torch_fully_shard),
 }
+OPTIMIZERS = {  # the optimizer each strategy trains with (default: AdamW on the module's parameters)
+    "zero1": lambda model, args: ZeroOptimizer(model.parameters(), torch.optim.AdamW, stage=1, lr=args.lr,
+                                               bucket_cap_mb=args.bucket_cap_mb),
+    "zero2": lambda model, args: ZeroOptimizer(model.parameters(), torch.optim.AdamW, stage=2, lr=args.lr,
+                                               bucket_cap_mb=args.bucket_cap_mb),
+}
+SHARDED = ("zero3", "fsdp", "torch-fsdp")  # each rank holds a shard of the weights: no replicas to compare
 MODELS = {"tiny-gpt": lambda args: GPT(GPTConfig(block_size=args.block_size)),
           "tiny-llama": lambda args: build_llama(max_position_embeddings=max(128, args.block_size))}
 
@@ -95,7 +125,7 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     model = STRATEGIES[args.strategy](MODELS[args.model](args).to(dev), args)
     loss_fn, logits = _loss_fn(args), lambda out: getattr(out, "logits", out)  # HF models return an output object
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    opt = OPTIMIZERS.get(args.strategy, lambda m, a: torch.optim.AdamW(m.parameters(), lr=a.lr))(model, args)
     train_ids, val_ids = train_val_split(token_ids())
     batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed)
     progress, losses = _progress(args, f"{args.strategy} on {n} ranks"), []
@@ -115,7 +145,7 @@ def train(args) -> dict:
     with torch.no_grad():
         val = loss_fn(logits(model(x.to(dev))), y.to(dev)).item()
     return {"first_loss": losses[0], "last_loss": losses[-1], "val_loss": val,
-            "replica_divergence": replica_divergence(_replicas(model, args))}
+            "replica_divergence": None if args.strategy in SHARDED else replica_divergence(_replicas(model, args))}
 
 
 def train_pp(args) -> dict:
@@ -193,8 +223,10 @@ def main(argv=None) -> int:
             import transformers.models.llama.modeling_llama  # noqa: F401
         result, rank = launch(train, args.world_size, args)[0], 0
     if rank == 0:
+        replicas = ("weights sharded over the ranks" if result["replica_divergence"] is None
+                    else f"replicas differ by {result['replica_divergence']:.3g}")
         print(f"loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, validation {result['val_loss']:.3f}, "
-              f"replicas differ by {result['replica_divergence']:.3g}")
+              f"{replicas}")
     return 0
 
 
