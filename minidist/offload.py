@@ -225,17 +225,16 @@ def offload_optimizer(opt, tier) -> OptimizerOffload:
 
 
 def optimizer_tensors(model: nn.Module, opt=None) -> list[torch.Tensor]:
-    """Every tensor of the model states: parameters, gradients, and the optimizer wrapper's masters, their
-    gradients and its optimizer's per-element states (0-dim step counters left out, as the formulas leave them)."""
+    """Every tensor of the model states: parameters, gradients, and what the optimizer holds beyond them (its
+    `held_tensors()`: ZeroOptimizer's gradient shards, master buffer and states; MixedPrecisionOptimizer's masters
+    and states), else its per-element states (0-dim step counters left out, as the formulas leave them out)."""
     params = list(model.parameters())
     out = params + [p.grad for p in params if p.grad is not None]
+    if hasattr(opt, "held_tensors"):
+        held = opt.held_tensors()
+        return out + held["grads"] + held["optimizer"]
     if opt is not None:
-        inner = getattr(opt, "optimizer", opt)
-        master = getattr(opt, "master", [])
-        masters = [p for g in inner.param_groups for p in g["params"]]
-        masters += [master] if torch.is_tensor(master) else list(master)
-        out += masters + [m.grad for m in masters if m.grad is not None]
-        out += [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
+        out += [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
     return out
 
 

@@ -9,7 +9,7 @@ from minidist import launch
 from minidist.grading import implementation
 from minidist.models import GPT, lm_loss
 from minidist.offload import DiskTier, HostTier, bytes_by_location, make_tier, offload_activations, storage_bytes
-from minidist.tour.checkpointing import CFG, offloaded_layer_bytes, optimizer_offload_against_plain
+from minidist.tour.checkpointing import CFG, offloaded_layer_bytes, optimizer_offload_against_plain, zero_offload
 
 
 def views():
@@ -88,6 +88,16 @@ def test_optimizer_offload_is_bit_identical_with_the_16_bit_model_on_the_fast_ti
         assert r["diff"] == 0.0 and r["divergence"] == 0.0
         assert r["before_step"] == {"fast": 4 * psi, "cpu": 0, "disk": 12 * psi}  # 2Ψ w + 2Ψ g; 4Ψ master + 8Ψ
         assert r["after_step"] == {"fast": 2 * psi, "cpu": 0, "disk": 12 * psi}   # gradients freed by zero_grad
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_offload_is_bit_identical_with_12_psi_over_n_on_disk(stage):
+    n = 3
+    for r in launch(zero_offload, n, stage):
+        psi = r["psi"]  # the model's sizes divide by 3: no padding
+        assert r["diff"] == 0.0 and r["divergence"] == 0.0
+        grads = 2 * psi if stage == 1 else 2 * psi // n  # stage 2 keeps only its 16-bit gradient shards
+        assert r["held"] == {"fast": 2 * psi + grads, "cpu": 0, "disk": 12 * psi // n}
 
 
 def test_tiers_refuse_bad_names_and_the_host_tier_allocates_host_memory():
