@@ -36,15 +36,16 @@ from . import comm
 
 
 class Then:
-    """The future a hook returns: wait() waits for the collectives in `works`, then returns then(*their results)
-    (the decompression), once."""
+    """The future a hook returns: wait() waits for the collectives in `works`, then returns finish(*their results)
+    (the decompression), once. `completed_at` (time.perf_counter()) says when, for timelines."""
 
-    def __init__(self, works, then):
-        self.works, self.then, self.done = list(works), then, None
+    def __init__(self, works, finish):
+        self.works, self.finish, self.done, self.completed_at = list(works), finish, None, None
 
     def wait(self):
         if self.done is None:
-            self.done = self.then(*[w.wait() for w in self.works])
+            self.done = self.finish(*[w.wait() for w in self.works])
+            self.completed_at = max((getattr(w, "completed_at", None) or 0.0 for w in self.works), default=None)
         return self.done
 
 

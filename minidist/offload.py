@@ -51,28 +51,44 @@ class DiskTier:
     name = "disk"
 
     def __init__(self, directory: str | None = None):
-        self.directory = directory or tempfile.mkdtemp(prefix="minidist-offload-")
-        os.makedirs(self.directory, exist_ok=True)
-        self.count = 0
+        self.own = directory is None  # a temporary directory of our own: made when needed, gone with its last file
+        self.directory, self.count = directory, 0
 
     def allocate(self, nbytes: int, source: torch.device) -> torch.Tensor:
         """A uint8 tensor of `nbytes` whose storage is a new file (removed when the storage is freed)."""
+        if self.own and (self.directory is None or not os.path.isdir(self.directory)):
+            self.directory = tempfile.mkdtemp(prefix="minidist-offload-")
+        os.makedirs(self.directory, exist_ok=True)
         path = os.path.join(self.directory, f"{os.getpid()}-{self.count}.bin")
         self.count += 1
         t = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
-        weakref.finalize(t.untyped_storage(), _remove, path)
+        weakref.finalize(t.untyped_storage(), _remove, path, self.own)
         return t
+
+    def files(self) -> list[str]:
+        """This process's files (a directory may be shared by ranks)."""
+        mine = f"{os.getpid()}-"
+        exists = self.directory is not None and os.path.isdir(self.directory)
+        return [e.path for e in os.scandir(self.directory) if e.name.startswith(mine)] if exists else []
 
     def bytes_on_disk(self) -> int:
         """Bytes in this process's files, as the file system reports them."""
-        mine = f"{os.getpid()}-"
-        return sum(e.stat().st_size for e in os.scandir(self.directory) if e.name.startswith(mine))
+        return sum(os.path.getsize(f) for f in self.files())
+
+    def close(self) -> None:
+        """Delete this process's files now, even those still in use (their mappings stay valid until freed): for a
+        process that ends with os._exit, which runs no finalizer."""
+        for f in self.files():
+            _remove(f, self.own)
 
 
-def _remove(path: str) -> None:
+def _remove(path: str, own_directory: bool = False) -> None:
+    """Delete a tier file, and its directory with its last file if the tier made that directory."""
     try:
         os.remove(path)
-    except FileNotFoundError:
+        if own_directory:
+            os.rmdir(os.path.dirname(path))
+    except OSError:  # already gone, or other files remain
         pass
 
 
@@ -189,16 +205,15 @@ class OptimizerOffload:
     """
 
     def __init__(self, opt, tier):
-        self.opt, self.tier = opt, make_tier(tier) if isinstance(tier, str) else tier
+        self.tier = make_tier(tier) if isinstance(tier, str) else tier
         self.stored: dict[int, torch.Tensor] = {}  # storage pointer on the tier -> its bytes
-        master = getattr(opt, "master", [])
-        masters = [p for g in opt.optimizer.param_groups for p in g["params"]]
+        master, inner = getattr(opt, "master", []), opt.optimizer
+        masters = [p for g in inner.param_groups for p in g["params"]]
         self.relocate(masters + ([master] if torch.is_tensor(master) else list(master)))
-        self.relocate(self.states())
-        self._hook = opt.optimizer.register_step_post_hook(lambda *_: self.relocate(self.states()))
-
-    def states(self) -> list[torch.Tensor]:
-        return [t for s in self.opt.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
+        self.relocate(states(inner))
+        # The optimizer holds this (through its hook), this holds the bytes, and nothing holds the optimizer: the
+        # files live exactly as long as the optimizer (no reference cycle to wait for the garbage collector).
+        self._hook = inner.register_step_post_hook(lambda optimizer, *_: self.relocate(states(optimizer)))
 
     def relocate(self, tensors: list[torch.Tensor]) -> None:
         """Move the storages behind `tensors` onto the tier (those not there yet), re-pointing every tensor."""
@@ -217,6 +232,11 @@ class OptimizerOffload:
 
     def remove(self) -> None:
         self._hook.remove()
+
+
+def states(optimizer) -> list[torch.Tensor]:
+    """The per-element states of a torch optimizer (0-dim step counters left out)."""
+    return [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
 
 
 def offload_optimizer(opt, tier) -> OptimizerOffload:

@@ -104,3 +104,21 @@ def test_tiers_refuse_bad_names_and_the_host_tier_allocates_host_memory():
     with pytest.raises(ValueError, match="offload tier must be one of"):
         make_tier("nvme")
     assert HostTier().allocate(8, torch.device("cpu")).device.type == "cpu"
+
+
+def test_the_example_script_combines_checkpointing_offload_and_compression(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "minidist.examples.train", "--strategy", "ddp", "--checkpointing", "selective",
+           "--offload", "disk", "--offload-dir", str(tmp_path), "--compress", "topk", "--topk-ratio", "0.1",
+           "--steps", "4", "--world-size", "2", "--quiet"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root,
+                         env=dict(os.environ, PYTHONPATH=str(root)))
+    assert out.returncode == 0 and out.stdout.strip().endswith("replicas differ by 0"), out.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []  # every offloaded file removed when its tensors were freed
+    from minidist.examples.train import parse
+    with pytest.raises(SystemExit):
+        parse(["--strategy", "tp", "--compress", "fp16"])  # refused by name before any rank starts

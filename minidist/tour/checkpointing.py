@@ -52,7 +52,7 @@ def train(transform: str = "none", offload: str | None = None, steps: int = len(
     model = TRANSFORMS[transform](GPT(CFG))
     dp = DataParallel(model, bucket_cap_mb=0.02)
     opt = torch.optim.SGD(dp.parameters(), lr=0.1)
-    tier, held = DiskTier(), None
+    tier, held = DiskTier() if offload else None, None
     with comm.ring_backend():
         for step, (x, y) in enumerate(map(to_device, BATCHES[:steps])):
             torch.manual_seed(100 + step)
