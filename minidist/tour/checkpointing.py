@@ -24,6 +24,7 @@ from ..testing import on_device, replica_divergence, to_device
 from .data_parallel import BATCHES
 from .rows import covers, make_row
 from .tensor_parallel import layernorm_stat_bytes
+from .zero import ZCFG, setup
 
 CFG = GPTConfig(n_layer=2, n_embd=32, block_size=16, dropout=0.1)  # dropout on: recomputation must replay masks
 NO_DROPOUT = GPTConfig(n_layer=2, n_embd=32, block_size=16)         # for activation bytes (chapter 00's fp32 count)
@@ -82,11 +83,11 @@ def against_plain(variants: list[tuple[str, str | None]]) -> dict:
     return out
 
 
-def saved_per_layer(policy: str, batch: int = 12) -> dict:
-    """Bytes one block of the tiny GPT (fp32, no dropout) keeps for backward under `policy`, measured with
-    SavedActivations, next to the formula and the LayerNorm statistics the formula leaves out."""
+def saved_per_layer(policy: str, batch: int = 12, seq: int = NO_DROPOUT.block_size) -> dict:
+    """Bytes one block of the tiny GPT (fp32, no dropout, sequences of `seq` tokens) keeps for backward under
+    `policy`, measured with SavedActivations, next to the formula and the LayerNorm statistics it leaves out."""
     torch.manual_seed(0)
-    model = GPT(NO_DROPOUT)
+    model = GPT(GPTConfig(n_layer=2, n_embd=NO_DROPOUT.n_embd, block_size=seq))
     if policy != "none":
         checkpoint_blocks(model, policy)
     cfg, block = model.cfg, model.blocks[0]
@@ -98,11 +99,11 @@ def saved_per_layer(policy: str, batch: int = 12) -> dict:
     return {"bytes": saved.bytes, "formula": formula, "layernorm_stats": stats}
 
 
-def recompute_flops(policy: str, batch: int = 12) -> dict:
+def recompute_flops(policy: str, batch: int = 12, cfg: GPTConfig = NO_DROPOUT) -> dict:
     """FLOPs of one training step (forward + backward, FlopCounterMode) with and without `policy`, and the FLOPs
     of what it should recompute: every block's forward (full), every core attention's two matmuls (selective)."""
     torch.manual_seed(0)
-    plain = GPT(NO_DROPOUT)
+    plain = GPT(cfg)
     cfg = plain.cfg
     x = torch.randint(cfg.vocab_size, (batch, cfg.block_size))
 
@@ -120,6 +121,25 @@ def recompute_flops(policy: str, batch: int = 12) -> dict:
     base = step_flops(plain)
     return {"plain": base, "checkpointed": step_flops(checkpoint_blocks(copy.deepcopy(plain), policy)),
             "expected_extra": expected}
+
+
+def recompute_seconds(policies=POLICIES, repeats: int = 5, batch: int = 8,
+                      cfg: GPTConfig = GPTConfig(n_layer=4, n_embd=128, n_head=4, block_size=128)) -> dict:
+    """Median seconds of one forward + backward of a GPT under each policy (steps interleaved across policies, so a
+    busy machine slows them alike; one warm-up round)."""
+    import statistics
+    torch.manual_seed(0)
+    plain = GPT(cfg)
+    models = {p: plain if p == "none" else checkpoint_blocks(copy.deepcopy(plain), p) for p in policies}
+    x = torch.randint(cfg.vocab_size, (batch, cfg.block_size))
+    times = {p: [] for p in policies}
+    for _ in range(repeats + 1):
+        for p, model in models.items():
+            start = time.perf_counter()
+            lm_loss(model(x), x).backward()
+            times[p].append(time.perf_counter() - start)
+            model.zero_grad()
+    return {p: statistics.median(t[1:]) for p, t in times.items()}
 
 
 def offloaded_layer_bytes(batch: int = 12) -> dict:
@@ -140,12 +160,12 @@ def offloaded_layer_bytes(batch: int = 12) -> dict:
 
 @on_device
 def optimizer_offload(offload: bool, steps: int = 3) -> dict:
-    """fp16 GPT, data parallel, MixedPrecisionOptimizer(Adam) with its masters and moments on a disk tier (or not):
-    the weights, the replica divergence, and the bytes of the model states per location just before the last
-    step (16-bit weights and gradients present) and after it."""
+    """fp16 GPT (ZeRO's test sizes), data parallel, MixedPrecisionOptimizer(Adam) with its masters and moments on a
+    disk tier (or not): the weights, the replica divergence, and the bytes of the model states per location just
+    before the last step (16-bit weights and gradients present) and after it."""
     rank, n = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    dp = DataParallel(GPT(NO_DROPOUT).half(), bucket_cap_mb=0.02)
+    dp = DataParallel(GPT(ZCFG).half(), bucket_cap_mb=0.02)
     opt = MixedPrecisionOptimizer(dp.module, torch.optim.Adam, LossScaler(2.0 ** 10), lr=1e-3)
     if offload:
         offload_optimizer(opt, DiskTier())
@@ -171,7 +191,6 @@ def zero_offload(stage: int, steps: int = 3) -> dict:
     """ZeRO-Offload: a bf16 GPT (sizes N <= 4 divides: no padding) with ZeroOptimizer(AdamW, stage) trained with and
     without its master chunks and moments on a disk tier. Returns the largest weight difference, the replica
     divergence and, for the offloaded run, the model-state bytes per location after the last backward."""
-    from .zero import ZCFG, setup
     rank, n = dist.get_rank(), dist.get_world_size()
     runs = []
     for offload in (False, True):

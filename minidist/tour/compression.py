@@ -17,6 +17,7 @@ from ..compression import (PowerSGDState, TopKState, bf16_compress_hook, cast_by
 from ..data import random_batches, token_ids, train_val_split
 from ..data_parallel import DataParallel
 from ..launch import launch
+from ..ledger import RING_FACTOR
 from ..models import GPT, GPTConfig, lm_loss
 from ..testing import on_device, replica_divergence, to_device
 from .data_parallel import BATCHES, CFG
@@ -24,7 +25,7 @@ from .rows import covers, make_row
 
 RANK, START = 2, 2  # PowerSGD: rank-2 approximations from the third step on (two plain steps first, as torch needs)
 TOPK_RATIO = 0.05
-CAPS = {"fp16": 0.02, "bf16": 0.02, "topk": 0.02, "powersgd": None, "none": 0.02}  # PowerSGD: a bucket per tensor
+CAPS = {"fp16": 0.02, "bf16": 0.02, "topk": 0.02, "powersgd": 25, "none": 0.02}  # PowerSGD: one bucket
 
 
 def make_hook(method: str, group=None, ratio: float = TOPK_RATIO, rank: int = RANK, start: int = START,
@@ -95,6 +96,42 @@ def against_torch(method: str, steps: int = len(BATCHES)) -> float:
             opt.step()
             opt.zero_grad()
     return max((a - b).abs().max().item() for a, b in zip(models[0].parameters(), models[1].parameters()))
+
+
+def every_hook(methods: list[str]) -> dict:
+    """For each method, in one launch: counted_training's result, and against_torch's difference (0.0 for top-k,
+    which torch does not have)."""
+    return {m: (counted_training(m), against_torch(m) if m != "topk" else 0.0) for m in methods}
+
+
+@on_device
+def step_seconds(methods: list[str], link=None, steps: int = 5, ratio: float = TOPK_RATIO, rank: int = 1) -> dict:
+    """Median seconds of a DataParallel step (tiny GPT, one bucket, no overlap: communication after backward) with
+    each method under the ring backend over `link` (a comm.SimulatedLink, or None: loopback), after PowerSGD's plain
+    steps; and the bytes this rank sent and the messages of one step."""
+    import statistics
+    rank_, n = dist.get_rank(), dist.get_world_size()
+    x, y = to_device(BATCHES[0])
+    x, y = x.chunk(n)[rank_], y.chunk(n)[rank_]
+    out = {}
+    for method in methods:
+        torch.manual_seed(0)
+        dp = DataParallel(GPT(CFG), bucket_cap_mb=25, overlap=False)
+        if method != "none":
+            dp.register_comm_hook(*make_hook(method, ratio=ratio, rank=rank, start=2))
+        opt, times = torch.optim.SGD(dp.parameters(), lr=0.1), []
+        with comm.ring_backend(link):
+            for step in range(2 + steps):  # two warm-up steps (PowerSGD's plain ones among them)
+                dist.barrier()
+                start = time.perf_counter()
+                with comm.ByteLedger() as ledger:
+                    lm_loss(dp(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+                times.append(time.perf_counter() - start)
+        messages = sum(RING_FACTOR[r.op] * (n - 1) for r in ledger.records)  # ring: 2(N-1) or N-1 per collective
+        out[method] = {"seconds": statistics.median(times[2:]), "bytes": ledger.total_bytes(), "messages": messages}
+    return out
 
 
 class WholeBucket:
