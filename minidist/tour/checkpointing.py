@@ -240,7 +240,7 @@ def _mean_bytes(per_rank: list[dict]):
     return sum(r["bytes"] for r in per_rank) / len(per_rank) if all(r["counted"] for r in per_rank) else None
 
 
-@covers("activation checkpointing", "saved by one layer", "recomputed FLOPs", "offload")
+@covers("activation checkpointing", "torch.utils.checkpoint", "saved by one layer", "recomputed FLOPs", "offload")
 def check_checkpointing(world_size: int) -> list[dict]:
     n, rows, start = world_size, [], time.perf_counter()
     variants = [("full", None), ("selective", None), ("torch", None), ("none", "activations")]
