@@ -34,8 +34,10 @@ CHAPTERS = {  # generated file -> package modules whose exercises it holds, in o
     "ch05_zero": ["zero"],
     "ch06_fsdp": ["fsdp"],
     "ch07_pipeline": ["pipeline.schedule", "pipeline.stages"],
+    "ch08_3d_parallel": ["context_parallel", "parallel3d"],
     "ch09_memory": ["checkpointing", "offload"],
     "ch10_compression": ["compression", "powersgd"],
+    "ch12_inference": ["inference", "balancer", "monitor"],
 }
 BEGIN = re.compile(r"^(\s*)# <exercise (\w+) points=(\d+)>\s*$")
 END = re.compile(r"^\s*# </exercise>\s*$")

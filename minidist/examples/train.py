@@ -7,6 +7,7 @@
     torchrun --nproc_per_node=2 -m minidist.examples.train --strategy tp --model tiny-llama --sequence-parallel
 
     torchrun --nproc_per_node=4 -m minidist.examples.train --strategy pp --schedule interleaved --microbatches 8
+    torchrun --nproc_per_node=8 -m minidist.examples.train --strategy 3d --dp 2 --pp 2 --tp 2   # or --cp 2
     torchrun --nproc_per_node=2 -m minidist.examples.train --strategy ddp --checkpointing selective --compress powersgd
     torchrun --nproc_per_node=2 -m minidist.examples.train --strategy zero2 --offload disk --checkpointing full
 
@@ -16,9 +17,10 @@ goes wrong without gradient averaging), tp (minidist.tensor_parallel: every rank
 whole batch; --sequence-parallel adds sequence parallelism), pp (pipeline parallel, minidist.pipeline: each rank one
 stage of the model, the global batch cut into --microbatches, run by --schedule gpipe|1f1b|interleaved|zb), zero1 /
 zero2 (minidist.zero.ZeroOptimizer, stage 1 or 2), zero3 (minidist's fully_shard on the whole model), fsdp
-(minidist's fully_shard on each block, then the root), torch-fsdp (PyTorch's FSDP2 fully_shard, per block). Later
-chapters add theirs to STRATEGIES. --checkpointing, --offload and --compress (chapters 09-10, examples/tradeoffs.py)
-combine with the strategies that support them.
+(minidist's fully_shard on each block, then the root), torch-fsdp (PyTorch's FSDP2 fully_shard, per block), 3d
+(examples/parallel3d.py: a --dp x --pp x --cp x --tp mesh). Later chapters add theirs to STRATEGIES.
+--checkpointing, --offload and --compress (chapters 09-10, examples/tradeoffs.py) combine with the strategies that
+support them.
 """
 import argparse
 import os
@@ -35,8 +37,11 @@ from minidist.examples import tradeoffs
 from minidist.fsdp import fully_shard
 from minidist.launch import device
 from minidist.models import GPT, GPTConfig, build_llama, lm_loss
+from minidist.monitor import Monitor
 from minidist.testing import replica_divergence
 from minidist.zero import ZeroOptimizer
+
+from . import parallel3d
 
 
 def _torch_ddp(model, args):
@@ -122,6 +127,8 @@ def _log(progress, args, step: int, loss: float) -> None:
 def train(args) -> dict:
     if args.strategy == "pp":
         return train_pp(args)
+    if args.strategy == "3d":
+        return parallel3d.train_3d(args)
     rank, n, dev = dist.get_rank(), dist.get_world_size(), device()
     split_batch = args.strategy != "tp"  # data parallel: a slice of the batch per rank; tensor parallel: all of it
     if split_batch and args.batch_size % n:
@@ -135,9 +142,11 @@ def train(args) -> dict:
     train_ids, val_ids = train_val_split(token_ids())
     batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed)
     progress, losses = _progress(args, f"{args.strategy} on {n} ranks"), []
+    monitor = Monitor(enabled=args.monitor is not None)  # --monitor PATH: per-rank step telemetry (minidist.monitor)
     for step, (x, y) in enumerate(batches):
         if split_batch:
             x, y = x.chunk(n)[rank], y.chunk(n)[rank]                  # this rank's slice of the global batch
+        monitor.begin(tokens=x.numel())
         x, y = x.to(dev), y.to(dev)
         with tradeoffs.forward_context(model, args):
             loss = loss_fn(logits(model(x)), y)
@@ -147,7 +156,9 @@ def train(args) -> dict:
         mean = loss.detach().clone()
         dist.all_reduce(mean)  # for the log only: the loss averaged over ranks (under tp every rank has the same)
         losses.append(mean.item() / n)
+        monitor.end()
         _log(progress, args, step, losses[-1])
+    monitor.report(args.monitor)
     x, y = random_batches(val_ids, 32, args.block_size, 1, seed=1234)[0]
     with torch.no_grad():
         val = loss_fn(logits(model(x.to(dev))), y.to(dev)).item()
@@ -173,15 +184,19 @@ def train_pp(args) -> dict:
     opt = torch.optim.AdamW(pipe.parameters(), lr=args.lr)
     train_ids, val_ids = train_val_split(token_ids())
     progress, losses = _progress(args, f"pp {args.schedule} on {p} ranks"), []
+    monitor = Monitor(enabled=args.monitor is not None)
     for step, (x, y) in enumerate(random_batches(train_ids, args.batch_size, args.block_size, args.steps,
                                                  seed=args.seed)):
+        monitor.begin(tokens=x.numel())
         loss = pipe.step(x.to(dev), y.to(dev))
         opt.step()
         opt.zero_grad()
         loss = loss if loss is not None else torch.zeros((), device=dev)
         dist.broadcast(loss, src=p - 1)  # for the log only: the loss lives on the last stage's rank
         losses.append(loss.item())
+        monitor.end()
         _log(progress, args, step, losses[-1])
+    monitor.report(args.monitor)
     tied = model.wte.weight.detach().clone()  # the first and the last rank's copies of the tied embedding
     dist.broadcast(tied, src=p - 1)
     divergence = (model.wte.weight.detach() - tied).abs().max().item() if rank == 0 else 0.0
@@ -197,7 +212,7 @@ def train_pp(args) -> dict:
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m minidist.examples.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategy", choices=sorted([*STRATEGIES, "pp"]), default="ddp")
+    p.add_argument("--strategy", choices=sorted([*STRATEGIES, "pp", "3d"]), default="ddp")
     p.add_argument("--model", choices=sorted(MODELS), default="tiny-gpt")
     p.add_argument("--sequence-parallel", action="store_true", help="tp: split norms and dropout by sequence too")
     p.add_argument("--steps", type=positive_int, default=300)
@@ -210,7 +225,10 @@ def parse(argv=None):
     p.add_argument("--chunks", type=positive_int, default=2, help="pp: model chunks per rank with --schedule interleaved")
     p.add_argument("--n-layer", type=positive_int, default=None,
                    help="pp: transformer blocks (default: one per stage, >= 2)")
+    parallel3d.add_arguments(p)
     p.add_argument("--log-every", type=positive_int, default=50)
+    p.add_argument("--monitor", metavar="PATH", help="per-rank step telemetry: JSON lines to PATH, a Chrome trace "
+                                                   "to PATH with suffix .trace.json, stragglers named")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world-size", type=positive_int, default=2, help="ranks to start when not under torchrun")
     p.add_argument("--quiet", action="store_true")
@@ -224,7 +242,9 @@ def parse(argv=None):
 def main(argv=None) -> int:
     args = parse(argv)
     world = int(os.environ.get("WORLD_SIZE", args.world_size))
-    if args.strategy not in ("tp", "pp") and args.batch_size % world:  # data parallel splits the batch over ranks
+    if args.strategy == "3d":
+        parallel3d.prepare(args, world)
+    elif args.strategy not in ("tp", "pp") and args.batch_size % world:  # data parallel splits the batch over ranks
         raise SystemExit(f"python -m minidist.examples.train: error: --batch-size {args.batch_size} is not divisible "
                          f"by the world size {world}")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
