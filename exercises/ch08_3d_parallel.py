@@ -10,40 +10,6 @@ copy in the repository by hand (edit the package and regenerate)."""
 import torch
 
 
-def load_balanced_positions(seq_len: int, n: int, rank: int) -> torch.Tensor:
-    """The positions (0 .. seq_len-1) rank `rank` of `n` holds: cut the sequence into 2n equal chunks, rank i takes
-    chunks i and 2n-1-i, in that order.
-
-    A rank outside 0 .. n-1 is refused before your part (given). Graded: the exact positions for n = 1 to 4 and
-    several lengths, as a 1-D integer tensor; every position held by exactly one rank; a ValueError naming the
-    length and 2n when 2n does not divide seq_len ("sequence length 10 does not cut into 2n = 6 equal chunks").
-    """
-    if not isinstance(rank, int) or not 0 <= rank < n:
-        raise ValueError(f"rank {rank!r} is not a rank of a context-parallel group of {n}")
-    # ---- exercise load_balanced_positions (2 points) -----------------------------------------------
-    # hint: the chunk length is seq_len / (2n); check that it is a whole number before anything else.
-    # hint: chunk k covers positions [k * chunk, (k + 1) * chunk).
-    raise NotImplementedError("exercise load_balanced_positions: write this part")
-    # ---- end of exercise load_balanced_positions ------------------------------------------------------
-
-
-def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
-    """Attention over two disjoint sets of keys combined into attention over their union (the online softmax).
-
-    out_*: (..., T, d) each part's softmax-weighted values; lse_*: (..., T) each part's log-sum-exp of scores, -inf
-    for a row that saw no key in that part (its out is then 0). Returns (out, lse) of the union, new tensors.
-    Graded: equal to softmax attention over the union of random key sets (tolerance 1e-6), in either order; rows
-    with no key in one part take the other part unchanged; rows with no key in either stay 0 with lse -inf (no
-    NaN); the inputs are left unmodified.
-    """
-    # ---- exercise merge_partials (3 points) --------------------------------------------------------
-    # hint: the union's log-sum-exp combines the two parts' in log space (torch has a function for it).
-    # hint: each part's values are rescaled by its share of the union's normalizer, a ratio of exponentials.
-    # hint: exp(-inf - (-inf)) is NaN: replace an infinite union lse by 0 before subtracting.
-    raise NotImplementedError("exercise merge_partials: write this part")
-    # ---- end of exercise merge_partials ---------------------------------------------------------------
-
-
 def group_ranks(rank: int, shape: dict, axes) -> list[int]:
     """The global ranks in `rank`'s group along `axes` of a mesh of `shape` ({axis: size}, slowest first, the last
     axis fastest), in group-rank order: the ranks that share every coordinate of `rank` except those of `axes`.
@@ -51,7 +17,8 @@ def group_ranks(rank: int, shape: dict, axes) -> list[int]:
     One axis gives Mesh's group along it ("dp": the replicas of this rank's shard); several give the flattened group
     (("dp", "cp"): everything that averages gradients under context parallelism). An axis not in the shape and a
     rank outside 0 .. world-1 are refused before your part (given). Graded: equal to mesh.mesh_groups for every
-    axis of several shapes (sizes 1 included), flattened groups over two and three axes, ascending order.
+    axis of several shapes (sizes 1 included), flattened groups over two and three axes, ascending order. Not
+    graded: how you find them (the hints compute them by strides; filtering all the ranks passes too, in O(world)).
     """
     world = 1
     for size in shape.values():
@@ -68,3 +35,37 @@ def group_ranks(rank: int, shape: dict, axes) -> list[int]:
     #       coordinate x stride along those axes.
     raise NotImplementedError("exercise group_ranks: write this part")
     # ---- end of exercise group_ranks ------------------------------------------------------------------
+
+
+def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
+    """Attention over two disjoint sets of keys combined into attention over their union (the online softmax).
+
+    out_*: (..., T, d) each part's softmax-weighted values; lse_*: (..., T) each part's log-sum-exp of scores, -inf
+    for a row that saw no key in that part (its out is then 0). Returns (out, lse) of the union, new tensors.
+    Graded: out and lse each within 1e-6 of softmax attention (and the log-sum-exp) over the union of random key
+    sets, in either order; rows with no key in one part take the other part unchanged; rows with no key in either
+    stay 0 with lse -inf (no NaN); the inputs are left unmodified.
+    """
+    # ---- exercise merge_partials (3 points) --------------------------------------------------------
+    # hint: the union's log-sum-exp combines the two parts' in log space (torch has a function for it).
+    # hint: each part's values are rescaled by its share of the union's normalizer, a ratio of exponentials.
+    # hint: exp(-inf - (-inf)) is NaN: replace an infinite union lse by 0 before subtracting.
+    raise NotImplementedError("exercise merge_partials: write this part")
+    # ---- end of exercise merge_partials ---------------------------------------------------------------
+
+
+def load_balanced_positions(seq_len: int, n: int, rank: int) -> torch.Tensor:
+    """The positions (0 .. seq_len-1) rank `rank` of `n` holds: cut the sequence into 2n equal chunks, rank i takes
+    chunks i and 2n-1-i, in that order.
+
+    A rank outside 0 .. n-1 is refused before your part (given). Graded: the exact positions for n = 1 to 4 and
+    several lengths, as a 1-D integer tensor; every position held by exactly one rank; a ValueError naming the
+    length and 2n when 2n does not divide seq_len ("sequence length 10 does not cut into 2n = 6 equal chunks").
+    """
+    if not isinstance(rank, int) or not 0 <= rank < n:
+        raise ValueError(f"rank {rank!r} is not a rank of a context-parallel group of {n}")
+    # ---- exercise load_balanced_positions (2 points) -----------------------------------------------
+    # hint: the chunk length is seq_len / (2n); check that it is a whole number before anything else.
+    # hint: chunk k covers positions [k * chunk, (k + 1) * chunk).
+    raise NotImplementedError("exercise load_balanced_positions: write this part")
+    # ---- end of exercise load_balanced_positions ------------------------------------------------------

@@ -3,7 +3,7 @@ import argparse
 import json
 import sys
 
-from .args import nonnegative_float, nonnegative_int, positive_float, positive_int
+from .args import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
 
 
 def _tour(args) -> int:
@@ -51,6 +51,22 @@ def _plan(args) -> int:
     print(format_plans(plans))
     _write_json(args.json, as_json(plans))
     return 0
+
+
+PLAN_COLUMNS = """columns: dp pp v tp cp = data-parallel replicas, pipeline stages, interleaved chunks per stage,
+tensor- and context-parallel ranks; zero = ZeRO stage on dp x cp; m = micro-batches per replica and step; b = sequences
+per micro-batch (dp x m x b = --global-batch); ckpt = activation checkpointing; GB/GPU = predicted memory of the fullest
+GPU; step s = predicted seconds per step; comm = share of the step spent in communication the computation does not
+hide; bubble = share idle in the pipeline bubble; TFLOP/s = model FLOPs per GPU, (6 P + 6 L s h) per token."""
+
+
+class _PlanHelp(argparse.RawDescriptionHelpFormatter):
+    """plan --help: every default shown (flags without one say what happens), the columns' description as written."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, argparse.SUPPRESS) or "%(default)" in action.help:
+            return action.help
+        return f"{action.help} (default: %(default)s)"
 
 
 def _bench(args) -> int:
@@ -119,22 +135,29 @@ def main(argv=None) -> int:
     mem.set_defaults(run=_memory)
 
     pl = sub.add_parser("plan", help="choose dp, pp, tp, cp, ZeRO stage, micro-batches and checkpointing for a model "
-                                     "and cluster from minidist's memory and cost models")
-    pl.add_argument("--params", type=positive_float, help="number of parameters, e.g. 175e9")
+                                     "and cluster from minidist's memory and cost models",
+                        description="The plans that fit in memory, fastest first, by minidist's models of memory\n"
+                                    "and step time (minidist/planner.py explains every term). GB = 1e9 bytes.",
+                        epilog=PLAN_COLUMNS, formatter_class=_PlanHelp)
+    pl.add_argument("--params", type=positive_float,
+                    help="number of parameters, e.g. 175e9 (with --model: replaces the count of its shape)")
     pl.add_argument("--model", choices=["gpt3-175b", "llama3-8b", "llama3-70b", "llama3-405b"],
-                    help="the model's shape (layers, hidden, heads, vocabulary, sequence); default: GPT-3-like")
-    pl.add_argument("--gpus", type=positive_int, required=True)
-    pl.add_argument("--gpu-memory-gb", type=positive_float, required=True)
+                    help="the model's shape (layers, hidden, heads, vocabulary, sequence); without it a GPT-3-like "
+                         "shape for --params")
+    pl.add_argument("--gpus", type=positive_int, required=True, help="GPUs in all (whole nodes)")
+    pl.add_argument("--gpu-memory-gb", type=positive_float, required=True,
+                    help="memory per GPU in GB of 1e9 bytes (an '80 GB' H100 holds about 85.5)")
     pl.add_argument("--seq", type=positive_int, help="sequence length (default: the model's, or 2048)")
     pl.add_argument("--global-batch", type=positive_int, default=1024, help="sequences per optimizer step")
-    pl.add_argument("--gpus-per-node", type=positive_int, default=8)
+    pl.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs per node (tp stays inside one)")
     pl.add_argument("--tflops", type=positive_float, default=989.0, help="peak 16-bit TFLOP/s per GPU")
-    pl.add_argument("--mfu", type=positive_float, default=0.5, help="fraction of the peak the matmuls reach")
-    pl.add_argument("--intra-node-gbps", type=positive_float, default=450.0, help="GB/s per GPU inside a node")
+    pl.add_argument("--mfu", type=fraction, default=0.5, help="fraction of the peak the matmuls reach, in (0, 1]")
+    pl.add_argument("--intra-node-gbps", type=positive_float, default=450.0,
+                    help="GB/s per GPU inside a node, one direction")
     pl.add_argument("--inter-node-gbps", type=positive_float, default=50.0, help="GB/s per GPU between nodes")
     pl.add_argument("--alpha-us", type=nonnegative_float, default=5.0, help="latency per message (microseconds)")
     pl.add_argument("--reserve-gb", type=nonnegative_float, default=4.0,
-                    help="memory per GPU kept for the CUDA context, buffers and fragmentation")
+                    help="memory per GPU kept for the CUDA context, buffers and fragmentation (GB)")
     pl.add_argument("--top", type=positive_int, default=10, help="how many plans to print")
     pl.add_argument("--json", metavar="PATH", help='also write {"plans": [...]}, best first')
     pl.set_defaults(run=_plan)

@@ -20,8 +20,8 @@ Each axis is one earlier chapter, applied to the model from outside, in this ord
 
 What a rank reads: its dp coordinate picks rows of the global batch, its cp coordinate positions; pp and tp ranks
 read the same data as their peers. Where the bytes go in one step, S = b T h activation bytes per micro-batch:
-  tp   per layer and micro-batch: 4 all-reduces of S (2 forward, 2 backward)
-  cp   per attention layer and micro-batch: (3 cp - 2) K/V blocks of 2 S / cp around the ring
+  tp   per layer and micro-batch: 4 all-reduces of S / cp (2 forward, 2 backward: each cp rank has T / cp tokens)
+  cp   per attention layer and micro-batch: (3 cp - 2) K/V blocks of 2 S / (cp tp) around the ring (tp: heads split)
   pp   per micro-batch: one activation and one gradient of S / cp across each stage boundary
   dp   once per step: reduce-scatter of the gradients + all-gather of the parameters, 2 (N-1)/N x Ψ_rank each
 So tp, talking every layer, gets the fastest links (neighbouring ranks: one node); dp, once a step, the slowest.
@@ -33,6 +33,7 @@ from . import comm
 from .context_parallel import apply_context_parallel, shard_sequence
 from .launch import device
 from .ledger import name_group
+from .mesh import AXES
 from .models import lm_loss
 from .pipeline.runtime import PipelineRuntime
 from .pipeline.schedule import build
@@ -49,7 +50,8 @@ def group_ranks(rank: int, shape: dict, axes) -> list[int]:
     One axis gives Mesh's group along it ("dp": the replicas of this rank's shard); several give the flattened group
     (("dp", "cp"): everything that averages gradients under context parallelism). An axis not in the shape and a
     rank outside 0 .. world-1 are refused before your part (given). Graded: equal to mesh.mesh_groups for every
-    axis of several shapes (sizes 1 included), flattened groups over two and three axes, ascending order.
+    axis of several shapes (sizes 1 included), flattened groups over two and three axes, ascending order. Not
+    graded: how you find them (the hints compute them by strides; filtering all the ranks passes too, in O(world)).
     """
     world = 1
     for size in shape.values():
@@ -127,11 +129,18 @@ class ParallelRun:
     """A minidist GPT trained on `mesh` (dp x pp x cp x tp; see the module docstring). Every rank builds the same
     model (same seed) and passes it in; the run keeps this rank's part.
 
-    schedule/microbatches: the pipeline's (chapter 07); zero_stage: 1 (ZeRO-1 over dp, or dp x cp) or 0.
+    mesh: from Mesh.build (the axes dp, pp, cp, tp); schedule/microbatches: the pipeline's (chapter 07), one stage
+    per rank (not "interleaved"); zero_stage: 1 (ZeRO-1 over dp, or dp x cp) or 0.
     """
 
     def __init__(self, model, mesh, *, lr: float = 1e-3, schedule: str = "1f1b", microbatches: int = 1,
                  zero_stage: int = 1, balanced: bool = True, **optimizer_kwargs):
+        if tuple(mesh.shape) != AXES:
+            raise ValueError(f"ParallelRun needs a mesh with the axes {AXES} (Mesh.build(dp=.., pp=.., cp=.., tp=..)), "
+                             f"got {tuple(mesh.shape)}")
+        if schedule == "interleaved":
+            raise ValueError("ParallelRun runs one pipeline stage per rank: schedule 'interleaved' (several chunks "
+                             "per rank) is not supported; use 'gpipe', '1f1b' or 'zb'")
         self.mesh, self.cfg = mesh, model.cfg
         if mesh.cp > 1:
             apply_context_parallel(model, mesh.group("cp"), balanced)
@@ -140,17 +149,16 @@ class ParallelRun:
             parallelize(model, tp_group, GPT_PLAN)
         self.model, self.tp_group = model, tp_group
         loss_fn = (lambda logits, y: vocab_parallel_cross_entropy(logits, y, tp_group)) if tp_group else lm_loss
-        pp_group = mesh.group("pp") if "pp" in mesh.shape else None
-        stages = rank_stages(model, mesh.pp, mesh.coords.get("pp", 0))
+        stages = rank_stages(model, mesh.pp, mesh.coords["pp"])
         self.pipe = PipelineRuntime(stages, build(schedule, mesh.pp, microbatches), model.cfg.n_embd,
-                                    group=pp_group, loss_fn=loss_fn, track_memory=False)
-        self.grad_group = flattened_group(mesh, tuple(a for a in grad_axes(mesh) if a in mesh.shape))
+                                    group=mesh.group("pp"), loss_fn=loss_fn, track_memory=False)
+        self.grad_group = flattened_group(mesh, grad_axes(mesh))
         self.optimizer = make_optimizer(self.pipe.parameters(), self.grad_group, zero_stage, lr, **optimizer_kwargs)
         self.names = parameter_names(model)
 
     def local_batch(self, x: torch.Tensor, y: torch.Tensor):
         """This rank's part of the global batch: rows by its dp coordinate, positions by its cp coordinate."""
-        dp, rank = self.mesh.dp, self.mesh.coords.get("dp", 0)
+        dp, rank = self.mesh.dp, self.mesh.coords["dp"]
         if x.shape[0] % (dp * self.pipe.m):
             raise ValueError(f"a global batch of {x.shape[0]} sequences does not split into dp={dp} replicas x "
                              f"{self.pipe.m} micro-batches")

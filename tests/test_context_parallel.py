@@ -103,6 +103,26 @@ def test_ring_attention_equals_one_process_and_sends_the_formula(n):
     assert len({r["work"] for r in per_rank}) == 1                              # the same work on every rank
 
 
+def _counting_batches():
+    from minidist import comm
+    batches, original = [], comm.batch_isend_irecv
+
+    def counting(ops):
+        batches.append(sorted(op.op.__name__ for op in ops))
+        return original(ops)
+    comm.batch_isend_irecv = counting
+    try:
+        return batches, ring_vs_one_process()["messages"]
+    finally:
+        comm.batch_isend_irecv = original
+
+
+def test_every_ring_step_posts_its_send_and_receive_as_one_batch():
+    # Posted apart, at cp = 2 two NCCL ranks could each wait in a send for a receive queued behind the other's.
+    for batches, messages in launch(_counting_batches, 2):
+        assert batches == [["irecv", "isend"]] * 4 and messages == 4      # 3N-2 blocks, each sent in a batch
+
+
 def test_the_contiguous_layout_is_exact_too_but_its_work_grows_with_the_rank():
     per_rank = launch(ring_vs_one_process, 3, False)
     assert max(r["diff"] for r in per_rank) <= ATTN_TOL
@@ -112,13 +132,33 @@ def test_the_contiguous_layout_is_exact_too_but_its_work_grows_with_the_rank():
     assert balanced * 3 < sum(work)          # and the zig-zag layout skips more: no rank does more than needed
 
 
-def test_bad_positions_are_refused():
-    def run():
-        q = torch.zeros(1, 1, 4, 2)
-        with pytest.raises(ValueError, match="do not describe 2 ranks"):
-            ring_attention(q, q, q, None, layout(12, 2))
-        return True
-    assert launch(run, 2) == [True, True]
+def _positions_run():
+    from minidist.tour.parallel3d import causal_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=g) for _ in range(3))
+    for bad, message in ((layout(12, 2), "do not describe 2 ranks holding 4"),
+                         (layout(8, 2).float(), "an integer tensor"),
+                         (torch.arange(8).view(2, 4), r"shape \(2, 4\)"),
+                         (torch.tensor([[[0, 1, 2, 3]], [[0, 5, 6, 7]]]), "0 .. 7 exactly once: 1 of them"),
+                         (torch.tensor([[[0, 1, 2, 3]], [[4, 5, 6, 9]]]), "0 .. 7 exactly once: 1 of them")):
+        with pytest.raises(ValueError, match=message):
+            ring_attention(q[:, :, :4], k[:, :, :4], v[:, :, :4], None, bad)
+    # Any permutation is exact, pieces out of order or not contiguous, whole rows seeing no key in a block included
+    # (rank 0's position 0 sees nothing of rank 1's block): no NaN.
+    positions = torch.tensor([[[0, 7], [3, 4]], [[5, 2], [6, 1]]])
+    mine = positions[torch.distributed.get_rank()].flatten()
+    local = [t[:, :, mine].clone().requires_grad_() for t in (q, k, v)]
+    dense = [t.clone().requires_grad_() for t in (q, k, v)]
+    dout = torch.randn(1, 2, 8, 4, generator=g)
+    out = ring_attention(*local, None, positions)
+    out.backward(dout[:, :, mine])
+    causal_attention(*dense).backward(dout)
+    return max([(out - causal_attention(q, k, v)[:, :, mine]).abs().max().item()] +
+               [(a.grad - d.grad[:, :, mine]).abs().max().item() for a, d in zip(local, dense)])
+
+
+def test_bad_positions_are_refused_and_any_permutation_is_exact():
+    assert max(launch(_positions_run, 2)) <= ATTN_TOL
 
 
 def test_context_parallelism_needs_whole_sequences_and_no_dropout():

@@ -1,11 +1,12 @@
 """3D parallelism on a device mesh: group ranks by strides (exercise group_ranks), the tiny GPT on dp x pp x tp and
-dp x cp x tp = 2 x 2 x 2 (8 ranks, 5 AdamW steps) against one process with every axis's bytes counted against the
-formula, and the example script's --strategy 3d.
+dp x cp x tp = 2 x 2 x 2 (8 ranks) and pp x cp = 2 x 2 (4 ranks), 5 AdamW steps against one process with every
+axis's bytes counted against the formula, pp x cp's gradients after one step, and the example script's --strategy 3d.
 
-8 ranks on 2 cores: the two compositions run once each (about 1.5 s apiece); the per-axis behaviour is checked at
+8 ranks on 2 cores: the compositions run once each (about 1.5 s apiece); the per-axis behaviour is checked at
 smaller sizes in the chapter's other tests (context parallelism at cp = 2, 3, 4; tensor and pipeline parallelism in
 chapters 04 and 07)."""
 import itertools
+import math
 import os
 from fractions import Fraction
 import subprocess
@@ -17,7 +18,8 @@ from minidist import launch
 from minidist.grading import implementation
 from minidist.mesh import mesh_groups
 from minidist.parallel3d import group_ranks
-from minidist.tour.parallel3d import ADAM_TOL, SHAPES, bytes_by_axis, mesh_vs_one_process, states_formula
+from minidist.tour.parallel3d import (ADAM_TOL, GRAD_TOL, SHAPES, bytes_by_axis, gradients_vs_one_process,
+                                      mesh_vs_one_process, states_formula)
 
 MESHES = [dict(dp=2, pp=2, cp=1, tp=2), dict(dp=3, pp=1, cp=2, tp=2), dict(dp=1, pp=2, cp=3, tp=1),
           dict(dp=2, pp=3, cp=2, tp=2), dict(dp=1, pp=1, cp=1, tp=1)]
@@ -63,38 +65,52 @@ def test_the_seed_articles_data_parallel_group_is_the_model_parallel_group():
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_eight_ranks_train_like_one_process_and_send_the_formula_on_every_axis(name):
-    per_rank = launch(mesh_vs_one_process, 8, SHAPES[name], count_bytes=True)
+def test_the_meshes_train_like_one_process_and_send_the_formula_on_every_axis(name):
+    shape = dict(dp=1, pp=1, cp=1, tp=1) | SHAPES[name]
+    world = math.prod(shape.values())
+    per_rank = launch(mesh_vs_one_process, world, SHAPES[name], count_bytes=True)
     assert max(r["diff"] for r in per_rank) <= ADAM_TOL
     assert max(r["divergence"] for r in per_rank) == 0
     counted, formula = bytes_by_axis(SHAPES[name], per_rank)
     assert counted == formula
-    busy = {"tp", "dp", "pp"} if "pp" in SHAPES[name] else {"tp", "dp", "cp"}
-    assert {a for a, b in counted.items() if b} == busy
+    assert {a for a, b in counted.items() if b} == {a for a in ("pp", "cp", "tp") if shape[a] > 1} | {"dp"}
     assert max(abs(a - b) for a, b in itertools.pairwise(per_rank[0]["losses"])) > 0   # it trained
     # ZeRO-1: the replicas of a shard hold its AdamW moments once between them (8 bytes per parameter), not N times
-    for group in {tuple(group_ranks(r, dict(dp=2, pp=1, cp=1, tp=2) | SHAPES[name], grad_axes(name)))
-                  for r in range(8)}:
+    axes = ("dp", "cp") if shape["cp"] > 1 else ("dp",)
+    for group in {tuple(group_ranks(r, shape, axes)) for r in range(world)}:
         assert sum(per_rank[r]["states"] for r in group) == 8 * per_rank[group[0]]["psi"]
-    assert Fraction(sum(r["states"] for r in per_rank), 8) == states_formula(per_rank)
+    assert Fraction(sum(r["states"] for r in per_rank), world) == states_formula(per_rank)
 
 
-def grad_axes(name):
-    return ("dp", "cp") if "cp" in SHAPES[name] else ("dp",)
+def test_a_pipeline_with_context_parallelism_computes_one_process_gradients():
+    # pp = 2 x cp = 2: ring attention inside pipeline stages, gradients averaged over cp, one step, no optimizer
+    assert max(launch(gradients_vs_one_process, 4, dict(pp=2, cp=2))) <= GRAD_TOL
 
 
-def test_a_batch_the_mesh_cannot_split_is_refused():
+def test_a_batch_the_mesh_cannot_split_a_mesh_without_the_four_axes_and_interleaving_are_refused():
     def run():
         import torch
         from minidist.mesh import Mesh
         from minidist.models import GPT
         from minidist.parallel3d import ParallelRun
         from minidist.tour.parallel3d import CFG
+        with pytest.raises(ValueError, match=r"needs a mesh with the axes \('dp', 'pp', 'cp', 'tp'\).*got \('cp',\)"):
+            ParallelRun(GPT(CFG), Mesh.from_axes([("cp", 2)]), zero_stage=0)
+        with pytest.raises(ValueError, match="one pipeline stage per rank: schedule 'interleaved'"):
+            ParallelRun(GPT(CFG), Mesh.build(pp=2), zero_stage=0, schedule="interleaved", microbatches=2)
         run = ParallelRun(GPT(CFG), Mesh.build(dp=2), microbatches=2, zero_stage=0)
         with pytest.raises(ValueError, match="6 sequences does not split into dp=2 replicas x 2 micro-batches"):
             run.step(torch.zeros(6, 24, dtype=torch.long), torch.zeros(6, 24, dtype=torch.long))
         return True
     assert launch(run, 2) == [True, True]
+
+
+def test_coordinates_refuse_a_rank_outside_the_mesh():
+    from minidist.mesh import coordinates
+    assert coordinates(3, dp=2, tp=2) == dict(dp=1, pp=0, cp=0, tp=1)
+    for rank in (4, 9, -1):
+        with pytest.raises(ValueError, match=f"rank {rank} is not in a mesh of 4 ranks"):
+            coordinates(rank, dp=2, tp=2)
 
 
 def test_the_example_script_trains_on_a_2x2x2_mesh():
@@ -108,5 +124,5 @@ def test_the_example_script_trains_on_a_2x2x2_mesh():
 
 def test_the_example_script_refuses_a_mesh_that_does_not_fit():
     from minidist.examples.train import main
-    with pytest.raises(SystemExit, match="= 6 ranks, but the world has 4.*2 x cp = 6 chunks"):
-        main(["--strategy", "3d", "--dp", "2", "--cp", "3", "--world-size", "4"])
+    with pytest.raises(SystemExit, match="= 6 ranks, but the world has 4.*2 x cp = 6 chunks.*interleaved is not"):
+        main(["--strategy", "3d", "--dp", "2", "--cp", "3", "--world-size", "4", "--schedule", "interleaved"])

@@ -40,6 +40,8 @@ def prepare(args, world: int) -> None:
                         f"{args.microbatches} micro-batches")
     if args.block_size % (2 * args.cp):
         problems.append(f"--block-size {args.block_size} does not cut into 2 x cp = {2 * args.cp} chunks")
+    if args.schedule == "interleaved":
+        problems.append("--schedule interleaved is not supported by --strategy 3d (one pipeline stage per rank)")
     if 4 % args.tp:
         problems.append(f"the tiny GPT's 4 heads do not split over tp={args.tp}")
     if problems:

@@ -8,6 +8,8 @@
 
     torchrun --nproc_per_node=4 -m minidist.examples.train --strategy pp --schedule interleaved --microbatches 8
     torchrun --nproc_per_node=8 -m minidist.examples.train --strategy 3d --dp 2 --pp 2 --tp 2   # or --cp 2
+    torchrun --nproc_per_node=2 -m minidist.examples.train --strategy ddp --checkpointing selective --compress powersgd
+    torchrun --nproc_per_node=2 -m minidist.examples.train --strategy zero2 --offload disk --checkpointing full
 
 gloo on CPUs, NCCL when every rank has a GPU. Rank 0 shows a progress bar and logs the loss averaged over ranks.
 Strategies: ddp (minidist.DataParallel), torch-ddp (PyTorch's DistributedDataParallel), none (each rank alone: what
@@ -17,6 +19,8 @@ stage of the model, the global batch cut into --microbatches, run by --schedule 
 zero2 (minidist.zero.ZeroOptimizer, stage 1 or 2), zero3 (minidist's fully_shard on the whole model), fsdp
 (minidist's fully_shard on each block, then the root), torch-fsdp (PyTorch's FSDP2 fully_shard, per block), 3d
 (examples/parallel3d.py: a --dp x --pp x --cp x --tp mesh). Later chapters add theirs to STRATEGIES.
+--checkpointing, --offload and --compress (chapters 09-10, examples/tradeoffs.py) combine with the strategies that
+support them.
 
 Checkpoints, restarts and injected failures (--checkpoint-dir, --checkpoint-every, --fail-at-step, --hang-at-step,
 --timeout): see minidist/examples/fault_tolerance.py.
@@ -35,6 +39,7 @@ from minidist.args import nonnegative_float, positive_float, positive_int
 from minidist.data import random_batches, token_ids, train_val_split
 from minidist.data_parallel import DataParallel
 from minidist.examples import fault_tolerance as ft
+from minidist.examples import tradeoffs
 from minidist.fsdp import fully_shard
 from minidist.launch import device
 from minidist.models import GPT, GPTConfig, build_llama, lm_loss
@@ -135,9 +140,11 @@ def train(args) -> dict:
     if split_batch and args.batch_size % n:
         raise ValueError(f"global batch size {args.batch_size} is not divisible by the world size {n}")
     torch.manual_seed(args.seed)
-    model = STRATEGIES[args.strategy](MODELS[args.model](args).to(dev), args)
-    loss_fn, logits = _loss_fn(args), lambda out: getattr(out, "logits", out)  # HF models return an output object
-    opt = OPTIMIZERS.get(args.strategy, lambda m, a: torch.optim.AdamW(m.parameters(), lr=a.lr))(model, args)
+    model = STRATEGIES[args.strategy](tradeoffs.prepare_model(MODELS[args.model](args).to(dev), args), args)
+    tradeoffs.register_hooks(model, args)
+    loss_fn, logits = _loss_fn(args), lambda out: getattr(out, "logits", out).float()  # HF: an output object
+    opt = tradeoffs.optimizer(model, args) or \
+        OPTIMIZERS.get(args.strategy, lambda m, a: torch.optim.AdamW(m.parameters(), lr=a.lr))(model, args)
     train_ids, val_ids = train_val_split(token_ids())
     batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed)
     state = ft.resume(args, model, opt)  # step 0, or the newest checkpoint's
@@ -149,7 +156,8 @@ def train(args) -> dict:
             x, y = x.chunk(n)[rank], y.chunk(n)[rank]                  # this rank's slice of the global batch
         monitor.begin(tokens=x.numel())
         x, y = x.to(dev), y.to(dev)
-        loss = loss_fn(logits(model(x)), y)
+        with tradeoffs.forward_context(model, args):
+            loss = loss_fn(logits(model(x)), y)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -162,6 +170,7 @@ def train(args) -> dict:
     x, y = random_batches(val_ids, 32, args.block_size, 1, seed=1234)[0]
     with torch.no_grad():
         val = loss_fn(logits(model(x.to(dev))), y.to(dev)).item()
+    tradeoffs.finish(args)
     return {"first_loss": losses[0], "last_loss": losses[-1], "val_loss": val, "losses": losses,
             "resumed_at": state["resumed_at"], "digest": ft.digest(ft.full_weights(model, args.strategy)),
             "replica_divergence": None if args.strategy in SHARDED else replica_divergence(_replicas(model, args))}
@@ -238,7 +247,11 @@ def parse(argv=None):
     ft.add_arguments(p)
     p.add_argument("--world-size", type=positive_int, default=2, help="ranks to start when not under torchrun")
     p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+    tradeoffs.add_arguments(p)
+    args = p.parse_args(argv)
+    if problem := tradeoffs.check(args):
+        p.error(problem)
+    return args
 
 
 def main(argv=None) -> int:

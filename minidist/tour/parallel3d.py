@@ -1,5 +1,6 @@
 """Tour checks for chapter 08: ring attention (context parallelism) against one process's attention, its causal load
-balance, and the tiny GPT trained on 4D meshes (dp x pp x tp and dp x cp x tp, 8 ranks) against one process.
+balance, and the tiny GPT trained on meshes (dp x pp x tp and dp x cp x tp on 8 ranks, pp x cp on 4) against one
+process.
 
 The rank functions are shared with the tests, which assert on their results.
 """
@@ -20,6 +21,8 @@ from ..mesh import Mesh
 from ..models import GPT, GPTConfig, lm_loss
 from ..parallel3d import ParallelRun, mean_loss
 from ..tensor_parallel import padded_size
+from ..tp_plans import local_shard
+from ..zero import ZeroOptimizer
 from .rows import covers, make_row
 from .tensor_parallel import tp_bytes_per_step
 
@@ -27,9 +30,10 @@ CFG = GPTConfig(n_layer=2, n_embd=32, n_head=4, block_size=24)  # 24 positions c
 LR, STEPS = 1e-3, 5
 ADAM_TOL = 0.01 * LR * STEPS   # README: 1% of the most AdamW can move a weight in STEPS steps
 ATTN_TOL = 1e-5                # reduction order: softmax merged block by block, sums over blocks in another order
+GRAD_TOL = 1e-5                # reduction order, relative to each gradient's largest entry (one step, no optimizer)
 TOKENS = torch.randint(512, (5000,), generator=torch.Generator().manual_seed(0))
 ZERO_STAGE = 1                 # on the data-parallel axis: ZeRO-1 (chapter 05)
-SHAPES = {"dp x pp x tp": dict(dp=2, pp=2, tp=2), "dp x cp x tp": dict(dp=2, cp=2, tp=2)}
+SHAPES = {"dp x pp x tp": dict(dp=2, pp=2, tp=2), "dp x cp x tp": dict(dp=2, cp=2, tp=2), "pp x cp": dict(pp=2, cp=2)}
 
 
 def batches(rows: int, steps: int = STEPS, seed: int = 0):
@@ -81,12 +85,13 @@ def one_process(rows: int, steps: int = STEPS) -> GPT:
 
 def dp_bytes_formula(optimizer, n: int) -> Fraction:
     """Bytes this rank sends on the gradient-averaging group in one step: an all-reduce of every gradient (ZeRO
-    stage 0), or ZeRO-1's reduce-scatter and all-gather of each bucket padded to N equal chunks (the optimizer's own
-    layout) plus its all-reduce of one int32 flag per tensor (which ones had a gradient)."""
-    if hasattr(optimizer, "chunks"):
-        per_bucket = sum(comm.ring_bytes("reduce_scatter", 4 * n * c, n) + comm.ring_bytes("all_gather", 4 * n * c, n)
-                         for c in optimizer.chunks)
-        return per_bucket + comm.ring_bytes("all_reduce", 4 * len(optimizer.params), n)
+    stage 0), or ZeRO-1's reduce-scatter of the Ψ_rank fp32 gradients and all-gather of the parameters, in one
+    bucket (the tiny model is far below its 25 MiB cap) padded to N ceil(Ψ_rank / N) values, 2 (N-1)/N x 4 x that,
+    plus an all-reduce of one int32 flag per tensor (which ones had a gradient)."""
+    if isinstance(optimizer, ZeroOptimizer):
+        padded = 4 * n * math.ceil(sum(p.numel() for p in optimizer.params) / n)
+        return comm.ring_bytes("reduce_scatter", padded, n) + comm.ring_bytes("all_gather", padded, n) + \
+            comm.ring_bytes("all_reduce", 4 * len(optimizer.params), n)
     return sum((comm.ring_bytes("all_reduce", 4 * p.numel(), n) for p in optimizer.params), Fraction(0))
 
 
@@ -131,14 +136,36 @@ def mesh_vs_one_process(shape: dict, microbatches: int = 2, steps: int = STEPS, 
         with (comm.ring_backend() if measuring else nullcontext()), (ledger if measuring else nullcontext()):
             loss = run.step(x, y)
         losses.append(mean_loss(loss, mesh))
-    axes = {"dp_cp": "dp"}  # the gradient group under context parallelism is counted as the dp axis
-    by_axis = {a: ledger.total_bytes(axis=a) for a in dict.fromkeys(r.axis for r in ledger.records)}
-    by_axis = {axes.get(a, a): v for a, v in by_axis.items()} if ledger.counted else None
+    by_axis = {}   # the gradient group under context parallelism (dp_cp) is counted as the dp axis
+    for a in dict.fromkeys(r.axis for r in ledger.records):
+        axis = "dp" if a == "dp_cp" else a
+        by_axis[axis] = by_axis.get(axis, 0) + ledger.total_bytes(axis=a)
+    by_axis = by_axis if ledger.counted else None
     return {"diff": run.diff_from(reference), "divergence": run.replica_divergence(), "losses": losses,
             "bytes": by_axis, "dp_formula": dp_bytes_formula(run.optimizer, comm.group_size(run.grad_group)),
             "table": ledger.table(), "coords": dict(mesh.coords), "b": rows // (mesh.dp * microbatches),
             "states": optimizer_state_bytes(run.optimizer), "psi": sum(p.numel() for p in run.pipe.parameters()),
             "group": comm.group_size(run.grad_group)}
+
+
+def gradients_vs_one_process(shape: dict, microbatches: int = 2) -> float:
+    """One step's gradients of ParallelRun on Mesh.build(**shape), averaged over the gradient group (as the
+    optimizer does), against one process's on the same global batch: the largest difference on this rank, relative
+    to the largest entry of the reference gradient of each parameter (its tensor-parallel shard)."""
+    mesh = Mesh.build(**shape)
+    x, y = batches(mesh.dp * microbatches * 2, 1)[0]
+    torch.manual_seed(0)
+    dense = GPT(CFG)
+    lm_loss(dense(x), y).backward()
+    torch.manual_seed(0)
+    run = ParallelRun(GPT(CFG), mesh, lr=LR, microbatches=microbatches, zero_stage=0)
+    run.pipe.step(*run.local_batch(x, y))
+    n, worst = comm.group_size(run.grad_group), 0.0
+    for name, p in run.parameters().items():
+        grad = comm.all_reduce_sum(p.grad, run.grad_group) / n
+        ref = local_shard(run.model, name, dense.get_parameter(name).grad, run.tp_group)
+        worst = max(worst, ((grad - ref).abs().max() / ref.abs().max()).item())
+    return worst
 
 
 def states_formula(per_rank: list[dict], zero_stage: int | None = None) -> Fraction:
@@ -189,7 +216,8 @@ def composition_row(name: str, per_rank: list[dict], seconds: float) -> dict:
     sizes = " x ".join(shape) + " = " + "x".join(map(str, shape.values()))
     dp = "ZeRO-1" if ZERO_STAGE == 1 else "all-reduce"
     counted, formula = bytes_by_axis(shape, per_rank)
-    return make_row(f"3D {sizes}, {dp}: {STEPS} AdamW steps", "8 ranks: one process (AdamW)",
+    return make_row(f"{len(shape)}D {sizes}, {dp}: {STEPS} AdamW steps",
+                    f"{len(per_rank)} ranks: one process (AdamW)",
                     max_abs_diff=max(r["diff"] for r in per_rank), tolerance=ADAM_TOL,
                     replica_divergence=max(r["divergence"] for r in per_rank), seconds=seconds,
                     comm_bytes=None if counted is None else sum(counted.values()),
@@ -198,12 +226,12 @@ def composition_row(name: str, per_rank: list[dict], seconds: float) -> dict:
                     state_bytes_per_rank_theory=states_formula(per_rank))
 
 
-@covers("3D dp x pp x tp, dp x cp x tp")
+@covers("3D dp x pp x tp, dp x cp x tp, 2D pp x cp")
 def check_compositions(world_size: int) -> list[dict]:
-    """Both compositions on 8 ranks whatever the tour's world size: three axes of 2 need 8."""
+    """The compositions on 8 and 4 ranks whatever the tour's world size: three axes of 2 need 8."""
     rows = []
     for name, shape in SHAPES.items():
-        per_rank, seconds = _timed(mesh_vs_one_process, 8, shape, count_bytes=True)
+        per_rank, seconds = _timed(mesh_vs_one_process, math.prod(shape.values()), shape, count_bytes=True)
         rows.append(composition_row(name, per_rank, seconds))
     return rows
 
