@@ -256,7 +256,18 @@ def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
     backend = backend or default_backend(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    limit = datetime.timedelta(seconds=timeout)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun shares its rendezvous store with the workers and keeps it across restarts: a restarted worker can
+        # read the address a dead peer published in the attempt before ("Connection refused", pytorch issue 135712).
+        # Keys prefixed with the restart count (the same on every agent) give each attempt fresh ones.
+        store = dist.PrefixStore(f"minidist-attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                                 dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                               is_master=False, timeout=limit))
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size,
+                                timeout=limit)
+    else:
+        dist.init_process_group(backend, timeout=limit)
 
 
 def run_under_torchrun(fn, *args, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT, **kwargs):

@@ -66,28 +66,6 @@ def check(args) -> str | None:
     return None
 
 
-def join_attempt() -> None:
-    """Under torchrun, start the process group of this attempt in a store namespace of its own (call it before
-    run_under_torchrun, which then finds the group up).
-
-    torchrun shares its rendezvous TCPStore with the workers and keeps it across restarts, so a restarted worker can
-    read the address a peer published in the attempt before: a dead process, "Connection refused", and the restart
-    fails too (pytorch issue 135712; seen here in about one restart in three). Prefixing the keys with the restart
-    count gives every attempt fresh ones. (One node: the agent's restart count is the same for all its workers.)"""
-    env = os.environ
-    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
-        return
-    from minidist.launch import DEFAULT_TIMEOUT, default_backend
-    timeout, world = datetime.timedelta(seconds=DEFAULT_TIMEOUT), int(env["WORLD_SIZE"])
-    store = dist.PrefixStore(f"minidist-attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}",
-                             dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False,
-                                           timeout=timeout))
-    backend = default_backend(int(env.get("LOCAL_WORLD_SIZE", world)))
-    if backend == "nccl":
-        torch.accelerator.set_device_index(int(env.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, store=store, rank=int(env["RANK"]), world_size=world, timeout=timeout)
-
-
 def latest(directory: str) -> tuple[str, int] | None:
     """(path, step) of the newest whole checkpoint in `directory` (a commit cut short counts: see checkpoint.resolve)."""
     steps = sorted({int(m.group(1)) for m in map(STEP_DIR.match, os.listdir(directory)) if m}, reverse=True)

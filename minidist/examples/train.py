@@ -267,9 +267,7 @@ def main(argv=None) -> int:
     import torch._dynamo  # noqa: F401  (else the first optimizer step imports it, seconds late for the others)
     token_ids()  # the corpus tokenized before ranks wait on each other: a late rank would eat into --timeout
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
-        if args.checkpoint_dir is not None:
-            ft.join_attempt()  # restarts possible: each attempt its own rendezvous keys
-        result = run_under_torchrun(train, args)
+        result = run_under_torchrun(train, args)  # each restart of torchrun gets its own rendezvous keys
         rank = int(os.environ["RANK"])
     else:
         if args.model == "tiny-llama":  # import transformers once here: the forked ranks inherit it
