@@ -2,8 +2,8 @@
 
 Backward produces gradients from the last layer to the first, so buckets are filled walking the parameters in
 *reverse* order: the first bucket completes early in backward and its all-reduce can start while backward computes the
-rest (reducer.py). Every bucket but the last holds exactly `cap` elements, so a parameter may straddle two buckets;
-each dtype gets its own flat buffer and buckets. Buckets start strictly in index order on every rank, so all ranks
+rest (reducer.py). Every bucket but the last holds exactly `cap` elements, so a parameter may straddle two buckets (a
+communication hook gets whole parameters instead: assign_whole_buckets); each dtype gets its own flat buffer and buckets. Buckets start strictly in index order on every rank, so all ranks
 issue the same collectives in the same order.
 """
 import torch
@@ -45,6 +45,23 @@ def assign_buckets(numels: list[int], cap: int | None) -> list[list[tuple[int, i
     # </exercise>
 
 
+def assign_whole_buckets(numels: list[int], cap: int | None) -> list[list[tuple[int, int, int]]]:
+    """As assign_buckets, but a parameter is never split: a bucket takes whole parameters (in reverse order) until it
+    holds at least `cap` elements, so a bucket may exceed the cap by up to one parameter. This is DDP's layout, and
+    the one a communication hook needs: a hook that reshapes each gradient to a matrix (PowerSGD) must see every
+    gradient whole, inside one bucket."""
+    cap = cap or 1  # None: one bucket per parameter
+    buckets, current, size = [], [], 0
+    for i in reversed(range(len(numels))):
+        if numels[i]:
+            current.append((i, 0, numels[i]))
+            size += numels[i]
+        if size >= cap:
+            buckets.append(current)
+            current, size = [], 0
+    return buckets + ([current] if current else [])
+
+
 def launch_ready_buckets(pending: list[int], next_bucket: int, launch) -> int:
     """Launch, in bucket order, every bucket from `next_bucket` on whose gradients have all arrived; return the index
     of the first bucket not launched.
@@ -75,14 +92,16 @@ class Bucket:
         return f"Bucket({self.index}, {self.dtype}, [{self.start}, {self.stop}), params {self.params})"
 
 
-def layout(params: list[torch.Tensor], cap_bytes: int | None):
-    """Buckets over one flat buffer per dtype: (buckets in launch order, {param index: (dtype, offset)})."""
+def layout(params: list[torch.Tensor], cap_bytes: int | None, whole_parameters: bool = False):
+    """Buckets over one flat buffer per dtype: (buckets in launch order, {param index: (dtype, offset)}).
+    whole_parameters: never split a parameter across buckets (assign_whole_buckets)."""
+    assign = assign_whole_buckets if whole_parameters else assign_buckets
     buckets, offsets = [], {}
     for dtype in dict.fromkeys(p.dtype for p in params):
         members = [i for i, p in enumerate(params) if p.dtype == dtype]
         cap = None if cap_bytes is None else max(1, cap_bytes // params[members[0]].element_size())
         position = 0
-        for pieces in assign_buckets([params[i].numel() for i in members], cap):
+        for pieces in assign([params[i].numel() for i in members], cap):
             start = position
             for k, begin, stop in pieces:  # a parameter's pieces are consecutive: it is one slice of the buffer
                 if begin == 0:

@@ -158,7 +158,9 @@ class DataParallel(nn.Module):
     def register_comm_hook(self, state, hook) -> None:
         """Replace each bucket's all-reduce by `hook(state, bucket) -> Future` (DDP's interface and call).
 
-        The hook gets a GradBucket (bucket.buffer(): the flat gradients, not yet divided by N) and returns a future
+        The buckets are rebuilt to hold whole parameters (a bucket may then exceed the cap by one parameter), so
+        bucket.gradients() never reach outside bucket.buffer(). The hook gets a GradBucket (bucket.buffer(): the
+        flat gradients, not yet divided by N) and returns a future
         (torch.futures.Future, or a minidist comm Work) whose value is the reduced, *averaged* buffer. Chapter 10's
         compression hooks (fp16, top-k, PowerSGD) and torch's own ddp_comm_hooks both plug in here.
         """
@@ -166,6 +168,9 @@ class DataParallel(nn.Module):
             raise ValueError(f"hook must be callable as hook(state, bucket), got {hook!r}")
         if self.reducer.op != "all_reduce":
             raise ValueError("a communication hook replaces an all-reduce; this reducer reduce-scatters")
+        if self.reducer.open:
+            raise RuntimeError("register_comm_hook between a forward and its backward: register it before training")
+        self.reducer.relayout(whole_parameters=True)  # a hook sees every gradient whole, as DDP's hooks do
         self.reducer.comm_hook = (state, hook)
 
     def remove(self) -> nn.Module:

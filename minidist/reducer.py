@@ -113,7 +113,18 @@ class GradReducer:
         self.group, self.op, self.overlap, self.average = group, op, overlap, average
         self.find_unused_parameters = find_unused_parameters
         self.world = dist.get_world_size(group)
-        self.buckets, self.offsets = layout(self.params, cap_bytes)
+        self.cap_bytes = cap_bytes
+        self.relayout(whole_parameters=False)
+        self.sync, self.open, self.inflight, self.events = True, False, [], []
+        self.comm_hook = None  # (state, hook(state, GradBucket) -> future of the reduced buffer), as DDP's
+        self._anchor = torch.zeros((), requires_grad=True)
+        self._hooks = [p.register_post_accumulate_grad_hook(partial(self.grad_ready, i))
+                       for i, p in enumerate(self.params)]
+
+    def relayout(self, whole_parameters: bool) -> None:
+        """(Re)build the buckets and the flat buffers; gradients already held are moved into the new buffers.
+        whole_parameters=True keeps every parameter inside one bucket (what a communication hook needs)."""
+        self.buckets, self.offsets = layout(self.params, self.cap_bytes, whole_parameters)
         self.bucket_of = {}  # param index -> the buckets holding a piece of it
         for b in self.buckets:
             for i in b.params:
@@ -123,14 +134,12 @@ class GradReducer:
             sizes[b.dtype] = max(sizes.get(b.dtype, 0), b.stop)
         device = self.params[0].device if self.params else torch.device("cpu")
         self.flat = {dtype: torch.zeros(n, dtype=dtype, device=device) for dtype, n in sizes.items()} \
-            if op == "all_reduce" else {}
+            if self.op == "all_reduce" else {}
+        for i, p in enumerate(self.params):
+            if self.op == "all_reduce" and p.grad is not None:
+                p.grad = self.grad_view(i).copy_(p.grad)
         self.shards = [None] * len(self.buckets)  # reduce_scatter: this rank's averaged shard of each bucket
         self.expected = None   # hook firings per parameter in one backward: learned in the first one
-        self.sync, self.open, self.inflight, self.events = True, False, [], []
-        self.comm_hook = None  # (state, hook(state, GradBucket) -> future of the reduced buffer), as DDP's
-        self._anchor = torch.zeros((), requires_grad=True)
-        self._hooks = [p.register_post_accumulate_grad_hook(partial(self.grad_ready, i))
-                       for i, p in enumerate(self.params)]
 
     # Phases of one backward.
 

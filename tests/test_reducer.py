@@ -336,3 +336,51 @@ def with_torch_fp16_hook():
 def test_a_ddp_comm_hook_runs_on_data_parallel_as_on_ddp():
     for diff, without_hook, divergence in launch(with_torch_fp16_hook, 2):
         assert diff < 1e-7 < without_hook and divergence == 0.0, (diff, without_hook)
+
+
+def hook_sees_whole_parameters():
+    """A hook registered with a small cap: every bucket.gradients() lies inside bucket.buffer(), and training with
+    a plain averaging hook equals training without one (bitwise: the same sums, in the same order per element)."""
+    n = dist.get_world_size()
+    seen = []
+
+    def averaging_hook(state, bucket):
+        buf = bucket.buffer()
+        lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()
+        inside = all(lo <= g.data_ptr() and g.data_ptr() + g.numel() * g.element_size() <= hi
+                     for g in bucket.gradients())
+        seen.append((bucket.index(), inside, len(bucket.gradients())))
+        future = torch.futures.Future()
+        future.set_result(comm.all_reduce_sum(buf) / n)
+        return future
+
+    models = []
+    for hooked in (True, False):
+        torch.manual_seed(0)
+        model = DataParallel(GPT(CFG), bucket_cap_mb=0.01)
+        if hooked:
+            model.register_comm_hook(None, averaging_hook)
+        models.append(model)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    for x, y in BATCHES[:2]:
+        for model, opt in zip(models, opts):
+            lm_loss(model(x.chunk(n)[dist.get_rank()]), y.chunk(n)[dist.get_rank()]).backward()
+            opt.step()
+            opt.zero_grad()
+    diff = max((p - q).abs().max().item() for p, q in zip(models[0].parameters(), models[1].parameters()))
+    split_without_hook = sum(len(bs) > 1 for bs in models[1].reducer.bucket_of.values())
+    return seen, diff, split_without_hook
+
+
+def test_a_comm_hook_gets_buckets_of_whole_parameters():
+    for seen, diff, split_without_hook in launch(hook_sees_whole_parameters, 2):
+        assert split_without_hook > 0  # the small cap splits parameters when no hook is registered...
+        assert len({i for i, _, _ in seen}) > 2 and all(inside for _, inside, _ in seen)  # ...but not for a hook
+        assert diff < SGD_TOL, diff
+
+
+def test_whole_parameter_buckets_close_at_the_cap_and_never_split():
+    from minidist.buckets import assign_whole_buckets
+    assert assign_whole_buckets([5, 3, 4], cap=6) == [[(2, 0, 4), (1, 0, 3)], [(0, 0, 5)]]
+    assert assign_whole_buckets([5, 0, 4], cap=None) == [[(2, 0, 4)], [(0, 0, 5)]]
+    assert assign_whole_buckets([5, 3, 4], cap=100) == [[(2, 0, 4), (1, 0, 3), (0, 0, 5)]]
