@@ -23,8 +23,8 @@ None of them modifies its input; each takes its process group explicitly (None m
 Plain collectives come first: they record themselves in the byte ledger (ledger.py), never modify their input
 unless their name ends in `_` (in-place variants: all_reduce_, all_gather_into_, reduce_scatter_into_, broadcast_),
 and with `async_op=True` return a `Work` whose `wait()` gives the result. Point-to-point `send`/`recv` (and
-`isend`/`irecv`, `all_to_all`) go through here too, so pipeline and context-parallel bytes are recorded like the rest.
-Ranks given as `src`/`dst` are ranks *within the group*.
+`isend`/`irecv`, `batch_isend_irecv`, `all_to_all`) go through here too, so pipeline and context-parallel bytes are
+recorded like the rest. Ranks given as `src`/`dst` are ranks *within the group*.
 
 `with ring_backend():` routes every collective here through minidist's own ring algorithms (collectives.py) on a
 communication thread, so the ledger *counts* the bytes instead of modelling them (backend.py); an optional
@@ -37,11 +37,11 @@ from . import backend
 from .backend import SimulatedLink, Work, ring_backend
 from .flight import flight_recorder
 from .ledger import ByteLedger, CommRecord, counting, group_name, name_group, record, ring_bytes
-from .p2p import all_to_all, global_rank, group_size, irecv, isend, recv, send
+from .p2p import P2POp, all_to_all, batch_isend_irecv, global_rank, group_size, irecv, isend, recv, send
 
 __all__ = ["ByteLedger", "CommRecord", "SimulatedLink", "Work", "ring_backend", "ring_bytes", "record", "name_group",
            "group_name", "all_to_all", "global_rank", "group_size", "irecv", "isend", "recv", "send",
-           "flight_recorder"]
+           "P2POp", "batch_isend_irecv", "flight_recorder"]
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor

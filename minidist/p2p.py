@@ -1,11 +1,18 @@
 """Point-to-point messages between ranks, recorded in the byte ledger: what pipelines and ring attention send.
 
-Ranks given as `src`/`dst` are ranks *within the group*; torch.distributed's own send/recv take global ranks, and
-mixing the two up is a classic pipeline bug (the message goes to the wrong stage, or the rank waits forever).
+Ranks given as `src`/`dst`/`peer` are ranks *within the group*; torch.distributed's own send/recv take global ranks,
+and mixing the two up is a classic pipeline bug (the message goes to the wrong stage, or the rank waits forever).
 Sent bytes are always *counted* (minidist hands this very message to the network); a receive is recorded with 0 bytes
 sent. Under `comm.ring_backend()` the messages are posted from the communication thread, after every collective
 issued before them, and a simulated link holds each one for alpha + bytes / bandwidth.
+
+`batch_isend_irecv` posts several sends and receives as one batch (torch.distributed.batch_isend_irecv; under NCCL
+one group, whose operations progress together): two ranks that must each send to and receive from the other do it
+in one batch each, where separate sends could block each other (NCCL runs a rank's operations in order, and a send
+may wait for its receive).
 """
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -23,29 +30,44 @@ def global_rank(group_rank: int, group=None) -> int:
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
 
-def _post_send(x: torch.Tensor, dst: int, group, tag: int) -> Work:
+def _enter_send(x: torch.Tensor, dst: int, group) -> tuple[int, object]:
+    """Record a message leaving for group rank `dst` (flight recorder, ledger, simulated link): (global dst, entry)."""
     to = global_rank(dst, group)
     entry = flight.enter("send", x, group, peer=to)
     count_send(x, group, group_size(group))
     backend.simulate_message(x.numel() * x.element_size())
+    return to, entry
+
+
+def _enter_recv(x: torch.Tensor, src: int, group) -> tuple[int, object]:
+    frm = global_rank(src, group)
+    entry = flight.enter("recv", x, group, peer=frm)
+    count_recv(x, group, group_size(group))
+    return frm, entry
+
+
+def _post_send(x: torch.Tensor, dst: int, group, tag: int) -> Work:
+    to, entry = _enter_send(x, dst, group)
     return Work(x, torch_work=dist.isend(x, to, group=group, tag=tag), entry=entry)
 
 
 def _post_recv(x: torch.Tensor, src: int, group, tag: int) -> Work:
-    frm = global_rank(src, group)
-    entry = flight.enter("recv", x, group, peer=frm)
-    count_recv(x, group, group_size(group))
+    frm, entry = _enter_recv(x, src, group)
     return Work(x, torch_work=dist.irecv(x, frm, group=group, tag=tag), entry=entry)
 
 
-def _post(fn, x, peer, group, tag) -> Work:
-    """Post a message now, or, under the ring backend, from the communication thread after what was issued before."""
+def _check_message(sending: bool, peer, group, tag) -> None:
     n, me = group_size(group), dist.get_rank(group)
     if not isinstance(tag, int) or (0 < tag < RESERVED_TAGS) or tag < 0:
         raise ValueError(f"tag {tag!r}: use 0 or a tag >= {RESERVED_TAGS} (1-{RESERVED_TAGS - 1} are minidist's own)")
     if not isinstance(peer, int) or not 0 <= peer < n or peer == me:
-        raise ValueError(f"{'destination' if fn is _post_send else 'source'} {peer!r} is not another rank of the "
+        raise ValueError(f"{'destination' if sending else 'source'} {peer!r} is not another rank of the "
                          f"group (group ranks 0..{n - 1}, this rank is {me})")
+
+
+def _post(fn, x, peer, group, tag) -> Work:
+    """Post a message now, or, under the ring backend, from the communication thread after what was issued before."""
+    _check_message(fn is _post_send, peer, group, tag)
     return backend.submit(lambda: fn(x, peer, group, tag)) if backend.ring_active() else fn(x, peer, group, tag)
 
 
@@ -65,6 +87,45 @@ def send(x: torch.Tensor, dst: int, group=None, tag: int = 0) -> None:
 
 def recv(x: torch.Tensor, src: int, group=None, tag: int = 0) -> torch.Tensor:
     return irecv(x, src, group, tag).wait()
+
+
+@dataclass(frozen=True)
+class P2POp:
+    """One message of a batch: `op` is comm.isend or comm.irecv, `peer` a *group* rank (torch's P2POp takes a
+    global one), x contiguous."""
+    op: object
+    tensor: torch.Tensor
+    peer: int
+    group: object = None
+    tag: int = 0
+
+
+def batch_isend_irecv(ops: list[P2POp]) -> list[Work]:
+    """Post every send and receive of `ops` as one batch; returns one Work per op, in order.
+
+    Within a batch the order of sends and receives does not matter; messages between two ranks in one direction
+    still match in the order they are posted. Each message is recorded as isend / irecv record it (ledger, flight
+    recorder). All ops must use the same group. Under NCCL the batch completes as a whole (its Works share one).
+    """
+    if not ops:
+        return []
+    for op in ops:
+        if op.op not in (isend, irecv):
+            raise ValueError(f"a P2POp's op is comm.isend or comm.irecv, got {op.op!r}")
+        if op.group is not ops[0].group:
+            raise ValueError("every operation of a batch must use the same process group")
+        _check_message(op.op is isend, op.peer, op.group, op.tag)
+
+    def post() -> list[Work]:
+        entered = [(_enter_send if op.op is isend else _enter_recv)(op.tensor, op.peer, op.group) for op in ops]
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend if op.op is isend else dist.irecv, op.tensor, peer,
+                                                   op.group, op.tag) for op, (peer, _) in zip(ops, entered)])
+        works = works if len(works) == len(ops) else works[-1:] * len(ops)   # NCCL: one Work for the whole batch
+        return [Work(op.tensor, torch_work=w, entry=entry) for op, w, (_, entry) in zip(ops, works, entered)]
+    if not backend.ring_active():
+        return post()
+    batch = backend.submit(post)   # then one job per op on the same thread, each handing over its op's Work
+    return [backend.submit(lambda i=i: batch.wait()[i]) for i in range(len(ops))]
 
 
 def all_to_all(x: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """comm.py's seams for the chapters ahead: counted bytes under ring_backend(), async and in-place collectives,
 point-to-point messages, group axis names, shards that own their storage, a simulated link."""
 import time
+from contextlib import nullcontext
 from fractions import Fraction
 
 import pytest
@@ -184,6 +185,36 @@ def test_point_to_point_messages_and_all_to_all_do_not_mix():
     assert torch.equal(swapped0, torch.tensor([0.0, 0.0, 10.0, 10.0]))
     with pytest.raises(Exception, match="tag 1: use 0 or a tag >= 16"):
         launch(lambda: comm.isend(torch.ones(1), dst=1 - dist.get_rank(), tag=1), 2)
+
+
+def ring_exchange_in_one_batch(ring: bool):
+    """Every rank sends to and receives from both neighbours in one batch (receives listed first on odd ranks)."""
+    n, r = dist.get_world_size(), dist.get_rank()
+    inbox = {peer: torch.zeros(3) for peer in ((r - 1) % n, (r + 1) % n)}
+    ops = [comm.P2POp(comm.irecv, t, peer) for peer, t in inbox.items()]
+    ops += [comm.P2POp(comm.isend, torch.full((3,), 10.0 * r + peer), peer) for peer in inbox]
+    with (comm.ring_backend() if ring else nullcontext()), comm.ByteLedger() as ledger:
+        for work in comm.batch_isend_irecv(ops if r % 2 else ops[::-1]):
+            work.wait()
+    errors = []
+    for bad in ([comm.P2POp(comm.send, torch.zeros(1), (r + 1) % n)], [comm.P2POp(comm.isend, torch.zeros(1), r)]):
+        try:
+            comm.batch_isend_irecv(bad)
+        except ValueError as e:
+            errors.append(str(e))
+    sent = [e for e in comm.flight_recorder() if e["op"] == "send"][-2:]
+    return inbox, ledger.by_op(), ledger.counted, [e["completed"] for e in sent], errors
+
+
+@pytest.mark.parametrize("ring", [False, True])
+def test_batch_isend_irecv_exchanges_both_ways_and_records_every_message(ring):
+    n = 3
+    for r, (inbox, by_op, counted, states, errors) in enumerate(launch(ring_exchange_in_one_batch, n, ring)):
+        for peer, t in inbox.items():
+            assert torch.equal(t, torch.full((3,), 10.0 * peer + r))
+        assert by_op == {"send": (2, 24), "recv": (2, 0)} and counted
+        assert states == [True, True]
+        assert "comm.isend or comm.irecv" in errors[0] and "is not another rank of the group" in errors[1]
 
 
 class EmptyParameter(torch.nn.Module):
