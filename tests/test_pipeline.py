@@ -51,6 +51,10 @@ def test_every_schedule_equals_one_process_with_the_formula_bytes_and_memory(p):
         # ... and the tied embedding's gradient goes once each way between the first and the last rank.
         assert [r["tied_messages"] for r in rs] == [1] + [0] * (p - 2) + [1], where
         assert sum(r["tied_bytes"] for r in rs) == 2 * V * C * 4, where
+        # Sent tensors are freed on the way, when the message plan's clock says they arrived: at most one message
+        # per rank at a time (three with interleaving), whatever m; held until the end of the step, it was 2m.
+        for r in rs:
+            assert r["peak_messages"] <= (3 if v > 1 else 1) * MICRO * T * C * 4, where
         # Activations held at once, measured from the tensors autograd saved until it freed them.
         assert [r["peak_in_flight"] for r in rs] == expected_in_flight(name, p, m, v), where
         for r in rs:
@@ -101,7 +105,7 @@ def test_partition_by_hand():
 
 @pytest.mark.exercise("partition")
 def test_partition_refuses_fewer_blocks_than_stages():
-    with pytest.raises(ValueError, match="cannot cut 2 blocks into 4 pipeline stages"):
+    with pytest.raises(ValueError, match=r"\b2\b.*\b4\b"):   # the numbers of blocks and of stages, in that order
         implementation("partition")(2, 4)
 
 
@@ -184,8 +188,7 @@ def test_bench_pp_and_the_example_script(tmp_path, capsys):
     assert main(["bench", "pp", "--world-size", "2", "--steps", "2", "--warmup", "1", "--json",
                  str(tmp_path / "pp.json")]) == 0
     result = json.loads((tmp_path / "pp.json").read_text())
-    assert result["minidist_s"] > 0 and result["reference_s"] > 0
-    assert result["ratio"] == result["minidist_s"] / result["reference_s"]
+    assert result["minidist_s"] > 0 and result["reference_s"] > 0 and result["microbatches"] == 4
     assert train_main(["--strategy", "pp", "--schedule", "zb", "--microbatches", "4", "--steps", "30",
                        "--world-size", "2", "--quiet"]) == 0
     first, last, val, divergence = map(float, re.search(

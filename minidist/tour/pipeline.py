@@ -94,8 +94,10 @@ def pipeline_vs_one_process(configs, steps: int = 5, optimizer=sgd(0.1)) -> list
                       "grad_diff": max((q.grad - ref_grads[names[id(q)]]).abs().max().item()
                                        for q in pipe.parameters()),
                       "messages": sched.count("send"), "bytes": sched.total_bytes("send"),
-                      "counted": sched.counted and tied.counted, "tied_messages": tied.count("send"),
+                      "counted": sched.counted and (tied.counted or not tied.records),
+                      "tied_messages": tied.count("send"),
                       "tied_bytes": tied.total_bytes("send"), "peak_bytes": pipe.memory.peak,
+                      "peak_messages": pipe.memory.peak_messages,
                       "peak_in_flight": pipe.memory.peak_in_flight, "saved_bytes": dict(pipe.saved_bytes)}
             opt.step()
             opt.zero_grad()
