@@ -119,8 +119,8 @@ class LiveActivations(SavedActivations):
 def _wait_until(deadline: float, spin: float = 0.002) -> None:
     """Sleep (no CPU) until `spin` seconds before the deadline, then spin: a sleeping process on a busy machine
     wakes up late, and that lateness would be measured as pipeline bubble."""
-    if deadline - time.perf_counter() > spin:
-        time.sleep(deadline - time.perf_counter() - spin)
+    if (left := deadline - time.perf_counter() - spin) > 0:   # read the clock once: twice, the sleep could go negative
+        time.sleep(left)
     while time.perf_counter() < deadline:
         pass
 

@@ -33,7 +33,7 @@ SGD_TOL = 1e-6       # SGD, 5 steps: the micro-batches' gradients are summed in 
 GRAD_TOL = 1e-6      # a sum of m micro-batch gradients vs one gradient of the whole batch (reduction order); losses
                      # (about 6.2, whose floats are 4.8e-7 apart) are compared relative to their size
 SECONDS = (0.04, 0.04, 0.04)   # (t_f, t_b, t_w) each action is padded to in calibrated runs: B + W = 2 F
-BUBBLE_REL_TOL = 0.05             # measured bubble within 5% of its closed form ...
+BUBBLE_REL_TOL = 0.05             # GPipe's and 1F1B's measured bubble within 5% of their closed form ...
 REPEATS = 3                       # ... in the median of 3 steps (a busy machine delays or stretches single steps)
 NAMES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "interleaved 1F1B v=2", "zb": "ZB-H1"}
 HELD = {"gpipe": "m on every rank (GPipe)", "1f1b": "p - r on rank r (1F1B)", "zb": "p on every rank (ZB-H1)",
@@ -180,6 +180,23 @@ def median_bubble(steps_per_rank: list[list[list[tuple[str, float, float]]]]) ->
     return statistics.median(measured_bubble(list(step)) for step in zip(*steps_per_rank))
 
 
+def timing_configs(p: int) -> list[tuple[str, int, int]]:
+    """The calibrated runs: GPipe at m = 2, 1F1B at m = p + 1 (where its order is no longer GPipe's), interleaving
+    (v = 2) at m = p and ZB-H1 at m = p + 1."""
+    return [("gpipe", 2, 1), ("1f1b", p + 1, 1), ("interleaved", p, 2), ("zb", p + 1, 1)]
+
+
+def bubble_tolerance(name: str, p: int, m: int, v: int) -> float:
+    """How far a measured bubble may sit from its closed form. GPipe and 1F1B: 5%. Interleaving and ZB-H1 make the
+    bubble smaller, so the runtime's own cost per action (a message's latency, bookkeeping: about a millisecond,
+    the same for every schedule) weighs more, and interleaving has v times the hops: they are held to what they
+    claim, a bubble nearer their closed form than 1F1B's at the same m (half the way between the two)."""
+    formula = closed_form_bubble(name, p, m, v)
+    if name in ("gpipe", "1f1b"):
+        return BUBBLE_REL_TOL * formula
+    return (closed_form_bubble("1f1b", p, m, 1) - formula) / 2
+
+
 def closed_form_bubble(name: str, p: int, m: int, v: int, seconds=SECONDS) -> float:
     """The papers' bubble fractions: GPipe and 1F1B (p-1)/(m+p-1), interleaved (p-1)/(vm+p-1), ZB-H1 a bubble of
     (p-1)(t_f + t_b - t_w) in a step of m (t_f + t_b + t_w) plus that bubble (for m >= p)."""
@@ -235,14 +252,14 @@ def check_pipeline(world_size: int) -> list[dict]:
         rows.append(make_row(f"pipeline {NAMES[name]}, m={m}", "torch.distributed.pipelining",
                              max_abs_diff=max(max(r[k]["grad_diff"], r[k]["loss_diff"]) for r in per_rank),
                              tolerance=GRAD_TOL, seconds=seconds / len(torch_configs)))
-    timing = [("gpipe", 2, 1), ("1f1b", 2, 1)]
+    timing = timing_configs(p)
     per_rank, seconds = _timed(calibrated_timelines, p, timing, SECONDS, REPEATS)
     for k, (name, m, v) in enumerate(timing):
-        formula = closed_form_bubble(name, p, m, v)
-        measured = median_bubble([r[k] for r in per_rank])
+        formula, measured = closed_form_bubble(name, p, m, v), median_bubble([r[k] for r in per_rank])
+        within = "within 5%" if name in ("gpipe", "1f1b") else "nearer than 1F1B's"
         rows.append(make_row(f"bubble of {NAMES[name]}, m={m}: {measured:.3f} (calibrated run)",
-                             f"(p-1)/(m+p-1) = {formula:.3f}, within 5%", max_abs_diff=abs(measured - formula),
-                             tolerance=BUBBLE_REL_TOL * formula, seconds=seconds / len(timing)))
+                             f"closed form {formula:.3f}, {within}", max_abs_diff=abs(measured - formula),
+                             tolerance=bubble_tolerance(name, p, m, v), seconds=seconds / len(timing)))
     return rows
 
 
