@@ -263,7 +263,7 @@ def check_tensor_parallel(world_size: int) -> list[dict]:
             name = f"TP{' + SP' if sp else ''}, {LABELS[model]}"
             counted = sum(r["bytes"] for r in per_rank) / n if all(r["counted"] for r in per_rank) else None
             formula = tp_bytes_per_step(n, CFG.n_layer, CFG.n_embd, tokens, sp, sp_grad_numel(model, n))
-            rows.append(make_row(f"{name}: logits, loss, gradients of {STEPS} steps", "one process, same weights",
+            rows.append(make_row(f"{name}: logits, loss, {STEPS} steps' grads", "one process, same weights",
                                  max_abs_diff=max(max(r["first"], r["grads"]) for r in per_rank), tolerance=GRAD_TOL,
                                  comm_bytes=counted, comm_bytes_theory=formula, seconds=seconds))
             rows.append(make_row(f"{name}: {STEPS} AdamW steps, param bytes", "one process (AdamW)",
