@@ -29,7 +29,7 @@ batches between its computations:
 Why it cannot hang: every rank issues its messages in the order of the one clock, so the oldest message not yet
 delivered always has both of its ends in batches whose earlier batches are all done; it gets delivered, and so
 does the next (`play` checks a plan under the strictest model: one queue per rank, a batch done only when all its
-messages are). Waiting for a send later than the batch after it, as step 4 does, only removes waiting. On each
+messages are: a send waited for before the next batch; step 4 waits later, which can only remove waiting). On each
 link, receives are posted in the order of the sends, so messages also match by order, as NCCL, which ignores tags,
 requires.
 """

@@ -17,7 +17,8 @@ Messages follow a plan made before the step (pipeline/messages.py): between two 
 (comm.batch_isend_irecv) holding the send of what the last action produced and the receives due by then, in the
 order of a clock shared by all ranks, so that NCCL, which runs a rank's messages in order, cannot hang. A rank
 waits only for the receive its next action needs; `validate` proves the schedule itself has no cycle of such waits.
-A sent tensor is held until its send completes (checked after every action), and counted: `memory.peak_messages`.
+A sent tensor is held until the plan's clock says it has arrived (then its send is waited for, at no cost when the
+ranks keep pace) and counted meanwhile: `memory.peak_messages`.
 
 Bytes: every micro-batch crosses each of the S - 1 boundaries between consecutive stages twice (its activation
 forward, its gradient backward): 2 m (v p - 1) messages of b T C values per step, summed over the ranks, all
