@@ -1,9 +1,9 @@
-"""Command line: `python -m minidist tour | memory | bench | grade` (see `python -m minidist -h`)."""
+"""Command line: `python -m minidist tour | memory | plan | bench | grade | serve | diagnose` (see `python -m minidist -h`)."""
 import argparse
 import json
 import sys
 
-from .args import nonnegative_float, nonnegative_int, positive_float, positive_int
+from .args import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
 
 
 def _tour(args) -> int:
@@ -34,6 +34,41 @@ def _memory(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from dataclasses import replace
+    from .planner import SHAPES, Cluster, as_json, format_plans, plan, shape_for
+    if args.params is None and args.model is None:
+        raise ValueError("give --params P, or --model NAME (or both: --params overrides the model's count)")
+    shape = SHAPES[args.model] if args.model else shape_for(args.params, args.seq or 2048)
+    shape = replace(shape, seq=args.seq) if args.seq else shape
+    params = args.params or shape.params()
+    cluster = Cluster(args.gpus, args.gpu_memory_gb, args.gpus_per_node, args.tflops, args.mfu, args.intra_node_gbps,
+                      args.inter_node_gbps, args.alpha_us, args.reserve_gb)
+    plans = plan(params, cluster, shape, args.global_batch, args.top)
+    print(f"{params:.4g} parameters ({args.model or 'GPT-3-like shape'}: {shape.layers} layers, hidden "
+          f"{shape.hidden}, sequence {shape.seq}) on {args.gpus} GPUs of {args.gpu_memory_gb:g} GB, "
+          f"{args.gpus_per_node} per node, global batch {args.global_batch} sequences; best first:")
+    print(format_plans(plans))
+    _write_json(args.json, as_json(plans))
+    return 0
+
+
+PLAN_COLUMNS = """columns: dp pp v tp cp = data-parallel replicas, pipeline stages, interleaved chunks per stage,
+tensor- and context-parallel ranks; zero = ZeRO stage on dp x cp; m = micro-batches per replica and step; b = sequences
+per micro-batch (dp x m x b = --global-batch); ckpt = activation checkpointing; GB/GPU = predicted memory of the fullest
+GPU; step s = predicted seconds per step; comm = share of the step spent in communication the computation does not
+hide; bubble = share idle in the pipeline bubble; TFLOP/s = model FLOPs per GPU, (6 P + 6 L s h) per token."""
+
+
+class _PlanHelp(argparse.RawDescriptionHelpFormatter):
+    """plan --help: every default shown (flags without one say what happens), the columns' description as written."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, argparse.SUPPRESS) or "%(default)" in action.help:
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
 def _bench(args) -> int:
     from . import bench
     runs = {  # one benchmark per chapter, each side by side with its PyTorch reference
@@ -45,6 +80,8 @@ def _bench(args) -> int:
         "pp": lambda: bench.bench_pp(args.world_size, args.steps, args.warmup, args.microbatches),
         "zero": lambda: bench.bench_zero(args.world_size, args.steps, args.warmup),
         "fsdp": lambda: bench.bench_fsdp(args.world_size, args.steps, args.warmup),
+        "serve": lambda: bench.bench_serve(args.world_size, args.requests, args.utilization, args.slots,
+                                           args.pattern, args.repeats, rate=args.rate),
     }
     result = runs[args.what]()
     print(getattr(bench, f"format_{args.what}")(result))
@@ -97,12 +134,41 @@ def main(argv=None) -> int:
     mem.add_argument("--json", metavar="PATH")
     mem.set_defaults(run=_memory)
 
+    pl = sub.add_parser("plan", help="choose dp, pp, tp, cp, ZeRO stage, micro-batches and checkpointing for a model "
+                                     "and cluster from minidist's memory and cost models",
+                        description="The plans that fit in memory, fastest first, by minidist's models of memory\n"
+                                    "and step time (minidist/planner.py explains every term). GB = 1e9 bytes.",
+                        epilog=PLAN_COLUMNS, formatter_class=_PlanHelp)
+    pl.add_argument("--params", type=positive_float,
+                    help="number of parameters, e.g. 175e9 (with --model: replaces the count of its shape)")
+    pl.add_argument("--model", choices=["gpt3-175b", "llama3-8b", "llama3-70b", "llama3-405b"],
+                    help="the model's shape (layers, hidden, heads, vocabulary, sequence); without it a GPT-3-like "
+                         "shape for --params")
+    pl.add_argument("--gpus", type=positive_int, required=True, help="GPUs in all (whole nodes)")
+    pl.add_argument("--gpu-memory-gb", type=positive_float, required=True,
+                    help="memory per GPU in GB of 1e9 bytes (an '80 GB' H100 holds about 85.5)")
+    pl.add_argument("--seq", type=positive_int, help="sequence length (default: the model's, or 2048)")
+    pl.add_argument("--global-batch", type=positive_int, default=1024, help="sequences per optimizer step")
+    pl.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs per node (tp stays inside one)")
+    pl.add_argument("--tflops", type=positive_float, default=989.0, help="peak 16-bit TFLOP/s per GPU")
+    pl.add_argument("--mfu", type=fraction, default=0.5, help="fraction of the peak the matmuls reach, in (0, 1]")
+    pl.add_argument("--intra-node-gbps", type=positive_float, default=450.0,
+                    help="GB/s per GPU inside a node, one direction")
+    pl.add_argument("--inter-node-gbps", type=positive_float, default=50.0, help="GB/s per GPU between nodes")
+    pl.add_argument("--alpha-us", type=nonnegative_float, default=5.0, help="latency per message (microseconds)")
+    pl.add_argument("--reserve-gb", type=nonnegative_float, default=4.0,
+                    help="memory per GPU kept for the CUDA context, buffers and fragmentation (GB)")
+    pl.add_argument("--top", type=positive_int, default=10, help="how many plans to print")
+    pl.add_argument("--json", metavar="PATH", help='also write {"plans": [...]}, best first')
+    pl.set_defaults(run=_plan)
+
     bench = sub.add_parser("bench", help="time a technique side by side with its reference")
-    bench.add_argument("what", choices=["ddp", "buckets", "tp", "pp", "zero", "fsdp"],
+    bench.add_argument("what", choices=["ddp", "buckets", "tp", "pp", "zero", "fsdp", "serve"],
                        help="ddp: DataParallel against torch DDP; buckets: step time across bucket sizes over a "
                             "simulated link, measured and predicted by the cost model; tp: parallelize against DTensor "
                             "tensor parallel; pp: the 1F1B pipeline against torch's Schedule1F1B; zero: ZeroOptimizer "
-                            "against DDP + ZeroRedundancyOptimizer; fsdp: fully_shard against FSDP2's")
+                            "against DDP + ZeroRedundancyOptimizer; fsdp: fully_shard against FSDP2's; serve: "
+                            "round-robin against least-outstanding-tokens routing over --world-size replicas")
     bench.add_argument("--world-size", type=positive_int, default=2)
     bench.add_argument("--steps", type=positive_int, default=30, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=nonnegative_int, default=5)
@@ -113,6 +179,14 @@ def main(argv=None) -> int:
     bench.add_argument("--bandwidth", type=positive_float, default=50e6, help="buckets: simulated bandwidth (bytes/s)")
     bench.add_argument("--sequence-parallel", action="store_true", help="tp: with sequence parallelism")
     bench.add_argument("--microbatches", type=positive_int, default=4, help="pp: micro-batches per step")
+    bench.add_argument("--requests", type=positive_int, default=160, help="serve: requests in the load")
+    bench.add_argument("--utilization", type=positive_float, default=0.9,
+                       help="serve: the load as a share of the measured capacity (sets the arrival rate)")
+    bench.add_argument("--rate", type=positive_float, default=None, help="serve: Poisson arrivals per second instead")
+    bench.add_argument("--slots", type=positive_int, default=4, help="serve: KV-cache slots per replica")
+    bench.add_argument("--pattern", choices=["alternating", "iid"], default="alternating",
+                       help="serve: short and long requests in turn, or lengths drawn at random")
+    bench.add_argument("--repeats", type=positive_int, default=3, help="serve: rounds per balancer (medians)")
     bench.add_argument("--json", metavar="PATH")
     bench.set_defaults(run=_bench)
 
@@ -125,6 +199,9 @@ def main(argv=None) -> int:
     grade.add_argument("--timeout", type=positive_int, default=60, help="seconds per test before it counts as failed")
     grade.add_argument("--json", metavar="PATH")
     grade.set_defaults(run=_grade)
+
+    from .serve import add_parser as add_serve_parser
+    add_serve_parser(sub)  # serve: the HTTP endpoint of chapter 12
 
     diag = sub.add_parser("diagnose", help="why ranks hung: analyse the flight records a torchrun job left in DIR")
     diag.add_argument("directory", metavar="DIR", help="the job's $MINIDIST_FLIGHT_DIR (printed by a failing rank)")

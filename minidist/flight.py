@@ -35,12 +35,12 @@ ENTERED, COMPLETED = 1, 2
 
 
 class Entry:
-    __slots__ = ("seq", "group", "gid", "peer", "op", "dtype", "numel", "state", "time", "slot")
+    __slots__ = ("seq", "group", "gid", "peer", "op", "dtype", "numel", "state", "time", "slot", "done")
 
     def as_dict(self) -> dict:
         return {"seq": self.seq, "group": list(self.group), "group_id": _table[self.gid][0], "peer": self.peer,
                 "op": self.op, "dtype": self.dtype, "numel": self.numel, "completed": self.state == COMPLETED,
-                "time": self.time}
+                "time": self.time, "done": self.done}
 
 
 _entries: collections.deque = collections.deque(maxlen=CAPACITY)
@@ -100,6 +100,7 @@ def _enter(op, tensor, group, peer) -> Entry:
     e.seq = _seq[key] = _seq.get(key, 0) + 1
     e.gid, e.group, e.peer, e.op, e.numel, e.state, e.time = gid, ranks, -1 if peer is None else peer, op, \
         tensor.numel(), ENTERED, time.time()
+    e.done = None  # time.time() when it completed (in this process only: the file keeps the state, not the time)
     e.dtype = str(tensor.dtype).removeprefix("torch.")
     _entries.append(e)
     m = _file["map"]
@@ -120,7 +121,7 @@ def _write(e: Entry) -> None:
 def complete(e: Entry | None) -> None:
     if e is None or e.state == COMPLETED:
         return
-    e.state = COMPLETED
+    e.state, e.done = COMPLETED, time.time()
     if _file["map"] is not None and _file["count"] - e.slot <= CAPACITY:  # not yet overwritten by newer entries
         _write(e)
 

@@ -50,8 +50,12 @@ def mesh_groups(dp: int = 1, pp: int = 1, cp: int = 1, tp: int = 1, *, axes=None
 
 
 def coordinates(rank: int, dp: int = 1, pp: int = 1, cp: int = 1, tp: int = 1, *, axes=None) -> dict[str, int]:
-    """Coordinates of `rank` in the grid, one per axis."""
+    """Coordinates of `rank` in the grid, one per axis; a rank outside the grid is refused."""
     axes = list(axes) if axes is not None else list(zip(AXES, (dp, pp, cp, tp)))
+    _check_axes(axes)
+    world = int(torch.tensor([size for _, size in axes]).prod())
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+        raise ValueError(f"rank {rank!r} is not in a mesh of {world} ranks ({dict(axes)})")
     coords, rest = {}, rank
     for name, size in reversed(axes):  # the last axis varies fastest
         coords[name], rest = rest % size, rest // size

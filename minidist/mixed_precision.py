@@ -145,7 +145,7 @@ class MixedPrecisionOptimizer:
         """Copy the model's gradients into fp32 master gradients and unscale them; True on inf/nan."""
         if self._found_inf is None:
             for master, p in zip(self.master, self.params):
-                master.grad = None if p.grad is None else p.grad.to(torch.float32, copy=True)
+                master.grad = None if p.grad is None else p.grad.to(master.device, torch.float32, copy=True)
             grads = [m.grad for m in self.master if m.grad is not None]
             self._found_inf = self.scaler.unscale_(grads, self.agree, self.group)
         return self._found_inf

@@ -56,11 +56,17 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=2)                           # 3 x (B, T, C)
         nh = q.shape[-1] // self.head_dim                               # (not -1: a batch may be empty)
         q, k, v = (t.view(B, T, nh, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, T)
-        att = att.masked_fill(self.future[:T, :T], float("-inf")).softmax(dim=-1)
-        y = self.attn_drop(att) @ v                                     # (B, nh, T, hs)
+        y = self.attend(q, k, v)                                        # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, nh * self.head_dim)         # re-assemble the heads: (B, T, C)
         return self.resid_drop(self.proj(y))
+
+    def attend(self, q, k, v):
+        """The core attention, softmax(q k^T / sqrt(hs)) v under the causal mask: the part whose saved activations
+        grow with s^2 (a method of its own so selective checkpointing, chapter 09, can recompute just this)."""
+        T = q.shape[-2]
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, T)
+        att = att.masked_fill(self.future[:T, :T], float("-inf")).softmax(dim=-1)
+        return self.attn_drop(att) @ v                                  # (B, nh, T, hs)
 
 
 class MLP(nn.Module):

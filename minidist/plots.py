@@ -175,4 +175,102 @@ def unit_timeline(events: list[tuple[str, float, float]], title: str, ax=None):
     ax.set_title(title)
     ax.legend([Patch(color=color) for color, _, _ in style.values()], list(style), loc="upper center",
               bbox_to_anchor=(0.5, -0.22), fontsize=8, ncol=4)
+
+
+def draw_mesh(shape: dict, ax=None):
+    """The ranks of a mesh with three axes of size > 1 (slowest first): one row per value of the first axis, a block
+    of columns per value of the second, the third (fastest) side by side. Boxes enclose the fastest axis' groups,
+    arrows join the second axis' groups, dashed lines the first's."""
+    from .mesh import coordinates
+    axes = [(a, s) for a, s in shape.items() if s > 1]
+    if len(axes) != 3:
+        raise ValueError(f"draw_mesh draws three axes of size > 1, got {shape}")
+    (a0, n0), (a1, n1), (a2, n2) = axes
+    world = n0 * n1 * n2
+    ax = ax or plt.subplots(figsize=(1.6 * n1 * (n2 + 1), 1.6 * n0 + 0.6))[1]
+    pos = {}
+    for r in range(world):
+        c = coordinates(r, axes=list(shape.items()))
+        pos[r] = (c[a1] * (n2 + 1) + c[a2], -1.6 * c[a0])
+        ax.add_patch(plt.Rectangle((pos[r][0] - 0.35, pos[r][1] - 0.3), 0.7, 0.6, facecolor="#9ecae1",
+                                   edgecolor="black", lw=0.6))
+        ax.text(*pos[r], f"rank {r}\n" + " ".join(f"{a}{c[a]}" for a, _ in axes), ha="center", va="center",
+                fontsize=7)
+    for r in range(world):
+        c, (x, y) = coordinates(r, axes=list(shape.items())), pos[r]
+        if c[a2] == 0:
+            ax.add_patch(plt.Rectangle((x - 0.45, y - 0.4), n2 - 0.1, 0.8, fill=False, edgecolor="tab:red", lw=1.5))
+        if c[a1] + 1 < n1:
+            arrow = dict(arrowstyle="->", color="tab:green", lw=1.2, connectionstyle="arc3,rad=-0.3")
+            ax.annotate("", (x + n2 + 1 - 0.37, y), (x + 0.37, y), arrowprops=arrow)
+        if c[a0] + 1 < n0:
+            ax.plot([x, x], [y - 0.3, y - 1.3], "--", color="tab:purple", lw=1.2)
+    ax.plot([], [], color="tab:red", label=f"{a2} group (boxed)")
+    ax.plot([], [], color="tab:green", label=f"{a1} group (arrows)")
+    ax.plot([], [], "--", color="tab:purple", label=f"{a0} group (dashed)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=3, fontsize=8, frameon=False)
+    ax.set(xlim=(-0.6, n1 * (n2 + 1) - 1.4), ylim=(-1.6 * (n0 - 1) - 0.6, 0.6))
+    ax.set_title(" x ".join(f"{a}={s}" for a, s in axes) + f": {world} ranks, {a2} fastest", fontsize=9)
+    ax.axis("off")
+    return ax
+
+
+def causal_blocks(n: int, balanced: bool = True, ax=None):
+    """The causal score matrix cut into 2n x 2n chunk blocks (queries down, keys across): each block a query chunk
+    must see, colored by the rank that computes it (its queries' owner), labeled with the ring step at which that
+    rank holds the keys. Rank i owns chunks i and 2n-1-i when balanced, chunks 2i and 2i+1 when not."""
+    owner = [min(k, 2 * n - 1 - k) for k in range(2 * n)] if balanced else [k // 2 for k in range(2 * n)]
+    ax = ax or plt.subplots(figsize=(3.4, 3.4))[1]
+    cmap, work = plt.get_cmap("tab10"), [0] * n
+    for q in range(2 * n):
+        for k in range(q + 1):
+            work[owner[q]] += 1
+            ax.add_patch(plt.Rectangle((k, q), 1, 1, facecolor=cmap(owner[q]), alpha=0.35 + 0.3 * (k == q),
+                                       edgecolor="white"))
+            ax.text(k + 0.5, q + 0.5, str((owner[q] - owner[k]) % n), ha="center", va="center", fontsize=7)
+    ax.set(xlim=(0, 2 * n), ylim=(2 * n, 0), xlabel="key chunk", ylabel="query chunk")
+    ax.set_xticks([k + 0.5 for k in range(2 * n)], range(2 * n), fontsize=7)
+    ax.set_yticks([k + 0.5 for k in range(2 * n)], range(2 * n), fontsize=7)
+    ax.set_title(f"{'load-balanced' if balanced else 'contiguous'}, cp={n}: blocks per rank "
+                 f"{'/'.join(map(str, work))}", fontsize=9)
+    return ax
+
+
+def element_runs(lengths, source) -> list[tuple[int, int]]:
+    """The box `source` (slices) of a row-major chunk of `lengths`, as [start, stop) runs of the chunk's flat
+    elements (adjacent runs merged): the byte ranges a reader touches, divided by the element size."""
+    import itertools
+    strides = [1] * len(lengths)
+    for d in range(len(lengths) - 2, -1, -1):
+        strides[d] = strides[d + 1] * lengths[d + 1]
+    runs = []
+    for lead in itertools.product(*[range(s.start, s.stop) for s in source[:-1]]):
+        base = sum(i * st for i, st in zip(lead, strides))
+        start, stop = (base + source[-1].start, base + source[-1].stop) if source else (0, 1)
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], stop)
+        else:
+            runs.append((start, stop))
+    return runs
+
+
+def read_plan(plans: list[list[dict]], key: str, ax=None):
+    """Which elements of each saved chunk of `key` every loading rank reads: a bar per saved chunk (its file),
+    coloured by the reading rank. plans[r]: the reads of rank r (minidist.checkpoint.plan_load)."""
+    ax = ax or plt.subplots(figsize=(9, 2.2))[1]
+    chunks = sorted({(r["file"], tuple(r["chunk"][1])) for plan in plans for r in plan if r["key"] == key})
+    for y, (file, lengths) in enumerate(chunks):
+        total = 1
+        for n in lengths:
+            total *= n
+        ax.barh(y, total, color="0.92", edgecolor="0.4")
+        for rank, plan in enumerate(plans):
+            for r in (r for r in plan if r["key"] == key and r["file"] == file):
+                for start, stop in element_runs(lengths, r["source"]):
+                    ax.barh(y, stop - start, left=start, color=f"C{rank}", edgecolor="none")
+    ax.set_yticks(range(len(chunks)), [f"{f} {'x'.join(map(str, ln))}" for f, ln in chunks])
+    ax.set_xlabel("element of the saved chunk (row-major)")
+    ax.set_title(f"{key}: what each new rank reads")
+    ax.legend(handles=[Patch(color=f"C{r}", label=f"new rank {r}") for r in range(len(plans))],
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     return ax

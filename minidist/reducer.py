@@ -64,7 +64,7 @@ class _HookWork:
 
     def __init__(self, future, buf):
         self.future, self.buf, self.completed_at = future, buf, None
-        if hasattr(future, "then"):  # a torch future: note when it completes, for the timeline
+        if isinstance(future, torch.futures.Future):  # note when it completes, for the timeline
             future.then(lambda _: setattr(self, "completed_at", self.completed_at or time.perf_counter()))
 
     def wait(self):

@@ -7,6 +7,9 @@
     torchrun --nproc_per_node=2 -m minidist.examples.train --strategy tp --model tiny-llama --sequence-parallel
 
     torchrun --nproc_per_node=4 -m minidist.examples.train --strategy pp --schedule interleaved --microbatches 8
+    torchrun --nproc_per_node=8 -m minidist.examples.train --strategy 3d --dp 2 --pp 2 --tp 2   # or --cp 2
+    torchrun --nproc_per_node=2 -m minidist.examples.train --strategy ddp --checkpointing selective --compress powersgd
+    torchrun --nproc_per_node=2 -m minidist.examples.train --strategy zero2 --offload disk --checkpointing full
 
 gloo on CPUs, NCCL when every rank has a GPU. Rank 0 shows a progress bar and logs the loss averaged over ranks.
 Strategies: ddp (minidist.DataParallel), torch-ddp (PyTorch's DistributedDataParallel), none (each rank alone: what
@@ -14,8 +17,15 @@ goes wrong without gradient averaging), tp (minidist.tensor_parallel: every rank
 whole batch; --sequence-parallel adds sequence parallelism), pp (pipeline parallel, minidist.pipeline: each rank one
 stage of the model, the global batch cut into --microbatches, run by --schedule gpipe|1f1b|interleaved|zb), zero1 /
 zero2 (minidist.zero.ZeroOptimizer, stage 1 or 2), zero3 (minidist's fully_shard on the whole model), fsdp
-(minidist's fully_shard on each block, then the root), torch-fsdp (PyTorch's FSDP2 fully_shard, per block). Later
-chapters add theirs to STRATEGIES.
+(minidist's fully_shard on each block, then the root), torch-fsdp (PyTorch's FSDP2 fully_shard, per block), 3d
+(examples/parallel3d.py: a --dp x --pp x --cp x --tp mesh). Later chapters add theirs to STRATEGIES.
+--checkpointing, --offload and --compress (chapters 09-10, examples/tradeoffs.py) combine with the strategies that
+support them.
+
+Checkpoints, restarts and injected failures (--checkpoint-dir, --checkpoint-every, --fail-at-step, --hang-at-step,
+--timeout): see minidist/examples/fault_tolerance.py.
+    torchrun --standalone --nproc_per_node=2 --max-restarts=3 -m minidist.examples.train --strategy fsdp \\
+             --steps 40 --checkpoint-dir ckpt --checkpoint-every 10 --fail-at-step 25
 """
 import argparse
 import os
@@ -25,14 +35,19 @@ import torch
 import torch.distributed as dist
 
 from minidist import launch, run_under_torchrun
-from minidist.args import positive_float, positive_int
+from minidist.args import nonnegative_float, positive_float, positive_int
 from minidist.data import random_batches, token_ids, train_val_split
 from minidist.data_parallel import DataParallel
+from minidist.examples import fault_tolerance as ft
+from minidist.examples import tradeoffs
 from minidist.fsdp import fully_shard
 from minidist.launch import device
 from minidist.models import GPT, GPTConfig, build_llama, lm_loss
+from minidist.monitor import Monitor
 from minidist.testing import replica_divergence
 from minidist.zero import ZeroOptimizer
+
+from . import parallel3d
 
 
 def _torch_ddp(model, args):
@@ -77,7 +92,7 @@ OPTIMIZERS = {  # the optimizer each strategy trains with (default: AdamW on the
                                                bucket_cap_mb=args.bucket_cap_mb),
 }
 SHARDED = ("zero3", "fsdp", "torch-fsdp")  # each rank holds a shard of the weights: no replicas to compare
-MODELS = {"tiny-gpt": lambda args: GPT(GPTConfig(block_size=args.block_size)),
+MODELS = {"tiny-gpt": lambda args: GPT(GPTConfig(block_size=args.block_size, dropout=args.dropout)),
           "tiny-llama": lambda args: build_llama(max_position_embeddings=max(128, args.block_size))}
 
 
@@ -98,12 +113,12 @@ def _replicas(model, args):
     return torch.nn.ParameterList(p for name, p in model.named_parameters() if name not in sharded)
 
 
-def _progress(args, description: str):
+def _progress(args, description: str, start: int = 0):
     """A progress bar on rank 0 (None elsewhere, or with --quiet)."""
     if dist.get_rank() != 0 or args.quiet:
         return None
     from tqdm import tqdm
-    return tqdm(total=args.steps, desc=description, file=sys.stderr)
+    return tqdm(total=args.steps, initial=start, desc=description, file=sys.stderr)
 
 
 def _log(progress, args, step: int, loss: float) -> None:
@@ -118,33 +133,46 @@ def _log(progress, args, step: int, loss: float) -> None:
 def train(args) -> dict:
     if args.strategy == "pp":
         return train_pp(args)
+    if args.strategy == "3d":
+        return parallel3d.train_3d(args)
     rank, n, dev = dist.get_rank(), dist.get_world_size(), device()
     split_batch = args.strategy != "tp"  # data parallel: a slice of the batch per rank; tensor parallel: all of it
     if split_batch and args.batch_size % n:
         raise ValueError(f"global batch size {args.batch_size} is not divisible by the world size {n}")
     torch.manual_seed(args.seed)
-    model = STRATEGIES[args.strategy](MODELS[args.model](args).to(dev), args)
-    loss_fn, logits = _loss_fn(args), lambda out: getattr(out, "logits", out)  # HF models return an output object
-    opt = OPTIMIZERS.get(args.strategy, lambda m, a: torch.optim.AdamW(m.parameters(), lr=a.lr))(model, args)
+    model = STRATEGIES[args.strategy](tradeoffs.prepare_model(MODELS[args.model](args).to(dev), args), args)
+    tradeoffs.register_hooks(model, args)
+    loss_fn, logits = _loss_fn(args), lambda out: getattr(out, "logits", out).float()  # HF: an output object
+    opt = tradeoffs.optimizer(model, args) or \
+        OPTIMIZERS.get(args.strategy, lambda m, a: torch.optim.AdamW(m.parameters(), lr=a.lr))(model, args)
     train_ids, val_ids = train_val_split(token_ids())
     batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed)
-    progress, losses = _progress(args, f"{args.strategy} on {n} ranks"), []
-    for step, (x, y) in enumerate(batches):
+    state = ft.resume(args, model, opt)  # step 0, or the newest checkpoint's
+    progress, losses = _progress(args, f"{args.strategy} on {n} ranks", state["step"]), state["losses"]
+    monitor = Monitor(enabled=args.monitor is not None)  # --monitor PATH: per-rank step telemetry (minidist.monitor)
+    for step, (x, y) in enumerate(batches[state["step"]:], start=state["step"]):
+        ft.inject(args, step)
         if split_batch:
             x, y = x.chunk(n)[rank], y.chunk(n)[rank]                  # this rank's slice of the global batch
+        monitor.begin(tokens=x.numel())
         x, y = x.to(dev), y.to(dev)
-        loss = loss_fn(logits(model(x)), y)
+        with tradeoffs.forward_context(model, args):
+            loss = loss_fn(logits(model(x)), y)
         loss.backward()
         opt.step()
         opt.zero_grad()
         mean = loss.detach().clone()
         dist.all_reduce(mean)  # for the log only: the loss averaged over ranks (under tp every rank has the same)
-        losses.append(mean.item() / n)
+        monitor.end()
+        ft.after_step(args, state, step + 1, model, opt, mean.item() / n)  # the loss logged; maybe a checkpoint
         _log(progress, args, step, losses[-1])
+    monitor.report(args.monitor)
     x, y = random_batches(val_ids, 32, args.block_size, 1, seed=1234)[0]
     with torch.no_grad():
         val = loss_fn(logits(model(x.to(dev))), y.to(dev)).item()
-    return {"first_loss": losses[0], "last_loss": losses[-1], "val_loss": val,
+    tradeoffs.finish(args)
+    return {"first_loss": losses[0], "last_loss": losses[-1], "val_loss": val, "losses": losses,
+            "resumed_at": state["resumed_at"], "digest": ft.digest(ft.full_weights(model, args.strategy)),
             "replica_divergence": None if args.strategy in SHARDED else replica_divergence(_replicas(model, args))}
 
 
@@ -164,16 +192,23 @@ def train_pp(args) -> dict:
                            model.cfg.n_embd, track_memory=False)
     opt = torch.optim.AdamW(pipe.parameters(), lr=args.lr)
     train_ids, val_ids = train_val_split(token_ids())
-    progress, losses = _progress(args, f"pp {args.schedule} on {p} ranks"), []
-    for step, (x, y) in enumerate(random_batches(train_ids, args.batch_size, args.block_size, args.steps,
-                                                 seed=args.seed)):
+    stages = torch.nn.ModuleList(pipe.stages)  # what this rank checkpoints: its stages, named as in the whole model
+    state = ft.resume(args, stages, opt)
+    progress, losses = _progress(args, f"pp {args.schedule} on {p} ranks", state["step"]), state["losses"]
+    monitor = Monitor(enabled=args.monitor is not None)
+    batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed)
+    for step, (x, y) in enumerate(batches[state["step"]:], start=state["step"]):
+        ft.inject(args, step)
+        monitor.begin(tokens=x.numel())
         loss = pipe.step(x.to(dev), y.to(dev))
         opt.step()
         opt.zero_grad()
         loss = loss if loss is not None else torch.zeros((), device=dev)
         dist.broadcast(loss, src=p - 1)  # for the log only: the loss lives on the last stage's rank
-        losses.append(loss.item())
+        monitor.end()
+        ft.after_step(args, state, step + 1, stages, opt, loss.item())
         _log(progress, args, step, losses[-1])
+    monitor.report(args.monitor)
     tied = model.wte.weight.detach().clone()  # the first and the last rank's copies of the tied embedding
     dist.broadcast(tied, src=p - 1)
     divergence = (model.wte.weight.detach() - tied).abs().max().item() if rank == 0 else 0.0
@@ -183,13 +218,14 @@ def train_pp(args) -> dict:
     x, y = random_batches(val_ids, 32, args.block_size, 1, seed=1234)[0]
     with torch.no_grad():
         val = lm_loss(model(x.to(dev)), y.to(dev)).item()
-    return {"first_loss": losses[0], "last_loss": losses[-1], "val_loss": val, "replica_divergence": divergence}
+    return {"first_loss": losses[0], "last_loss": losses[-1], "val_loss": val, "replica_divergence": divergence,
+            "losses": losses, "resumed_at": state["resumed_at"], "digest": ft.digest(model.state_dict())}
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m minidist.examples.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategy", choices=sorted([*STRATEGIES, "pp"]), default="ddp")
+    p.add_argument("--strategy", choices=sorted([*STRATEGIES, "pp", "3d"]), default="ddp")
     p.add_argument("--model", choices=sorted(MODELS), default="tiny-gpt")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="tp: norms and residual adds run on sequence shards too (models here use dropout 0)")
@@ -203,20 +239,37 @@ def parse(argv=None):
     p.add_argument("--chunks", type=positive_int, default=2, help="pp: model chunks per rank with --schedule interleaved")
     p.add_argument("--n-layer", type=positive_int, default=None,
                    help="pp: transformer blocks (default: one per stage, >= 2)")
+    parallel3d.add_arguments(p)
     p.add_argument("--log-every", type=positive_int, default=50)
+    p.add_argument("--monitor", metavar="PATH", help="per-rank step telemetry: JSON lines to PATH, a Chrome trace "
+                                                   "to PATH with suffix .trace.json, stragglers named")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dropout", type=nonnegative_float, default=0.0, help="tiny-gpt: dropout (draws from the RNG)")
+    ft.add_arguments(p)
     p.add_argument("--world-size", type=positive_int, default=2, help="ranks to start when not under torchrun")
     p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+    tradeoffs.add_arguments(p)
+    args = p.parse_args(argv)
+    if problem := tradeoffs.check(args):
+        p.error(problem)
+    return args
 
 
 def main(argv=None) -> int:
     args = parse(argv)
     world = int(os.environ.get("WORLD_SIZE", args.world_size))
-    if args.strategy not in ("tp", "pp") and args.batch_size % world:  # data parallel splits the batch over ranks
+    if args.strategy == "3d":
+        parallel3d.prepare(args, world)
+    elif args.strategy not in ("tp", "pp") and args.batch_size % world:  # data parallel splits the batch over ranks
         raise SystemExit(f"python -m minidist.examples.train: error: --batch-size {args.batch_size} is not divisible "
                          f"by the world size {world}")
+    if ft.check(args):
+        raise SystemExit(f"python -m minidist.examples.train: error: {ft.check(args)}")
+    import torch._dynamo  # noqa: F401  (else the first optimizer step imports it, seconds late for the others)
+    token_ids()  # the corpus tokenized before ranks wait on each other: a late rank would eat into --timeout
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
+        if args.checkpoint_dir is not None:
+            ft.join_attempt()  # restarts possible: each attempt its own rendezvous keys
         result = run_under_torchrun(train, args)
         rank = int(os.environ["RANK"])
     else:
@@ -228,8 +281,16 @@ def main(argv=None) -> int:
                     else f"replicas differ by {result['replica_divergence']:.3g}")
         print(f"loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, validation {result['val_loss']:.3f}, "
               f"{replicas}")
+        resumed = f", resumed at step(s) {result['resumed_at']}" if result.get("resumed_at") else ""
+        if "digest" in result:
+            print(f"weights sha256 {result['digest']}{resumed}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "RANK" in os.environ:  # a torchrun worker, done: skip the interpreter teardown, where gloo may abort or stall
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

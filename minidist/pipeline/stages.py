@@ -63,6 +63,13 @@ class Stage(nn.Module):
             self.ln_f, self.lm_head = model.ln_f, model.lm_head
         tied = n_stages > 1 and model.lm_head.weight is model.wte.weight
         self.tied = [model.wte.weight] if tied and (self.first or self.last) else []
+        # state_dict key here -> the key of the same tensor in the whole model ("blocks.0" of stage 1 may be the
+        # model's "blocks.2"): a checkpoint names tensors as the whole model does, so any partition can load it.
+        whole = {}
+        for name, t in model.state_dict(keep_vars=True).items():
+            whole.setdefault(id(t), []).append(name)
+        self.global_names = {name: name if name in whole[id(t)] else whole[id(t)][0]
+                             for name, t in self.state_dict(keep_vars=True).items()}
 
     def forward(self, x):               # first stage: (b, T) token ids; the others: (b, T, C) activations
         if self.first:

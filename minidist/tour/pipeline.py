@@ -94,7 +94,7 @@ def pipeline_vs_one_process(configs, steps: int = 5, optimizer=sgd(0.1)) -> list
                       "grad_diff": max((q.grad - ref_grads[names[id(q)]]).abs().max().item()
                                        for q in pipe.parameters()),
                       "messages": sched.count("send"), "bytes": sched.total_bytes("send"),
-                      "counted": sched.counted and (tied.counted or not tied.records),
+                      "counted": sched.counted and (tied.counted or not tied.records),  # middle: nothing tied
                       "tied_messages": tied.count("send"),
                       "tied_bytes": tied.total_bytes("send"), "peak_bytes": pipe.memory.peak,
                       "peak_messages": pipe.memory.peak_messages,

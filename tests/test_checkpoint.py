@@ -1,0 +1,211 @@
+"""Sharded checkpoints (chapter 11): the read plan, flat pieces as boxes and the atomic commit (graded exercises);
+resume bit-identical for DDP, ZeRO-2, FSDP and tensor parallelism; resharding 4 -> 2 and 3 ranks, tp 2 -> 1 and a
+pipeline into one process; a failed save; DCP reading minidist's files and minidist reading DCP's; refusals by name."""
+import itertools
+import math
+import os
+import random
+import shutil
+
+import pytest
+import torch
+
+from minidist import checkpoint, launch
+from minidist.grading import implementation
+from minidist.models import GPT, GPTConfig
+from minidist.tour import checkpoint as tc
+
+
+def _fill(shape, boxes_parts):
+    """The global tensor rebuilt from parts: [(box offsets, box lengths, values)]."""
+    out = torch.full(shape, float("nan"))
+    for offsets, lengths, values in boxes_parts:
+        out[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))] = values
+    return out
+
+
+@pytest.mark.exercise("read_plan")
+def test_read_plan_by_hand():
+    read_plan = implementation("read_plan")
+    rows = [((0, 0), (2, 4)), ((2, 0), (2, 4))]  # a (4, 4) tensor saved as two row blocks
+    assert read_plan(rows, (1, 1), (2, 2)) == [(0, (slice(1, 2), slice(1, 3)), (slice(0, 1), slice(0, 2))),
+                                               (1, (slice(0, 1), slice(1, 3)), (slice(1, 2), slice(0, 2)))]
+    assert read_plan(rows, (2, 0), (2, 4)) == [(1, (slice(0, 2), slice(0, 4)), (slice(0, 2), slice(0, 4)))]
+    assert read_plan([((0,), (3,)), ((3,), (3,))], (3,), (2,)) == [(1, (slice(0, 2),), (slice(0, 2),))]  # edge only
+    quarters = [((r, c), (2, 2)) for r in (0, 2) for c in (0, 2)]
+    assert [i for i, _, _ in read_plan(quarters, (1, 1), (2, 2))] == [0, 1, 2, 3]
+    assert read_plan([((), ())], (), ()) == [(0, (), ())]
+    assert read_plan(rows, (0, 0), (0, 4)) == []  # an empty box needs nothing
+
+
+@pytest.mark.exercise("read_plan")
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_read_plan_fills_random_boxes(ndim):
+    read_plan, rng = implementation("read_plan"), random.Random(ndim)
+    for _ in range(30):
+        shape = [rng.randint(1, 6) for _ in range(ndim)]
+        full = torch.arange(math.prod(shape), dtype=torch.float32).view(shape)
+        cuts = [sorted({0, shape[d], *rng.sample(range(shape[d] + 1), min(2, shape[d] + 1))}) for d in range(ndim)]
+        chunks = [tuple(zip(*[(lo, hi - lo) for lo, hi in box])) for box in
+                  itertools.product(*[list(zip(c[:-1], c[1:])) for c in cuts])]
+        offsets = [rng.randrange(s) for s in shape]
+        lengths = [rng.randint(1, s - o) for s, o in zip(shape, offsets)]
+        box = torch.full(lengths, float("nan"))
+        for i, src, dst in read_plan(chunks, offsets, lengths):
+            off, ln = chunks[i]
+            box[dst] = full[tuple(slice(o, o + n) for o, n in zip(off, ln))][src]
+        assert torch.equal(box, full[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))])
+
+
+@pytest.mark.exercise("flat_boxes")
+def test_flat_boxes_by_hand():
+    flat_boxes = implementation("flat_boxes")
+    assert flat_boxes((10,), 3, 7) == [((3,), (4,))]
+    assert flat_boxes((3, 4), 5, 7) == [((1, 1), (1, 2))]                       # inside row 1
+    assert flat_boxes((3, 4), 2, 11) == [((0, 2), (1, 2)), ((1, 0), (1, 4)), ((2, 0), (1, 3))]
+    assert flat_boxes((3, 4), 4, 12) == [((1, 0), (2, 4))]                      # whole rows
+    assert flat_boxes((2, 2, 3), 1, 11) == [((0, 0, 1), (1, 1, 2)), ((0, 1, 0), (1, 1, 3)),
+                                           ((1, 0, 0), (1, 1, 3)), ((1, 1, 0), (1, 1, 2))]
+    assert flat_boxes((), 0, 1) == [((), ())]
+    assert flat_boxes((3, 4), 6, 6) == []
+
+
+@pytest.mark.exercise("flat_boxes")
+def test_flat_boxes_list_the_range_in_order():
+    flat_boxes, rng = implementation("flat_boxes"), random.Random(0)
+    for _ in range(200):
+        shape = tuple(rng.randint(1, 5) for _ in range(rng.randint(1, 4)))
+        full = torch.arange(math.prod(shape)).view(shape)
+        start = rng.randrange(full.numel())
+        stop = rng.randint(start, full.numel())
+        boxes = flat_boxes(shape, start, stop)
+        got = [full[tuple(slice(o, o + n) for o, n in zip(off, ln))].reshape(-1) for off, ln in boxes]
+        assert torch.equal(torch.cat(got) if got else torch.zeros(0, dtype=full.dtype), torch.arange(start, stop))
+        assert len(boxes) <= 2 * len(shape) - 1
+
+
+def _checkpoint_dir(path, value):
+    os.makedirs(path)
+    with open(os.path.join(path, "metadata.json"), "w") as f:
+        f.write(value)
+
+
+def _found(path):
+    with open(os.path.join(checkpoint.resolve(path), "metadata.json")) as f:
+        return f.read()
+
+
+@pytest.mark.exercise("atomic_commit")
+@pytest.mark.parametrize("before", ["nothing", "previous", "previous and a stale .old"])
+def test_commit_replaces_the_checkpoint(tmp_path, before):
+    commit, path, staged = implementation("atomic_commit"), str(tmp_path / "ckpt"), str(tmp_path / "ckpt.partial")
+    if before != "nothing":
+        _checkpoint_dir(path, "old")
+    if before.endswith(".old"):
+        _checkpoint_dir(path + ".old", "older")
+    _checkpoint_dir(staged, "new")
+    commit(staged, path)
+    assert _found(path) == "new" and checkpoint.resolve(path) == path
+    assert not os.path.exists(staged) and not os.path.exists(path + ".old")
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.exercise("atomic_commit")
+def test_a_crash_anywhere_in_commit_leaves_a_whole_checkpoint(tmp_path, monkeypatch):
+    commit = implementation("atomic_commit")
+    real = {"replace": os.replace, "rename": os.rename, "rmtree": shutil.rmtree}
+    for crash_at in range(1, 6):
+        where = tmp_path / str(crash_at)
+        path = str(where / "ckpt")
+        _checkpoint_dir(path, "old")
+        _checkpoint_dir(path + ".partial", "new")
+        calls = []
+
+        def counting(name):
+            def call(*args, **kwargs):
+                calls.append(name)
+                if len(calls) == crash_at:
+                    raise Crash(name)
+                return real[name](*args, **kwargs)
+            return call
+        for name in real:
+            monkeypatch.setattr(os if name != "rmtree" else shutil, name, counting(name))
+        try:
+            commit(path + ".partial", path)
+        except Crash:
+            pass
+        finally:
+            monkeypatch.undo()
+        assert _found(path) in ("old", "new"), f"crash at call {crash_at} ({calls}) left no whole checkpoint"
+
+
+def test_refusals_name_the_problem(tmp_path):
+    model, opt = GPT(GPTConfig(n_layer=1, n_embd=16)), None
+    checkpoint.save(str(tmp_path / "a"), model)
+    with pytest.raises(ValueError, match="holds no optimizer state"):
+        checkpoint.load(str(tmp_path / "a"), model, torch.optim.AdamW(model.parameters()))
+    with pytest.raises(ValueError, match=r"checkpoint has no \['blocks.1"):
+        checkpoint.load(str(tmp_path / "a"), GPT(GPTConfig(n_layer=2, n_embd=16)), opt)
+    with pytest.raises(ValueError, match=r"wte.weight: the checkpoint holds shape \(512, 16\), this model \(512, 32\)"):
+        checkpoint.load(str(tmp_path / "a"), GPT(GPTConfig(n_layer=1, n_embd=32)), opt)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        checkpoint.load(str(tmp_path / "missing"), model)
+    weird = torch.optim.SGD(model.parameters(), lr=0.1)
+    weird.state[model.wte.weight] = {"factored": torch.zeros(3)}
+    with pytest.raises(ValueError, match="neither per element nor a scalar"):
+        checkpoint.save(str(tmp_path / "b"), model, weird)
+    assert not os.path.exists(tmp_path / "b") and not os.path.exists(tmp_path / "b.partial")
+
+
+def test_resume_is_bit_identical(tmp_path):
+    before = launch(tc.resume_before, 2, str(tmp_path))
+    after = launch(tc.resume_after, 2, str(tmp_path))
+    forgot = launch(tc.resume_after, 2, str(tmp_path), ("ddp", "fsdp"), False)
+    for s in tc.RESUMED:
+        assert max(tc.max_diff(a[s][0], b[s]) for a, b in zip(after, before)) == 0.0, s
+    assert after[0]["ddp"][1] == 0.0  # replicas bitwise equal
+    for s in ("ddp", "fsdp"):  # without the RNG (dropout) and the loss scaler from `extra`, the runs part
+        assert tc.max_diff(forgot[0][s][0], before[0][s]) > 1e-4, s
+
+
+def test_resharding_4_to_2_and_3(tmp_path):
+    saved = launch(tc.reshard_save, 4, str(tmp_path), ("zero2", "fsdp"))[0]
+    for m in (2, 3):
+        results = launch(tc.reshard_load, m, str(tmp_path), [("zero2", "zero2"), ("fsdp", "fsdp")], saved)
+        for key in results[0]:
+            assert max(r[key] for r in results) == (0.0, 0.0), (m, key)
+
+
+def test_tensor_parallel_2_to_1_and_pipeline_into_one_process(tmp_path):
+    saved = launch(tc.reshard_save, 2, str(tmp_path), ("tp", "pp"))[0]
+    [result] = launch(tc.reshard_load, 1, str(tmp_path), [("tp", "dense"), ("tp", "tp"), ("pp", "dense")], saved)
+    assert result == {k: (0.0, 0.0) for k in result}
+    meta = checkpoint.read_metadata(str(tmp_path / "tp"))["tensors"]
+    assert meta["wte.weight"]["shape"] == [509, 48]  # the vocabulary padding (to 510) is not saved
+    assert [c["lengths"] for c in meta["wte.weight"]["chunks"]] == [[255, 48], [254, 48]]
+    assert len(meta["blocks.0.attn.qkv.weight"]["chunks"]) == 6  # q, k and v: a row block each, per rank
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
+    results = launch(tc.crash_during_save, 2, str(tmp_path / "ckpt"))
+    assert all("failed while writing its files on rank(s) [1]" in message for message, _, _ in results)
+    assert "disk full (injected" in results[1][0]
+    assert not any(left for _, left, _ in results) and all(diff == 0.0 for _, _, diff in results)
+
+
+def test_dcp_reads_minidist_and_minidist_reads_dcp(tmp_path):
+    results = launch(tc.dcp_interop, 2, str(tmp_path))
+    assert set(results[0]) == {"minidist ZeRO-2 checkpoint -> dcp.load", "minidist FSDP checkpoint -> dcp.load",
+                               "dcp.save -> minidist load (FSDP)"}
+    assert all(v == 0.0 for r in results for v in r.values())
+
+
+def test_element_runs_are_the_flat_ranges_a_box_covers():
+    from minidist.plots import element_runs
+    assert element_runs((3, 4), (slice(1, 3), slice(0, 4))) == [(4, 12)]          # whole rows: one run
+    assert element_runs((3, 4), (slice(0, 2), slice(1, 3))) == [(1, 3), (5, 7)]  # a column band: one run per row
+    assert element_runs((5,), (slice(2, 4),)) == [(2, 4)]
+    assert element_runs((), ()) == [(0, 1)]

@@ -1,0 +1,153 @@
+"""Activation checkpointing: gradients bit-identical to no checkpointing (dropout included), against
+torch.utils.checkpoint, saved bytes and recomputed FLOPs against their formulas, data parallel, errors."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from minidist import launch
+from minidist.checkpointing import capture_state, checkpoint, checkpoint_blocks, uncheckpoint
+from minidist.grading import implementation
+from minidist.memory import activation_bytes_per_layer
+from minidist.models import GPT, Block, GPTConfig, lm_loss
+from minidist.tour.checkpointing import (CFG, against_plain, recompute_flops, saved_per_layer, torch_checkpointed)
+
+X = torch.randint(512, (6, 16), generator=torch.Generator().manual_seed(1))
+
+
+def gradients(model, seed=7):
+    """The gradients of every parameter after one backward, dropout drawn from `seed`."""
+    model.zero_grad()
+    torch.manual_seed(seed)
+    lm_loss(model(X), X).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def bitwise(a, b):
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.exercise("recompute_gradients")
+def test_recompute_gradients_is_bit_identical_with_dropout():
+    recompute = implementation("recompute_gradients")
+    torch.manual_seed(0)
+    block = Block(CFG)
+    x = torch.randn(4, 16, CFG.n_embd, requires_grad=True)
+    weights = torch.randn(4, 16, CFG.n_embd)
+    torch.manual_seed(3)
+    (block(x) * weights).sum().backward()
+    expected = [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    torch.manual_seed(3)
+    state = capture_state([x])
+    with torch.no_grad():
+        block(x)  # forward draws its masks, saves nothing
+    torch.manual_seed(99)  # the random stream moves on before backward, as in training
+    grads = recompute(block, [x], state, (weights,))
+    assert bitwise([grads[0]] + [p.grad for p in block.parameters()], expected)
+    after = torch.rand(3)
+    torch.manual_seed(99)
+    assert torch.equal(after, torch.rand(3)), "recomputing drew from the training's random stream"
+
+
+@pytest.mark.exercise("recompute_gradients")
+def test_recompute_gradients_with_inputs_that_need_no_gradient_and_an_unused_output():
+    recompute = implementation("recompute_gradients")
+    lin = nn.Linear(3, 3)
+    x, frozen = torch.randn(2, 3, requires_grad=True), torch.randn(2, 3)
+
+    def fn(a, b, scale):
+        return lin(a) * scale + b, b.sum()
+    out, _ = fn(x, frozen, 2.0)
+    out.sum().backward()
+    expected = [x.grad.clone(), lin.weight.grad.clone()]
+    lin.zero_grad()
+    grads = recompute(fn, [x, frozen, 2.0], capture_state([x]), (torch.ones(2, 3), None))
+    assert grads[1] is None and grads[2] is None
+    assert bitwise([grads[0], lin.weight.grad], expected)
+
+
+@pytest.mark.parametrize("policy", ["full", "selective", "torch"])
+def test_policies_give_bit_identical_gradients_with_dropout(policy):
+    torch.manual_seed(0)
+    plain = GPT(CFG)
+    model = copy.deepcopy(plain)
+    torch_checkpointed(model) if policy == "torch" else checkpoint_blocks(model, policy)
+    assert bitwise(gradients(model), gradients(plain))
+    assert not bitwise(gradients(plain, seed=8), gradients(plain))  # the masks do matter
+
+
+def test_checkpointing_works_on_a_hugging_face_llama():
+    from minidist.models import build_llama
+    torch.manual_seed(0)
+    plain = build_llama(attention_dropout=0.1)
+    model = checkpoint_blocks(copy.deepcopy(plain), "full")
+    logits = lambda m: m(X).logits  # noqa: E731
+    grads = []
+    for m in (plain, model):
+        m.train()
+        torch.manual_seed(7)
+        lm_loss(logits(m), X).backward()
+        grads.append([p.grad for p in m.parameters()])
+    assert bitwise(*grads)
+
+
+def test_recomputation_costs_one_more_forward_or_the_core_attention_matmuls():
+    for policy in ("full", "selective"):
+        f = recompute_flops(policy)
+        assert f["checkpointed"] - f["plain"] == f["expected_extra"] > 0, (policy, f)
+
+
+@pytest.mark.exercise("saved_bytes_per_layer")
+def test_saved_bytes_per_layer_formulas():
+    formula = implementation("saved_bytes_per_layer")
+    s, b, h, a = 2048, 1, 12288, 96  # GPT-3 175B's layer
+    assert formula("selective", s, b, h, a) == 34 * s * b * h  # 16-bit, dropout, 1-byte masks (the paper)
+    assert formula("full", s, b, h, a) == 2 * s * b * h
+    assert formula("none", s, b, h, a) == activation_bytes_per_layer(s, b, h, a) == s * b * h * (34 + 5 * a * s // h)
+    assert formula("selective", 16, 12, 32, 4, 4, False) == 4 * 16 * 16 * 12 * 32
+    assert formula("selective", 8, 2, 16, 2, 4, True, 4) == 4 * 16 * 8 * 2 * 16 + 4 * 2 * 8 * 2 * 16
+    for policy in ("none", "selective", "full"):  # what the tiny GPT really saves (fp32, no dropout)
+        m = saved_per_layer(policy)
+        assert formula(policy, 16, 12, 32, 4, 4, False) + m["layernorm_stats"] == m["bytes"]
+    with pytest.raises(ValueError, match="policy"):
+        formula("some", s, b, h, a)
+
+
+def test_data_parallel_trains_bitwise_with_checkpointing_on_3_ranks():
+    variants = [("full", None), ("selective", None)]
+    for per_variant in launch(against_plain, 3, variants):
+        for run in per_variant.values():
+            assert run["diff"] == 0.0 and run["divergence"] == 0.0 and run["counted"]
+
+
+def test_eval_runs_plainly_and_a_segment_without_grad_inputs_still_trains_its_parameters():
+    torch.manual_seed(0)
+    model = checkpoint_blocks(GPT(GPTConfig(n_layer=2, n_embd=32, block_size=16)), "full")
+    with torch.no_grad():
+        assert model(X).shape == (6, 16, 512)
+    lin = nn.Linear(4, 4)
+    checkpoint(lin, torch.randn(2, 4)).sum().backward()  # the input needs no gradient: the anchor keeps the graph
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+def test_uncheckpoint_restores_the_model_and_bad_requests_are_refused():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_embd=32, block_size=16))
+    keys = list(model.state_dict())
+    checkpoint_blocks(model, "selective")
+    assert list(model.state_dict()) == keys  # applied from outside: no parameter renamed
+    with pytest.raises(ValueError, match="already checkpointed"):
+        checkpoint_blocks(model, "full")
+    uncheckpoint(model)
+    assert "forward" not in model.blocks[0].__dict__ and "attend" not in model.blocks[0].attn.__dict__
+    checkpoint_blocks(model, "full")
+    with pytest.raises(ValueError, match="policy must be one of"):
+        checkpoint_blocks(GPT(), "every-other")
+    with pytest.raises(ValueError, match="no nn.ModuleList"):
+        checkpoint_blocks(nn.Linear(2, 2), "full")
+    with pytest.raises(ValueError, match="attend"):
+        checkpoint_blocks(nn.Sequential(nn.ModuleList([nn.Linear(2, 2)])), "selective")
+    with pytest.raises(ValueError, match="tensor or a tuple of tensors"):
+        checkpoint(lambda t: {"out": t * 2}, torch.randn(2, requires_grad=True))

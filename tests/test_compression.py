@@ -1,0 +1,110 @@
+"""Gradient compression: every hook's counted bytes equal its formula, fp16/bf16/PowerSGD give torch's weights on the
+same buckets, top-k's error feedback loses nothing (and without it entries are never sent), the exercises."""
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from minidist import comm, launch
+from minidist.compression import PowerSGDState, TopKState
+from minidist.grading import implementation
+from minidist.tour.compression import every_hook, topk_invariant
+
+
+@pytest.mark.parametrize("world_size, methods", [(2, ["fp16", "bf16", "topk", "powersgd"]), (3, ["topk", "powersgd"])])
+def test_counted_bytes_equal_the_formulas_and_weights_equal_torchs(world_size, methods):
+    per_rank = launch(every_hook, world_size, methods)
+    for m in methods:
+        runs = [r[m][0] for r in per_rank]
+        assert all(r["counted"] for r in runs) and max(r["divergence"] for r in runs) == 0.0, m
+        assert sum(r["bytes"] for r in runs) / world_size == runs[0]["formula"], m  # exact (Fractions)
+        assert max(r[m][1] for r in per_rank) == 0.0, m  # the same weights as torch's hook: bit for bit
+
+
+def test_error_feedback_loses_nothing_and_without_it_entries_are_never_sent():
+    for with_ef, without in zip(launch(topk_invariant, 3), launch(topk_invariant, 3, error_feedback=False)):
+        assert with_ef["error"] == 0.0 and with_ef["never_updated"] == 0.0
+        assert without["error"] > 0 and without["never_updated"] >= 0.5  # the small half is never among the top k
+
+
+@pytest.mark.exercise("topk_compress")
+def test_topk_compress():
+    topk = implementation("topk_compress")
+    acc = torch.tensor([0.5, -3.0, 2.0, 0.0, -1.0, 4.0])
+    before = acc.clone()
+    values, indices, residual = topk(acc, 3)
+    assert sorted(indices.tolist()) == [1, 2, 5] and indices.dtype == torch.int32
+    assert torch.equal(values, acc[indices.long()])
+    assert torch.equal(residual, torch.tensor([0.5, 0.0, 0.0, 0.0, -1.0, 0.0])) and torch.equal(acc, before)
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    for k in (1, 17, 1000):
+        values, indices, residual = topk(g, k)
+        assert torch.equal(values.abs().sort().values, g.abs().sort().values[-k:])
+        sent = torch.zeros_like(g)
+        sent[indices.long()] = values
+        assert torch.equal(sent + residual, g)  # exact: each entry is either sent or kept
+
+
+def power_round(shapes, rank):
+    """power_iteration on matrices whose average over ranks has rank `rank`, under the ring backend."""
+    power_iteration = implementation("power_iteration")
+    n, me = dist.get_world_size(), dist.get_rank()
+    g = torch.Generator().manual_seed(0)
+    averages = [torch.randn(s[0], rank, generator=g) @ torch.randn(rank, s[1], generator=g) for s in shapes]
+    noise = [torch.randn(n, *s, generator=g) for s in shapes]
+    ms = [a + z[me] - z.mean(0) for a, z in zip(averages, noise)]  # every rank its own; the mean is the average
+    qs = [torch.linalg.qr(torch.randn(s[1], rank, generator=g))[0] for s in shapes]
+    kept = [m.clone() for m in ms]
+    with comm.ring_backend(), comm.ByteLedger() as ledger:
+        ps, qs_out = power_iteration(ms, qs, None)
+    error = max((p @ q.t() - a).abs().max().item() for p, q, a in zip(ps, qs_out, averages))
+    return {"error": error, "calls": ledger.count("all_reduce"), "bytes": ledger.total_bytes(),
+            "orthonormal": max((p.t() @ p - torch.eye(rank)).abs().max().item() for p in ps),
+            "unchanged": all(torch.equal(a, b) for a, b in zip(ms, kept))}
+
+
+@pytest.mark.exercise("power_iteration")
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_power_iteration_recovers_a_rank_r_average(world_size):
+    shapes, rank = [(12, 8), (20, 6)], 2
+    per_rank = launch(power_round, world_size, shapes, rank)
+    elements = sum(rank * (a + b) for a, b in shapes)
+    for r in per_rank:
+        assert r["calls"] == 2 and r["error"] < 1e-5 and r["orthonormal"] < 1e-5 and r["unchanged"]
+    assert sum(r["bytes"] for r in per_rank) / world_size == comm.ring_bytes("all_reduce", 4 * elements, world_size)
+
+
+@pytest.mark.exercise("orthogonalize")
+def test_orthogonalize_gram_schmidt():
+    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _orthogonalize_gram_schmidt
+    orthogonalize = implementation("orthogonalize")
+    m = torch.randn(10, 3, generator=torch.Generator().manual_seed(0))
+    theirs = m.clone().unsqueeze(0)
+    _orthogonalize_gram_schmidt(theirs)
+    ours = m.clone()
+    assert orthogonalize(ours) is not None and torch.equal(ours, theirs[0])  # in place, bit for bit
+    assert (ours.t() @ ours - torch.eye(3)).abs().max() < 1e-5
+    q = torch.linalg.qr(m)[0]
+    assert torch.allclose(ours.abs(), q.abs(), atol=1e-5)  # QR's Q up to the signs of its columns
+    for j in range(1, 4):  # the first j columns span what m's first j columns span
+        assert torch.linalg.matrix_rank(torch.cat([ours[:, :j], m[:, :j]], 1), atol=1e-4) == j
+
+
+@pytest.mark.exercise("breakeven_bandwidth")
+def test_breakeven_bandwidth():
+    breakeven = implementation("breakeven_bandwidth")
+    assert breakeven(1000, 200, 0.01) == pytest.approx(80_000)
+    assert breakeven(1000, 200, 0.01, extra_messages=4, alpha=0.0025) == pytest.approx(40_000)
+    assert breakeven(1000, 200, 0.0) == math.inf and breakeven(1000, 1000, 0.01) == 0.0
+    b, alpha = breakeven(5e6, 1e5, 0.02, 6, 1e-3), 1e-3  # at B*, both sides cost the same
+    assert 2 * alpha + 5e6 / b == pytest.approx(8 * alpha + 1e5 / b + 0.02)
+
+
+def test_states_refuse_bad_settings():
+    with pytest.raises(ValueError, match="ratio"):
+        TopKState(None, 0.0)
+    with pytest.raises(ValueError, match="start_powerSGD_iter"):
+        PowerSGDState(None, 1, start_powerSGD_iter=1)
+    with pytest.raises(ValueError, match="matrix_approximation_rank"):
+        PowerSGDState(None, 0)
