@@ -34,8 +34,8 @@ def validate(schedule) -> list[tuple[int, Action]]:
     """Check that `schedule` can run; return all its actions as (rank, action) in an order that runs them.
 
     A rank that runs some action twice or never runs one is refused before your part (_check_complete, given).
-    waits_for(action, rank, p, p * v) (above; import it) gives the (rank, Action) an action needs first, or None;
-    sends are asynchronous: only receives wait. Graded, messages exactly (actions as str(Action): "F0", "B1.1"):
+    minidist.pipeline.schedule.waits_for(action, rank, p, p * v) (import it) gives the (rank, Action) an action needs
+    first, or None; sends are asynchronous: only receives wait. Graded, messages exactly (str(Action): "F0", "B1.1"):
       - ValueError(f"rank {r} runs {a} before {b}") for a B before the F of its (micro-batch, chunk), or a W before
         its B, on rank r;
       - when ranks wait on each other in a cycle, ValueError("deadlock: " + "; ".join(f"rank {r} waits at {a} for
