@@ -16,8 +16,9 @@ def enter_parallel_region(x: torch.Tensor, group=None, sequence_parallel: bool =
 
     x is replicated (every rank holds the same (B, T, C)), or, with sequence_parallel, this rank's sequence shard
     (B, T/N, C). Returns the full (B, T, C) on every rank. Graded: the forward value, and the gradient of x: without
-    sequence parallelism the sum of every rank's gradient of the result (each rank's layers used x for their own
-    slice of the features, so each holds a partial gradient); with it, this rank's sequence chunk of that sum.
+    sequence parallelism the sum of every rank's gradient of the result; with it, this rank's sequence chunk of that
+    sum. The loss is replicated, yet the gradients add up as if each rank had its own loss: each rank's layers used
+    x for their own slice of the features, so each rank's gradient of x is a different, partial one.
     """
     # ---- exercise enter_parallel_region (2 points) -------------------------------------------------
     # hint: comm has a differentiable collective for each case; read the "backward" line of their docstrings.
@@ -30,13 +31,14 @@ def leave_parallel_region(y: torch.Tensor, group=None, sequence_parallel: bool =
     """The output of a row-parallel layer: each rank holds a partial sum (B, T, C); what Megatron calls g.
 
     Returns the sum over ranks, replicated, or, with sequence_parallel, this rank's sequence chunk of the sum
-    (B, T/N, C). Graded: the forward value; the gradient of y (the gradient of the result as it is without sequence
-    parallelism, since the loss after it is replicated; the rank-ordered concatenation of every rank's chunk
-    gradient with it); and a ValueError naming both numbers when N does not divide the sequence length T.
+    (B, T/N, C). Graded: the forward value, and the gradient of y. Without sequence parallelism the loss after g is
+    replicated, so y's gradient is the result's gradient, unchanged; with it, y's gradient is every rank's gradient
+    of its chunk, concatenated in rank order. Also graded (a test of its own): with sequence_parallel, a ValueError
+    naming T and N when N does not divide the sequence length T, raised before any communication (comm's
+    collectives check their sizes first).
     """
     # ---- exercise leave_parallel_region (2 points) -------------------------------------------------
     # hint: the two duals of enter_parallel_region, in comm.
-    # hint: check the sequence length before communicating: a rank that raises must not leave the others waiting.
     raise NotImplementedError("exercise leave_parallel_region: write this part")
     # ---- end of exercise leave_parallel_region --------------------------------------------------------
 
@@ -46,8 +48,9 @@ def shard_output_features(weight: torch.Tensor, rank: int, n: int, chunks: int =
 
     With chunks > 1 the output features are `chunks` blocks laid side by side (a fused q|k|v projection: chunks=3);
     each block is split in n and the rank's slices of all blocks are concatenated in block order, so that each rank
-    owns whole heads of q, k and v. Graded: values and shape, for chunks 1 and 3; a ValueError naming the size when
-    n does not divide a block.
+    owns whole heads of q, k and v. Graded: values and shape, for chunks 1 and 3; the result in its own memory (a
+    copy, never a view of `weight`, so the shard does not keep the whole tensor alive); a ValueError naming a
+    block's size, then n, when n does not divide a block ("5 output features ... by tensor-parallel size 2").
     """
     # ---- exercise shard_output_features (2 points) -------------------------------------------------
     # hint: torch.chunk splits a tensor into equal blocks along a dimension.
@@ -66,7 +69,8 @@ def vocab_parallel_ce_forward(local_logits: torch.Tensor, targets: torch.Tensor,
     the maximum (use the maximum over the whole vocabulary), for targets on every rank's slice.
     """
     # ---- exercise vocab_parallel_loss (3 points) ---------------------------------------------------
-    # hint: comm has no max all-reduce, but you can all-gather each rank's per-token maximum.
+    # hint: comm's reductions are sums (its ring counts the bytes of every collective; torch.distributed's
+    #       all_reduce with op=MAX would work too, unrecorded). You can all-gather each rank's per-token maximum.
     # hint: each rank knows which targets fall in its columns; the others contribute 0 to a sum.
     # hint: one all-reduce can carry two per-token sums stacked together.
     raise NotImplementedError("exercise vocab_parallel_loss: write this part")

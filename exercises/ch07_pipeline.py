@@ -31,11 +31,15 @@ def validate(schedule) -> list[tuple[int, Action]]:
     """Check that `schedule` can run; return all its actions as (rank, action) in an order that runs them.
 
     A rank that runs some action twice or never runs one is refused before your part (_check_complete, given).
-    Graded: a ValueError "rank R runs X before Y" for a B before the F of its (micro-batch, chunk) on the same rank,
-    or a W before its B; a ValueError starting "deadlock" and naming each stuck rank's action and what it waits for,
-    when ranks wait on each other in a cycle; otherwise the returned list holds every action once, each rank's in
-    its own order, each action after the one it waits for (`waits_for`), and the schedule is left unchanged.
-    Sends are asynchronous: only receives wait.
+    minidist.pipeline.schedule.waits_for(action, rank, p, p * v) (import it) gives the (rank, Action) an action needs
+    first, or None; sends are asynchronous: only receives wait. Graded, messages exactly (str(Action): "F0", "B1.1"):
+      - ValueError(f"rank {r} runs {a} before {b}") for a B before the F of its (micro-batch, chunk), or a W before
+        its B, on rank r;
+      - when ranks wait on each other in a cycle, ValueError("deadlock: " + "; ".join(f"rank {r} waits at {a} for
+        rank {q}'s {b}")) over every stuck rank r in rank order, a its next action, (q, b) what it waits for:
+        "deadlock: rank 0 waits at B0 for rank 1's B0; rank 1 waits at F1 for rank 0's F1";
+      - otherwise the list: every (rank, action) once, each rank's in its own order, each after what it waits for;
+        and the schedule left unchanged.
     """
     p, m, v = shape(schedule)
     _check_complete(schedule, m, v)
@@ -52,8 +56,9 @@ def partition(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
     """(start, stop) of the blocks of each stage: consecutive, covering range(n_layers) in order, sizes differing
     by at most one, the first n_layers % n_stages stages one block larger.
 
-    Graded: the exact list for any n_layers >= n_stages >= 1; a ValueError naming both numbers when
-    n_stages > n_layers (a stage would get no block) or when either is not a positive integer.
+    Graded: the exact list for any n_layers >= n_stages >= 1; when n_stages > n_layers (a stage would get no block),
+    a ValueError whose message names both numbers, the blocks first ("cannot cut 2 blocks into 4 pipeline stages").
+    Non-positive sizes are refused before your part (given).
     """
     for name, value in (("n_layers", n_layers), ("n_stages", n_stages)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -38,7 +38,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import comm
-from .vocab_parallel import vocab_parallel_ce_forward, vocab_parallel_cross_entropy  # noqa: F401 (re-exported)
 
 SHARD_ATTR = "tp_sequence_shard"  # set on an all-gathered tensor: the shard to keep instead of it (see _Regather)
 
@@ -50,8 +49,9 @@ def enter_parallel_region(x: torch.Tensor, group=None, sequence_parallel: bool =
 
     x is replicated (every rank holds the same (B, T, C)), or, with sequence_parallel, this rank's sequence shard
     (B, T/N, C). Returns the full (B, T, C) on every rank. Graded: the forward value, and the gradient of x: without
-    sequence parallelism the sum of every rank's gradient of the result (each rank's layers used x for their own
-    slice of the features, so each holds a partial gradient); with it, this rank's sequence chunk of that sum.
+    sequence parallelism the sum of every rank's gradient of the result; with it, this rank's sequence chunk of that
+    sum. The loss is replicated, yet the gradients add up as if each rank had its own loss: each rank's layers used
+    x for their own slice of the features, so each rank's gradient of x is a different, partial one.
     """
     # <exercise enter_parallel_region points=2>
     # hint: comm has a differentiable collective for each case; read the "backward" line of their docstrings.
@@ -66,17 +66,15 @@ def leave_parallel_region(y: torch.Tensor, group=None, sequence_parallel: bool =
     """The output of a row-parallel layer: each rank holds a partial sum (B, T, C); what Megatron calls g.
 
     Returns the sum over ranks, replicated, or, with sequence_parallel, this rank's sequence chunk of the sum
-    (B, T/N, C). Graded: the forward value; the gradient of y (the gradient of the result as it is without sequence
-    parallelism, since the loss after it is replicated; the rank-ordered concatenation of every rank's chunk
-    gradient with it); and a ValueError naming both numbers when N does not divide the sequence length T.
+    (B, T/N, C). Graded: the forward value, and the gradient of y. Without sequence parallelism the loss after g is
+    replicated, so y's gradient is the result's gradient, unchanged; with it, y's gradient is every rank's gradient
+    of its chunk, concatenated in rank order. Also graded (a test of its own): with sequence_parallel, a ValueError
+    naming T and N when N does not divide the sequence length T, raised before any communication (comm's
+    collectives check their sizes first).
     """
     # <exercise leave_parallel_region points=2>
     # hint: the two duals of enter_parallel_region, in comm.
-    # hint: check the sequence length before communicating: a rank that raises must not leave the others waiting.
     if sequence_parallel:
-        n = comm.group_size(group)
-        if y.shape[1] % n:
-            raise ValueError(f"sequence length {y.shape[1]} is not divisible by tensor-parallel size {n}")
         return comm.reduce_scatter(y, group, dim=1)
     return comm.all_reduce(y, group)
     # </exercise>
@@ -112,10 +110,11 @@ class _LinearKeepingShard(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):                                          # grad: (B, T, out/N)
         _, weight = ctx.saved_tensors
-        x = ctx.source.full()                                          # (B, T, in)
-        g2 = grad.reshape(-1, grad.shape[-1])
-        grad_w = g2.T @ x.reshape(-1, x.shape[-1])
-        return grad @ weight, grad_w, g2.sum(0) if ctx.has_bias else None, None
+        x = ctx.source.full().to(grad.dtype)                           # (B, T, in)
+        g2 = grad.reshape(-1, grad.shape[-1])                          # under autocast the forward ran in grad's
+        grad_w = (g2.T @ x.reshape(-1, x.shape[-1])).to(weight.dtype)  # dtype: compute in it, as autocast would
+        grad_b = g2.sum(0).to(weight.dtype) if ctx.has_bias else None
+        return grad @ weight.to(grad.dtype), grad_w, grad_b, None
 
 
 def prepare_input(x: torch.Tensor, group=None, sequence_parallel: bool = False) -> torch.Tensor:
@@ -133,8 +132,9 @@ def shard_output_features(weight: torch.Tensor, rank: int, n: int, chunks: int =
 
     With chunks > 1 the output features are `chunks` blocks laid side by side (a fused q|k|v projection: chunks=3);
     each block is split in n and the rank's slices of all blocks are concatenated in block order, so that each rank
-    owns whole heads of q, k and v. Graded: values and shape, for chunks 1 and 3; a ValueError naming the size when
-    n does not divide a block.
+    owns whole heads of q, k and v. Graded: values and shape, for chunks 1 and 3; the result in its own memory (a
+    copy, never a view of `weight`, so the shard does not keep the whole tensor alive); a ValueError naming a
+    block's size, then n, when n does not divide a block ("5 output features ... by tensor-parallel size 2").
     """
     # <exercise shard_output_features points=2>
     # hint: torch.chunk splits a tensor into equal blocks along a dimension.
@@ -257,41 +257,11 @@ class RowParallelLinear(nn.Module):
         return y + (comm.identity(self.bias, self.group) if self.sequence_parallel else self.bias)
 
 
-class VocabParallelEmbedding(nn.Module):
-    """An embedding whose rows (the vocabulary) are split: rank r looks up the tokens it owns, returns zeros for the
-    others, and g sums the ranks' lookups into the full (B, T, C) on every rank."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, group=None, padding_idx: int | None = None):
-        super().__init__()
-        n, rank = _group(group)
-        self.group, self.num_embeddings, self.embedding_dim = group, num_embeddings, embedding_dim
-        self.local_rows = padded_size(num_embeddings, n) // n
-        self.start = rank * self.local_rows                            # my rows: [start, start + local_rows)
-        self.padding_idx = padding_idx
-        self.weight = nn.Parameter(torch.empty(self.local_rows, embedding_dim).normal_())
-
-    @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, group=None, *, memo=None) -> "VocabParallelEmbedding":
-        """This rank's rows of `embedding` (padded to a multiple of N); `memo` as in ColumnParallelLinear."""
-        n, rank = _group(group)
-        layer = cls(embedding.num_embeddings, embedding.embedding_dim, group, embedding.padding_idx)
-        rows = padded_size(embedding.num_embeddings, n)
-        shard = lambda w: shard_output_features(_pad_rows(w, rows), rank, n)  # noqa: E731
-        layer.weight = _shard_param(embedding.weight, memo, shard)
-        return layer
-
-    def forward(self, idx):                                            # idx: (B, T) token ids, replicated
-        local = idx - self.start
-        mine = (local >= 0) & (local < self.local_rows)
-        pad = None
-        if self.padding_idx is not None and 0 <= self.padding_idx - self.start < self.local_rows:
-            pad = self.padding_idx - self.start
-        out = F.embedding(local.clamp(0, self.local_rows - 1), self.weight, pad)  # (B, T, C)
-        return comm.all_reduce(out.masked_fill(~mine.unsqueeze(-1), 0.0), self.group)
-
-
-def __getattr__(name):  # parallelize and the plans live in tp_plans.py, which builds on this module
+def __getattr__(name):  # tp_plans.py and vocab_parallel.py build on this module; their names are found here too
     if name in ("parallelize", "GPT_PLAN", "LLAMA_PLAN"):
         from . import tp_plans
         return getattr(tp_plans, name)
+    if name in ("VocabParallelEmbedding", "vocab_parallel_cross_entropy", "vocab_parallel_ce_forward"):
+        from . import vocab_parallel
+        return getattr(vocab_parallel, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

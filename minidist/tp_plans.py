@@ -4,7 +4,8 @@ The model holds no parallel code. A plan maps module-name patterns (fnmatch, "bl
 way torchtitan's and Hugging Face's tensor-parallel plans do; parallelize swaps or hooks the matching modules:
 
     colwise           nn.Linear -> ColumnParallelLinear (output features split)
-    colwise_qkv       the same for a fused q|k|v projection: each third split on its own, so a rank owns whole heads
+    colwise_qkv       the same for a fused q|k|v projection of three equal thirds (not grouped-query attention's
+                      q|k|v, whose k and v are smaller): each third split on its own, so a rank owns whole heads
     rowwise           nn.Linear -> RowParallelLinear (input features split; g after it)
     vocab_embedding   nn.Embedding -> VocabParallelEmbedding (vocabulary rows split, padded to a multiple of N)
     vocab_head        the output layer: column-parallel over the padded vocabulary, logits left split (for
@@ -17,7 +18,13 @@ way torchtitan's and Hugging Face's tensor-parallel plans do; parallelize swaps 
                       parameters' gradients are partial: they are summed over the group in backward
     sequence_scatter  the module whose input is split along the sequence (the first layer), with sequence parallelism
 
-Without sequence parallelism the last two do nothing: norms see the whole, replicated sequence.
+Without sequence parallelism the last two do nothing: norms see the whole, replicated sequence. With it, every
+replicated parameter from the sequence_scatter module on must be in a sequence_norm entry (or be a row-parallel
+bias): any other one would get a partial gradient silently, so parallelize refuses the plan.
+
+Dropout is not managed: Megatron keeps two random streams (the same masks on every rank where values are
+replicated, different ones where each rank holds its own heads or positions); here every rank draws from the same
+stream, so the masks of different shards are copies of each other. minidist's checks run with dropout 0.
 
 Parameter names stay those of the original model; a parallel parameter is this rank's shard of the original tensor
 (full_parameters gathers them back; local_shard says, without communicating, which part of a dense tensor a rank
@@ -38,8 +45,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import comm
-from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, prepare_input,
-                              shard_output_features)
+from .tensor_parallel import ColumnParallelLinear, RowParallelLinear, prepare_input, shard_output_features
+from .vocab_parallel import VocabParallelEmbedding
 
 GPT_PLAN = {  # minidist.models.GPT
     "wte": "vocab_embedding",
@@ -178,6 +185,12 @@ def parallelize(model: nn.Module, group=None, plan: dict[str, str] | None = None
                          "layer) whose input is split along the sequence")
     for name, style in styles.items():  # all checks before the first change: a failure leaves the model intact
         check_sizes(name, model.get_submodule(name), style, n)
+        heads = _heads(model.get_submodule(name.rpartition(".")[0])) if style == "colwise_qkv" else []
+        if len({count for count, _ in heads}) > 1:  # grouped-query attention: k and v are not a third each
+            raise ValueError(f"{name}: 'colwise_qkv' cuts three equal thirds, but its attention has "
+                             f"{' and '.join(f'{c} {w}' for c, w in heads)}: use separate q, k, v projections")
+    if sequence_parallel:
+        _check_sequence_region(model, styles)
     blocks = [name for name, style in styles.items() if style in ("block_input", "attention")]
     memo = {}  # original parameter -> its shard, so tied weights stay tied
     for name, style in styles.items():
@@ -186,6 +199,19 @@ def parallelize(model: nn.Module, group=None, plan: dict[str, str] | None = None
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     return model
+
+
+def _check_sequence_region(model: nn.Module, styles: dict[str, str]) -> None:
+    """Under sequence parallelism, refuse replicated parameters that would run on sequence shards without their
+    gradients being summed: those of modules from the sequence_scatter one on, in no sharding or sequence_norm entry."""
+    names = [name for name, _ in model.named_modules()]
+    first = names.index(next(name for name, style in styles.items() if style == "sequence_scatter"))
+    handled = ("colwise", "colwise_qkv", "rowwise", "vocab_head", "vocab_embedding", "sequence_norm")
+    partial = [f"{name}.{p}" if name else p for name in names[first:] if styles.get(name) not in handled
+               for p, _ in model.get_submodule(name).named_parameters(recurse=False)]
+    if partial:
+        raise ValueError(f"sequence parallelism: {', '.join(partial[:4])} would run on sequence shards and get partial "
+                         "gradients: add them to the plan as 'sequence_norm' (their gradients are then summed)")
 
 
 def sharded_parameters(model: nn.Module) -> set[str]:

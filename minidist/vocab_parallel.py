@@ -1,4 +1,9 @@
-"""Vocabulary-parallel cross-entropy: the loss of a language model whose logits are split by vocabulary.
+"""The vocabulary split across ranks: its embedding (VocabParallelEmbedding) and its cross-entropy loss.
+
+Rank r owns rows [r V/N, (r+1) V/N) of the embedding, the vocabulary padded to a multiple of N (tensor_parallel.py):
+it looks up the tokens it owns, zeros for the others, and g (an all-reduce) sums the lookups.
+
+Vocabulary-parallel cross-entropy: the loss of a language model whose logits are split by vocabulary.
 
 Rank r holds the logits of its vocabulary slice, columns [r V/N, (r+1) V/N) of the (M, V) logits of M tokens (the
 output of a column-parallel lm_head, tensor_parallel.py). Gathering them would cost M x V values per rank, the largest
@@ -16,8 +21,22 @@ This is Megatron-LM's vocab_parallel_cross_entropy; PyTorch's DTensor does the s
 """
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 
 from . import comm
+from .tensor_parallel import _group, _pad_rows, _shard_param, padded_size, shard_output_features
+
+
+def _check_ids(ids: torch.Tensor, size: int, what: str, ignore: int | None = None) -> None:
+    """A ValueError naming the first id outside [0, size) (ignore_index excepted): one no rank owns would otherwise
+    give zeros (embedding) or a finite, wrong loss (cross-entropy) instead of nn.Embedding's or F.cross_entropy's
+    error."""
+    bad = ((ids < 0) | (ids >= size)) & (ids != ignore if ignore is not None else True)
+    if bad.any():
+        raise ValueError(f"{what} {ids[bad][0].item()} is outside the vocabulary [0, {size})")
+
+
 
 
 def vocab_parallel_ce_forward(local_logits: torch.Tensor, targets: torch.Tensor, group=None):
@@ -30,7 +49,8 @@ def vocab_parallel_ce_forward(local_logits: torch.Tensor, targets: torch.Tensor,
     the maximum (use the maximum over the whole vocabulary), for targets on every rank's slice.
     """
     # <exercise vocab_parallel_loss points=3>
-    # hint: comm has no max all-reduce, but you can all-gather each rank's per-token maximum.
+    # hint: comm's reductions are sums (its ring counts the bytes of every collective; torch.distributed's
+    #       all_reduce with op=MAX would work too, unrecorded). You can all-gather each rank's per-token maximum.
     # hint: each rank knows which targets fall in its columns; the others contribute 0 to a sum.
     # hint: one all-reduce can carry two per-token sums stacked together.
     rank = dist.get_rank(group)
@@ -46,12 +66,51 @@ def vocab_parallel_ce_forward(local_logits: torch.Tensor, targets: torch.Tensor,
     # </exercise>
 
 
+class VocabParallelEmbedding(nn.Module):
+    """An embedding whose rows (the vocabulary) are split: rank r looks up the tokens it owns, returns zeros for the
+    others, and g sums the ranks' lookups into the full (B, T, C) on every rank."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group=None, padding_idx: int | None = None):
+        super().__init__()
+        n, rank = _group(group)
+        self.group, self.num_embeddings, self.embedding_dim = group, num_embeddings, embedding_dim
+        self.local_rows = padded_size(num_embeddings, n) // n
+        self.start = rank * self.local_rows                            # my rows: [start, start + local_rows)
+        self.padding_idx = padding_idx
+        self.weight = nn.Parameter(torch.empty(self.local_rows, embedding_dim).normal_())
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, group=None, *, memo=None) -> "VocabParallelEmbedding":
+        """This rank's rows of `embedding` (padded to a multiple of N); `memo` as in ColumnParallelLinear."""
+        n, rank = _group(group)
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, group, embedding.padding_idx)
+        rows = padded_size(embedding.num_embeddings, n)
+        shard = lambda w: shard_output_features(_pad_rows(w, rows), rank, n)  # noqa: E731
+        layer.weight = _shard_param(embedding.weight, memo, shard)
+        return layer
+
+    def forward(self, idx):                                            # idx: (B, T) token ids, replicated
+        _check_ids(idx, self.num_embeddings, "token id")   # every rank holds the same ids: all raise, none waits
+        local = idx - self.start
+        mine = (local >= 0) & (local < self.local_rows)
+        pad = None
+        if self.padding_idx is not None and 0 <= self.padding_idx - self.start < self.local_rows:
+            pad = self.padding_idx - self.start
+        out = F.embedding(local.clamp(0, self.local_rows - 1), self.weight, pad)  # (B, T, C)
+        return comm.all_reduce(out.masked_fill(~mine.unsqueeze(-1), 0.0), self.group)
+
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local_logits, targets, group, ignore_index):
         flat, tgt = local_logits.reshape(-1, local_logits.shape[-1]).float(), targets.reshape(-1)
+        _check_ids(tgt, flat.shape[-1] * comm.group_size(group), "target", ignore_index)   # before communicating
         keep = tgt != ignore_index
         loss, softmax = vocab_parallel_ce_forward(flat, torch.where(keep, tgt, 0), group)
+        if torch.isinf(loss[keep]).any():   # the same on every rank: the target's logit is -inf (vocabulary padding)
+            raise ValueError(f"target {tgt[keep][torch.isinf(loss[keep])][0].item()} has logit -inf: a padding "
+                             f"column of the vocabulary (padded to {flat.shape[-1] * comm.group_size(group)})")
         count = keep.sum().clamp(min=1)
         ctx.save_for_backward(softmax, tgt, keep, count)
         ctx.shape, ctx.dtype, ctx.group = local_logits.shape, local_logits.dtype, group

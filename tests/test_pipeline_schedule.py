@@ -1,5 +1,5 @@
 """Pipeline schedules as data, with no processes: exact lists derived by hand, the validator, the simulator against the
-papers' closed forms (property tests over p, m, v and the times), and clear errors."""
+papers' closed forms (property tests over p, m, v and the times), the message plan under NCCL's rules, clear errors."""
 from fractions import Fraction
 
 import pytest
@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidist.grading import implementation
+from minidist.pipeline.messages import Batch, Op, plan, play, received_by, sent_by
 from minidist.pipeline.schedule import (Action, build, gpipe, grid, interleaved_1f1b, one_f_one_b,
-                                        peak_in_flight, simulate, validate, waits_for, zero_bubble_h1)
+                                        peak_in_flight, shape, simulate, validate, waits_for, zero_bubble_h1)
 
 
 def parse(text: str) -> list[Action]:
@@ -150,6 +151,78 @@ def test_zero_bubble_h1_beats_1f1b_at_the_same_peak_memory(p, extra, t_f, t_b, t
     assert zb_time < ofob_time
     if t_w <= min(t_f, t_b):  # Qi et al. 2023: the bubble shrinks to (p - 1)(t_f + t_b - t_w)
         assert zb_time == m * (t_f + t_b + t_w) + (p - 1) * (t_f + t_b - t_w)
+
+
+def schedules(draw_p=st.integers(1, 6), draw_groups=st.integers(1, 3)):
+    """(name, p, m, v) of every built-in schedule; m a multiple of p so that interleaving allows it."""
+    return st.tuples(st.sampled_from(["gpipe", "1f1b", "interleaved", "zb"]), draw_p, draw_groups,
+                     st.integers(1, 4)).map(lambda t: (t[0], t[1], t[1] * t[2], t[3] if t[0] == "interleaved" else 1))
+
+
+@given(case=schedules())
+@settings(max_examples=60, deadline=None)
+def test_the_message_plan_runs_under_nccl_rules_with_receives_just_in_time(case):
+    name, p, m, v = case
+    schedule = build(name, p, m, v)
+    batches = plan(schedule)
+    assert play(batches) == (2 * m * (v * p - 1) if p > 1 else 0)   # every message delivered, nothing hangs
+    sends, receives = {}, {}
+    for r, rank in enumerate(batches):
+        for k, batch in enumerate(rank):
+            for op in batch.ops:
+                link = (op.message.src, op.message.dst)
+                (sends if op.send else receives).setdefault(link, []).append((k, op.message))
+    assert [[msg for _, msg in ops] for ops in sends.values()] == [[msg for _, msg in receives[link]]
+                                                                     for link in sends]   # matched by order
+    posted = {msg: k for ops in receives.values() for k, msg in ops}
+    held = []
+    for r, actions in enumerate(schedule):
+        for k, a in enumerate(actions):
+            need = received_by(a, r, p, p * v)
+            if need is not None and need.src != r:
+                assert posted[need] <= k   # a receive is posted before the action that needs it ...
+        live = peak = 0
+        for batch in batches[r]:
+            live += sum(op.send for op in batch.ops) - len(batch.delivered)
+            peak = max(peak, live)
+        held.append(peak)
+    late = [k - posted[received_by(a, r, p, p * v)] for r, actions in enumerate(schedule) for k, a in
+            enumerate(actions) if (need := received_by(a, r, p, p * v)) is not None and need.src != r]
+    assert not late or sorted(late)[len(late) // 2] == 0   # ... mostly just before it (the median)
+    assert max(held) <= (3 if v > 1 else 1)   # sent tensors freed on the way: a few at once, not 2m
+
+
+def one_by_one(schedule, ahead: bool) -> list[list[Batch]]:
+    """Each message alone in its batch, in the order a rank issues it: a send right after the action producing it;
+    a receive just before the action that needs it (ahead=False), or, as this runtime first did, the first receive
+    from every peer at the start and the next one from a peer as soon as the previous one is taken (ahead=True)."""
+    p, _, v = shape(schedule)
+    order = {}
+    for r, actions in enumerate(schedule):
+        for a in actions:
+            if (msg := sent_by(a, r, p, p * v)) is not None:
+                order.setdefault((r, msg.dst), []).append(msg)
+    plans = []
+    for r, actions in enumerate(schedule):
+        queues = {src: list(order.get((src, r), [])) for src in range(p) if src != r}
+        ops = [Op(False, q.pop(0)) for q in queues.values() if q] if ahead else []
+        for a in actions:
+            if (msg := received_by(a, r, p, p * v)) is not None and (not ahead or queues[msg.src]):
+                ops.append(Op(False, queues[msg.src].pop(0) if ahead else msg))
+            if (msg := sent_by(a, r, p, p * v)) is not None:
+                ops.append(Op(True, msg))
+        plans.append([Batch([op], []) for op in ops])
+    return plans
+
+
+def test_receives_posted_one_ahead_or_apart_from_their_sends_hang_under_nccl_rules():
+    # Rank 0 posts the receive of gradient 0 first: its second activation, which that gradient needs, queues behind.
+    with pytest.raises(ValueError, match=r"hangs under NCCL: rank 0 in batch 0 \(recv grad 0 for stage 0 \(rank 1\)"):
+        play(one_by_one(gpipe(2, 2), ahead=True))
+    # Receives just in time, but each send alone: 1F1B's rank 0 sends activation 1 while rank 1 sends gradient 0.
+    with pytest.raises(ValueError, match="rank 0 in batch 1 \\(send act 1 .*rank 1 in batch 1 \\(send grad 0"):
+        play(one_by_one(one_f_one_b(2, 4), ahead=False))
+    assert play(plan(one_f_one_b(2, 4))) == 8
 
 
 @pytest.mark.parametrize("call, message", [

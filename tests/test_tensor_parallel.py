@@ -12,11 +12,11 @@ from minidist import launch
 from minidist.grading import implementation
 from minidist.memory import activation_bytes_per_layer
 from minidist.models import GPT, GPTConfig, build_llama
-from minidist.tensor_parallel import (GPT_PLAN, LLAMA_PLAN, ColumnParallelLinear, RowParallelLinear, padded_size,
-                                      parallelize, vocab_parallel_cross_entropy)
-from minidist.tour.tensor_parallel import (ADAM_TOL, BATCH, CFG, DTENSOR_TOL, GRAD_TOL, activations_per_layer,
-                                           against_one_process, layernorm_stat_bytes, preload, sp_grad_numel,
-                                           tp_bytes_per_step, tp_param_bytes)
+from minidist.tensor_parallel import (GPT_PLAN, LLAMA_PLAN, ColumnParallelLinear, RowParallelLinear,
+                                      VocabParallelEmbedding, padded_size, parallelize, vocab_parallel_cross_entropy)
+from minidist.tour.tensor_parallel import (ADAM_TOL, BATCH, BF16_TOL, CFG, DTENSOR_TOL, GRAD_TOL,
+                                           activations_per_layer, against_one_process, layernorm_stat_bytes, preload,
+                                           sp_grad_numel, tp_bytes_per_step, tp_param_bytes, under_autocast)
 from minidist.tour.tp_dtensor import dtensor_side_by_side
 from minidist.tp_plans import full_parameters, sharded_parameters
 
@@ -42,12 +42,14 @@ def region(which: str):
         w = weights[r].chunk(n, 1)[r] if sp and which == "leave_parallel_region" else weights[r]
         (y * w).sum().backward()
         out[sp] = (y.detach(), x.grad)
-    if which == "leave_parallel_region":
-        try:
-            fn(torch.zeros(2, 2 * n + 1, 4), None, True)
-        except ValueError as e:
-            out["error"] = str(e)
     return full, weights, out
+
+
+def region_error():
+    try:
+        implementation("leave_parallel_region")(torch.zeros(2, 2 * dist.get_world_size() + 1, 4), None, True)
+    except ValueError as e:
+        return str(e)
 
 
 @pytest.mark.exercise("enter_parallel_region")
@@ -71,7 +73,13 @@ def test_leave_parallel_region_is_g_or_the_sequence_reduce_scatter(world_size):
         assert torch.equal(y, total) and torch.equal(y_sp, total.chunk(n, 1)[r])
         assert torch.equal(grad, weights[r])                          # backward: identity
         assert torch.equal(grad_sp, torch.cat([weights[s].chunk(n, 1)[s] for s in range(n)], dim=1))  # all-gather
-        assert re.search(rf"\b{2 * n + 1}\b", out["error"]) and re.search(rf"\b{n}\b", out["error"])
+
+
+@pytest.mark.exercise("leave_parallel_region")
+def test_leave_parallel_region_refuses_a_sequence_it_cannot_split():
+    n = 3
+    for error in launch(region_error, n):   # every rank raises, none waits in a collective
+        assert error is not None and re.search(rf"\b{2 * n + 1}\b.*\b{n}\b", error), error
 
 
 @pytest.mark.exercise("shard_output_features")
@@ -140,19 +148,28 @@ def layers_alone():
     out.sum().backward()
     head = ColumnParallelLinear.from_linear(nn.Linear(6, 8, bias=False), None, pad=True)
     ids = torch.randint(8, (2, 3))
-    from minidist.tensor_parallel import VocabParallelEmbedding
+    ours = VocabParallelEmbedding.from_embedding(emb, None)
+    lookup = ours(ids)
+    (lookup * torch.arange(6.0)).sum().backward()
+    (emb(ids) * torch.arange(6.0)).sum().backward()
+    rows = padded_size(8, n) // n
     return {"out": (out - ref).abs().max().item(), "x_grad": (x2.grad - x.grad).abs().max().item(),
             "bias_grad": (row.bias.grad - proj.bias.grad).abs().max().item(),
+            "col_grads": max((col.weight.grad - fc.weight.grad.chunk(n)[r]).abs().max().item(),
+                             (col.bias.grad - fc.bias.grad.chunk(n)[r]).abs().max().item()),
+            "row_grad": (row.weight.grad - proj.weight.grad.chunk(n, dim=1)[r]).abs().max().item(),
             "gathered": (gathered(x) - fc(x)).abs().max().item(),
             "split_in": (split_in(fc(x)) - proj(fc(x))).abs().max().item(),
             "head": head(x).detach(), "padding": head.valid_out < head.local_out,
-            "emb": (VocabParallelEmbedding.from_embedding(emb, None)(ids) - emb(ids)).abs().max().item()}
+            "emb": (lookup - emb(ids)).abs().max().item(),
+            "emb_grad": (ours.weight.grad - torch.cat([emb.weight.grad, torch.zeros(1, 6)])[r * rows:(r + 1) * rows])
+            .abs().max().item()}
 
 
 def test_column_then_row_equals_the_dense_mlp():
     results = launch(layers_alone, 3)
     for res in results:
-        for key in ("out", "x_grad", "bias_grad", "gathered", "split_in", "emb"):
+        for key in ("out", "x_grad", "bias_grad", "col_grads", "row_grad", "gathered", "split_in", "emb", "emb_grad"):
             assert res[key] < 1e-6, key
     assert [res["padding"] for res in results] == [False, False, True]  # 9 = 3 x 3 rows, one of them padding
     assert torch.isinf(results[2]["head"][..., -1]).all() and torch.isfinite(results[2]["head"][..., :-1]).all()
@@ -192,7 +209,7 @@ def test_parallelized_model_equals_one_process(model, world_size):
     for sp in (False, True):
         results = [modes[sp] for modes in per_rank]
         for r in results:
-            assert r["first"] < GRAD_TOL and r["weights"] < ADAM_TOL
+            assert r["first"] < GRAD_TOL and r["grads"] < GRAD_TOL and r["weights"] < ADAM_TOL
             assert r["divergence"] == 0.0  # replicated parameters: bitwise equal on every rank
             assert r["counted"] and r["axes"] == {"tp"}
             assert r["param_bytes"] == tp_param_bytes(model, n)
@@ -223,6 +240,13 @@ def test_sequence_parallel_divides_every_activation(world_size):
     one_process = activation_bytes_per_layer(CFG.block_size, BATCH, CFG.n_embd, CFG.n_head, 4, dropout=False)
     assert sp[0]["bytes"] * n == one_process + layernorm_stat_bytes(TOKENS)  # all of it divided by N
     assert sp[0]["bytes"] < tp[0]["bytes"] < one_process
+
+
+def test_sequence_parallel_trains_under_bf16_autocast():
+    # The re-gathered shard is fp32, the gradient bf16: the backward computes in bf16, as autocast's matmul would.
+    for sp, world_size in ((True, 2), (False, 3)):
+        for r in launch(under_autocast, world_size, "gpt", sp):
+            assert r["weights"] < BF16_TOL and r["divergence"] == 0.0
 
 
 # Side by side with PyTorch's DTensor tensor parallelism.
@@ -283,7 +307,27 @@ def mistakes():
     expect(parallelize, nn.Sequential(nn.Linear(4, 4)), None, {"0": "colwise"}, True)
     sp = parallelize(GPT(CFG), None, GPT_PLAN, sequence_parallel=True)
     expect(sp, torch.zeros(2, 10, dtype=torch.long))
+    no_norms = {k: v for k, v in GPT_PLAN.items() if k != "blocks.*.ln[12]"}   # the LayerNorms left replicated
+    expect(parallelize, GPT(CFG), None, no_norms, True)
+    expect(parallelize, FusedGroupedQuery(), None, {"attn": "attention", "attn.qkv": "colwise_qkv"})
+    embedding = VocabParallelEmbedding.from_embedding(nn.Embedding(6, 4), None)   # 6 rows padded to 8 at N = 4
+    for ids in ([[6]], [[-3]]):
+        expect(embedding, torch.tensor(ids))
+    logits = torch.cat([torch.randn(3, 6), torch.full((3, 2), float("-inf"))], 1).chunk(4, 1)[dist.get_rank()]
+    for targets in ([0, 9, 1], [-1, 0, 0], [7, 0, -100]):
+        expect(vocab_parallel_cross_entropy, logits, torch.tensor(targets))
     return seen, untouched
+
+
+class FusedGroupedQuery(nn.Module):
+    """A fused q|k|v of 8 query heads over 4 key-value heads of 3 dimensions: q is 24 wide, k and v 12 each, so
+    three equal thirds of 16 would cut through q and k."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Module()
+        self.attn.config = type("Config", (), {"num_attention_heads": 8, "num_key_value_heads": 4})()
+        self.attn.qkv = nn.Linear(8, 8 * 3 + 2 * 4 * 3)
 
 
 def test_clear_errors_before_any_change():
@@ -299,6 +343,13 @@ def test_clear_errors_before_any_change():
     assert "needs a plan" in seen[7]
     assert "needs a 'sequence_scatter' entry" in seen[8]
     assert seen[9] == "sequence length 10 is not divisible by tensor-parallel size 4"
+    assert seen[10].startswith("sequence parallelism: blocks.0.ln1.weight, blocks.0.ln1.bias, blocks.0.ln2.weight")
+    assert seen[11] == ("attn.qkv: 'colwise_qkv' cuts three equal thirds, but its attention has 8 heads and 4 "
+                        "key-value heads: use separate q, k, v projections")
+    assert seen[12:14] == ["token id 6 is outside the vocabulary [0, 6)",
+                           "token id -3 is outside the vocabulary [0, 6)"]
+    assert seen[14:] == ["target 9 is outside the vocabulary [0, 8)", "target -1 is outside the vocabulary [0, 8)",
+                         "target 7 has logit -inf: a padding column of the vocabulary (padded to 8)"]
 
 
 # The benchmark and the example script, run in this process (its ranks fork from it, with everything imported).
@@ -308,8 +359,7 @@ def test_bench_tp_reports_the_ratio(tmp_path, capsys):
     assert main(["bench", "tp", "--world-size", "2", "--steps", "2", "--warmup", "0", "--json",
                  str(tmp_path / "b.json")]) == 0
     result = json.loads((tmp_path / "b.json").read_text())
-    assert result["minidist_s"] > 0 and result["reference_s"] > 0
-    assert result["ratio"] == result["minidist_s"] / result["reference_s"]
+    assert result["minidist_s"] > 0 and result["reference_s"] > 0 and result["world_size"] == 2
     out = capsys.readouterr().out
     assert "ratio" in out and "DTensor" in out
 

@@ -227,7 +227,8 @@ def parse(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--strategy", choices=sorted([*STRATEGIES, "pp", "3d"]), default="ddp")
     p.add_argument("--model", choices=sorted(MODELS), default="tiny-gpt")
-    p.add_argument("--sequence-parallel", action="store_true", help="tp: split norms and dropout by sequence too")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="tp: norms and residual adds run on sequence shards too (models here use dropout 0)")
     p.add_argument("--steps", type=positive_int, default=300)
     p.add_argument("--batch-size", type=positive_int, default=32, help="global batch, split across ranks")
     p.add_argument("--block-size", type=positive_int, default=64)

@@ -13,16 +13,17 @@ What an action does on pipeline rank r, for its virtual stage s = chunk * p + r 
      d loss / d input to stage s - 1. When the schedule has W, B computes only the input gradient (backward.py).
   W  compute the weight gradients B left for later; only then are the micro-batch's activations freed.
 
-Why it cannot deadlock: sends are posted (isend) and not waited for until the end of the step, so a rank only ever
-waits in a receive, for a message an earlier action of the sender posts; `validate` proves the schedule has no
-cycle of such waits. Receives are posted in the order the sender sends (every rank knows every rank's schedule), so
-the messages on one link always match in order, as NCCL, which ignores tags, requires: with interleaving at p = 2,
-activations and gradients share each link.
+Messages follow a plan made before the step (pipeline/messages.py): between two actions a rank issues one batch
+(comm.batch_isend_irecv) holding the send of what the last action produced and the receives due by then, in the
+order of a clock shared by all ranks, so that NCCL, which runs a rank's messages in order, cannot hang. A rank
+waits only for the receive its next action needs; `validate` proves the schedule itself has no cycle of such waits.
+A sent tensor is held until the plan's clock says it has arrived (then its send is waited for, at no cost when the
+ranks keep pace) and counted meanwhile: `memory.peak_messages`.
 
 Bytes: every micro-batch crosses each of the S - 1 boundaries between consecutive stages twice (its activation
 forward, its gradient backward): 2 m (v p - 1) messages of b T C values per step, summed over the ranks, all
-through comm.isend / comm.irecv, so the ledger records every one. Tied embeddings add one exchange of their gradient
-between the first and the last rank (`sync_tied_grads`).
+through comm.batch_isend_irecv, so the ledger records every one. Tied embeddings add one exchange of their gradient
+between the first and the last rank (`sync_tied_grads`), not counted in 2 m (v p - 1).
 
 Measured, not assumed: `timeline` holds each action's compute interval (after its input arrived), and `memory`
 follows every tensor autograd saves, from its forward until autograd frees it: its peak is the most activation bytes
@@ -30,7 +31,7 @@ this rank held at once. `action_seconds=(t_f, t_b, t_w)` pads every action to a 
 CPU, then a 2 ms spin), so that a timeline measures the schedule and the runtime, not how 4 ranks share 2 cores.
 """
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 
@@ -42,16 +43,27 @@ from ..launch import device, synchronize
 from ..memory import SavedActivations
 from ..models import lm_loss
 from .backward import backward_input
+from .messages import plan, received_by, sent_by
 from .schedule import Action, shape, splits_backward, validate
 
 
 class ActivationMemory:
     """Bytes held for backward on this rank right now, counted per storage, with their peak, and the number of
-    (micro-batch, chunk) pairs holding any (`peak_in_flight`)."""
+    (micro-batch, chunk) pairs holding any (`peak_in_flight`); apart, the bytes of sent messages not yet delivered
+    (`peak_messages`)."""
 
     def __init__(self):
-        self.live = self.peak = self.peak_in_flight = 0
+        self.live = self.peak = self.peak_in_flight = self.messages = self.peak_messages = 0
         self._refs, self._owners = Counter(), Counter()
+
+    def hold_message(self, nbytes: int) -> Callable[[], None]:
+        """Count an outgoing message's buffer; returns the function that releases it (once its send completed)."""
+        self.messages += nbytes
+        self.peak_messages = max(self.peak_messages, self.messages)
+
+        def release():
+            self.messages -= nbytes
+        return release
 
     def hold(self, ptr: int, nbytes: int, owner) -> Callable[[], None]:
         """Count a saved storage for `owner`; returns the function that releases it."""
@@ -108,8 +120,8 @@ class LiveActivations(SavedActivations):
 def _wait_until(deadline: float, spin: float = 0.002) -> None:
     """Sleep (no CPU) until `spin` seconds before the deadline, then spin: a sleeping process on a busy machine
     wakes up late, and that lateness would be measured as pipeline bubble."""
-    if deadline - time.perf_counter() > spin:
-        time.sleep(deadline - time.perf_counter() - spin)
+    if (left := deadline - time.perf_counter() - spin) > 0:   # read the clock once: twice, the sleep could go negative
+        time.sleep(left)
     while time.perf_counter() < deadline:
         pass
 
@@ -128,25 +140,15 @@ class PipelineRuntime:
             raise ValueError(f"the schedule runs {self.v} chunk(s) per rank, but this rank was given {len(stages)}")
         self.stages, self.actions, self.n_stages = list(stages), schedule[self.rank], p * self.v
         self.split = splits_backward(schedule)
+        self.batches = plan(schedule)[self.rank]  # batches[k]: the messages to issue before action k
         self.hidden_size, self.dtype, self.loss_fn, self.action_seconds = hidden_size, dtype, loss_fn, action_seconds
         self.track_memory = track_memory  # the saved-tensor hooks cost time: off for benchmarks
         self.tied = tied_parameters(self.stages)
-        self._incoming = {src: [m[0] for a in schedule[src] if (m := self._message(src, a)) and m[1] == self.rank]
-                          for src in range(p) if src != self.rank}
         self.timeline, self.memory, self.saved_bytes = [], ActivationMemory(), {}
 
     def parameters(self):
         """This rank's parameters, each once (the optimizer's)."""
         return list({id(q): q for s in self.stages for q in s.parameters()}.values())
-
-    def _message(self, rank: int, a: Action):
-        """What `a` on `rank` sends, as (key, destination rank), or None. A key names the receiving stage."""
-        s = a.chunk * self.p + rank
-        if a.kind == "F" and s < self.n_stages - 1:
-            return ("act", a.microbatch, s + 1), (s + 1) % self.p
-        if a.kind == "B" and s > 0:
-            return ("grad", a.microbatch, s - 1), (s - 1) % self.p
-        return None
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor):
         """One training step's gradients: run the schedule, then add the tied embeddings' gradients."""
@@ -162,12 +164,10 @@ class PipelineRuntime:
         self._x = [c.clone() for c in inputs.chunk(self.m)]
         self._y = [c.clone() for c in targets.chunk(self.m)]
         self._shape = (inputs.shape[0] // self.m, *inputs.shape[1:], self.hidden_size)   # (b, T, C)
-        self._queues = {src: deque(keys) for src, keys in self._incoming.items()}
-        self._posted, self._local, self._sends, self._graphs, self._weight_grads = {}, {}, [], {}, {}
-        for src in self._queues:
-            self._post_next(src)
+        self._outbox, self._inbox, self._sending, self._graphs, self._weight_grads = {}, {}, {}, {}, {}
         self.timeline, self.memory, self.saved_bytes, losses = [], ActivationMemory(), {}, []
-        for a in self.actions:
+        for a, batch in zip(self.actions, self.batches):
+            self._exchange(batch)
             if a.kind == "F":
                 losses += self._forward(a)
             elif a.kind == "B":
@@ -176,14 +176,13 @@ class PipelineRuntime:
                 with self._timed(a):
                     self._weight_grads.pop((a.microbatch, a.chunk))()
                 del self._graphs[(a.microbatch, a.chunk)]  # the micro-batch's activations are freed here
-        for work in self._sends:
-            work.wait()
-        self._sends = []
+        self._exchange(self.batches[-1])
+        self._free_sent(list(self._sending))
         return sum(losses) if losses else None
 
     def _forward(self, a: Action) -> list:
         s, key = a.chunk * self.p + self.rank, (a.microbatch, a.chunk)
-        x = self._x[a.microbatch] if s == 0 else self._receive(("act", a.microbatch, s), (s - 1) % self.p)
+        x = self._x[a.microbatch] if s == 0 else self._receive(a)
         x = x if s == 0 else x.requires_grad_()                                 # (b, T) ids or (b, T, C)
         tracker = LiveActivations(self.stages[a.chunk], self.memory, key) if self.track_memory else nullcontext()
         with self._timed(a), tracker:
@@ -194,13 +193,13 @@ class PipelineRuntime:
             self.saved_bytes[key] = tracker.bytes
         self._graphs[key] = (x if s > 0 else None, y)
         if s < self.n_stages - 1:
-            self._send(y.detach(), ("act", a.microbatch, s + 1), (s + 1) % self.p)
+            self._send(y.detach(), a)
             return []
         return [y.detach()]
 
     def _backward(self, a: Action) -> None:
         s, key = a.chunk * self.p + self.rank, (a.microbatch, a.chunk)
-        grad = None if s == self.n_stages - 1 else self._receive(("grad", a.microbatch, s), (s + 1) % self.p)
+        grad = None if s == self.n_stages - 1 else self._receive(a)
         x, y = self._graphs[key] if self.split else self._graphs.pop(key)
         with self._timed(a):
             if self.split:
@@ -209,7 +208,7 @@ class PipelineRuntime:
                 torch.autograd.backward(y, grad)   # frees the saved activations as it goes
                 dx = None if x is None else x.grad
         if s > 0:
-            self._send(dx, ("grad", a.microbatch, s - 1), (s - 1) % self.p)
+            self._send(dx, a)
 
     @contextmanager
     def _timed(self, a: Action):
@@ -224,30 +223,40 @@ class PipelineRuntime:
         synchronize()
         self.timeline.append((a, start, time.perf_counter()))
 
-    def _send(self, t: torch.Tensor, key, dst: int) -> None:
-        if dst == self.rank:  # consecutive chunks on one rank (p = 1): no message
-            self._local[key] = t.detach()
-        else:
-            self._sends.append(comm.isend(t.contiguous(), dst, self.group))
+    def _send(self, t: torch.Tensor, a: Action) -> None:
+        """Leave what `a` produced for the next batch (or, between two chunks of this rank, for its next chunk)."""
+        message = sent_by(a, self.rank, self.p, self.n_stages)
+        self._outbox[message] = t.detach().contiguous()
 
-    def _receive(self, key, src: int) -> torch.Tensor:
-        """The message `key` from `src`, after posting every receive that `src` sends before it; then the next
-        receive from `src` is posted at once, so that a message finds its receive waiting (as Megatron-LM posts
-        the next receive before computing) instead of waiting for a rendezvous."""
-        if src == self.rank:
-            return self._local.pop(key)
-        while key not in self._posted:
-            if not self._queues[src]:
-                raise RuntimeError(f"rank {self.rank} waits for {key} from rank {src}, which never sends it")
-            self._post_next(src)
-        work = self._posted.pop(key)
-        self._post_next(src)
-        return work.wait()
+    def _receive(self, a: Action) -> torch.Tensor:
+        """The input of `a`: its receive was posted in this or an earlier batch; wait for it now."""
+        message = received_by(a, self.rank, self.p, self.n_stages)
+        if message.src == self.rank:  # consecutive chunks on one rank (p = 1): no message
+            return self._outbox.pop(message)
+        return self._inbox.pop(message).wait()
 
-    def _post_next(self, src: int) -> None:
-        if self._queues[src]:
-            buffer = torch.empty(self._shape, dtype=self.dtype, device=device())
-            self._posted[self._queues[src].popleft()] = comm.irecv(buffer, src, self.group)
+    def _exchange(self, batch) -> None:
+        """Issue one batch of the plan: first wait for (and free) the sends it says have arrived, then post its sends
+        (each tensor held, and counted in memory.messages, until then) and its receives."""
+        self._free_sent(batch.delivered)
+        ops = []
+        for op in batch.ops:
+            if op.send:
+                ops.append(comm.P2POp(comm.isend, self._outbox.pop(op.message), op.peer, self.group))
+            else:
+                buffer = torch.empty(self._shape, dtype=self.dtype, device=device())
+                ops.append(comm.P2POp(comm.irecv, buffer, op.peer, self.group))
+        for op, p2p, work in zip(batch.ops, ops, comm.batch_isend_irecv(ops)):
+            if op.send:
+                self._sending[op.message] = work, self.memory.hold_message(p2p.tensor.nbytes)
+            else:
+                self._inbox[op.message] = work
+
+    def _free_sent(self, messages) -> None:
+        for message in messages:
+            work, release = self._sending.pop(message)
+            work.wait()
+            release()
 
     def sync_tied_grads(self) -> None:
         sync_tied_grads(self.tied, self.group)
@@ -264,10 +273,11 @@ def sync_tied_grads(tied: list, group=None) -> None:
     if p == 1 or not tied:   # one rank: its stages share the parameter and autograd already added the two parts
         return
     peer = p - 1 if rank == 0 else 0
-    for t in tied:
-        mine = t.grad if t.grad is not None else torch.zeros_like(t)
-        theirs = torch.empty_like(mine)
-        works = [comm.isend(mine.contiguous(), peer, group), comm.irecv(theirs, peer, group)]
-        for w in works:
-            w.wait()
-        t.grad = mine + theirs if rank == 0 else theirs + mine   # first + last on both ranks: bitwise equal
+    mine = [(t.grad if t.grad is not None else torch.zeros_like(t)).contiguous() for t in tied]
+    theirs = [torch.empty_like(g) for g in mine]
+    ops = [op for g, h in zip(mine, theirs) for op in (comm.P2POp(comm.isend, g, peer, group),
+                                                       comm.P2POp(comm.irecv, h, peer, group))]
+    for work in comm.batch_isend_irecv(ops):   # one batch each way: two plain sends could wait for each other
+        work.wait()
+    for t, g, h in zip(tied, mine, theirs):
+        t.grad = g + h if rank == 0 else h + g   # first + last on both ranks: bitwise equal

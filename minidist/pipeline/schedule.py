@@ -9,25 +9,27 @@ A model is cut into S consecutive *stages* placed on p ranks, and the global bat
                         chunk c of rank r is virtual stage c*p + r, as in Megatron-LM: S = v*p)
 
 A schedule can be printed (`grid`), checked (`validate`) and timed (`simulate`) with no processes at all; then
-pipeline/runtime.py executes the same lists on ranks. With t_f, t_b + t_w the forward and backward times of one
-micro-batch through one rank's whole share of the model (a chunk's action takes 1/v of it):
+pipeline/runtime.py executes the same lists on ranks. With t_f the forward and t_b + t_w the backward time of one
+micro-batch through one rank's whole share of the model (t_b the input gradient, t_w the weights'; a chunk's action
+takes 1/v of it):
 
-  GPipe (Huang et al. 2019)      all m forwards, then all m backwards. Step time (m + p - 1)(t_f + t_b): the
+  GPipe (Huang et al. 2019)      all m forwards, then all m backwards. Step time (m + p - 1)(t_f + t_b + t_w): the
                                  p - 1 slots of fill and drain are the *bubble*, (p - 1)/(m + p - 1) of the step.
                                  Every rank holds the activations of all m micro-batches at once.
   1F1B (Narayanan et al. 2019,   rank r runs p - r - 1 warm-up forwards, then alternates one forward and one
   PipeDream-Flush)               backward, then drains. The same step time and bubble as GPipe, but rank r holds
                                  at most p - r micro-batches: memory bounded by p, not m.
   Interleaved 1F1B (Narayanan    v chunks per rank: a micro-batch crosses the ranks v times, each hop 1/v as
-  et al. 2021)                   long, so the bubble shrinks v-fold to (p - 1)(t_f + t_b)/v, a fraction
-                                 (p - 1)/(v m + p - 1); it costs v times the messages, needs m divisible by p, and
-                                 rank 0 holds p + (p - 1)/v micro-batches' worth (Korthikanti et al. 2022).
+  et al. 2021)                   long, so the bubble shrinks v-fold to (p - 1)(t_f + t_b + t_w)/v, a fraction
+                                 (p - 1)/(v m + p - 1); it costs (vp - 1)/(p - 1) times the messages (about v),
+                                 needs m divisible by p, and rank 0 holds p + (p-1)/v micro-batches (Korthikanti).
   ZB-H1 (Qi et al. 2023)         B computes only the input gradient (what the previous stage waits for), W the
                                  weights' later: in slot x rank r runs F(x), B(x-(p-1-r)), W(x-(p-1)). The Ws fill
                                  the drain: bubble (p-1)(t_f + t_b - t_w), at 1F1B's peak memory (p micro-batches).
 
-Messages are assumed asynchronous: a send never waits for its receive (the runtime posts isend and moves on), so
-a schedule deadlocks only if its ranks wait on each other in a cycle, which `validate` detects.
+`validate` assumes asynchronous messages (a send never waits for its receive): a schedule then deadlocks only if
+its ranks wait on each other in a cycle. Under NCCL sends can wait and the order of messages matters too:
+pipeline/messages.py orders them so that every schedule that validates runs there as well.
 """
 from dataclasses import dataclass
 from fractions import Fraction
@@ -143,9 +145,8 @@ def build(name: str, p: int, m: int, v: int = 2) -> list[list[Action]]:
 
 def shape(schedule) -> tuple[int, int, int]:
     """(p, m, v) of a schedule: ranks, micro-batches and chunks per rank, read from its actions."""
-    if not isinstance(schedule, (list, tuple)) or not schedule or not all(
-            isinstance(actions, (list, tuple)) and all(isinstance(a, Action) for a in actions)
-            for actions in schedule):
+    if not (isinstance(schedule, (list, tuple)) and schedule and all(isinstance(acts, (list, tuple)) and all(
+            isinstance(a, Action) for a in acts) for acts in schedule)):
         raise ValueError("a schedule is a non-empty list with one list of Action per rank")
     actions = [a for rank in schedule for a in rank]
     if not actions:
@@ -178,10 +179,8 @@ def _check_complete(schedule, m: int, v: int) -> bool:
     expected = {Action(k, i, c) for k in ("FBW" if split else "FB") for i in range(m) for c in range(v)}
     for r, actions in enumerate(schedule):
         seen = set()
-        for a in actions:
-            if a in seen:
-                raise ValueError(f"rank {r} runs {a} twice")
-            seen.add(a)
+        if (twice := next((a for a in actions if a in seen or seen.add(a)), None)) is not None:
+            raise ValueError(f"rank {r} runs {twice} twice")
         if missing := sorted(expected - seen, key=lambda a: (a.chunk, a.microbatch, KINDS.index(a.kind))):
             raise ValueError(f"rank {r} never runs {', '.join(map(str, missing[:4]))}: with {m} micro-batches and "
                              f"{v} chunk(s) per rank, every rank runs F and B of each" + (", and W" if split else ""))
@@ -192,11 +191,15 @@ def validate(schedule) -> list[tuple[int, Action]]:
     """Check that `schedule` can run; return all its actions as (rank, action) in an order that runs them.
 
     A rank that runs some action twice or never runs one is refused before your part (_check_complete, given).
-    Graded: a ValueError "rank R runs X before Y" for a B before the F of its (micro-batch, chunk) on the same rank,
-    or a W before its B; a ValueError starting "deadlock" and naming each stuck rank's action and what it waits for,
-    when ranks wait on each other in a cycle; otherwise the returned list holds every action once, each rank's in
-    its own order, each action after the one it waits for (`waits_for`), and the schedule is left unchanged.
-    Sends are asynchronous: only receives wait.
+    minidist.pipeline.schedule.waits_for(action, rank, p, p * v) (import it) gives the (rank, Action) an action needs
+    first, or None; sends are asynchronous: only receives wait. Graded, messages exactly (str(Action): "F0", "B1.1"):
+      - ValueError(f"rank {r} runs {a} before {b}") for a B before the F of its (micro-batch, chunk), or a W before
+        its B, on rank r;
+      - when ranks wait on each other in a cycle, ValueError("deadlock: " + "; ".join(f"rank {r} waits at {a} for
+        rank {q}'s {b}")) over every stuck rank r in rank order, a its next action, (q, b) what it waits for:
+        "deadlock: rank 0 waits at B0 for rank 1's B0; rank 1 waits at F1 for rank 0's F1";
+      - otherwise the list: every (rank, action) once, each rank's in its own order, each after what it waits for;
+        and the schedule left unchanged.
     """
     p, m, v = shape(schedule)
     _check_complete(schedule, m, v)
@@ -234,7 +237,6 @@ def validate(schedule) -> list[tuple[int, Action]]:
 @dataclass
 class Simulation:
     """What `simulate` found: per rank, each action with its start and end time."""
-
     timeline: list[list[tuple[Action, Fraction, Fraction]]]
     makespan: Fraction
 
@@ -275,8 +277,7 @@ def simulate(schedule, t_f=1, t_b=1, t_w=0) -> Simulation:
 def peak_in_flight(schedule) -> list[int]:
     """Per rank, the most (micro-batch, chunk) pairs whose activations are alive at once: from an F until the
     backward that frees them (W when the schedule has W, else B)."""
-    split = splits_backward(schedule)
-    peaks = []
+    split, peaks = splits_backward(schedule), []
     for actions in schedule:
         alive = peak = 0
         for a in actions:

@@ -23,8 +23,9 @@ def partition(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
     """(start, stop) of the blocks of each stage: consecutive, covering range(n_layers) in order, sizes differing
     by at most one, the first n_layers % n_stages stages one block larger.
 
-    Graded: the exact list for any n_layers >= n_stages >= 1; a ValueError naming both numbers when
-    n_stages > n_layers (a stage would get no block) or when either is not a positive integer.
+    Graded: the exact list for any n_layers >= n_stages >= 1; when n_stages > n_layers (a stage would get no block),
+    a ValueError whose message names both numbers, the blocks first ("cannot cut 2 blocks into 4 pipeline stages").
+    Non-positive sizes are refused before your part (given).
     """
     for name, value in (("n_layers", n_layers), ("n_stages", n_stages)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -29,13 +29,15 @@ BATCHES = random_batches(torch.randint(512, (5000,), generator=torch.Generator()
                          CFG.block_size, steps=STEPS)
 GRAD_TOL = 1e-5               # reduction order: a matmul summed in N slices, then across ranks, rounds differently
 ADAM_TOL = 0.01 * LR * STEPS  # README: 1% of the most Adam can move a weight in STEPS steps
+BF16_TOL = 1e-3               # README: bf16 weights after 4 SGD steps (lr 0.1) against one process under autocast
 DTENSOR_STEPS = 3
 DTENSOR_TOL = 0.01 * LR * DTENSOR_STEPS
 
 
 def llama_config(n: int) -> dict:
-    """A small Llama with grouped-query attention: 12 query heads over max(2, n) key-value heads (2 at N = 2)."""
-    return dict(hidden_size=48, intermediate_size=96, num_attention_heads=12, num_key_value_heads=max(2, n),
+    """A small Llama with grouped-query attention: 24 query heads (of 2 dimensions) over 2N key-value heads, so
+    that every rank holds 2 key-value heads, each read by 12 / N of its query heads."""
+    return dict(hidden_size=48, intermediate_size=96, num_attention_heads=24, num_key_value_heads=2 * n,
                 max_position_embeddings=CFG.block_size)
 
 
@@ -58,10 +60,12 @@ def tp_bytes_per_step(n: int, layers: int, hidden: int, tokens: int, sequence_pa
 
     S = 4 * tokens * hidden bytes of activations. Without sequence parallelism: 4 all-reduces of S per layer, one
     after the embedding (forward) and one before the output layer (backward). With it: per layer 4 all-gathers and
-    4 reduce-scatters of S plus 2 all-gathers that re-gather saved shards; the embedding's all-reduce, the backward
-    all-gather of the sequence split, the output layer's all-gather, reduce-scatter and re-gather; all-reduces of
-    the sp_grad_numel parameters computed on sequence shards (norms, row-parallel biases). Either way the loss adds
-    an all-gather of n x tokens maxima and an all-reduce of 2 x tokens sums.
+    4 reduce-scatters of S plus 2 all-gathers that re-gather saved shards; the embedding's all-reduce (minidist
+    all-reduces the embedding output, then splits it by sequence, where Megatron reduce-scatters it), the backward
+    all-gather of that split, the output layer's all-gather, reduce-scatter and re-gather; all-reduces of the
+    sp_grad_numel parameters computed on sequence shards (norms, row-parallel biases). Either way the loss adds an
+    all-gather of n x tokens maxima and an all-reduce of 2 x tokens sums. In all: ar + (10L + 4) ag + the gradients'
+    all-reduce + loss with sequence parallelism, (4L + 2) ar + loss without.
     """
     act = 4 * tokens * hidden
     ar, ag = comm.ring_bytes("all_reduce", act, n), comm.ring_bytes("all_gather", act, n)
@@ -115,14 +119,6 @@ def layernorm_stat_bytes(tokens: int) -> int:
 
 # Rank functions.
 
-def _train_step(model, opt, x, y, loss_fn):
-    loss = loss_fn(logits_of(model(x)), y)
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-    return loss
-
-
 def shard_diff(tp: nn.Module, dense: nn.Module, group=None, grads: bool = False) -> float:
     """Largest difference between this rank's parameters (or gradients) and its shards of the dense model's."""
     worst = 0.0
@@ -148,8 +144,10 @@ def replicated_divergence(tp: nn.Module, group=None) -> float:
 
 
 def against_one_process(model: str = "gpt", sequence_parallel: bool = False) -> dict:
-    """The parallelized model and one process with the same weights: logits, loss and every gradient of one step
-    (its bytes counted on minidist's ring), then the weights after STEPS AdamW steps; memory held per rank."""
+    """The parallelized model and one process with the same weights: logits, loss and every gradient of the first
+    step (its bytes counted on minidist's ring), every gradient of the STEPS - 1 next ones ("grads": a gradient
+    scaled by a constant would barely move AdamW's weights, but shows here), then the weights after STEPS AdamW
+    steps; memory held per rank."""
     n = dist.get_world_size()
     group = Mesh.build(tp=n).group("tp")
     torch.manual_seed(0)
@@ -166,17 +164,39 @@ def against_one_process(model: str = "gpt", sequence_parallel: bool = False) -> 
     first = max(logits_diff(tp, logits.detach(), ref_logits.detach(), group), abs(loss.item() - ref_loss.item()),
                 shard_diff(tp, ref, group, grads=True))
     ref_opt, opt = torch.optim.AdamW(ref.parameters(), lr=LR), torch.optim.AdamW(tp.parameters(), lr=LR)
+    grads = 0.0
+    for x, y in BATCHES[1:]:
+        for o in (ref_opt, opt):
+            o.step()
+            o.zero_grad()
+        lm_loss(logits_of(ref(x)), y).backward()
+        vocab_parallel_cross_entropy(logits_of(tp(x)), y, group).backward()
+        grads = max(grads, shard_diff(tp, ref, group, grads=True))
     for o in (ref_opt, opt):
         o.step()
-        o.zero_grad()
-    for x, y in BATCHES[1:]:
-        _train_step(ref, ref_opt, x, y, lm_loss)
-        _train_step(tp, opt, x, y, lambda logits, y: vocab_parallel_cross_entropy(logits, y, group))
     embedding = tp.wte if model == "gpt" else tp.model.embed_tokens
-    return {"first": first, "weights": shard_diff(tp, ref, group), "bytes": ledger.total_bytes(),
+    return {"first": first, "grads": grads, "weights": shard_diff(tp, ref, group), "bytes": ledger.total_bytes(),
             "counted": ledger.counted, "collectives": ledger.by_op(), "axes": {r.axis for r in ledger.records},
             "divergence": replicated_divergence(tp, group),
             "param_bytes": measure_state_bytes(tp).params, "tied": tp.lm_head.weight is embedding.weight}
+
+
+def under_autocast(model: str = "gpt", sequence_parallel: bool = True, steps: int = 4) -> dict:
+    """Both models under bf16 autocast, `steps` SGD steps (lr 0.1): the largest weight difference, and the
+    replicated parameters' divergence across ranks (sequence parallelism's backward recomputes in bf16 too)."""
+    group = Mesh.build(tp=dist.get_world_size()).group("tp")
+    torch.manual_seed(0)
+    ref, plan = build(model, dist.get_world_size())
+    tp = parallelize(copy.deepcopy(ref), group, plan, sequence_parallel)
+    opts = torch.optim.SGD(ref.parameters(), lr=0.1), torch.optim.SGD(tp.parameters(), lr=0.1)
+    for x, y in BATCHES[:steps]:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            losses = lm_loss(logits_of(ref(x)), y), vocab_parallel_cross_entropy(logits_of(tp(x)), y, group)
+        for loss, o in zip(losses, opts):
+            loss.backward()
+            o.step()
+            o.zero_grad()
+    return {"weights": shard_diff(tp, ref, group), "divergence": replicated_divergence(tp, group)}
 
 
 def activations_per_layer(sequence_parallel: bool) -> dict:
@@ -206,8 +226,13 @@ def vocab_loss_demo(tokens: int = 48, vocab: int = 512) -> dict:
         loss.backward()
     with comm.ring_backend(), comm.ByteLedger() as gather:
         comm.all_gather_cat(local.detach(), dim=1)
-    return {"diff": abs(loss.item() - F.cross_entropy(logits, targets).item()), "columns": local.shape[1],
-            "bytes": ledger.total_bytes(), "gather_bytes": gather.total_bytes(), "counted": ledger.counted}
+    full = logits.clone().requires_grad_()
+    ref = F.cross_entropy(full, targets)
+    ref.backward()
+    expected = torch.cat([full.grad, torch.zeros_like(padding)], dim=1).chunk(n, dim=1)[r]  # padding: gradient 0
+    return {"diff": abs(loss.item() - ref.item()), "grad_diff": (local.grad - expected).abs().max().item(),
+            "columns": local.shape[1], "bytes": ledger.total_bytes(), "gather_bytes": gather.total_bytes(),
+            "counted": ledger.counted}
 
 
 # The tour's rows.
@@ -238,8 +263,8 @@ def check_tensor_parallel(world_size: int) -> list[dict]:
             name = f"TP{' + SP' if sp else ''}, {LABELS[model]}"
             counted = sum(r["bytes"] for r in per_rank) / n if all(r["counted"] for r in per_rank) else None
             formula = tp_bytes_per_step(n, CFG.n_layer, CFG.n_embd, tokens, sp, sp_grad_numel(model, n))
-            rows.append(make_row(f"{name}: logits, loss, gradients", "one process, same weights",
-                                 max_abs_diff=max(r["first"] for r in per_rank), tolerance=GRAD_TOL,
+            rows.append(make_row(f"{name}: logits, loss, {STEPS} steps' grads", "one process, same weights",
+                                 max_abs_diff=max(max(r["first"], r["grads"]) for r in per_rank), tolerance=GRAD_TOL,
                                  comm_bytes=counted, comm_bytes_theory=formula, seconds=seconds))
             rows.append(make_row(f"{name}: {STEPS} AdamW steps, param bytes", "one process (AdamW)",
                                  max_abs_diff=max(r["weights"] for r in per_rank), tolerance=ADAM_TOL,
@@ -252,6 +277,10 @@ def check_tensor_parallel(world_size: int) -> list[dict]:
             rows.append(make_row(f"{name}: {DTENSOR_STEPS} AdamW steps", "DTensor parallelize_module",
                                  tolerance=DTENSOR_TOL, seconds=seconds,
                                  max_abs_diff=max(max(r["first"], r["weights"]) for r in per_rank)))
+    per_rank, seconds = _timed(under_autocast, n, "gpt", True)
+    rows.append(make_row("TP + SP, tiny GPT: 4 SGD steps under bf16 autocast", "one process under autocast",
+                         max_abs_diff=max(r["weights"] for r in per_rank), tolerance=BF16_TOL, seconds=seconds,
+                         replica_divergence=max(r["divergence"] for r in per_rank)))
     for sp in (False, True):
         per_rank, seconds = _timed(activations_per_layer, n, sp)
         r = per_rank[0]
