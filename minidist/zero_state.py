@@ -70,6 +70,9 @@ class ZeroState:
         super().zero_grad(set_to_none)  # the model's gradients (full size in stage 1)
         if self.reducer is not None:
             self.reducer.clear()        # stage 2: the accumulated shards
+        for piece in self.pieces:       # phase 1 run by clip_grad_norm_ without a step: forgotten
+            piece.grad = None
+        self._found_inf = None
 
     def add_param_group(self, param_group: dict) -> None:
         if hasattr(self, "optimizer"):  # torch's __init__ adds the first groups through here
