@@ -288,4 +288,7 @@ class ZeroOptimizer(ZeroState, torch.optim.Optimizer):
         with torch.no_grad():
             for (i, lo, hi, _, _), piece in zip(self.where, self.pieces):
                 model = self.params[i].detach().reshape(-1)[lo:hi].to(piece.device)
-                piece.copy_(torch.where(piece.to(model.dtype) == model, piece, model.to(piece.dtype)))
+                if model.dtype == piece.dtype:  # the master holds nothing more than the model
+                    piece.copy_(model)
+                else:
+                    piece.copy_(torch.where(piece.to(model.dtype) == model, piece, model.to(piece.dtype)))

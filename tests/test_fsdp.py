@@ -109,6 +109,8 @@ def test_bytes_and_memory_of_a_step_with_padding():
 
 def test_one_unit_gathered_at_a_time_plus_the_prefetched_one():
     prefetching, first_step = launch(timeline, 2)[0], launch(timeline, 2, PEAK_CFG, None, 1)[0]
+    kept = launch(timeline, 2, PEAK_CFG, None, 1, 4, False)[0]  # reshard_after_forward=False
+    assert kept["peak"] == sum(kept["units"].values())  # every unit gathered at the end of forward
     block, root = prefetching["units"]["blocks.0"], prefetching["units"]["root"]
     assert len(prefetching["units"]) == PEAK_CFG.n_layer + 1
     assert prefetching["peak"] == root + 2 * block
