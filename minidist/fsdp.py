@@ -184,7 +184,7 @@ class FSDPUnit:
         root = self.root
         root.order_pre += [] if root.frozen or self in root.order_pre else [self]  # the first step records it
         self.pre_done, self.post_done, root.queued = False, False, False
-        self.uses += torch.is_grad_enabled()
+        self.uses, self.backward_use = self.uses + torch.is_grad_enabled(), None  # (a failed backward forgotten)
         self._unshard_prefetching(root.order_pre)
         flat, spec = tree_flatten((args, kwargs))
         flat = [x.to(self.param_dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in flat]

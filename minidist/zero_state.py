@@ -34,6 +34,9 @@ def hyper(param_group: dict) -> dict:
     return {k: v for k, v in param_group.items() if k != "params"}
 
 
+IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")  # how it runs, not which states it keeps
+
+
 def probe_state_keys(optimizer_class, groups: list[dict], defaults: dict) -> list[dict[str, list[str]]]:
     """For each parameter group, the wrapped optimizer's states by kind: "elementwise" (a value per element) and
     "scalars" (one per tensor: a 0-dim tensor or a number), found by one step on a toy tensor with its hyperparameters."""
@@ -41,7 +44,9 @@ def probe_state_keys(optimizer_class, groups: list[dict], defaults: dict) -> lis
     for group in groups:
         toy = torch.zeros(2)
         toy.grad = torch.zeros(2)
-        probe = optimizer_class([hyper(group) | {"params": [toy]}], **defaults)
+        kept = {k: v for k, v in hyper(group).items() if k not in IMPLEMENTATION}  # the toy lives on the CPU
+        probe = optimizer_class([kept | {"params": [toy]}], **{k: v for k, v in defaults.items()
+                                                                if k not in IMPLEMENTATION})
         probe.step()
         state = probe.state[toy]
         kinds = {"elementwise": [k for k, v in state.items() if torch.is_tensor(v) and v.shape == toy.shape],
