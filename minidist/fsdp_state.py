@@ -65,8 +65,7 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 def clip_grad_norm_(module: nn.Module, max_norm: float) -> float:
     """Scale the gradients of the sharded `module` (its root unit's) so that their global L2 norm, over every rank's
     pieces, is at most `max_norm`; returns the norm before clipping (collective). Call it between backward and step."""
-    units = _units(module)
-    if getattr(module, "fsdp_unit", None) is None or not units:
+    if getattr(module, "fsdp_unit", None) is None:
         raise ValueError(f"clip_grad_norm_ needs the root of a fully_shard model, got a {type(module).__name__} "
                          f"without a unit")
     grads = [p.grad for p in module.parameters() if p.grad is not None]

@@ -162,12 +162,11 @@ class ZeroOptimizer(ZeroState, torch.optim.Optimizer):
             for p in everything:
                 p.copy_(comm.broadcast(p.detach(), 0, group))  # every replica starts from rank 0's weights
         self.params = [p for p in everything if p.requires_grad and p.numel() > 0]  # GradReducer's filter
-        take_over(self.params)  # from an earlier stage-2 ZeroOptimizer on them, if any
         cap = int(bucket_cap_mb * MiB)
         self.reducer = ShardReducer(self.params, group, cap) if stage == 2 else None
         if self.reducer is not None:
             self.params = self.reducer.params  # one list: the reducer's parameter indices are ours
-            take_over(self.params, self.reducer)
+        take_over(self.params, self.reducer)  # the hooks of an earlier stage-2 ZeroOptimizer on them, if any
         self.buckets, self.offsets = (self.reducer.buckets, self.reducer.offsets) if stage == 2 else \
             layout(self.params, cap)
         self._partition()
