@@ -17,12 +17,15 @@ mixed precision (fp32 shard 4 + fp32 gradient shard 4 + Adam moments 8, over N),
 
 Reshard frees the *storage* (autograd keeps the gathered weights it saved in forward); unshard refills the same
 tensors before backward reads them and restores their version counters (else autograd sees an in-place change).
-Unused parameters get zero gradients. Unlike FSDP2: the root honours reshard_after_forward (FSDP2 keeps it gathered),
-a unit's parameters share a dtype, a parameter shared by two units is refused, a unit runs once per forward.
+At the end of backward one all-reduce of an int32 flag per tensor tells which parameters had a gradient on some rank:
+the others keep none (the optimizer leaves them alone), and every unit still gathered (a frozen one backward never
+reached) is resharded. Clip with fsdp.clip_grad_norm_(model, max_norm), the norm over every rank's shards. Unlike
+FSDP2: the root honours reshard_after_forward (FSDP2 keeps it gathered), a unit's parameters share a dtype, a
+parameter shared by two units is refused, and a unit runs once per backward (a module applied twice, or two
+forwards summed into one loss, is refused: each use would need its own gather and reduce-scatter).
 """
 import itertools
 import time
-import weakref
 
 import torch
 import torch.distributed as dist
@@ -30,6 +33,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import comm
+from .fsdp_state import claim, clip_grad_norm_, full_state_dict, unit_parameters  # noqa: F401  (re-exported)
 from .zero import shard_pieces
 
 
@@ -39,6 +43,8 @@ def unshard_(full: torch.Tensor, shard: torch.Tensor, group=None) -> comm.Work:
     ranks, the gathered values, also as seen through a view of `full` taken before its storage was freed."""
     # <exercise fsdp_unshard points=2>
     # hint: a storage can be resized in place (t.untyped_storage().resize_(nbytes)); every view sees the new memory.
+    # hint: then start the all-gather into `full` with comm.all_gather_into_(out, x, group, async_op=True)
+    #       (from minidist import comm); it returns the Work.
     full.untyped_storage().resize_(full.numel() * full.element_size())
     return comm.all_gather_into_(full, shard, group, async_op=True)
     # </exercise>
@@ -46,9 +52,11 @@ def unshard_(full: torch.Tensor, shard: torch.Tensor, group=None) -> comm.Work:
 
 def reshard_(full: torch.Tensor) -> None:
     """Free the memory of `full` and of every view of it, keeping the tensors themselves (autograd holds them).
-    Graded: 0 bytes of storage after it, the views keep their shapes, and `full` can be gathered into again."""
+    Graded on 2 ranks: 0 bytes of storage after it, the views keep their shapes, and `full` can be gathered into
+    again (through the package's unshard_)."""
     # <exercise fsdp_reshard points=1>
-    # hint: the opposite of unshard_'s first line.
+    # hint: the tensors must stay (autograd holds them): what holds the memory is the storage that `full` and all its
+    #       views share.
     full.untyped_storage().resize_(0)
     # </exercise>
 
@@ -56,10 +64,10 @@ def reshard_(full: torch.Tensor) -> None:
 def reduce_scatter_grads(grads: list, numels: list[int], chunk: int, dtype, group=None, device=None) -> comm.Work:
     """Post-backward: start reducing a unit's gradients (`grads`: of its parameters in order, None for zeros; `numels`:
     their sizes), laid end to end in a zero-padded flat buffer of N * chunk elements of `dtype`, divided by N and
-    reduce-scattered; the Work's wait() gives this rank's `chunk` elements. Graded: on 3 ranks, with a None gradient
-    and padding, exactly."""
+    reduce-scattered; the Work's wait() gives this rank's `chunk` elements (in `dtype`). Graded: on 3 ranks, with a
+    None gradient and padding: the dtype and the values, exactly."""
     # <exercise fsdp_post_backward points=2>
-    # hint: comm.reduce_scatter_into_(out, x, group, async_op=True) starts it.
+    # hint: comm.reduce_scatter_into_(out, x, group, async_op=True) starts it (from minidist import comm).
     n = dist.get_world_size(group)
     flat = torch.zeros(n * chunk, dtype=dtype, device=device)
     for g, start in zip(grads, itertools.accumulate([0, *numels])):
@@ -79,9 +87,6 @@ def prefetch_target(order: list, current):
         return None
     return order[order.index(current) + 1]
     # </exercise>
-
-
-_SHARDED = weakref.WeakValueDictionary()  # id -> every parameter a unit has sharded (to refuse one tied across units)
 
 
 class _PostBackward(torch.autograd.Function):
@@ -106,24 +111,15 @@ class FSDPUnit:
         self.name = type(module).__name__  # fully_shard names it after its path in the outermost module
         self.n, self.rank = dist.get_world_size(group), dist.get_rank(group)
         inner = [m.fsdp_unit for m in module.modules() if getattr(m, "fsdp_unit", None)]
-        inside = {m for u in inner for m in u.module.modules()}
-        params, self.slots, self.parent = {}, [], None  # slots: (module, attribute, index of the parameter)
-        for name, m in module.named_modules():
-            for attr, p in (m.named_parameters(recurse=False) if m not in inside else []):
-                if _SHARDED.get(id(p)) is p:  # a parameter another unit took: tied across units
-                    raise ValueError(f"parameter {name}.{attr} is already sharded by another fully_shard unit: "
-                                     f"shard a module holding all its users as one unit")
-                self.slots.append((m, attr, params.setdefault(p, len(params))))
-        params = list(params)
-        if len({p.dtype for p in params}) > 1:
-            raise ValueError(f"the parameters of a fully_shard unit must share a dtype, got "
-                             f"{sorted({str(p.dtype) for p in params})}")
-        _SHARDED.update({id(p): p for p in params})
+        params, self.slots = unit_parameters(module, inner)  # slots: (module, attribute, index of the parameter)
+        self.parent = None
         self.param_dtype = param_dtype or (params[0].dtype if params else torch.float32)
         self.reduce_dtype = reduce_dtype or self.param_dtype
         self._shard(params)
-        self.state, self.work, self.rs_work, self.grad_shard, self.queued = "sharded", None, None, None, False
+        claim(params, self.sharded + self.full)
+        self.state, self.work, self.rs_work, self.queued, self.held = "sharded", None, None, False, []
         self.order_pre, self.order_post, self.events, self.frozen, self.peak = [], [], [], False, 0
+        self.uses, self.backward_use, self.in_backward = 0, None, True  # grad-mode forwards; the one backward runs
         for u in inner:
             u.parent = u.parent or self
         module.register_forward_pre_hook(self.pre_forward, with_kwargs=True)
@@ -188,6 +184,7 @@ class FSDPUnit:
         root = self.root
         root.order_pre += [] if root.frozen or self in root.order_pre else [self]  # the first step records it
         self.pre_done, self.post_done, root.queued = False, False, False
+        self.uses, self.backward_use = self.uses + torch.is_grad_enabled(), None  # (a failed backward forgotten)
         self._unshard_prefetching(root.order_pre)
         flat, spec = tree_flatten((args, kwargs))
         flat = [x.to(self.param_dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in flat]
@@ -197,24 +194,29 @@ class FSDPUnit:
         return tree_unflatten(flat, spec)
 
     def post_forward(self, module, args, output):
-        root = self.root
+        root, use = self.root, self.uses
         root.events.append((f"forward {self.name}", self.started, time.perf_counter()))
         root.order_post += [] if root.frozen or self in root.order_post else [self]
         root.frozen = root.frozen or self is root  # the order is known once the root's first forward is over
         if self.reshard_after_forward or not torch.is_grad_enabled():
             self.reshard()
         for t in (t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad):
-            t.register_hook(lambda grad: self.pre_backward())  # backward is about to reach this unit
+            t.register_hook(lambda grad: self.pre_backward(use))  # backward is about to reach this use of the unit
         return output
 
-    def pre_backward(self) -> None:
+    def pre_backward(self, use: int) -> None:
+        if self.backward_use not in (None, use):
+            raise RuntimeError(f"fully_shard unit {self.name!r} ran forward more than once for one backward (a module "
+                               f"applied twice, or two forwards summed into one loss): minidist's units run once per "
+                               f"backward; give each use its own unit, or call backward after each forward")
+        self.backward_use = use
         if self.pre_done:
             return
         self.pre_done, root = True, self.root
         if not root.queued:  # the first unit backward reaches: the root finishes everything at the end
             torch.autograd.Variable._execution_engine.queue_callback(root._finish_backward)
             root.queued = True
-        self._unshard_prefetching(root.order_post[::-1])
+        self._unshard_prefetching([u for u in root.order_post[::-1] if u.in_backward])
 
     def _unshard_prefetching(self, order: list) -> None:
         """Unshard me, having started the all-gather of the unit computing after me in `order` (once it is known)."""
@@ -231,6 +233,7 @@ class FSDPUnit:
             return
         self.post_done = True
         self.root.events.append((f"backward {self.name}", self.started, time.perf_counter()))
+        self.held = [p.grad is not None for p in self.full]  # which parameters had a gradient here
         if any(p.requires_grad for p in self.full):
             self.rs_issued = time.perf_counter()
             self.rs_work = reduce_scatter_grads([p.grad for p in self.full], self.numels, self.chunk,
@@ -240,26 +243,33 @@ class FSDPUnit:
         self.reshard()
 
     def _finish_backward(self) -> None:
-        """Root, end of backward: post_backward where still due (the root's inputs need none), then every grad shard."""
+        """Root, end of backward: post_backward where still due (the root's inputs need none); which parameters had
+        a gradient on some rank (one all-reduce of int32 flags); every gradient shard; every unit resharded."""
         units = [u for u in self.order_pre if u.root is self] or [self]
         for u in reversed(units):
             u.post_backward()
+        held = [h for u in units for h in (u.held if u.post_done else [False] * u.count)]
+        used = (comm.all_reduce_sum(torch.tensor(held, dtype=torch.int32, device=self.flat_shard.device),
+                                    self.group) > 0).tolist()
         for u in units:
-            u._collect_grads()
+            u._collect_grads(used[:u.count])
+            used = used[u.count:]
+            u.wait_unshard()  # a prefetched unit backward never reached (frozen below the trainable ones)
+            u.reshard()
+            u.in_backward, u.backward_use = u.pre_done, None  # backward prefetches only units it reached
 
-    def _collect_grads(self) -> None:
+    def _collect_grads(self, used: list[bool]) -> None:
+        """Add my averaged gradient shard to my pieces' gradients (views of it after zero_grad); a parameter no rank
+        had a gradient for keeps none, as on one process."""
         if self.rs_work is None:
             return
         shard = self.rs_work.wait().to(self.flat_shard.dtype)
         self.root.events.append((f"reduce-scatter {self.name}", self.rs_issued, self.rs_work.completed_at))
         self.rs_work = None
-        trainable = [(p, s) for p, s in zip(self.sharded, self.piece) if p.requires_grad]
-        if self.grad_shard is None or any(p.grad is None for p, _ in trainable):
-            self.grad_shard = shard  # the optimizer's zero_grad() set the gradients to None: start afresh
-        else:
-            self.grad_shard += shard
-        for p, (start, stop, offset) in trainable:
-            p.grad = self.grad_shard[offset:offset + stop - start]
+        for p, (start, stop, offset), u in zip(self.sharded, self.piece, used):
+            if p.requires_grad and u:
+                piece = shard[offset:offset + stop - start]
+                p.grad = piece if p.grad is None else p.grad.add_(piece)
 
     def _note_memory(self) -> None:
         """Root: remember the most bytes of gathered parameters held at once (walking every unit's storage)."""
@@ -273,7 +283,8 @@ def fully_shard(module: nn.Module, group=None, *, param_dtype=None, reduce_dtype
 
     Apply it to each block, then to the root. Build the optimizer on module.parameters() afterwards: they are this
     rank's pieces (fp32 shards, views of the unit's flat shard). param_dtype: the dtype of gathered parameters
-    (compute and all-gather); reduce_dtype: of the gradient reduce-scatter (default: param_dtype).
+    (compute and all-gather; floating-point inputs are cast to it); reduce_dtype: of the gradient reduce-scatter
+    (default: param_dtype).
     """
     if getattr(module, "fsdp_unit", None) is not None:
         raise ValueError(f"{type(module).__name__} is already sharded by fully_shard")
@@ -284,16 +295,3 @@ def fully_shard(module: nn.Module, group=None, *, param_dtype=None, reduce_dtype
         if getattr(m, "fsdp_unit", None) is not None:
             m.fsdp_unit.name = name or "root"
     return module
-
-
-def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """{name: full tensor} with the names of the unwrapped module's state_dict, on every rank (collective): the
-    fp32 shards of every unit gathered (never the param_dtype copies)."""
-    full = {}
-    for m in module.modules():
-        unit = getattr(m, "fsdp_unit", None)
-        if unit is not None and unit.count:
-            gathered = comm.all_gather_cat(unit.flat_shard, unit.group)
-            for s, p, q in zip(unit.starts, unit.sharded, unit.full):
-                full[id(p)] = gathered[s:s + q.numel()].view(q.shape)
-    return {name: full.get(id(t), t).detach().clone() for name, t in module.state_dict(keep_vars=True).items()}

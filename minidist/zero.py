@@ -10,7 +10,8 @@ and optimizer states (Adam's moments) of chunk r of every bucket. A step has thr
     all-gather parameters      every rank receives everybody's updated chunks and copies them into its model
 
 A ring reduce-scatter plus a ring all-gather send what one ring all-reduce sends, 2(N-1)/N * S bytes per rank: ZeRO
-saves memory at no extra communication. With Ψ parameters in mixed precision (16-bit model and gradients, fp32 master
+saves memory for the bytes of data parallelism, plus one small all-reduce per step (an int32 flag per tensor: which
+ones had a gradient on some rank). With Ψ parameters in mixed precision (16-bit model and gradients, fp32 master
 and moments: 2 + 2 + 12 bytes per parameter; padding adds at most N - 1 elements per bucket), each rank holds
     stage 1: full-size gradients, reduce-scattered after backward, in step()              4Ψ + 12Ψ/N bytes
     stage 2: each bucket reduce-scattered during backward as soon as it is complete
@@ -18,26 +19,31 @@ and moments: 2 + 2 + 12 bytes per parameter; padding adds at most N - 1 elements
 Stage 3 shards the parameters too: minidist.fsdp.fully_shard.
 
 The wrapped optimizer steps *pieces* (each parameter's part in my chunks, views of the master buffer): a parameter with
-no gradient in a step (agreed with an all-reduce of flags) is skipped as torch skips it, and an elementwise optimizer
-(SGD, Adam, AdamW...) updates as on whole tensors (LAMB's per-tensor trust ratio would not).
+no gradient in a step (agreed with the flags) is skipped as torch skips it, and an elementwise optimizer (SGD, Adam,
+AdamW...) updates as on whole tensors (LAMB's per-tensor trust ratio would not). Weights changed in the model outside
+the optimizer (model.load_state_dict after building it) are read back into the masters at the next step. Clip with
+opt.clip_grad_norm_ (the norm of the sharded gradients); fp16 needs a LossScaler (ranks agree on inf/nan and skip
+together). In stage 2 every rank's backward must reach a trainable parameter (the reduce-scatters start from hooks).
 """
 import torch
 import torch.distributed as dist
 
 from . import comm
+from .mixed_precision import LossScaler, clip_grad_norm_
 from .reducer import MiB, GradReducer, layout  # (layout and MiB live in buckets.py; reducer re-exports them)
+from .zero_state import ZeroState, hyper as _hyper, probe_state_keys, take_over
 
 
 def shard_pieces(sizes: list[int], rank: int, world_size: int) -> tuple[int, list[tuple[int, int, int, int]]]:
     """This rank's share of tensors of `sizes` elements laid end to end in one flat buffer, padded with zeros to a
     multiple of `world_size` and cut into `world_size` equal chunks (rank r owns chunk r).
 
-    Returns (chunk, pieces): chunk = ceil(sum(sizes) / world_size) elements per rank, and pieces, in order, a tuple
-    (index, start, stop, offset) for each tensor that has elements in this rank's chunk: its elements [start, stop)
-    (numbered within the flattened tensor) sit at [offset, offset + stop - start) of the chunk. Empty tensors and the
-    padding give no piece; a tensor cut by a chunk boundary gives a piece to each rank it touches. Graded: by hand
-    (an empty tensor, a rank holding only padding, no tensors at all), and for N = 1, 2, 3, 7: the chunk size, and
-    every element in exactly one piece, at its own flat position.
+    Returns a tuple (chunk, pieces): chunk = ceil(sum(sizes) / world_size) elements per rank, and pieces a *list* of
+    tuples (index, start, stop, offset), in order, one for each tensor that has elements in this rank's chunk: its
+    elements [start, stop) (numbered within the flattened tensor) sit at [offset, offset + stop - start) of the chunk.
+    Empty tensors and the padding give no piece; a tensor cut by a chunk boundary gives a piece to each rank it
+    touches. Graded with ==, so the types matter: by hand (an empty tensor, a rank holding only padding, no tensors at
+    all), and for N = 1, 2, 3, 7: the chunk size, and every element in exactly one piece, at its own flat position.
     """
     # <exercise zero_shard_pieces points=2>
     # hint: the chunk of rank r covers flat positions [r * chunk, (r + 1) * chunk); walk the tensors keeping the flat
@@ -64,7 +70,8 @@ def reduce_scatter_gradients(flat_grads: list[torch.Tensor], group=None) -> list
     bucket: the averaged chunks, their dtypes, the inputs untouched.
     """
     # <exercise zero_reduce_scatter points=2>
-    # hint: comm.reduce_scatter_into_(out, x, group, async_op=True) returns a Work; wait() on it gives out.
+    # hint: comm.reduce_scatter_into_(out, x, group, async_op=True) returns a Work; wait() on it gives out
+    #       (from minidist import comm).
     n = dist.get_world_size(group)
     works = [comm.reduce_scatter_into_(g.new_empty(g.numel() // n), g / n, group, async_op=True) for g in flat_grads]
     return [w.wait() for w in works]
@@ -76,15 +83,12 @@ def all_gather_parameters(shards: list[torch.Tensor], group=None) -> list[torch.
     Start every all-gather asynchronously, in bucket order, then wait for them. Graded: on 3 ranks, an fp32 and a
     bf16 bucket, exactly."""
     # <exercise zero_all_gather points=1>
-    # hint: comm.all_gather_into_(out, shard, group, async_op=True) is the in-place, asynchronous all-gather.
+    # hint: comm.all_gather_into_(out, shard, group, async_op=True) is the in-place, asynchronous all-gather
+    #       (from minidist import comm).
     n = dist.get_world_size(group)
     works = [comm.all_gather_into_(s.new_empty(n * s.numel()), s, group, async_op=True) for s in shards]
     return [w.wait() for w in works]
     # </exercise>
-
-
-def _hyper(param_group: dict) -> dict:  # a parameter group's hyperparameters
-    return {k: v for k, v in param_group.items() if k != "params"}
 
 
 def used_on_some_rank(params: list[torch.Tensor], group=None) -> list[bool]:
@@ -101,6 +105,7 @@ class ShardReducer(GradReducer):
 
     def __init__(self, params, group, cap_bytes):
         super().__init__(params, group, cap_bytes, op="reduce_scatter", find_unused_parameters=True)
+        self.retired = False  # True once a newer ZeroOptimizer took these parameters' hooks
         self.clear()
         self.prepare_backward()
 
@@ -119,22 +124,26 @@ class ShardReducer(GradReducer):
         return used
 
 
-class ZeroOptimizer(torch.optim.Optimizer):
+class ZeroOptimizer(ZeroState, torch.optim.Optimizer):
     """`optimizer_class(params, **defaults)`, partitioned over `group` (ZeRO `stage` 1 or 2).
 
         opt = ZeroOptimizer(model.parameters(), torch.optim.AdamW, stage=2, lr=1e-3)
         loss_fn(model(x_of_this_rank), y).backward()    # stage 2: buckets reduce-scattered during backward
+        opt.clip_grad_norm_(1.0)                         # optional: the global norm of the sharded gradients
         opt.step()                                       # every rank's model receives the same updated weights
         opt.zero_grad()
 
-    It owns the gradient reduction (use it on a plain model, not a DataParallel) and broadcasts rank 0's weights first.
-    `param_groups` hold the model's parameters (LR schedulers work on them); `state_dict()` gathers the wrapped
-    optimizer's state in its own format (collective), which `load_state_dict` takes from any world size or from the
-    plain optimizer. bucket_cap_mb: bucket size in MiB. In stage 2 each backward before step() is a micro-step.
+    It owns the gradient reduction (use it on a plain model, not a DataParallel) and broadcasts rank 0's weights first;
+    a new ZeroOptimizer on the same parameters takes them over (the old one then refuses to step). `param_groups`
+    hold the model's parameters (LR schedulers work on them; add_param_group after construction is refused);
+    parameters frozen when it is built are never trained by it. `state_dict()` gathers the wrapped optimizer's state
+    in its own format (collective), which `load_state_dict` takes from any world size or from the plain optimizer.
+    bucket_cap_mb: bucket size in MiB. scaler: a LossScaler (needed for fp16 parameters). In stage 2 each backward
+    before step() is a micro-step.
     """
 
     def __init__(self, params, optimizer_class, *, stage: int = 1, group=None, bucket_cap_mb: float = 25,
-                 **defaults):
+                 scaler: LossScaler | None = None, **defaults):
         if stage not in (1, 2):
             raise ValueError(f"ZeroOptimizer implements stages 1 and 2, got stage={stage!r}; stage 3 shards the "
                              f"parameters too, which needs the forward pass: use minidist.fsdp.fully_shard")
@@ -143,30 +152,39 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb}")
         super().__init__(params, defaults)
-        self.stage, self.group, self.optimizer_class = stage, group, optimizer_class
+        self.stage, self.group, self.optimizer_class, self.scaler = stage, group, optimizer_class, scaler
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         everything = [p for g in self.param_groups for p in g["params"]]
+        if scaler is None and any(p.dtype == torch.float16 for p in everything):
+            raise ValueError("fp16 parameters need loss scaling: pass scaler=LossScaler() and call backward on "
+                             "opt.scaler.scale_loss(loss) (or use bf16, which needs none)")
         with torch.no_grad():
             for p in everything:
                 p.copy_(comm.broadcast(p.detach(), 0, group))  # every replica starts from rank 0's weights
-        self.params = [p for p in everything if p.requires_grad]
+        self.params = [p for p in everything if p.requires_grad and p.numel() > 0]  # GradReducer's filter
         cap = int(bucket_cap_mb * MiB)
         self.reducer = ShardReducer(self.params, group, cap) if stage == 2 else None
+        if self.reducer is not None:
+            self.params = self.reducer.params  # one list: the reducer's parameter indices are ours
+        take_over(self.params, self.reducer)  # the hooks of an earlier stage-2 ZeroOptimizer on them, if any
         self.buckets, self.offsets = (self.reducer.buckets, self.reducer.offsets) if stage == 2 else \
             layout(self.params, cap)
         self._partition()
         self.index = {id(p): k for k, p in enumerate(everything)}  # numbering of torch's state dicts
         owner = {id(p): k for k, g in enumerate(self.param_groups) for p in g["params"]}  # parameter -> its group
+        self.group_of = [owner[id(p)] for p in self.params]
         inner_groups = [_hyper(g) | {"params": [piece for (i, *_), piece in zip(self.where, self.pieces)
-                                                if owner[id(self.params[i])] == k]}
+                                                if self.group_of[i] == k]}
                         for k, g in enumerate(self.param_groups)]
         self.optimizer = optimizer_class(inner_groups, **defaults)
         for outer, inner in zip(self.param_groups, self.optimizer.param_groups):  # the full hyperparameters
             outer.update(_hyper(inner))
-        self._probe_state_keys(defaults)
+        self.keys = probe_state_keys(optimizer_class, self.optimizer.param_groups, defaults)  # per group
+        self.skipped, self._found_inf = 0, None  # _found_inf: None until phase 1 ran in this step
 
     def _partition(self) -> None:
-        """Cut every padded bucket into N chunks; this rank's chunks live end to end in one fp32 master buffer."""
+        """Cut every padded bucket into N chunks; this rank's chunks live end to end in one master buffer (fp32, or
+        fp64 if the model has fp64 parameters: never less precise than the model)."""
         self.segments, self.chunks, self.where = [], [], []  # where: (param, start, stop, bucket, offset) per piece
         for b, bucket in enumerate(self.buckets):
             segs = []  # (param index, first element in the param, position in the bucket), in buffer order
@@ -180,7 +198,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.where += [(segs[k][0], segs[k][1] + start, segs[k][1] + stop, b, offset)
                            for k, start, stop, offset in pieces]
         self.starts = [sum(self.chunks[:b]) for b in range(len(self.buckets))]  # bucket b's chunk in the master
-        self.master = torch.zeros(sum(self.chunks), device=self.params[0].device if self.params else None)
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
+        self.master = torch.zeros(sum(self.chunks), dtype=dtype, device=self.params[0].device if self.params else None)
         self.pieces = [self.master[self.starts[b] + offset:self.starts[b] + offset + hi - lo].copy_(
                        self.params[i].detach().reshape(-1)[lo:hi]) for i, lo, hi, b, offset in self.where]
 
@@ -189,15 +208,47 @@ class ZeroOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = None if closure is None else torch.enable_grad()(closure)()
-        grads, used = self.reduce_scatter_gradients()
-        self.local_update(grads, used)
-        self.all_gather_parameters()
+        found_inf = self.unscale_()           # phase 1 (unless clip_grad_norm_ ran it): my gradient pieces
+        self._found_inf = None
+        if self.scaler is not None:
+            self.scaler.update(found_inf)
+        if found_inf:                         # every rank found it: all skip, the weights stay as they are
+            self.skipped += 1
+        else:
+            self.local_update()               # phase 2
+            self.all_gather_parameters()      # phase 3
+        for piece in self.pieces:
+            piece.grad = None                 # the gradient pieces live only inside the step
         return loss
 
+    def unscale_(self) -> bool:
+        """Phase 1, once per step: my averaged gradient chunks become my pieces' gradients, in the master's dtype (None
+        where no rank had one); with a scaler, unscaled, and True if any rank found an inf or nan."""
+        if self._found_inf is None:
+            self._refuse_late_parameters()
+            grads, used = self.reduce_scatter_gradients()
+            for (i, lo, hi, b, offset), piece in zip(self.where, self.pieces):
+                usable = used[i] and grads[b] is not None
+                piece.grad = grads[b][offset:offset + hi - lo].to(self.master.dtype) if usable else None
+            found = self.scaler is not None and self.scaler.unscale_(
+                [piece.grad for piece in self.pieces if piece.grad is not None], agree=True, group=self.group)
+            self._found_inf = found
+        return self._found_inf
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Clip the gradients to a global L2 norm of `max_norm` (summed over every rank's pieces: the padding and
+        parameters without a gradient count nothing); returns the norm before clipping. Call it before step()."""
+        self.unscale_()
+        return clip_grad_norm_([p.grad for p in self.pieces if p.grad is not None], max_norm, sharded=True,
+                               group=self.group)
+
     def reduce_scatter_gradients(self) -> tuple[list, list[bool]]:
-        """Phase 1: my averaged gradient chunk of every bucket, and which parameters had a gradient. Stage 2 did it
-        during backward (the reducer's shards); stage 1 does it now, packing the full-size gradients in buckets."""
+        """My averaged gradient chunk of every bucket, and which parameters had a gradient. Stage 2 did it during
+        backward (the reducer's shards); stage 1 does it now, packing the full-size gradients in buckets."""
         if self.stage == 2:
+            if self.reducer.retired:
+                raise RuntimeError("this ZeroOptimizer's parameters were taken over by a newer ZeroOptimizer on the "
+                                   "same parameters: step the new one")
             return self.reducer.accumulated, self.reducer.used
         used = used_on_some_rank(self.params, self.group)
         return reduce_scatter_gradients([self._pack(b) for b in range(len(self.buckets))], self.group), used
@@ -210,16 +261,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 flat[at:at + hi - lo] = self.params[i].grad.reshape(-1)[lo:hi]
         return flat
 
-    def local_update(self, grads: list, used: list[bool]) -> None:
-        """Phase 2: step the wrapped optimizer on this rank's pieces, with their gradients cast to fp32."""
-        for (i, lo, hi, b, offset), piece in zip(self.where, self.pieces):
-            usable = used[i] and grads[b] is not None
-            piece.grad = grads[b][offset:offset + hi - lo].to(torch.float32) if usable else None
+    def local_update(self) -> None:
+        """Phase 2: step the wrapped optimizer on this rank's pieces (their gradients set by phase 1)."""
+        self._sync_from_model()
         for outer, inner in zip(self.param_groups, self.optimizer.param_groups):  # e.g. an LR scheduler's lr
             inner.update(_hyper(outer))
         self.optimizer.step()
-        for piece in self.pieces:
-            piece.grad = None  # the fp32 gradient copies live only inside the step
 
     def all_gather_parameters(self) -> None:
         """Phase 3: every rank's updated chunks, cast to the model's dtype, gathered and copied into the model."""
@@ -233,68 +280,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
                        for i, lo, hi, at in segs)  # by parameter, then by position within it
         return [torch.cat([t for j, _, t in parts if j == i]) for i in range(len(self.params))]
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)  # the model's gradients (full size in stage 1)
-        if self.reducer is not None:
-            self.reducer.clear()        # stage 2: the accumulated shards
-
-    # State: gathered into (and loaded from) the wrapped optimizer's own format.
-
-    def _probe_state_keys(self, defaults) -> None:
-        """Which states the wrapped optimizer keeps per element and which per tensor: ask it on a toy tensor."""
-        toy = torch.zeros(2)
-        toy.grad, probe = torch.zeros(2), self.optimizer_class([toy], **defaults)
-        probe.step()
-        self.elementwise = [k for k, v in probe.state[toy].items() if torch.is_tensor(v) and v.shape == toy.shape]
-        self.scalars = [k for k, v in probe.state[toy].items() if torch.is_tensor(v) and v.dim() == 0]
-
-    def state_dict(self) -> dict:
-        """The wrapped optimizer's state_dict for all the model's parameters, gathered from the shards (collective;
-        fp32 master weights under the key "master" when the model is not fp32)."""
-        keys = self.elementwise + (["master"] if any(p.dtype != torch.float32 for p in self.params) else [])
-        full = {}
-        for key in keys:
-            shards = [torch.zeros(c, device=self.master.device) for c in self.chunks]
-            for (i, lo, hi, b, offset), piece in zip(self.where, self.pieces):
-                value = piece if key == "master" else self.optimizer.state.get(piece, {}).get(key)
-                if value is not None:
-                    shards[b][offset:offset + hi - lo] = value
-            full[key] = self._unbucket(all_gather_parameters(shards, self.group))
-        counts = torch.zeros(len(self.params), 1 + len(self.scalars), dtype=torch.float64)
-        for (i, *_), piece in zip(self.where, self.pieces):
-            if piece in self.optimizer.state:
-                counts[i] += torch.tensor([1.0] + [float(self.optimizer.state[piece][k]) for k in self.scalars])
-        counts, state = comm.all_reduce_sum(counts.to(self.master.device), self.group).cpu(), {}  # scalars: shared
-        for i, p in enumerate(self.params):
-            has = counts[i, 0].item() > 0  # the optimizer has stepped this parameter
-            entry = {k: full[k][i].view(p.shape).clone() for k in keys if has or k == "master"}
-            entry |= {k: torch.tensor(counts[i, 1 + j].item() / counts[i, 0].item())
-                      for j, k in enumerate(self.scalars) if has}
-            if entry:
-                state[self.index[id(p)]] = entry
-        return {"state": state, "param_groups": [_hyper(g) | {"params": [self.index[id(p)] for p in g["params"]]}
-                                                 for g in self.param_groups]}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state_dict of this optimizer (any world size) or of the plain wrapped optimizer: keep my pieces."""
-        groups = state_dict["param_groups"]
-        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
-            raise ValueError(f"the state dict has parameter groups of {[len(g['params']) for g in groups]} tensors, "
-                             f"this optimizer {[len(g['params']) for g in self.param_groups]}")
-        for outer, saved in zip(self.param_groups, groups):
-            outer.update(_hyper(saved))
-        self.optimizer.state.clear()
-        for (i, lo, hi, b, offset), piece in zip(self.where, self.pieces):
-            saved = state_dict["state"].get(self.index[id(self.params[i])], {})
-            piece.copy_(saved.get("master", self.params[i].detach()).reshape(-1)[lo:hi])  # the model's, or saved
-            if not saved:
-                continue
-            self.optimizer.state[piece] = {k: saved[k].reshape(-1)[lo:hi].to(torch.float32, copy=True)
-                                           for k in self.elementwise if k in saved} | {
-                k: saved[k].clone().float() for k in self.scalars if k in saved}
-
-    def held_tensors(self) -> dict[str, list[torch.Tensor]]:
-        """For memory.measure_state_bytes, what I hold beyond the model: gradient shards, master buffer, states."""
-        grads = [s for s in (self.reducer.accumulated if self.reducer else []) if s is not None]
-        states = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
-        return {"grads": grads, "optimizer": [self.master, *states]}
+    def _sync_from_model(self) -> None:
+        """Read back into my pieces the model weights changed outside this optimizer since its last all-gather (a
+        model.load_state_dict, a manual edit): where the model differs from the master rounded to the model's dtype,
+        the model wins; elsewhere the master keeps the bits the model's dtype cannot hold."""
+        with torch.no_grad():
+            for (i, lo, hi, _, _), piece in zip(self.where, self.pieces):
+                model = self.params[i].detach().reshape(-1)[lo:hi].to(piece.device)
+                if model.dtype == piece.dtype:  # the master holds nothing more than the model
+                    piece.copy_(model)
+                else:
+                    piece.copy_(torch.where(piece.to(model.dtype) == model, piece, model.to(piece.dtype)))

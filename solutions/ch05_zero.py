@@ -14,12 +14,12 @@ def shard_pieces(sizes: list[int], rank: int, world_size: int) -> tuple[int, lis
     """This rank's share of tensors of `sizes` elements laid end to end in one flat buffer, padded with zeros to a
     multiple of `world_size` and cut into `world_size` equal chunks (rank r owns chunk r).
 
-    Returns (chunk, pieces): chunk = ceil(sum(sizes) / world_size) elements per rank, and pieces, in order, a tuple
-    (index, start, stop, offset) for each tensor that has elements in this rank's chunk: its elements [start, stop)
-    (numbered within the flattened tensor) sit at [offset, offset + stop - start) of the chunk. Empty tensors and the
-    padding give no piece; a tensor cut by a chunk boundary gives a piece to each rank it touches. Graded: by hand
-    (an empty tensor, a rank holding only padding, no tensors at all), and for N = 1, 2, 3, 7: the chunk size, and
-    every element in exactly one piece, at its own flat position.
+    Returns a tuple (chunk, pieces): chunk = ceil(sum(sizes) / world_size) elements per rank, and pieces a *list* of
+    tuples (index, start, stop, offset), in order, one for each tensor that has elements in this rank's chunk: its
+    elements [start, stop) (numbered within the flattened tensor) sit at [offset, offset + stop - start) of the chunk.
+    Empty tensors and the padding give no piece; a tensor cut by a chunk boundary gives a piece to each rank it
+    touches. Graded with ==, so the types matter: by hand (an empty tensor, a rank holding only padding, no tensors at
+    all), and for N = 1, 2, 3, 7: the chunk size, and every element in exactly one piece, at its own flat position.
     """
     # ---- exercise zero_shard_pieces (2 points) -----------------------------------------------------
     # hint: the chunk of rank r covers flat positions [r * chunk, (r + 1) * chunk); walk the tensors keeping the flat
@@ -46,7 +46,8 @@ def reduce_scatter_gradients(flat_grads: list[torch.Tensor], group=None) -> list
     bucket: the averaged chunks, their dtypes, the inputs untouched.
     """
     # ---- exercise zero_reduce_scatter (2 points) ---------------------------------------------------
-    # hint: comm.reduce_scatter_into_(out, x, group, async_op=True) returns a Work; wait() on it gives out.
+    # hint: comm.reduce_scatter_into_(out, x, group, async_op=True) returns a Work; wait() on it gives out
+    #       (from minidist import comm).
     n = dist.get_world_size(group)
     works = [comm.reduce_scatter_into_(g.new_empty(g.numel() // n), g / n, group, async_op=True) for g in flat_grads]
     return [w.wait() for w in works]
@@ -58,7 +59,8 @@ def all_gather_parameters(shards: list[torch.Tensor], group=None) -> list[torch.
     Start every all-gather asynchronously, in bucket order, then wait for them. Graded: on 3 ranks, an fp32 and a
     bf16 bucket, exactly."""
     # ---- exercise zero_all_gather (1 point) -------------------------------------------------------
-    # hint: comm.all_gather_into_(out, shard, group, async_op=True) is the in-place, asynchronous all-gather.
+    # hint: comm.all_gather_into_(out, shard, group, async_op=True) is the in-place, asynchronous all-gather
+    #       (from minidist import comm).
     n = dist.get_world_size(group)
     works = [comm.all_gather_into_(s.new_empty(n * s.numel()), s, group, async_op=True) for s in shards]
     return [w.wait() for w in works]

@@ -18,6 +18,8 @@ def unshard_(full: torch.Tensor, shard: torch.Tensor, group=None) -> comm.Work:
     ranks, the gathered values, also as seen through a view of `full` taken before its storage was freed."""
     # ---- exercise fsdp_unshard (2 points) ----------------------------------------------------------
     # hint: a storage can be resized in place (t.untyped_storage().resize_(nbytes)); every view sees the new memory.
+    # hint: then start the all-gather into `full` with comm.all_gather_into_(out, x, group, async_op=True)
+    #       (from minidist import comm); it returns the Work.
     full.untyped_storage().resize_(full.numel() * full.element_size())
     return comm.all_gather_into_(full, shard, group, async_op=True)
     # ---- end of exercise fsdp_unshard -----------------------------------------------------------------
@@ -25,9 +27,11 @@ def unshard_(full: torch.Tensor, shard: torch.Tensor, group=None) -> comm.Work:
 
 def reshard_(full: torch.Tensor) -> None:
     """Free the memory of `full` and of every view of it, keeping the tensors themselves (autograd holds them).
-    Graded: 0 bytes of storage after it, the views keep their shapes, and `full` can be gathered into again."""
+    Graded on 2 ranks: 0 bytes of storage after it, the views keep their shapes, and `full` can be gathered into
+    again (through the package's unshard_)."""
     # ---- exercise fsdp_reshard (1 point) ----------------------------------------------------------
-    # hint: the opposite of unshard_'s first line.
+    # hint: the tensors must stay (autograd holds them): what holds the memory is the storage that `full` and all its
+    #       views share.
     full.untyped_storage().resize_(0)
     # ---- end of exercise fsdp_reshard -----------------------------------------------------------------
 
@@ -35,10 +39,10 @@ def reshard_(full: torch.Tensor) -> None:
 def reduce_scatter_grads(grads: list, numels: list[int], chunk: int, dtype, group=None, device=None) -> comm.Work:
     """Post-backward: start reducing a unit's gradients (`grads`: of its parameters in order, None for zeros; `numels`:
     their sizes), laid end to end in a zero-padded flat buffer of N * chunk elements of `dtype`, divided by N and
-    reduce-scattered; the Work's wait() gives this rank's `chunk` elements. Graded: on 3 ranks, with a None gradient
-    and padding, exactly."""
+    reduce-scattered; the Work's wait() gives this rank's `chunk` elements (in `dtype`). Graded: on 3 ranks, with a
+    None gradient and padding: the dtype and the values, exactly."""
     # ---- exercise fsdp_post_backward (2 points) ----------------------------------------------------
-    # hint: comm.reduce_scatter_into_(out, x, group, async_op=True) starts it.
+    # hint: comm.reduce_scatter_into_(out, x, group, async_op=True) starts it (from minidist import comm).
     n = dist.get_world_size(group)
     flat = torch.zeros(n * chunk, dtype=dtype, device=device)
     for g, start in zip(grads, itertools.accumulate([0, *numels])):

@@ -57,14 +57,14 @@ def against_fsdp2(dtypes=(None, torch.bfloat16), batches=BATCHES) -> dict:
 
 
 @on_device
-def timeline(cfg=PEAK_CFG, link=None, steps: int = 3, batch: int = 4) -> dict:
-    """Per-block FSDP training steps (with a simulated link: communication takes visible time on one machine).
+def timeline(cfg=PEAK_CFG, link=None, steps: int = 3, batch: int = 4, reshard_after_forward: bool = True) -> dict:
+    """Per-block FSDP training steps in fp32 (with a simulated link: communication takes visible time on one machine).
 
     Returns the last step's events (what, start, end in seconds since it began), the most bytes of gathered
     parameters held at once (measured at every all-gather), and each unit's gathered bytes.
     """
     torch.manual_seed(0)
-    model = per_block(GPT(cfg))
+    model = per_block(GPT(cfg), reshard_after_forward=reshard_after_forward)
     root = model.fsdp_unit
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(cfg.vocab_size, (batch, cfg.block_size), generator=torch.Generator().manual_seed(dist.get_rank()),
