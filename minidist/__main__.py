@@ -80,6 +80,7 @@ def _bench(args) -> int:
         "pp": lambda: bench.bench_pp(args.world_size, args.steps, args.warmup, args.microbatches),
         "zero": lambda: bench.bench_zero(args.world_size, args.steps, args.warmup),
         "fsdp": lambda: bench.bench_fsdp(args.world_size, args.steps, args.warmup),
+        "flight": lambda: bench.bench_flight(args.world_size, args.steps, args.warmup, args.bucket_cap_mb),
         "serve": lambda: bench.bench_serve(args.world_size, args.requests, args.utilization, args.slots,
                                            args.pattern, args.repeats, rate=args.rate),
     }
@@ -163,16 +164,17 @@ def main(argv=None) -> int:
     pl.set_defaults(run=_plan)
 
     bench = sub.add_parser("bench", help="time a technique side by side with its reference")
-    bench.add_argument("what", choices=["ddp", "buckets", "tp", "pp", "zero", "fsdp", "serve"],
+    bench.add_argument("what", choices=["ddp", "buckets", "tp", "pp", "zero", "fsdp", "serve", "flight"],
                        help="ddp: DataParallel against torch DDP; buckets: step time across bucket sizes over a "
                             "simulated link, measured and predicted by the cost model; tp: parallelize against DTensor "
                             "tensor parallel; pp: the 1F1B pipeline against torch's Schedule1F1B; zero: ZeroOptimizer "
                             "against DDP + ZeroRedundancyOptimizer; fsdp: fully_shard against FSDP2's; serve: "
-                            "round-robin against least-outstanding-tokens routing over --world-size replicas")
+                            "round-robin against least-outstanding-tokens routing over --world-size replicas; "
+                            "flight: the flight recorder's cost per data-parallel step")
     bench.add_argument("--world-size", type=positive_int, default=2)
     bench.add_argument("--steps", type=positive_int, default=30, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=nonnegative_int, default=5)
-    bench.add_argument("--bucket-cap-mb", type=positive_float, default=0.25, help="ddp: the same bucket size for both")
+    bench.add_argument("--bucket-cap-mb", type=positive_float, default=0.25, help="ddp, flight: the bucket size")
     bench.add_argument("--caps", type=positive_float, nargs="+", default=[0.02, 0.1, 0.3, 1.0],
                        help="buckets: bucket sizes to sweep (MiB)")
     bench.add_argument("--alpha", type=nonnegative_float, default=1e-3, help="buckets: simulated latency per message (s)")

@@ -29,6 +29,16 @@ def test_bench_rejects_nonsense():
         bench_ddp(steps=0)
 
 
+def test_bench_flight_counts_one_recorded_operation_per_bucket_at_least():
+    from minidist.bench import bench_flight
+    from minidist.buckets import MiB, layout
+    from minidist.models import GPT
+    result = bench_flight(2, steps=2, warmup=0, bucket_cap_mb=0.02)
+    buckets, _ = layout([p for p in GPT().parameters() if p.requires_grad], int(0.02 * MiB))
+    assert result["entries_per_step"] >= len(buckets) > 3, (result, len(buckets))
+    assert 0 < result["entry_s"] < 1e-3 and 0 < result["fraction_of_step"] < 0.05, result
+
+
 def run_example(*args, torchrun=False):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun
            else [sys.executable]) + ["-m", "minidist.examples.train", *args]
