@@ -206,6 +206,7 @@ def format_summary(info: dict) -> str:
     if len(info["ranks"]) > 1 and silent:
         lines.append(f"warning: ranks {silent} had steps with no collective recorded: their communication is not "
                      "through minidist.comm, so it counts as 'outside comm' and stragglers cannot be found")
+        return "\n".join(lines + ["stragglers: unknown (no communication seen)"])
     slow = info["stragglers"]
     lines.append(f"straggler{'s' if len(slow) > 1 else ''}: " + (", ".join(f"rank {r}" for r in slow) if slow
                                                                  else "none"))

@@ -22,7 +22,7 @@ exits with code 1, so that whatever supervises it (systemd, Kubernetes, a shell 
 a replica in place would need one launch per replica and a router that skips dead ones (the balancer's `healthy`
 argument is there for it): simpler, and no less correct, to let the supervisor restart the whole server.
 
-Ctrl-C or SIGTERM stops uvicorn (it lets requests in flight finish, at most 5 s), then the ranks: no process is left;
+Ctrl-C or SIGTERM stops uvicorn (requests in flight may finish for 5 s, then get a 503), then the ranks: none is left;
 Ctrl-C while the ranks start stops them too. Prometheus counters, histograms and gauges are kept in this process.
 """
 import argparse
@@ -129,6 +129,8 @@ def create_app(cluster, metrics: Metrics, tokenizer, request_timeout: float = 60
             result = await asyncio.wait_for(asyncio.wrap_future(future), timeout=request_timeout)
         except asyncio.TimeoutError:
             raise HTTPException(status_code=504, detail=f"no answer within {request_timeout:g} s") from None
+        except asyncio.CancelledError:  # uvicorn's shutdown, its 5 s of grace over: say so rather than a bare 500
+            raise HTTPException(status_code=503, detail="the server is shutting down") from None
         except ClusterDown as e:
             raise HTTPException(status_code=503, detail=str(e)) from None
         except RequestError as e:
