@@ -217,7 +217,8 @@ def check_request(prompt_len: int, max_new_tokens: int, temperature: float, cont
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
-        raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, got {temperature!r}")
+        raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, "
+                         f"got {temperature!r}")
     if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     positions = prompt_len + max(max_new_tokens, 1) - 1                  # the last new token is never fed back
