@@ -14,6 +14,10 @@ fills every slot of every replica: generated tokens per second), so that the loa
 shared 2-core laptop the capacity changes from minute to minute, and a fixed rate would be an overload one minute and
 a trickle the next. `rate` overrides it. What is reported as the utilization is measured, not the target: the tokens
 the load asks for per second of its arrivals (its Poisson draw), over the capacity.
+
+On one machine the replicas share its cores, unlike replicas on GPUs of their own: a replica working alone steps
+faster than two at once, which favours round-robin's lopsided split, and the latencies can come out either way.
+The work per replica does not depend on the machine; balancer.replay_in_steps compares the routers exactly.
 """
 import statistics
 import time
