@@ -119,6 +119,19 @@ def test_replicas_under_a_synthetic_load():
         runs["round-robin"]["tokens_per_replica"])
 
 
+def test_bench_serve_reports_what_it_measured():
+    from minidist.bench import bench_serve, format_serve
+    result = bench_serve(replicas=2, requests=12, slots=2, pattern="alternating", model="tiny-gpt", rate=150.0)
+    load = poisson_load(12, 150.0, ALTERNATING, seed=0, alternate=True)      # the load it replayed, regenerated
+    offered_rate = sum(r["max_new_tokens"] for r in load) / load[-1]["at"]
+    assert result["capacity"] > 0 and abs(result["utilization"] * result["capacity"] - offered_rate) < 1e-6
+    rr, lot = result["balancers"]["round-robin"], result["balancers"]["least-tokens"]
+    assert rr["tokens_per_replica"] == [6 * 4, 6 * 40] and sum(lot["tokens_per_replica"]) == 6 * 44
+    assert all(min(b["busy_seconds"]) > 0 and 0 < b["p50"] <= b["p99"] for b in (rr, lot))
+    text = format_serve(result)
+    assert "[24, 240]" in text and f"{result['utilization']:.0%} of it (target 90%)" in text
+
+
 def test_a_failing_request_a_cancelled_one_and_a_dead_rank(monkeypatch):
     real = batching.sample_next
 
