@@ -239,8 +239,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, prompt length), got shape {tuple(input_ids.shape)}")
     B, P = input_ids.shape
-    check_request(P, max_new_tokens, temperature, context_length(model), seed)
-    check_request(P, max_new_tokens, temperature, context_length(model), seed + B - 1)  # row b's seed: seed + b
+    for row_seed in (seed, seed + B - 1):                               # row b samples with seed + b
+        check_request(P, max_new_tokens, temperature, context_length(model), row_seed)
     model.eval()
     device = next(model.parameters()).device
     cache = cache or KVCache(n_layers(model), B, P + max_new_tokens)
