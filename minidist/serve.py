@@ -168,7 +168,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(args) -> int:
     import uvicorn
-    from .cluster import Cluster
+    from .cluster import Cluster, ClusterDown
     from .data import tokenizer
     sock = bind(args.host, args.port)
     state = {"server": None, "down": False, "error": None}
@@ -195,6 +195,8 @@ def serve(args) -> int:
             server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
+    except ClusterDown as e:  # the ranks did not start
+        state["down"], state["error"] = True, e
     finally:
         state["stopping"] = True
         if cluster is not None:
