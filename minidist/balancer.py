@@ -14,13 +14,26 @@ it is added to its replica when routed, and taken off as the replica reports the
 (the prompt when the request finishes).
 
 `poisson_load` makes the synthetic load: arrivals with exponential gaps (a Poisson process of `rate` requests per
-second) and lengths mixed from a small table; `run_load` replays it against a cluster and measures each request's
-latency (arrival to last token), the throughput (generated tokens per second) and the latency percentiles.
+unit of time) and lengths mixed from a small table. Two ways to replay it:
+
+    replay_in_steps  real continuous-batching Engines (batching.py) in this process, one per replica, on a clock that
+                     counts engine steps: the load's times are steps, every replica runs one step per tick. Nothing
+                     depends on the machine's speed or its other jobs: the same load gives the same numbers, exactly.
+                     A step costs one tick whatever its batch (decoding is memory-bound: nearly so on a GPU).
+    run_load         a real cluster.Cluster on ranks, in seconds: each request's latency (arrival to last token), the
+                     throughput and the latency percentiles, with the noise of a shared machine.
+
+Both report the work each replica did (generated tokens, busy steps or seconds): deterministic for round-robin (the
+pattern decides it), the quantity least-outstanding-tokens evens out. Percentiles are by the nearest-rank method: the
+p-th percentile of n latencies is the ceil(p n / 100)-th smallest, an observed value (p99 of 100 is the 99th
+smallest: the second-worst request).
 """
 import math
 import time
 
 import torch
+
+from .batching import Request
 
 
 def least_outstanding_tokens(outstanding: list[int], healthy: list[bool] | None = None) -> int:
@@ -28,7 +41,7 @@ def least_outstanding_tokens(outstanding: list[int], healthy: list[bool] | None 
     None); ties go to the lowest index. Graded: the choice, the ties, the replicas marked unhealthy skipped, and a
     ValueError when no replica is healthy (or there is none at all)."""
     # <exercise least_outstanding_tokens points=2>
-    # hint: walk the replicas once, remembering the best healthy one so far; a strict comparison keeps the first.
+    # hint: which replicas may be chosen at all? Among them, think about what makes the lowest index win a tie.
     best = None
     for i, tokens in enumerate(outstanding):
         if (healthy is None or healthy[i]) and (best is None or tokens < outstanding[best]):
@@ -99,8 +112,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_load(cluster, load: list[dict], balancer: str) -> dict:
-    """Replay `load` against `cluster` (a cluster.Cluster) routed by `balancer`; latencies and throughput."""
+    """Replay `load` (its times in seconds) against `cluster` (a cluster.Cluster) routed by `balancer`: latencies,
+    throughput (generated tokens from the first arrival to the last answer), and per replica the requests, the
+    generated tokens and the seconds its engine spent in steps."""
     cluster.balancer = make_balancer(balancer)
+    with cluster.lock:
+        tokens0, busy0 = list(cluster.tokens), list(cluster.busy_seconds)
     start, futures = time.time(), []
     for req in load:
         time.sleep(max(0.0, start + req["at"] - time.time()))
@@ -109,7 +126,39 @@ def run_load(cluster, load: list[dict], balancer: str) -> dict:
     latencies = [r.finished_at - submitted for submitted, r in results]
     end = max(r.finished_at for _, r in results)
     tokens = sum(len(r.output) for _, r in results)
-    per_replica = [sum(1 for _, r in results if r.replica == k) for k in range(cluster.replicas)]
+    with cluster.lock:  # a replica reports a step before the requests it finished: the counts are complete
+        work = [t - t0 for t, t0 in zip(cluster.tokens, tokens0)]
+        busy = [b - b0 for b, b0 in zip(cluster.busy_seconds, busy0)]
     return {"balancer": balancer, "requests": len(results), "tokens": tokens, "seconds": end - start,
             "throughput": tokens / (end - start), "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
-            "latencies": latencies, "per_replica": per_replica}
+            "latencies": latencies, "per_replica": [sum(1 for _, r in results if r.replica == k)
+                                                    for k in range(cluster.replicas)],
+            "tokens_per_replica": work, "busy_seconds": busy}
+
+
+def replay_in_steps(engines: list, load: list[dict], balancer: str) -> dict:
+    """Replay `load` (its times in engine steps) on `engines` (idle batching.Engines, one per replica): at tick t,
+    the requests with at <= t are routed by `balancer` (outstanding tokens kept as cluster.py keeps them), then every
+    replica with work runs one step. Latency: ticks from arrival to the end of the step that finished the request."""
+    router, outstanding = make_balancer(balancer), [0] * len(engines)
+    tokens, busy, per_replica = [0] * len(engines), [0] * len(engines), [0] * len(engines)
+    arrived, latency, t, i = {}, {}, 0, 0
+    while i < len(load) or not all(e.idle() for e in engines):
+        while i < len(load) and load[i]["at"] <= t:
+            req, k = load[i], router.pick(outstanding)
+            outstanding[k] += len(req["input_ids"]) + req["max_new_tokens"]
+            engines[k].add(Request(i, list(req["input_ids"]), req["max_new_tokens"]))
+            arrived[i], per_replica[k], i = t, per_replica[k] + 1, i + 1
+        for k, engine in enumerate(engines):
+            if engine.idle():
+                continue
+            for r in engine.step():
+                outstanding[k] -= len(r.prompt)           # its tokens were taken off step by step
+                latency[r.rid] = t + 1 - arrived[r.rid]
+            busy[k], tokens[k] = busy[k] + 1, tokens[k] + engine.tokens_last_step
+            outstanding[k] -= engine.tokens_last_step
+        t += 1
+    latencies = [latency[j] for j in range(len(load))]
+    return {"balancer": balancer, "requests": len(load), "ticks": t, "tokens": sum(tokens),
+            "p50": percentile(latencies, 50), "p99": percentile(latencies, 99), "latencies": latencies,
+            "per_replica": per_replica, "tokens_per_replica": tokens, "busy_steps": busy}

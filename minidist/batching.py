@@ -17,7 +17,9 @@ The KV cache is a fixed pool of `slots` sequences of the model's context length;
 as many as its length needs).
 
 An Engine runs on every rank of a tensor-parallel replica in lockstep: the ranks add the same requests in the same
-order (cluster.py broadcasts them), so they take the same slots and sample the same tokens.
+order (cluster.py broadcasts them), so they take the same slots and sample the same tokens. A request whose prefill
+fails, or a decoding step that fails, does not stop the engine: the requests concerned leave with `error` set (the
+same on every rank, since the ranks run the same computation) and their slots are freed.
 """
 import time
 from collections import deque
@@ -45,10 +47,11 @@ class Request:
     finished_at: float | None = None
     admitted_step: int | None = None      # the engine's step counter at its prefill, and when it left
     finished_step: int | None = None
+    error: str | None = None              # why it failed, if it did (it leaves with the tokens it had)
 
     @property
     def done(self) -> bool:
-        return len(self.output) >= self.max_new_tokens
+        return len(self.output) >= self.max_new_tokens or self.error is not None
 
 
 class Engine:
@@ -64,7 +67,7 @@ class Engine:
         self.steps, self.batch_sizes, self.tokens_last_step = 0, [], 0
 
     def add(self, request: Request) -> None:
-        check_request(len(request.prompt), request.max_new_tokens, request.temperature, self.context)
+        check_request(len(request.prompt), request.max_new_tokens, request.temperature, self.context, request.seed)
         if self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in request.prompt):
             raise ValueError(f"token ids must be in [0, {self.vocab_size})")
         request.generator = torch.Generator().manual_seed(request.seed)
@@ -79,14 +82,16 @@ class Engine:
         finished = [r for r in self.waiting if r.max_new_tokens == 0]  # nothing to generate: done at once
         self.waiting = deque(r for r in self.waiting if r.max_new_tokens > 0)
         decoding = list(self.running.values())                      # admitted before this step
+        before = sum(len(r.output) for r in decoding)
         admitted = 0
         while self.waiting and self.free:
-            self._prefill(self.waiting.popleft())
-            admitted += 1
+            r = self.waiting.popleft()
+            _guarded(self._prefill, r, [r])
+            admitted += r.error is None
         if decoding:
-            self._decode(decoding)
+            _guarded(self._decode, decoding, decoding)
         self.batch_sizes.append(len(decoding))
-        self.tokens_last_step = admitted + len(decoding)              # one token per prefill and per decoded row
+        self.tokens_last_step = admitted + sum(len(r.output) for r in decoding) - before  # the tokens made this step
         self.steps += 1
         now = time.time()
         for r in [r for r in self.running.values() if r.done]:
@@ -100,13 +105,13 @@ class Engine:
 
     def _prefill(self, r: Request) -> None:
         r.slot, r.admitted_at, r.admitted_step = self.free.pop(0), time.time(), self.steps
+        self.running[r.slot] = r                                          # even if it fails: retired like the rest
         ids = torch.tensor([r.prompt], device=self.device)                # (1, P)
         logits = forward_cached(self.model, ids, self.cache, torch.tensor([r.slot], device=self.device),
                                 torch.zeros(1, dtype=torch.long, device=self.device))
         r.length = len(r.prompt)
         r.output.append(int(sample_next(logits, [r.temperature], [r.generator])[0]))
         r.first_token_at = time.time()
-        self.running[r.slot] = r
 
     def _decode(self, rows: list[Request]) -> None:
         ids = torch.tensor([[r.output[-1]] for r in rows], device=self.device)  # (R, 1): each row's last token
@@ -117,3 +122,14 @@ class Engine:
         for r, t in zip(rows, tokens.tolist()):
             r.output.append(t)
             r.length += 1
+
+
+def _guarded(work, arg, requests: list[Request]) -> None:
+    """work(arg); if it raises, the requests it was for fail with its message (the engine goes on)."""
+    try:
+        work(arg)
+    except torch.distributed.DistError:  # the ranks cannot talk any more: that ends the replica, not a request
+        raise
+    except Exception as e:  # noqa: BLE001  (a request must never stop the engine: its caller gets the message)
+        for r in requests:
+            r.error = f"{type(e).__name__}: {e}"

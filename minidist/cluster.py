@@ -5,62 +5,48 @@
         result.output                                           # the generated token ids
 
 R data-parallel replicas, each tensor-parallel over tp ranks: R * tp processes that minidist.launch starts from a
-thread of this process. Requests travel through queues:
+thread of this process, each running replica.py's loop. Requests travel through queues:
 
     submit --(balancer picks replica r)--> inbox[r] --> the replica's first rank (its leader)
         leader --broadcast over the replica's tp group--> every rank of the replica adds the same new requests
         every rank runs the same continuous-batching step (batching.Engine) on its shard of the model
-        leader --outbox--> finished requests, batch sizes --> the future returned by submit resolves
+        leader --outbox--> step progress, finished requests --> the future returned by submit resolves
 
-An idle leader waits at most HEARTBEAT seconds for a request, then broadcasts an empty list anyway, so that its peers,
-blocked in the broadcast, never reach the process-group timeout. close() sends every leader a stop, the ranks leave
-their loop and return, launch ends them cleanly; if this process dies, the kernel ends the ranks (launch asks it to).
+close() sends every leader a stop, the ranks leave their loop and return, launch ends them cleanly; if this process
+dies, the kernel ends the ranks (launch asks it to).
+
+Failures. A request that fails on the ranks (its prefill or its decoding step raised) fails alone: its future raises
+RequestError with the message, and the replica goes on. A rank that dies ends them all (launch ends every rank when
+one fails, and the replicas share one launch): every pending future raises ClusterDown, later submits too, `running`
+turns False and `on_stop` is called, so that a server can report it and exit (its supervisor restarts it; serve.py).
+The ranks block SIGINT: Ctrl-C in a terminal reaches the whole process group, and only this process should decide.
 """
 import itertools
 import multiprocessing as mp
-import os
-import pickle
 import queue
+import signal
+import sys
 import threading
 import time
-from concurrent.futures import Future
+import traceback
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from . import comm
 from .balancer import make_balancer
-from .batching import Engine, Request
+from .batching import Request
 from .inference import check_request, context_length
-from .launch import device, launch
-from .mesh import Mesh
-
-HEARTBEAT = 0.5  # seconds an idle leader waits for a request before it lets its peers go round once more
+from .launch import launch
+from .replica import build_model, check_tp, replica_rank  # noqa: F401  (build_model: the model served)
 
 
-def build_model(name: str):
-    """A serving model with seed-0 random weights (the same on every rank), its tensor-parallel plan, its vocab.
-
-    The output layer is untied from the embedding: a random model whose output layer *is* its embedding mostly
-    repeats its last input token, which would make a poor demonstration."""
-    from .models import GPT, GPTConfig, build_llama
-    from .tp_plans import GPT_PLAN, LLAMA_PLAN
-    if name not in ("tiny-gpt", "tiny-llama"):
-        raise ValueError(f"unknown model {name!r}; serve one of ['tiny-gpt', 'tiny-llama']")
-    torch.manual_seed(0)
-    if name == "tiny-gpt":
-        return GPT(GPTConfig(tie_weights=False)).eval(), GPT_PLAN, 512
-    return build_llama(tie_word_embeddings=False).eval(), LLAMA_PLAN, 512
+class RequestError(RuntimeError):
+    """The request failed on its replica (the message says why); the cluster goes on serving."""
 
 
-def check_tp(name: str, tp: int) -> None:
-    """ValueError, before any rank starts, when tensor-parallel size tp does not divide the model's sizes."""
-    from .tp_plans import check_sizes, match_plan
-    with torch.device("meta"):
-        model, plan, _ = build_model(name)
-    for module, style in match_plan(model, plan).items():
-        check_sizes(module, model.get_submodule(module), style, tp)
+class ClusterDown(RuntimeError):
+    """The ranks have stopped (closed, or one of them failed): nothing can be served."""
 
 
 @dataclass
@@ -78,7 +64,8 @@ class Cluster:
     """`replicas` copies of model `name`, each on `tp` ranks, each batching continuously over `slots` sequences."""
 
     def __init__(self, name: str = "tiny-llama", tp: int = 1, replicas: int = 1, slots: int = 8,
-                 balancer: str = "least-tokens", listener=None, start_timeout: float = 120):
+                 balancer: str = "least-tokens", listener=None, start_timeout: float = 120, on_stop=None,
+                 close_in_ranks: tuple[int, ...] = ()):
         for label, value in (("tp", tp), ("replicas", replicas), ("slots", slots)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be a positive integer, got {value!r}")
@@ -88,21 +75,29 @@ class Cluster:
         self.name, self.tp, self.replicas, self.context = name, tp, replicas, context_length(model)
         self.balancer, self.listener = make_balancer(balancer), listener
         self.outstanding, self.pending, self.pids = [0] * replicas, {}, []
-        self.lock, self.ids, self.error = threading.Lock(), itertools.count(), None
+        self.lock, self.ids, self.error, self.closed, self.on_stop = threading.Lock(), itertools.count(), None, False, \
+            on_stop
+        self.tokens, self.steps, self.busy_seconds = [0] * replicas, [0] * replicas, [0.0] * replicas  # per replica
         if name == "tiny-llama":  # imported once here: the forked ranks inherit it
             import transformers.models.llama.modeling_llama  # noqa: F401
         ctx = mp.get_context("fork")
         self.inboxes, self.outbox = [ctx.Queue() for _ in range(replicas)], ctx.Queue()
-        self._ranks = threading.Thread(target=self._run, args=(slots,), daemon=True, name="minidist-ranks")
+        self._ranks = threading.Thread(target=self._run, args=(slots, close_in_ranks), daemon=True,
+                                       name="minidist-ranks")
         self._ranks.start()
-        self._wait_ready(start_timeout)
+        try:
+            self._wait_ready(start_timeout)
+        except BaseException:  # Ctrl-C, a timeout, a rank that failed: stop whatever started
+            self.close()
+            raise
         self._reader = threading.Thread(target=self._read, daemon=True, name="minidist-outbox")
         self._reader.start()
 
-    def _run(self, slots: int) -> None:
+    def _run(self, slots: int, close_in_ranks) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # this thread forks the ranks: they inherit it
         try:
             launch(replica_rank, self.replicas * self.tp, self.name, self.tp, self.replicas, slots, self.inboxes,
-                   self.outbox, timeout=60)
+                   self.outbox, close_in_ranks, timeout=60)
         except BaseException as e:  # a rank failed: every pending request fails with it
             self.error = e
         finally:
@@ -115,23 +110,29 @@ class Cluster:
             try:
                 msg = self.outbox.get(timeout=max(0.01, deadline - time.time()))
             except queue.Empty:
-                self.close()
-                raise RuntimeError(f"the {self.replicas * self.tp} ranks did not start within {timeout} s") from None
+                raise ClusterDown(f"the {self.replicas * self.tp} ranks did not start within {timeout} s") from None
             if msg[0] == "closed":
-                raise RuntimeError(f"the ranks failed while starting: {self.error}")
+                self.closed = True
+                raise ClusterDown(f"the ranks failed while starting: {self.error}")
             ready += msg[0] == "ready"
             if msg[0] == "pid":
                 self.pids.append(msg[2])
 
+    @property
+    def running(self) -> bool:
+        """True while the ranks serve (False once closed, or once a rank failed)."""
+        return not self.closed and self.error is None and self._ranks.is_alive()
+
     def submit(self, input_ids: list[int], max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> Future:
-        """Route one request to a replica; the Future resolves to a Result (ValueError at once for a bad request)."""
-        check_request(len(input_ids), max_new_tokens, temperature, self.context)
+        """Route one request to a replica; the Future resolves to a Result, or raises RequestError (it failed on
+        its replica) or ClusterDown. ValueError at once for a bad request; ClusterDown at once if the ranks stopped."""
+        check_request(len(input_ids), max_new_tokens, temperature, self.context, seed)
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in input_ids):
             raise ValueError(f"token ids must be integers in [0, {self.vocab_size})")
-        if self.error is not None or not self._ranks.is_alive():
-            raise RuntimeError(f"the cluster is not running: {self.error}")
         future, cost = Future(), len(input_ids) + max_new_tokens
-        with self.lock:
+        with self.lock:  # the reader's last sweep takes the lock too: a request is either swept or refused here
+            if not self.running:
+                raise ClusterDown(f"the cluster is not running: {self.error or 'closed'}")
             replica, rid = self.balancer.pick(self.outstanding), next(self.ids)
             self.outstanding[replica] += cost
             self.pending[rid] = (future, replica, cost, len(input_ids), time.time())
@@ -141,30 +142,52 @@ class Cluster:
         return future
 
     def _read(self) -> None:
+        """The outbox reader: progress and finished requests, until the ranks stop. A message that cannot be
+        handled is reported and skipped: this thread must outlive every request."""
         while True:
             msg = self.outbox.get()
             if msg[0] == "closed":
                 break
-            if msg[0] == "step":
-                _, replica, batch, waiting, generated = msg
-                with self.lock:
-                    self.outstanding[replica] -= generated  # tokens done: the work left shrinks every step
-                if self.listener:
-                    self.listener.step(replica, batch, waiting)
-            if msg[0] != "done":
-                continue
-            _, rid, output, first, replica = msg
-            with self.lock:
-                future, replica, cost, prompt, submitted = self.pending.pop(rid)
-                self.outstanding[replica] -= cost - len(output)  # the rest: its prompt (its tokens went step by step)
-            result = Result(rid, output, replica, prompt, submitted, first or time.time(), time.time())
-            if self.listener:
-                self.listener.finished(result)
-            future.set_result(result)
+            try:
+                self._handle(msg)
+            except Exception:  # noqa: BLE001
+                print(f"minidist cluster: could not handle {msg[:2]}:\n{traceback.format_exc()}", file=sys.stderr)
         with self.lock:
-            for future, *_ in self.pending.values():
-                future.set_exception(RuntimeError(f"the cluster stopped: {self.error or 'closed'}"))
-            self.pending.clear()
+            self.closed = True
+            failed, self.pending = list(self.pending.values()), {}
+        down = ClusterDown(f"the cluster stopped: {self.error or 'closed'}")
+        for future, replica, *_ in failed:
+            _resolve(future, error=down)
+            if self.listener:
+                self.listener.failed_request(replica)
+        if self.on_stop:
+            self.on_stop(self.error)
+
+    def _handle(self, msg) -> None:
+        if msg[0] == "step":
+            _, replica, batch, waiting, generated, seconds = msg
+            with self.lock:
+                self.outstanding[replica] -= generated  # tokens done: the work left shrinks every step
+                self.tokens[replica] += generated
+                self.steps[replica] += 1
+                self.busy_seconds[replica] += seconds
+            if self.listener:
+                self.listener.step(replica, batch, waiting)
+        if msg[0] != "done":
+            return
+        _, rid, output, first, replica, error = msg
+        with self.lock:
+            future, replica, cost, prompt, submitted = self.pending.pop(rid)
+            self.outstanding[replica] -= cost - len(output)  # the rest: its prompt (its tokens went step by step)
+        if error is not None:
+            if self.listener:
+                self.listener.failed_request(replica)
+            _resolve(future, error=RequestError(f"the request failed on replica {replica}: {error}"))
+            return
+        result = Result(rid, output, replica, prompt, submitted, first or time.time(), time.time())
+        if self.listener:
+            self.listener.finished(result)
+        _resolve(future, result)
 
     def queue_depth(self) -> list[int]:
         """Requests routed to each replica and not finished yet."""
@@ -172,6 +195,7 @@ class Cluster:
             return [sum(1 for _, r, *_ in self.pending.values() if r == k) for k in range(self.replicas)]
 
     def close(self, timeout: float = 60) -> None:
+        """Stop the ranks (they finish their current step) and wait for them; pending requests raise ClusterDown."""
         for inbox in self.inboxes:
             inbox.put(None)
         self._ranks.join(timeout)
@@ -185,53 +209,13 @@ class Cluster:
         self.close()
 
 
-def replica_rank(name: str, tp: int, replicas: int, slots: int, inboxes, outbox) -> int:
-    """The loop every rank runs: receive new requests (the leader from its inbox, the others from the leader),
-    add them, run one continuous-batching step, and (the leader) report what finished. Returns the steps run."""
-    from .tp_plans import parallelize
-    mesh = Mesh.build(dp=replicas, tp=tp)
-    replica, leader, group = mesh.local_rank("dp"), mesh.local_rank("tp") == 0, mesh.group("tp")
-    model, plan, vocab = build_model(name)
-    model = parallelize(model.to(device()), group, plan) if tp > 1 else model.to(device())
-    engine = Engine(model, slots, vocab)
-    outbox.put(("pid", dist.get_rank(), os.getpid()))
-    if leader:
-        outbox.put(("ready", replica))
-    while True:
-        new = _next_requests(inboxes[replica], engine.idle()) if leader else None
-        if tp > 1:
-            new = _broadcast_object(new, group)
-        if new is None:
-            return engine.steps
-        for r in new:
-            engine.add(r)
-        if engine.idle():
-            continue
-        finished = engine.step()
-        if leader:  # the step's progress first: when a request's future resolves, its tokens are accounted for
-            outbox.put(("step", replica, engine.batch_sizes[-1], len(engine.waiting), engine.tokens_last_step))
-            for r in finished:
-                outbox.put(("done", r.rid, r.output, r.first_token_at, replica))
-
-
-def _next_requests(inbox, idle: bool):
-    """New requests from the inbox (waiting up to HEARTBEAT for the first when idle); None means stop."""
-    new = []
+def _resolve(future: Future, value=None, error: BaseException | None = None) -> None:
+    """Resolve a request's future, unless its caller cancelled it (asyncio.wrap_future does when the awaiting task
+    is cancelled, by a timeout or a shutdown): nobody waits for that one any more."""
     try:
-        item = inbox.get(timeout=HEARTBEAT) if idle else inbox.get_nowait()
-        while True:
-            if item is None:
-                return None
-            new.append(item)
-            item = inbox.get_nowait()
-    except queue.Empty:
-        return new
-
-
-def _broadcast_object(obj, group):
-    """obj on group rank 0, pickled and broadcast (its length, then its bytes) to the others; returned on all."""
-    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8) if dist.get_rank(group) == 0 \
-        else torch.empty(0, dtype=torch.uint8)
-    size = comm.broadcast(torch.tensor([payload.numel()], device=device()), 0, group)
-    data = payload.to(device()) if payload.numel() else torch.empty(int(size), dtype=torch.uint8, device=device())
-    return pickle.loads(comm.broadcast(data, 0, group).cpu().numpy().tobytes())
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+    except InvalidStateError:
+        pass

@@ -22,14 +22,21 @@ each rank's cache holds only its heads: sharded by heads, with no communication 
 of B rows x T tokens of width C (fp32), the ranks exchange what the layers already do,
 
     (2 L + 1) all-reduces of 4 B T C bytes   (after the vocabulary-parallel embedding, attention and MLP outputs)
-    + 1 all-gather of the last position's logits, 4 B V bytes (vocabulary padded to a multiple of tp)
+    + 1 all-gather of the last position's logits, 4 B V' bytes (V' = V padded to a multiple of tp)
 
+so on a ring each rank sends (2 L + 1) * 2 (tp - 1) / tp * 4 B T C + (tp - 1) / tp * 4 B V' bytes per forward,
 and every rank then holds identical full logits, so all of them sample the same token (same seeded generators).
+The cache divides by tp only when tp divides H_kv (each rank a whole number of key-value heads; the plans refuse
+other sizes, and beyond H_kv ranks a model would have to replicate its key-value heads).
 
 Sampling: temperature 0 is greedy (argmax, the first index on ties); otherwise softmax(logits / temperature) sampled
 with one torch.Generator per row seeded by the request's seed, so a row's tokens depend on its seed, not on which
 other rows share its batch. (Their logits still may differ in the last bits with the batch size: a matmul over 1 row
-and over 5 rows rounds differently.)
+and over 5 rows rounds differently.) Temperatures between 0 and MIN_TEMPERATURE are refused (they are greedy in all
+but name, and 1e-300 overflows a float32 division), seeds must lie in [0, 2**63) (torch.Generator's range).
+
+Context: a request of P prompt tokens and N new tokens feeds P + N - 1 positions through the model (the last token
+generated is returned, never fed back), so it fits a context of C positions when P <= C and P + N - 1 <= C.
 """
 import math
 from fractions import Fraction
@@ -38,6 +45,9 @@ import torch
 
 from . import comm
 from .tensor_parallel import ColumnParallelLinear
+
+MIN_TEMPERATURE = 1e-4   # 0 < temperature < this is refused: use 0 for greedy
+MAX_SEED = 2 ** 63 - 1   # torch.Generator.manual_seed overflows past it (and below -2**63)
 
 
 def update_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -49,8 +59,14 @@ def update_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: 
     (the number of tokens the slot already holds). Row b's T tokens go to positions starts[b] .. starts[b] + T - 1 of
     slot slots[b]; nothing else in the cache changes. Returns (keys, values), each (B, H, max(starts) + T, d): row b
     is slot slots[b]'s cache up to that length (positions past its own length hold whatever the slot held; the
-    caller's mask hides them). Graded: the cache written in place, the returned values, rows with different starts
-    in any slot order, and a ValueError naming the numbers when a row would write past Lmax.
+    caller's mask hides them).
+
+    Graded (tests/test_inference.py): the cache written in place, nothing else in it changed; the returned keys and
+    values; rows with different starts, in any slot order; when a row would write past Lmax, a ValueError raised
+    before anything is written (the cache unchanged), whose message names the end, max(starts) + T, and then Lmax
+    (the test matches r"\b7\b.*\b6\b": an end of 7 in a 6-position cache); and greedy generate() with your
+    update_kv, on the tiny GPT and on a Hugging Face Llama, token for token equal to recomputing the whole sequence
+    at every step.
     """
     # <exercise update_kv points=3>
     # hint: check every row's end against the cache length before writing anything.
@@ -185,25 +201,30 @@ def full_logits(head, logits: torch.Tensor) -> torch.Tensor:
 def sample_next(logits: torch.Tensor, temperatures, generators) -> torch.Tensor:
     """One token per row of logits (B, V): argmax where the temperature is 0, else a draw from
     softmax(logits / temperature) with that row's generator. Returns (B,) token ids (int64, on the CPU)."""
-    logits = logits.detach().float().cpu()
+    logits = logits.detach().double().cpu()                             # float64: no finite t > 0 makes a NaN
     out = logits.argmax(dim=-1)                                         # (B,) greedy everywhere first
     for b, (t, g) in enumerate(zip(temperatures, generators)):
         if t != 0:
-            out[b] = torch.multinomial((logits[b] / t).softmax(-1), 1, generator=g)[0]
+            scaled = (logits[b] - logits[b].max()) / t                  # <= 0, the best token at exactly 0
+            out[b] = torch.multinomial(scaled.softmax(-1), 1, generator=g)[0]
     return out
 
 
-def check_request(prompt_len: int, max_new_tokens: int, temperature: float, context: int) -> None:
-    """ValueError naming the problem when a request cannot be served."""
+def check_request(prompt_len: int, max_new_tokens: int, temperature: float, context: int, seed: int = 0) -> None:
+    """ValueError naming the problem when a request cannot be served (see the module docstring on the context)."""
     if prompt_len < 1:
         raise ValueError("the prompt is empty: give at least one token")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if not (temperature >= 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if prompt_len + max_new_tokens > context:
-        raise ValueError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens = "
-                         f"{prompt_len + max_new_tokens} is longer than the model's context of {context} tokens")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
+        raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, "
+                         f"got {temperature!r}")
+    if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    positions = prompt_len + max(max_new_tokens, 1) - 1                  # the last new token is never fed back
+    if positions > context:
+        raise ValueError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens needs {positions} positions "
+                         f"(the last new token is not fed back), more than the model's context of {context} tokens")
 
 
 @torch.no_grad()
@@ -218,7 +239,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, prompt length), got shape {tuple(input_ids.shape)}")
     B, P = input_ids.shape
-    check_request(P, max_new_tokens, temperature, context_length(model))
+    for row_seed in (seed, seed + B - 1):                               # row b samples with seed + b
+        check_request(P, max_new_tokens, temperature, context_length(model), row_seed)
     model.eval()
     device = next(model.parameters()).device
     cache = cache or KVCache(n_layers(model), B, P + max_new_tokens)

@@ -9,16 +9,23 @@
 
 Each step record holds, measured on this rank: the step's wall time; the time with communication in flight (the
 union of the intervals from entering each collective or message to its completion, read from the flight recorder,
-so asynchronous collectives overlapping backward count once) and the rest, compute; the bytes sent (the byte ledger:
-counted under comm.ring_backend(), else modelled); the tokens and tokens per second. Only what goes through
-minidist.comm is seen (torch DDP's own all-reduces are not), and none of it when MINIDIST_FLIGHT_RECORDER=0.
+so asynchronous collectives overlapping backward count once; one started before the step and still in flight, a
+prefetch, counts from the step's start) and the rest, the time *outside* communication; the bytes sent (the byte
+ledger: counted under comm.ring_backend(), else modelled from the formula, and marked so); the tokens and tokens
+per second. "Outside communication" is compute and nothing else only when nothing overlaps: computing while an
+asynchronous all-reduce is in flight counts as communication time (the flight recorder knows when an operation
+started and completed, not when its caller blocked on it). Only what goes through minidist.comm is seen: torch DDP's
+and FSDP's own collectives, or a raw torch.distributed call, are invisible; a step of a multi-rank run that records
+no collective is reported with a warning, since its "outside communication" time then hides all the waiting. The
+flight recorder keeps the last 1024 entries: a step that issues more is marked `truncated` (its comm undercounted).
 
 Stragglers. In synchronous training every rank's step takes as long as the slowest rank's, because the others wait
 for it inside the collective: wall step times cannot say who is slow. The time *outside* communication can: the
-straggler computes longer and waits less, the others compute as usual and wait longer. A rank whose median compute
-time is more than `factor` (default 2) times the median of the other ranks' is named a straggler: on a shared
-machine a rank's compute time wanders by tens of percent from step to step, a straggler's by much more. (Chapter 03's straggler idle
-share counted the waiting a slow rank causes; here it is found from measurements.)
+straggler computes longer and waits less, the others compute as usual and wait longer. `summary` names a rank whose
+median time outside communication is more than `factor` (default 2) times the median of the other ranks' *and*
+more than `min_seconds` (10 ms) above it: on a shared machine a rank's compute time wanders by tens of percent from
+step to step, and a few milliseconds more is timer and scheduler noise; a straggler's excess is larger on both
+counts. (Chapter 03's straggler idle share counted the waiting a slow rank causes; here it is found from measurements.)
 
 Exports: JSON lines (one record per rank and step, for pandas or jq) and the Chrome trace event format: one process
 track per rank, its steps on one row and its communication on another, on a common clock (time.time() of one
@@ -27,21 +34,23 @@ machine; clocks of different machines are only as close as NTP keeps them).
 import json
 import statistics
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from . import comm
+from . import comm, flight
 from .launch import device, synchronize
 
 
 def find_stragglers(times: list[float], factor: float = 2.0) -> list[int]:
     """Indices r whose times[r] exceeds `factor` times the median of the *other* entries' times, in index order.
 
-    Graded: cases by hand (one straggler, two, none, two ranks, one rank: nobody to compare with, so none), the
-    median of an even number of others (the mean of the middle two), and a ValueError when factor <= 1.
+    Graded (tests/test_monitor.py): cases by hand (one straggler, two, none, two ranks, one rank: nobody to compare
+    with, so none), the median of an even number of others (the mean of the middle two), and a ValueError when
+    factor <= 1 whose message contains the word "factor".
     """
     # <exercise find_stragglers points=2>
     # hint: statistics.median gives the median of any non-empty list, the mean of the middle two for an even count.
@@ -72,7 +81,7 @@ class Monitor:
     so a training loop can call it unconditionally."""
 
     def __init__(self, enabled: bool = True):
-        self.enabled, self.records, self._open = enabled, [], None
+        self.enabled, self.records, self._open, self._warned = enabled, [], None, False
 
     def begin(self, tokens: int = 0) -> None:
         if not self.enabled:
@@ -92,17 +101,33 @@ class Monitor:
         stop = time.time()
         (ledger, start, tokens), self._open = self._open, None
         ledger.__exit__(None, None, None)
-        events = [(e["op"], e["time"], min(e["done"] or stop, stop), e["numel"], e["dtype"])
-                  for e in comm.flight_recorder() if start <= e["time"] <= stop]
+        recorded = comm.flight_recorder()
+        events = [(e["op"], max(e["time"], start), min(e["done"] or stop, stop), e["numel"], e["dtype"])
+                  for e in recorded if e["time"] <= stop and (e["done"] is None or e["done"] >= start)]
         seconds = stop - start
         in_flight = busy_seconds([(t0, t1) for _, t0, t1, _, _ in events])
         record = {"rank": dist.get_rank() if dist.is_initialized() else 0, "step": len(self.records),
                   "start": start, "seconds": seconds, "comm_seconds": in_flight,
                   "compute_seconds": seconds - in_flight, "bytes_sent": float(ledger.total_bytes()),
                   "bytes_counted": ledger.counted, "collectives": len(events), "tokens": tokens,
-                  "tokens_per_second": tokens / seconds if seconds > 0 else 0.0, "events": events}
+                  "tokens_per_second": tokens / seconds if seconds > 0 else 0.0, "events": events,
+                  "truncated": len(recorded) == flight.CAPACITY and recorded[0]["time"] > start}
+        self._warn(record)
         self.records.append(record)
         return record
+
+    def _warn(self, record: dict) -> None:
+        multi = dist.is_initialized() and dist.get_world_size() > 1
+        if multi and record["collectives"] == 0 and not self._warned:
+            self._warned = True
+            warnings.warn(f"monitor: rank {record['rank']}'s step {record['step']} recorded no collective in a "
+                          f"{dist.get_world_size()}-rank run: its communication does not go through minidist.comm "
+                          "(torch DDP/FSDP, raw torch.distributed), so its time counts as 'outside comm' and "
+                          "stragglers cannot be found", RuntimeWarning, stacklevel=3)
+        if record["truncated"]:
+            warnings.warn(f"monitor: step {record['step']} issued more than {flight.CAPACITY} collectives: the "
+                          "flight recorder kept the last ones only; its communication time is undercounted",
+                          RuntimeWarning, stacklevel=3)
 
     @contextmanager
     def step(self, tokens: int = 0):
@@ -147,9 +172,10 @@ def _all_gather_bytes(data: bytes, group=None) -> list[bytes]:
 
 
 def summary(records: list[dict], factor: float = 2.0, min_seconds: float = 0.01) -> dict:
-    """Per rank: medians of step, compute and communication seconds and tokens per second, mean bytes per step;
-    and the stragglers by median compute time: more than `factor` times the others' median, and more than
-    `min_seconds` above it (a rank computing 4 ms where the others take 2 is timer and scheduler noise)."""
+    """Per rank: medians over its steps of step seconds, seconds outside communication ("compute_seconds"), seconds
+    with communication in flight and tokens per second (each column its own median: they need not add up), the mean
+    bytes per step and whether they were counted; the stragglers by median time outside communication: more than
+    `factor` times the others' median, and more than `min_seconds` above it (module docstring)."""
     ranks = sorted({r["rank"] for r in records})
     per = {}
     for rank in ranks:
@@ -157,6 +183,8 @@ def summary(records: list[dict], factor: float = 2.0, min_seconds: float = 0.01)
         per[rank] = {key: statistics.median(r[key] for r in mine)
                      for key in ("seconds", "compute_seconds", "comm_seconds", "tokens_per_second")}
         per[rank]["bytes_per_step"] = statistics.fmean(r["bytes_sent"] for r in mine)
+        per[rank]["bytes_counted"] = all(r.get("bytes_counted", False) for r in mine)
+        per[rank]["silent_steps"] = sum(r.get("collectives", 1) == 0 for r in mine)  # no collective recorded
     times = [per[r]["compute_seconds"] for r in ranks]
     slow = [i for i in (find_stragglers(times, factor) if ranks else [])
             if times[i] - statistics.median(times[:i] + times[i + 1:]) > min_seconds]
@@ -164,10 +192,21 @@ def summary(records: list[dict], factor: float = 2.0, min_seconds: float = 0.01)
 
 
 def format_summary(info: dict) -> str:
-    lines = [f"{'rank':>4} {'step ms':>9} {'compute ms':>11} {'comm ms':>9} {'bytes/step':>12} {'tokens/s':>10}"]
+    lines = ["medians over each rank's steps (each column its own median); outside comm = step - comm in flight",
+             f"{'rank':>4} {'step ms':>9} {'outside comm ms':>16} {'comm in flight ms':>18} {'bytes/step':>13} "
+             f"{'tokens/s':>10}"]
     for rank, s in info["ranks"].items():
-        lines.append(f"{rank:>4} {1e3 * s['seconds']:>9.1f} {1e3 * s['compute_seconds']:>11.1f} "
-                     f"{1e3 * s['comm_seconds']:>9.1f} {s['bytes_per_step']:>12,.0f} {s['tokens_per_second']:>10,.0f}")
+        mark = "" if s.get("bytes_counted", True) else "*"
+        lines.append(f"{rank:>4} {1e3 * s['seconds']:>9.1f} {1e3 * s['compute_seconds']:>16.1f} "
+                     f"{1e3 * s['comm_seconds']:>18.1f} {s['bytes_per_step']:>12,.0f}{mark:1} "
+                     f"{s['tokens_per_second']:>10,.0f}")
+    if any(not s.get("bytes_counted", True) for s in info["ranks"].values()):
+        lines.append("* modelled bytes (the ledger's formula: not run under comm.ring_backend(), nothing counted)")
+    silent = [rank for rank, s in info["ranks"].items() if s.get("silent_steps")]
+    if len(info["ranks"]) > 1 and silent:
+        lines.append(f"warning: ranks {silent} had steps with no collective recorded: their communication is not "
+                     "through minidist.comm, so it counts as 'outside comm' and stragglers cannot be found")
+        return "\n".join(lines + ["stragglers: unknown (no communication seen)"])
     slow = info["stragglers"]
     lines.append(f"straggler{'s' if len(slow) > 1 else ''}: " + (", ".join(f"rank {r}" for r in slow) if slow
                                                                  else "none"))

@@ -76,3 +76,25 @@ def rank_timeline(records: list[dict], ax=None):
            title="steps (light) and communication in flight (red)")
     ax.invert_yaxis()
     return ax
+
+
+def replica_work(runs: dict):
+    """Per balancer (runs: name -> balancer.replay_in_steps result): latency distributions in engine steps, and
+    the tokens each replica generated."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.4), gridspec_kw={"width_ratios": [2, 1]})
+    for name, run in runs.items():
+        steps = sorted(run["latencies"])
+        left.step(steps, [(k + 1) / len(steps) for k in range(len(steps))], where="post", label=name)
+        for q in ("p50", "p99"):
+            left.plot(run[q], float(q[1:]) / 100, "o", color=left.lines[-1].get_color())
+    left.set(xscale="log", xlabel="latency, arrival to last token (engine steps)", ylabel="share of requests",
+             title="latency (dots: p50, p99)")
+    left.legend()
+    width, names = 0.38, list(runs)
+    for k in range(len(runs[names[0]]["tokens_per_replica"])):
+        right.bar([i + (k - 0.5) * width for i in range(len(names))],
+                  [runs[n]["tokens_per_replica"][k] for n in names], width, label=f"replica {k}")
+    right.set(xticks=range(len(names)), xticklabels=names, ylabel="generated tokens", title="work per replica")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -18,8 +18,14 @@ def update_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: 
     (the number of tokens the slot already holds). Row b's T tokens go to positions starts[b] .. starts[b] + T - 1 of
     slot slots[b]; nothing else in the cache changes. Returns (keys, values), each (B, H, max(starts) + T, d): row b
     is slot slots[b]'s cache up to that length (positions past its own length hold whatever the slot held; the
-    caller's mask hides them). Graded: the cache written in place, the returned values, rows with different starts
-    in any slot order, and a ValueError naming the numbers when a row would write past Lmax.
+    caller's mask hides them).
+
+    Graded (tests/test_inference.py): the cache written in place, nothing else in it changed; the returned keys and
+    values; rows with different starts, in any slot order; when a row would write past Lmax, a ValueError raised
+    before anything is written (the cache unchanged), whose message names the end, max(starts) + T, and then Lmax
+    (the test matches r"\b7\b.*\b6\b": an end of 7 in a 6-position cache); and greedy generate() with your
+    update_kv, on the tiny GPT and on a Hugging Face Llama, token for token equal to recomputing the whole sequence
+    at every step.
     """
     # ---- exercise update_kv (3 points) -------------------------------------------------------------
     # hint: check every row's end against the cache length before writing anything.
@@ -41,7 +47,7 @@ def least_outstanding_tokens(outstanding: list[int], healthy: list[bool] | None 
     None); ties go to the lowest index. Graded: the choice, the ties, the replicas marked unhealthy skipped, and a
     ValueError when no replica is healthy (or there is none at all)."""
     # ---- exercise least_outstanding_tokens (2 points) ----------------------------------------------
-    # hint: walk the replicas once, remembering the best healthy one so far; a strict comparison keeps the first.
+    # hint: which replicas may be chosen at all? Among them, think about what makes the lowest index win a tie.
     best = None
     for i, tokens in enumerate(outstanding):
         if (healthy is None or healthy[i]) and (best is None or tokens < outstanding[best]):
@@ -55,8 +61,9 @@ def least_outstanding_tokens(outstanding: list[int], healthy: list[bool] | None 
 def find_stragglers(times: list[float], factor: float = 2.0) -> list[int]:
     """Indices r whose times[r] exceeds `factor` times the median of the *other* entries' times, in index order.
 
-    Graded: cases by hand (one straggler, two, none, two ranks, one rank: nobody to compare with, so none), the
-    median of an even number of others (the mean of the middle two), and a ValueError when factor <= 1.
+    Graded (tests/test_monitor.py): cases by hand (one straggler, two, none, two ranks, one rank: nobody to compare
+    with, so none), the median of an even number of others (the mean of the middle two), and a ValueError when
+    factor <= 1 whose message contains the word "factor".
     """
     # ---- exercise find_stragglers (2 points) -------------------------------------------------------
     # hint: statistics.median gives the median of any non-empty list, the mean of the middle two for an even count.

@@ -138,12 +138,59 @@ def test_continuous_batching_gives_each_request_what_it_gets_alone(model):
 def test_requests_that_cannot_be_served_are_refused_by_name():
     dense, _ = build("gpt")
     engine = Engine(dense, slots=2, vocab_size=512)
-    for prompt, n, t, pattern in (([], 3, 0.0, "empty"), ([1, 2], -1, 0.0, "-1"), ([1] * 30, 3, 0.0, r"33.*32"),
-                                  ([1, 2], 3, -0.5, "temperature"), ([1, 512], 3, 0.0, r"\[0, 512\)")):
+    for prompt, n, t, seed, pattern in (
+            ([], 3, 0.0, 0, "empty"), ([1, 2], -1, 0.0, 0, "-1"), ([1] * 30, 4, 0.0, 0, r"needs 33 positions.*32"),
+            ([1] * 33, 0, 0.0, 0, r"needs 33 positions.*32"), ([1, 2], 3, -0.5, 0, "temperature"),
+            ([1, 2], 3, 1e-300, 0, r"temperature.*0\.0001"), ([1, 2], 3, float("nan"), 0, "temperature"),
+            ([1, 2], 3, float("inf"), 0, "temperature"), ([1, 2], 3, 0.5, 2 ** 64, r"seed.*2\*\*63"),
+            ([1, 2], 3, 0.5, -1, "seed"), ([1, 512], 3, 0.0, 0, r"\[0, 512\)")):
         with pytest.raises(ValueError, match=pattern):
-            engine.add(Request(0, prompt, n, t))
-    with pytest.raises(ValueError, match=r"5 tokens \+ 40 new tokens = 45.*32"):
+            engine.add(Request(0, prompt, n, t, seed))
+    with pytest.raises(ValueError, match=r"5 tokens \+ 40 new tokens needs 44 positions.*32"):
         generate(dense, torch.zeros(1, 5, dtype=torch.long), 40)
     with pytest.raises(ValueError, match="batch, prompt length"):
         generate(dense, torch.zeros(5, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="seed"):                         # row 1 would seed with 2**63
+        generate(dense, PROMPTS[:2], 2, 0.5, seed=2 ** 63 - 1)
     assert re.search(r"\b32\b", str(pytest.raises(ValueError, generate, dense, PROMPTS, 30).value))
+
+
+def test_the_context_holds_prompt_plus_new_tokens_minus_one():
+    """The last new token is returned, never fed back: P + N - 1 positions, and every one of them is used."""
+    dense, _ = build("gpt")                                                # context 32
+    assert generate(dense, torch.zeros(1, 32, dtype=torch.long), 1).shape == (1, 1)
+    assert generate(dense, torch.zeros(1, 32, dtype=torch.long), 0).shape == (1, 0)
+    assert generate(dense, torch.zeros(1, 5, dtype=torch.long), 28).shape == (1, 28)  # 5 + 28 - 1 = 32
+
+
+def test_sampling_survives_any_finite_temperature():
+    """sample_next divides in float64 after subtracting the best logit: no finite t > 0 yields a NaN (1e-300 in
+    float32 is 0, and logits / 0 were NaN probabilities)."""
+    logits, g = torch.tensor([[1.0, 3.0, 2.0, 3.0]]), torch.Generator().manual_seed(0)
+    for t in (1e-300, 5e-324, 1e-4, 1.0, 1e300):
+        token = int(inference.sample_next(logits, [t], [g])[0])
+        assert 0 <= token < 4 and (t > 1 or token in (1, 3)), t            # tiny t: one of the two best
+
+
+def test_a_request_that_fails_in_the_engine_fails_alone(monkeypatch):
+    import minidist.batching as batching
+    real = batching.sample_next
+
+    def flaky(logits, temperatures, generators):                         # fails for one request only
+        if 0.5 in temperatures:
+            raise RuntimeError("boom")
+        return real(logits, temperatures, generators)
+    monkeypatch.setattr(batching, "sample_next", flaky)
+    dense, _ = build("gpt")
+    engine = Engine(dense, slots=2, vocab_size=512)
+    good, bad, later = Request(0, [1, 2, 3], 4), Request(1, [4, 5], 4, 0.5), Request(2, [6], 2)
+    engine.add(good)
+    engine.add(bad)
+    finished = engine.step()
+    assert finished == [bad] and bad.error == "RuntimeError: boom" and bad.output == []
+    engine.add(later)
+    while not engine.idle():
+        finished += engine.step()
+    assert good.error is None and good.output == generate(dense, torch.tensor([good.prompt]), 4)[0].tolist()
+    assert later.output == generate(dense, torch.tensor([later.prompt]), 2)[0].tolist()
+    assert sorted(engine.free) == [0, 1]                                  # the failed request's slot came back

@@ -4,12 +4,16 @@ import json
 import os
 import subprocess
 import sys
+import time
+import warnings
 
 import pytest
+import torch
+import torch.distributed as dist
 
-from minidist import launch
+from minidist import comm, launch
 from minidist.grading import implementation
-from minidist.monitor import busy_seconds, chrome_trace, summary
+from minidist.monitor import Monitor, busy_seconds, chrome_trace, format_summary, summary
 from minidist.comm import ring_bytes
 from minidist.tour.monitoring import DELAY, monitored_training
 
@@ -41,14 +45,16 @@ def test_busy_seconds_counts_overlaps_once():
     assert busy_seconds([(2.0, 3.0), (0.0, 5.0)]) == 5.0
 
 
-def test_the_slowed_rank_is_named_and_the_bytes_are_counted():
+def test_the_rank_slowed_inside_backward_is_named_and_the_bytes_are_counted():
+    """The slow rank sleeps in its first block's backward, while the later buckets' all-reduces are in flight: part
+    of its delay counts as communication time, and it must still be named."""
     n, slow, steps = 3, 1, 6
-    results = launch(monitored_training, n, slow, DELAY, steps)
+    results = launch(monitored_training, n, slow, DELAY, steps, "backward")
     records = results[0]["records"]
     assert records == results[2]["records"] and len(records) == n * steps  # every rank holds every rank's records
     info = summary(records)
-    assert info["stragglers"] == [slow]
-    assert info["ranks"][slow]["compute_seconds"] >= DELAY
+    assert info["stragglers"] == [slow], format_summary(info)
+    assert info["ranks"][slow]["seconds"] >= DELAY                        # the delay is in the step, somewhere
     formula = ring_bytes("all_reduce", 4 * results[0]["psi"], n)          # 2(N-1)/N x 4 psi per rank and step
     for step in range(steps):
         mine = [r for r in records if r["step"] == step]
@@ -66,15 +72,44 @@ def test_the_slowed_rank_is_named_and_the_bytes_are_counted():
 def test_the_example_script_writes_its_telemetry(tmp_path):
     path = tmp_path / "run.jsonl"
     out = subprocess.run([sys.executable, "-m", "minidist.examples.train", "--strategy", "ddp", "--world-size", "2",
-                          "--steps", "3", "--batch-size", "4", "--block-size", "16", "--quiet", "--monitor", str(path)], capture_output=True, text=True,
-                         timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+                          "--steps", "3", "--batch-size", "4", "--block-size", "16", "--quiet", "--monitor", str(path)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted((r["rank"], r["step"]) for r in lines) == [(r, s) for r in (0, 1) for s in range(3)]
     assert all(r["bytes_sent"] > 0 and r["tokens"] == 4 * 16 // 2 for r in lines)  # this rank's half of the batch
+    assert all(r["collectives"] > 0 and not r["bytes_counted"] for r in lines)  # DataParallel's, on gloo: modelled
     trace = json.loads((tmp_path / "run.trace.json").read_text())
     assert {e["pid"] for e in trace["traceEvents"]} == {0, 1}
-    assert "straggler" in out.stdout and "loss" in out.stdout
+    printed = format_summary(summary(lines))                           # the summary of the records it wrote
+    assert printed in out.stdout and "* modelled bytes" in printed and "loss" in out.stdout
+    assert "no collective" not in out.stderr + out.stdout
+
+
+def _uneven_steps(raw: bool) -> dict:
+    """Three monitored steps on two ranks: a raw torch all-reduce (invisible), minidist's, and a prefetch: an
+    all-reduce started before the step (rank 1 joins it 0.2 s late) and waited inside it."""
+    x, monitor = torch.ones(1000), Monitor()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with monitor.step():
+            dist.all_reduce(x) if raw else comm.all_reduce_sum(x)
+        if dist.get_rank() == 1:
+            time.sleep(0.2)
+        work = comm.all_reduce_sum(x, async_op=True)
+        with monitor.step():
+            work.wait()
+    return {"warnings": [str(w.message) for w in caught], "records": monitor.gather()}
+
+
+def test_steps_without_collectives_are_flagged_and_prefetches_count():
+    raw, seen = launch(_uneven_steps, 2, True)[0], launch(_uneven_steps, 2, False)[0]
+    assert any("recorded no collective" in w for w in raw["warnings"])
+    assert not any("recorded no collective" in w for w in seen["warnings"])
+    assert "warning: ranks [0, 1] had steps with no collective" in format_summary(summary(raw["records"]))
+    assert [r["collectives"] for r in seen["records"] if r["rank"] == 0] == [1, 1]
+    prefetch = [r for r in seen["records"] if r["rank"] == 0][1]      # rank 0 waited for rank 1 in it
+    assert prefetch["events"][0][1] == prefetch["start"] and prefetch["comm_seconds"] > 0.1
 
 
 def test_a_few_milliseconds_more_is_noise_not_a_straggler():

@@ -34,7 +34,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from minidist import launch, run_under_torchrun
+from minidist import comm, launch, run_under_torchrun
 from minidist.args import nonnegative_float, positive_float, positive_int
 from minidist.data import random_batches, token_ids, train_val_split
 from minidist.data_parallel import DataParallel
@@ -161,10 +161,9 @@ def train(args) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad()
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)  # for the log only: the loss averaged over ranks (under tp every rank has the same)
-        monitor.end()
-        ft.after_step(args, state, step + 1, model, opt, mean.item() / n)  # the loss logged; maybe a checkpoint
+        monitor.end()  # before the log's all-reduce: the monitor times the training step, not the logging
+        mean = comm.all_reduce_sum(loss.detach()).item() / n  # the loss averaged over ranks (tp: the same)
+        ft.after_step(args, state, step + 1, model, opt, mean)  # the loss logged; maybe a checkpoint
         _log(progress, args, step, losses[-1])
     monitor.report(args.monitor)
     x, y = random_batches(val_ids, 32, args.block_size, 1, seed=1234)[0]
@@ -203,10 +202,9 @@ def train_pp(args) -> dict:
         loss = pipe.step(x.to(dev), y.to(dev))
         opt.step()
         opt.zero_grad()
-        loss = loss if loss is not None else torch.zeros((), device=dev)
-        dist.broadcast(loss, src=p - 1)  # for the log only: the loss lives on the last stage's rank
         monitor.end()
-        ft.after_step(args, state, step + 1, stages, opt, loss.item())
+        loss = loss.detach() if loss is not None else torch.zeros((), device=dev)
+        ft.after_step(args, state, step + 1, stages, opt, comm.broadcast(loss, p - 1).item())  # lives on the last
         _log(progress, args, step, losses[-1])
     monitor.report(args.monitor)
     tied = model.wte.weight.detach().clone()  # the first and the last rank's copies of the tied embedding

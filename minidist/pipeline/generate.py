@@ -43,7 +43,8 @@ def pipeline_generate(model, input_ids: torch.Tensor, max_new_tokens: int, micro
     B, P = input_ids.shape
     if not isinstance(microbatches, int) or microbatches < 1 or B % microbatches:
         raise ValueError(f"a batch of {B} rows cannot be cut into {microbatches} equal micro-batches")
-    check_request(P, max_new_tokens, temperature, model.cfg.block_size)
+    for row_seed in (seed, seed + B - 1):                    # row b samples with seed + b
+        check_request(P, max_new_tokens, temperature, model.cfg.block_size, row_seed)
     model.eval()
     stage, b = rank_stages(model, p, rank)[0], B // microbatches
     device = next(stage.parameters()).device
