@@ -165,7 +165,7 @@ def _collect(procs, conns, directory, timeout: float) -> list:
 def _diagnosis(procs, directory, returned: set) -> str:
     """Every rank's flight record (ranks still running are asked for their stacks first), analysed. `returned`: the
     ranks whose function returned a result."""
-    alive = [r for r, p in enumerate(procs) if p.is_alive()]
+    alive = [r for r, p in enumerate(procs) if p.is_alive() and r not in returned]  # a returned rank's stack: teardown
     for r in alive:
         try:
             os.kill(procs[r].pid, signal.SIGUSR1)  # faulthandler writes every thread's stack to stack-RANK
@@ -178,9 +178,10 @@ def _diagnosis(procs, directory, returned: set) -> str:
             name = signal.Signals(-p.exitcode).name
             deaths[r] = f"died from {name}" + (" (gloo aborts a rank that receives a message of the wrong size)"
                                                if name == "SIGABRT" else "")
+        elif r in returned and records[r] is not None:  # (it may still be alive, in launch's closing barrier)
+            records[r]["exit"] = "it is in no collective: it returned from its function"
         elif not p.is_alive() and records[r] is not None:
-            records[r]["exit"] = ("it is in no collective: it returned from its function" if r in returned
-                                  else f"it is in no collective: it has exited (code {p.exitcode})")
+            records[r]["exit"] = f"it is in no collective: it has exited (code {p.exitcode})"
     try:
         text = diagnose(records, len(procs), deaths)
     except Exception as e:  # a diagnosis must never hide the error it explains
@@ -212,6 +213,13 @@ def _die_with_parent():
 
 def _run_rank(rank, world_size, store_path, backend, timeout, fn, args, kwargs, conn):
     _die_with_parent()
+    # A line is one write, so ranks sharing a pipe never split each other's lines (even under PYTHONUNBUFFERED,
+    # where print writes its text and its "\n" apart).
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True, write_through=False)
+        except (AttributeError, ValueError):  # a notebook kernel's stream is no TextIOWrapper: it sends whole messages
+            pass
     directory = os.path.dirname(store_path)
     flight.start(rank, directory, world_size)  # the flight recorder, mirrored to a file the parent reads
     faulthandler.register(signal.SIGUSR1, open(os.path.join(directory, f"stack-{rank}"), "w"), all_threads=True)

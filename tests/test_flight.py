@@ -28,6 +28,13 @@ def planted(fault: str):
         return "swapped"
     if fault == "size":
         comm.all_reduce_sum(torch.ones(999 if r == 2 else 1000))
+    if fault == "hung collective":  # rank 0 stuck inside a collective that never times out (NCCL without a watchdog)
+        if r == 0:
+            from minidist import flight
+            flight.enter("all_reduce", x)
+            time.sleep(60)
+        dist.barrier = lambda *a, **k: time.sleep(60)  # this process only: it stays alive in launch's closing barrier
+        return "done"
     if fault == "sleep" and r == 2:
         time.sleep(60)  # stuck in Python, outside any collective
     if fault == "pipeline":
@@ -48,6 +55,18 @@ def diagnosis_of(fault, world_size):
     elapsed = time.monotonic() - start
     text = str(error.value).split("Diagnosis from every rank's flight recorder:")[1]
     return text, elapsed
+
+
+@pytest.mark.usefixtures("no_leftover_processes")
+def test_ranks_that_returned_are_named_so_while_still_in_the_launchers_closing_barrier():
+    """launch gives up `timeout` s after the first return; the returned ranks may still be alive then (tearing down):
+    the diagnosis must still say they returned, not guess from their stacks."""
+    text, elapsed = diagnosis_of("hung collective", 3)
+    assert "rank 0 is in all_reduce #4 (float32, 1,000 elements)" in text, text
+    for r in (1, 2):
+        assert f"never entered all_reduce #4 (it is in no collective: it returned from its function)" in text, text
+        assert f"rank {r}" in text, text
+    assert elapsed < TIMEOUT + 10
 
 
 @pytest.mark.usefixtures("no_leftover_processes")

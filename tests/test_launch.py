@@ -179,9 +179,12 @@ def test_rank_output_reaches_a_pipe(tmp_path):
             print(f"stderr of rank {dist.get_rank()}", file=sys.stderr)
         launch(f, 2)
     """))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    # PYTHONUNBUFFERED (as many CI systems set it) makes print write its text and its "\n" separately: the launcher
+    # must still keep each rank's line whole
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert out.returncode == 0, out.stderr
-    assert sorted(out.stdout.split("\n")[:2]) == ["stdout of rank 0", "stdout of rank 1"]
+    assert sorted(out.stdout.splitlines()) == ["stdout of rank 0", "stdout of rank 1"]
     assert "stderr of rank 0" in out.stderr and "stderr of rank 1" in out.stderr
 
 
