@@ -12,6 +12,23 @@ import math
 import torch
 
 
+def allreduce_hook(group, bucket) -> torch.futures.Future[torch.Tensor]:
+    """The plain hook, DataParallel's own reduction (and torch's default_hooks.allreduce_hook): divide the bucket by
+    N, sum it over `group` (None: the default group) in one asynchronous all-reduce, and return a
+    torch.futures.Future whose value is the averaged bucket; the hook returns before the all-reduce completes.
+
+    Graded: it returns a torch.futures.Future; registered on DataParallel on 2 ranks, three SGD steps give weights
+    bit-identical to DataParallel without a hook, the replicas agree, and the bytes counted under the ring backend
+    equal one fp32 ring all-reduce of every bucket.
+    """
+    # ---- exercise allreduce_hook (1 point) --------------------------------------------------------
+    # hint: bucket.buffer() is the flat gradient of this rank; comm.group_size(group) is N (from minidist import comm).
+    # hint: comm.all_reduce_(tensor, group, async_op=True) starts a sum in place and returns a Work;
+    #       then(works, finish) (from minidist.futures import then) makes the future a hook returns.
+    raise NotImplementedError("exercise allreduce_hook: write this part")
+    # ---- end of exercise allreduce_hook ---------------------------------------------------------------
+
+
 def topk_compress(acc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The k entries of the flat tensor `acc` largest in magnitude: (values, indices as int32, residual).
 
@@ -43,12 +60,13 @@ def breakeven_bandwidth(full_bytes: float, compressed_bytes: float, overhead_s: 
     # ---- end of exercise breakeven_bandwidth ----------------------------------------------------------
 
 
-def orthogonalize_(m: torch.Tensor, epsilon: float = 0.0) -> torch.Tensor:
+def gram_schmidt_(m: torch.Tensor, epsilon: float = 0.0) -> torch.Tensor:
     """Make the columns of m (n x r, r <= n) orthonormal in place, by Gram-Schmidt; returns m.
 
     Column by column, left to right: divide it by its norm (plus `epsilon`), then remove its component from every
-    column to its right. Graded: m^T m = I (to 1e-5), the span of the first j columns kept for each j (the result is
-    what QR's Q gives up to the signs of its columns), in place, and bit-identical to torch's powerSGD Gram-Schmidt.
+    column to its right. Graded (on a 10 x 3 fp32 matrix): returns m itself, changed in place; bit-identical to
+    torch's powerSGD Gram-Schmidt (_orthogonalize_gram_schmidt); m^T m = I to 1e-5; the span of the first j columns
+    kept for each j (the result is what QR's Q gives, up to the signs of its columns).
     """
     # ---- exercise orthogonalize (2 points) ---------------------------------------------------------
     # hint: col = m[:, i:i+1] is a view: dividing it in place changes m; so does subtracting from m[:, i+1:].
@@ -65,11 +83,14 @@ def power_iteration(ms: list[torch.Tensor], qs: list[torch.Tensor], group=None, 
     ms: this rank's matrices M_j (n_j x m_j); qs: their current Q_j (m_j x r_j). Compute every P_j = M_j Q_j, sum
     them over the ranks in *one* all-reduce (the P's end to end in one flat fp32 buffer, comm.all_reduce_),
     orthogonalize each (orthogonalize_ with `epsilon`), compute every Q_j = M_j^T P_j, sum them in one more
-    all-reduce and divide by N. Returns new tensors (ms and qs unchanged). Graded: two all-reduces of r(n + m)
-    elements in all, the result against the average computed by hand on 2 and 3 ranks, exact for a rank-r average.
+    all-reduce and divide by N. Returns new tensors (ms and qs unchanged). Graded on 2 and 3 ranks, two matrices of
+    different shapes whose average has rank r = 2: exactly two all-reduces carrying r(n + m) elements in all (bytes
+    counted under the ring backend), P_j Q_j^T equal to the average to 1e-5, the P's orthonormal, ms and qs unchanged.
     """
     # ---- exercise power_iteration (3 points) -------------------------------------------------------
-    # hint: torch.cat([t.flatten() for t in ...]) builds the flat buffer; _split(flat, shapes) cuts it back into
+    # hint: minidist.comm (from minidist import comm) has all_reduce_ and group_size; orthogonalize_ and split_flat
+    #       come from minidist.powersgd.
+    # hint: torch.cat([t.flatten() for t in ...]) builds the flat buffer; split_flat(flat, shapes) cuts it back into
     #       views of the given shapes.
     raise NotImplementedError("exercise power_iteration: write this part")
     # ---- end of exercise power_iteration --------------------------------------------------------------

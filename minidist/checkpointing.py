@@ -27,9 +27,14 @@ FLOPs. Selective recomputes only what is large but cheap: the a s^2 b tensors ta
 `checkpoint_blocks(model, policy)` applies a policy to a model without touching its code: it finds the transformer
 blocks (the longest nn.ModuleList: GPT's `blocks`, Llama's `model.layers`, GPT-2's `transformer.h`) and replaces,
 on each instance, `forward` (full) or the attention's `attend` method (selective) by a checkpointed call. State-dict
-keys do not change. Checkpointing is a reentrant autograd Function here (as torch.utils.checkpoint with
-use_reentrant=True): parameter gradients are accumulated by a backward nested inside the outer one, which
-DataParallel's hooks handle; torch's non-reentrant version gets the same values with saved-tensor hooks instead.
+keys do not change. Checkpointing is a *reentrant* autograd Function here (as torch.utils.checkpoint with
+use_reentrant=True): its backward calls torch.autograd.backward again, a backward nested inside the outer one, which
+accumulates the parameters' gradients into .grad (DataParallel's hooks handle that). So it works only under a
+plain .backward(): torch.autograd.grad or backward(inputs=...) would not see those gradients, and are refused. torch's
+*non-reentrant* version (use_reentrant=False) records nothing special in forward but saved-tensor hooks, and
+recomputes when backward first unpacks a saved tensor, inside the one backward: the same values, and autograd.grad
+works. Recomputation reruns the forward's side effects: a module updating buffers in forward (BatchNorm's running
+statistics, num_batches_tracked) updates them twice per step, as under torch's checkpoint.
 """
 import functools
 from contextlib import contextmanager
@@ -75,11 +80,15 @@ def recompute_gradients(fn, inputs: list, state: dict, grad_outputs: tuple) -> l
     fn(*inputs) is the segment (a tensor or a tuple of tensors out); `state` is capture_state()'s, taken when forward
     ran: recompute inside `replayed(state)` so dropout draws the same masks. The recomputation must record a graph
     of its own, starting from inputs that are *not* connected to the outer graph. Outputs that need no gradient, or
-    whose gradient is None, are left out of the backward. Graded: gradients bit-identical to no checkpointing for a
-    layer with dropout, the input gradients and a parameter's, an input that needs no gradient (None), a tuple
-    output with one unused element.
+    whose gradient is None, are left out of the backward. Graded: for a transformer block with dropout, the input's
+    gradient and every parameter's bit-identical to no checkpointing, and the training's random stream left where it
+    was (the recomputation draws no number from it); for a segment with a tensor input that needs no gradient and a
+    non-tensor input (both get None) and a tuple output whose second element's gradient is None, the input's and the
+    weight's gradients bit-identical to no checkpointing.
     """
     # <exercise recompute_gradients points=3>
+    # hint: replayed(state) (from minidist.checkpointing import replayed) restores forward's random state and
+    #       autocast inside its `with` block, and leaves the random stream as it found it.
     # hint: give fn copies of the tensor inputs cut from the outer graph (detach) that require a gradient exactly
     #       when the originals do; the gradients end up in their .grad.
     # hint: forward ran under no_grad: the recomputation must turn gradients back on.
@@ -111,6 +120,9 @@ class Recompute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if not torch.autograd._is_checkpoint_valid():  # autograd.grad or backward(inputs=...): see the module docstring
+            raise RuntimeError("a checkpointed segment recomputes with a nested backward that accumulates into .grad: "
+                               "it works under loss.backward() only, not torch.autograd.grad or backward(inputs=...)")
         inputs = list(ctx.others)
         for i, x in zip(ctx.slots, ctx.saved_tensors):
             inputs[i] = x
@@ -123,7 +135,8 @@ def checkpoint(fn, *args, **kwargs):
     Tensors anywhere in the arguments (nested in lists, dicts, keyword arguments) are the segment's inputs. An
     empty tensor that requires a gradient rides along (the anchor), so the segment is part of the graph, and its
     parameters get gradients, even when no input requires one (the first layer after a frozen embedding).
-    Without grad mode (evaluation), fn simply runs.
+    Without grad mode (evaluation), fn simply runs. fn runs twice in training: its side effects (buffer updates)
+    happen twice.
     """
     if not torch.is_grad_enabled():
         return fn(*args, **kwargs)
@@ -145,10 +158,12 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def _checkpoint_method(module: nn.Module, name: str) -> None:
-    """Replace module.<name> on this instance by a checkpointed call of the original method."""
+    """Replace module.<name> on this instance by a checkpointed call of the method it had (keeping, to restore, an
+    instance attribute it may already have had)."""
     original = getattr(module, name)
+    own = (module.__dict__[name],) if name in module.__dict__ else ()  # () when the class's method was used
     setattr(module, name, functools.wraps(original)(functools.partial(checkpoint, original)))
-    module._minidist_checkpointed = name
+    module._minidist_checkpointed = (name, own)
 
 
 def checkpoint_blocks(model: nn.Module, policy: str = "full") -> nn.Module:
@@ -165,6 +180,7 @@ def checkpoint_blocks(model: nn.Module, policy: str = "full") -> nn.Module:
         raise ValueError("this model is already checkpointed: call uncheckpoint(model) first")
     if getattr(getattr(model, "config", None), "use_cache", False):
         model.config.use_cache = False  # a KV cache filled in forward would be filled again by the recomputation
+        model._minidist_use_cache = True  # restored by uncheckpoint
     blocks = find_blocks(model)
     for block in blocks:
         if policy == "full":
@@ -180,11 +196,16 @@ def checkpoint_blocks(model: nn.Module, policy: str = "full") -> nn.Module:
 
 
 def uncheckpoint(model: nn.Module) -> nn.Module:
-    """Undo checkpoint_blocks: every module runs its own methods again."""
+    """Undo checkpoint_blocks: every module runs the methods it had before again (its own instance attributes
+    included), and a Hugging Face model's KV cache setting is restored."""
     for m in model.modules():
-        name = m.__dict__.pop("_minidist_checkpointed", None)
+        name, own = m.__dict__.pop("_minidist_checkpointed", (None, ()))
         if name:
             delattr(m, name)
+            if own:
+                setattr(m, name, own[0])
+    if model.__dict__.pop("_minidist_use_cache", False):
+        model.config.use_cache = True
     return model
 
 
@@ -195,8 +216,9 @@ def saved_bytes_per_layer(policy: str, seq: int, batch: int, hidden: int, heads:
     none: chapter 00's memory.activation_bytes_per_layer (with the same arguments). selective: the same without the
     terms that grow with a s^2 b (they are recomputed). full: the layer's input only, s b h values. Arguments as
     activation_bytes_per_layer's (positive integers; mask_bytes: one dropout-mask element). An unknown policy is a
-    ValueError. Graded: the paper's 34 sbh and 2 sbh in 16-bit with dropout, none equal to chapter 00's formula, and
-    the fp32 counts without dropout that SavedActivations measures on the tiny GPT (plus LayerNorm statistics).
+    ValueError. Graded: the paper's 34 sbh and 2 sbh in 16-bit with dropout, none equal to chapter 00's formula,
+    selective in fp32 with dropout and 4-byte masks, the fp32 counts without dropout that SavedActivations measures
+    on the tiny GPT (plus LayerNorm statistics) for all three policies, and the ValueError.
     """
     if policy not in ("none", *POLICIES):
         raise ValueError(f"policy must be 'none', 'full' or 'selective', got {policy!r}")

@@ -46,44 +46,49 @@ class HostTier:
 
 
 class DiskTier:
-    """Offloaded bytes in memory-mapped files under `directory` (a fresh temporary directory by default)."""
+    """Offloaded bytes in memory-mapped files under `directory` (a fresh temporary directory by default).
+
+    Each file gets a name no other tier or process can take (created exclusively, as tempfile.mkstemp does), so
+    tiers sharing a directory never share a file; a tier lists, measures and deletes only its own files."""
 
     name = "disk"
 
     def __init__(self, directory: str | None = None):
         self.own = directory is None  # a temporary directory of our own: made when needed, gone with its last file
-        self.directory, self.count = directory, 0
+        self.directory, self.paths = directory, set()  # paths: this tier's live files
 
     def allocate(self, nbytes: int, source: torch.device) -> torch.Tensor:
         """A uint8 tensor of `nbytes` whose storage is a new file (removed when the storage is freed)."""
         if self.own and (self.directory is None or not os.path.isdir(self.directory)):
             self.directory = tempfile.mkdtemp(prefix="minidist-offload-")
         os.makedirs(self.directory, exist_ok=True)
-        path = os.path.join(self.directory, f"{os.getpid()}-{self.count}.bin")
-        self.count += 1
-        t = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
-        weakref.finalize(t.untyped_storage(), _remove, path, self.own)
+        fd, path = tempfile.mkstemp(prefix=f"{os.getpid()}-", suffix=".bin", dir=self.directory)  # O_EXCL: ours
+        os.close(fd)
+        t = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)  # the file grows to nbytes
+        self.paths.add(path)
+        weakref.finalize(t.untyped_storage(), _remove, path, self.own, self.paths)
         return t
 
     def files(self) -> list[str]:
-        """This process's files (a directory may be shared by ranks)."""
-        mine = f"{os.getpid()}-"
-        exists = self.directory is not None and os.path.isdir(self.directory)
-        return [e.path for e in os.scandir(self.directory) if e.name.startswith(mine)] if exists else []
+        """This tier's files (a directory may be shared by tiers and ranks)."""
+        return sorted(p for p in self.paths if os.path.exists(p))
 
     def bytes_on_disk(self) -> int:
-        """Bytes in this process's files, as the file system reports them."""
+        """Bytes in this tier's files: their sizes as the file system reports them (the bytes they hold, written or
+        not; that what was offloaded is in them is checked by reading it back, not by this number)."""
         return sum(os.path.getsize(f) for f in self.files())
 
     def close(self) -> None:
-        """Delete this process's files now, even those still in use (their mappings stay valid until freed): for a
+        """Delete this tier's files now, even those still in use (their mappings stay valid until freed): for a
         process that ends with os._exit, which runs no finalizer."""
         for f in self.files():
-            _remove(f, self.own)
+            _remove(f, self.own, self.paths)
 
 
-def _remove(path: str, own_directory: bool = False) -> None:
-    """Delete a tier file, and its directory with its last file if the tier made that directory."""
+def _remove(path: str, own_directory: bool = False, paths: set | None = None) -> None:
+    """Delete a tier file (forgetting it in `paths`), and its directory with its last file if the tier made it."""
+    if paths is not None:
+        paths.discard(path)
     try:
         os.remove(path)
         if own_directory:
@@ -113,11 +118,13 @@ def pack_saved(t: torch.Tensor, tier) -> tuple:
     Returns (stored, dtype, size, stride, storage_offset): `stored` is tier.allocate(nbytes, t.device) holding a copy
     of every byte of t's storage (storage_bytes(t)); the rest describes t as a view of that storage. Copying the
     whole storage (not just t's elements) lets views of one storage (q, k, v of one projection) share one copy.
-    Graded: the stored bytes equal the storage's, on the tier (a disk tier's file), for a contiguous tensor, a
-    transposed view, a view with an offset, and an empty tensor.
+    Graded, on a disk tier: for a contiguous fp32 tensor, a transposed view, a view with an offset, an empty tensor
+    and an int64 tensor, the stored bytes equal the storage's and live in one of the tier's files, the other four
+    values describe t exactly; and afterwards the tier's bytes_on_disk() is above 0.
     """
     # <exercise pack_saved points=2>
-    # hint: storage_bytes(t) gives the bytes to copy; the view's geometry comes from t itself.
+    # hint: storage_bytes(t) (from minidist.offload import storage_bytes) gives the bytes to copy, as a view; the
+    #       view's geometry comes from t itself.
     data = storage_bytes(t)
     stored = tier.allocate(data.numel(), t.device)
     stored.copy_(data)
@@ -128,14 +135,24 @@ def pack_saved(t: torch.Tensor, tier) -> tuple:
 def unpack_saved(packed: tuple, device: torch.device) -> torch.Tensor:
     """The body of the unpack hook: the tensor pack_saved stored, rebuilt on `device` (a copy, in fast memory).
 
-    Graded: bit-identical values, shape, stride and dtype after a round trip through pack_saved, for the tensors
-    pack_saved is graded on, and a copy that does not share memory with the tier.
+    Graded: after a round trip through pack_saved on a disk tier, for the tensors pack_saved is graded on, the same
+    values (bit for bit), stride and dtype; the result in ordinary memory, not the tier's file, and (when it has
+    elements) not sharing memory with the stored bytes.
     """
     # <exercise unpack_saved points=2>
     # hint: bring the bytes to the device first, then reinterpret them as the dtype and rebuild the view.
+    # hint: .to(device) returns the very same tensor when it is already there (on a CPU): you need a copy.
     stored, dtype, size, stride, offset = packed
     return stored.to(device, copy=True).view(dtype).as_strided(size, stride, offset)
     # </exercise>
+
+
+def _geometry(t: torch.Tensor) -> tuple:
+    return t.dtype, t.shape, t.stride(), t.storage_offset()  # what rebuilds t from its storage's bytes
+
+
+def _view_of(stored: torch.Tensor, dtype, size, stride, offset) -> torch.Tensor:
+    return stored.view(dtype).as_strided(size, stride, offset)  # that tensor over the bytes `stored` (no copy)
 
 
 class _Handle:
@@ -151,15 +168,18 @@ class offload_activations(torch.autograd.graph.saved_tensors_hooks):
     """`with offload_activations(tier, keep=model):` every tensor autograd saves for backward inside goes to `tier`
     and comes back in backward. Parameters and buffers of `keep` stay where they are (they live there anyway).
 
-    Views of one storage are stored once. `held()` lists what autograd now holds for backward (the stored copies, and
-    any tensor kept as it was), for bytes_by_location.
+    Views of one storage saved at one version are stored once. A copy is taken when the tensor is saved, so an
+    in-place write after that (h[t] = f(h[t - 1]) into one buffer) cannot reach what backward gets: it gets the
+    values forward used, the right gradient, where plain autograd would refuse the program (its version check
+    does not run on tensors that saved-tensor hooks hold). `held()` lists what autograd now holds for backward (the
+    stored copies, and any tensor kept as it was), for bytes_by_location.
     """
 
     def __init__(self, tier, keep: nn.Module | None = None):
         self.tier = make_tier(tier) if isinstance(tier, str) else tier
         tensors = [] if keep is None else [*keep.parameters(), *keep.buffers()]
         self.keep = {t.untyped_storage().data_ptr() for t in tensors}
-        self.seen: dict[int, tuple] = {}  # storage pointer -> weak references to (that storage, its stored copy)
+        self.seen: dict[tuple, tuple] = {}  # (storage pointer, version) -> weak refs to (that storage, its copy)
         self.handles = weakref.WeakSet()
         super().__init__(self._pack, self._unpack)
 
@@ -168,15 +188,15 @@ class offload_activations(torch.autograd.graph.saved_tensors_hooks):
         return self
 
     def _pack(self, t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in self.keep:
+        key = (t.untyped_storage().data_ptr(), t._version)  # the version changes with every in-place write
+        if key[0] in self.keep:
             return t
-        original, stored = self.seen.get(ptr, (None, lambda: None))
+        original, stored = self.seen.get(key, (None, lambda: None))
         if original is not None and not original.expired() and stored() is not None:  # a view of a stored storage
-            packed = (stored(), t.dtype, t.shape, t.stride(), t.storage_offset())
+            packed = (stored(), *_geometry(t))
         else:
             packed = pack_saved(t, self.tier)
-            self.seen[ptr] = (StorageWeakRef(t.untyped_storage()), weakref.ref(packed[0]))
+            self.seen[key] = (StorageWeakRef(t.untyped_storage()), weakref.ref(packed[0]))
         handle = _Handle(packed, t.device)
         self.handles.add(handle)
         return handle
@@ -207,32 +227,33 @@ class OptimizerOffload:
 
     def __init__(self, opt, tier):
         self.tier = make_tier(tier) if isinstance(tier, str) else tier
-        self.stored: dict[int, torch.Tensor] = {}  # storage pointer on the tier -> its bytes
-        master, inner = getattr(opt, "master", []), opt.optimizer
+        self.stored: dict[int, StorageWeakRef] = {}  # storage pointer -> that storage on the tier (weakly: a state
+        master, inner = getattr(opt, "master", []), opt.optimizer  # replaced, its file goes with its last tensor)
         masters = [p for g in inner.param_groups for p in g["params"]]
         self.relocate(masters + ([master] if torch.is_tensor(master) else list(master)))
         self.relocate(states(inner))
-        # The optimizer holds this (through its hook), this holds the bytes, and nothing holds the optimizer: the
-        # files live exactly as long as the optimizer (no reference cycle to wait for the garbage collector).
-        self._hook = inner.register_step_post_hook(lambda optimizer, *_: self.relocate(states(optimizer)))
+        # States a step creates, and those load_state_dict puts in place of ours, move as soon as they exist. The
+        # optimizer holds this (through its hooks), the tensors hold their bytes: a file lives as long as its tensors.
+        self._hooks = [inner.register_step_post_hook(lambda optimizer, *_: self.relocate(states(optimizer))),
+                       inner.register_load_state_dict_post_hook(lambda optimizer: self.relocate(states(optimizer)))]
 
     def relocate(self, tensors: list[torch.Tensor]) -> None:
         """Move the storages behind `tensors` onto the tier (those not there yet), re-pointing every tensor."""
+        self.stored = {ptr: ref for ptr, ref in self.stored.items() if not ref.expired()}
         by_storage: dict[int, list[torch.Tensor]] = {}
         for t in tensors:
             ptr = t.untyped_storage().data_ptr()
             if ptr not in self.stored:
                 by_storage.setdefault(ptr, []).append(t)
         for members in by_storage.values():
-            data = storage_bytes(members[0])
-            stored = self.tier.allocate(data.numel(), data.device)
-            stored.copy_(data)
-            self.stored[stored.untyped_storage().data_ptr()] = stored
+            stored = pack_saved(members[0], self.tier)[0]  # the storage's bytes, copied onto the tier
+            self.stored[stored.untyped_storage().data_ptr()] = StorageWeakRef(stored.untyped_storage())
             for t in members:
-                t.data = stored.view(t.dtype).as_strided(t.shape, t.stride(), t.storage_offset())
+                t.data = _view_of(stored, *_geometry(t))
 
     def remove(self) -> None:
-        self._hook.remove()
+        for h in self._hooks:
+            h.remove()
 
 
 def states(optimizer) -> list[torch.Tensor]:

@@ -19,11 +19,15 @@ def recompute_gradients(fn, inputs: list, state: dict, grad_outputs: tuple) -> l
     fn(*inputs) is the segment (a tensor or a tuple of tensors out); `state` is capture_state()'s, taken when forward
     ran: recompute inside `replayed(state)` so dropout draws the same masks. The recomputation must record a graph
     of its own, starting from inputs that are *not* connected to the outer graph. Outputs that need no gradient, or
-    whose gradient is None, are left out of the backward. Graded: gradients bit-identical to no checkpointing for a
-    layer with dropout, the input gradients and a parameter's, an input that needs no gradient (None), a tuple
-    output with one unused element.
+    whose gradient is None, are left out of the backward. Graded: for a transformer block with dropout, the input's
+    gradient and every parameter's bit-identical to no checkpointing, and the training's random stream left where it
+    was (the recomputation draws no number from it); for a segment with a tensor input that needs no gradient and a
+    non-tensor input (both get None) and a tuple output whose second element's gradient is None, the input's and the
+    weight's gradients bit-identical to no checkpointing.
     """
     # ---- exercise recompute_gradients (3 points) ---------------------------------------------------
+    # hint: replayed(state) (from minidist.checkpointing import replayed) restores forward's random state and
+    #       autocast inside its `with` block, and leaves the random stream as it found it.
     # hint: give fn copies of the tensor inputs cut from the outer graph (detach) that require a gradient exactly
     #       when the originals do; the gradients end up in their .grad.
     # hint: forward ran under no_grad: the recomputation must turn gradients back on.
@@ -45,8 +49,9 @@ def saved_bytes_per_layer(policy: str, seq: int, batch: int, hidden: int, heads:
     none: chapter 00's memory.activation_bytes_per_layer (with the same arguments). selective: the same without the
     terms that grow with a s^2 b (they are recomputed). full: the layer's input only, s b h values. Arguments as
     activation_bytes_per_layer's (positive integers; mask_bytes: one dropout-mask element). An unknown policy is a
-    ValueError. Graded: the paper's 34 sbh and 2 sbh in 16-bit with dropout, none equal to chapter 00's formula, and
-    the fp32 counts without dropout that SavedActivations measures on the tiny GPT (plus LayerNorm statistics).
+    ValueError. Graded: the paper's 34 sbh and 2 sbh in 16-bit with dropout, none equal to chapter 00's formula,
+    selective in fp32 with dropout and 4-byte masks, the fp32 counts without dropout that SavedActivations measures
+    on the tiny GPT (plus LayerNorm statistics) for all three policies, and the ValueError.
     """
     if policy not in ("none", *POLICIES):
         raise ValueError(f"policy must be 'none', 'full' or 'selective', got {policy!r}")
@@ -68,11 +73,13 @@ def pack_saved(t: torch.Tensor, tier) -> tuple:
     Returns (stored, dtype, size, stride, storage_offset): `stored` is tier.allocate(nbytes, t.device) holding a copy
     of every byte of t's storage (storage_bytes(t)); the rest describes t as a view of that storage. Copying the
     whole storage (not just t's elements) lets views of one storage (q, k, v of one projection) share one copy.
-    Graded: the stored bytes equal the storage's, on the tier (a disk tier's file), for a contiguous tensor, a
-    transposed view, a view with an offset, and an empty tensor.
+    Graded, on a disk tier: for a contiguous fp32 tensor, a transposed view, a view with an offset, an empty tensor
+    and an int64 tensor, the stored bytes equal the storage's and live in one of the tier's files, the other four
+    values describe t exactly; and afterwards the tier's bytes_on_disk() is above 0.
     """
     # ---- exercise pack_saved (2 points) ------------------------------------------------------------
-    # hint: storage_bytes(t) gives the bytes to copy; the view's geometry comes from t itself.
+    # hint: storage_bytes(t) (from minidist.offload import storage_bytes) gives the bytes to copy, as a view; the
+    #       view's geometry comes from t itself.
     data = storage_bytes(t)
     stored = tier.allocate(data.numel(), t.device)
     stored.copy_(data)
@@ -83,11 +90,13 @@ def pack_saved(t: torch.Tensor, tier) -> tuple:
 def unpack_saved(packed: tuple, device: torch.device) -> torch.Tensor:
     """The body of the unpack hook: the tensor pack_saved stored, rebuilt on `device` (a copy, in fast memory).
 
-    Graded: bit-identical values, shape, stride and dtype after a round trip through pack_saved, for the tensors
-    pack_saved is graded on, and a copy that does not share memory with the tier.
+    Graded: after a round trip through pack_saved on a disk tier, for the tensors pack_saved is graded on, the same
+    values (bit for bit), stride and dtype; the result in ordinary memory, not the tier's file, and (when it has
+    elements) not sharing memory with the stored bytes.
     """
     # ---- exercise unpack_saved (2 points) ----------------------------------------------------------
     # hint: bring the bytes to the device first, then reinterpret them as the dtype and rebuild the view.
+    # hint: .to(device) returns the very same tensor when it is already there (on a CPU): you need a copy.
     stored, dtype, size, stride, offset = packed
     return stored.to(device, copy=True).view(dtype).as_strided(size, stride, offset)
     # ---- end of exercise unpack_saved -----------------------------------------------------------------

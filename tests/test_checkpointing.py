@@ -82,15 +82,61 @@ def test_checkpointing_works_on_a_hugging_face_llama():
     from minidist.models import build_llama
     torch.manual_seed(0)
     plain = build_llama(attention_dropout=0.1)
+    assert plain.config.use_cache
     model = checkpoint_blocks(copy.deepcopy(plain), "full")
-    logits = lambda m: m(X).logits  # noqa: E731
-    grads = []
-    for m in (plain, model):
+    assert not model.config.use_cache  # a cache filled twice (forward, recomputation) would be wrong
+
+    def grads(m, seed=7):
         m.train()
+        m.zero_grad()
+        torch.manual_seed(seed)
+        lm_loss(m(X).logits, X).backward()
+        return [p.grad.clone() for p in m.parameters()]
+    assert bitwise(grads(plain), grads(model))
+    assert not bitwise(grads(plain, seed=8), grads(plain))  # the attention dropout's masks do matter
+    uncheckpoint(model)
+    assert model.config.use_cache  # restored
+
+
+def test_autocast_nested_checkpoints_and_keyword_inputs_replay_exactly():
+    torch.manual_seed(0)
+    plain = GPT(CFG)
+    model = checkpoint_blocks(copy.deepcopy(plain), "full")
+
+    def autocast_grads(m):
+        m.zero_grad()
         torch.manual_seed(7)
-        lm_loss(logits(m), X).backward()
-        grads.append([p.grad for p in m.parameters()])
-    assert bitwise(*grads)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(X)
+        lm_loss(out.float(), X).backward()
+        return [p.grad.clone() for p in m.parameters()]
+    assert bitwise(autocast_grads(model), autocast_grads(plain))  # recomputed under the same autocast
+    lin1, lin2, drop = nn.Linear(8, 8), nn.Linear(8, 8), nn.Dropout(0.5)
+    x, scale = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+
+    def inner(t, *, scale):
+        return drop(lin2(t)).relu() * scale
+
+    def outer(d):  # a dict input, a checkpoint inside a checkpoint, a keyword argument
+        return checkpoint(inner, drop(lin1(d["x"][0])), scale=d["scale"])
+
+    def grads(fn):
+        for t in (x, scale, lin1.weight, lin2.weight):
+            t.grad = None
+        torch.manual_seed(1)
+        fn({"x": [x], "scale": scale}).sum().backward()
+        return [t.grad.clone() for t in (x, scale, lin1.weight, lin2.weight)]
+    plain_fn = lambda d: drop(lin2(drop(lin1(d["x"][0])))).relu() * d["scale"]  # noqa: E731
+    assert bitwise(grads(lambda d: checkpoint(outer, d)), grads(plain_fn))
+
+
+def test_autograd_grad_and_backward_with_inputs_are_refused():
+    lin = nn.Linear(4, 4)
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="autograd.grad"):  # it would write lin's gradients into .grad unseen
+        torch.autograd.grad(checkpoint(lin, x).sum(), x)
+    with pytest.raises(RuntimeError, match="inputs"):
+        checkpoint(lin, x).sum().backward(inputs=[x])
 
 
 def test_recomputation_costs_one_more_forward_or_the_core_attention_matmuls():
@@ -142,6 +188,10 @@ def test_uncheckpoint_restores_the_model_and_bad_requests_are_refused():
         checkpoint_blocks(model, "full")
     uncheckpoint(model)
     assert "forward" not in model.blocks[0].__dict__ and "attend" not in model.blocks[0].attn.__dict__
+    own = model.blocks[1].forward = lambda h: h  # an instance's own override survives a checkpoint round trip
+    uncheckpoint(checkpoint_blocks(model, "full"))
+    assert model.blocks[1].forward is own and "forward" not in model.blocks[0].__dict__
+    del model.blocks[1].forward
     checkpoint_blocks(model, "full")
     with pytest.raises(ValueError, match="policy must be one of"):
         checkpoint_blocks(GPT(), "every-other")

@@ -1,6 +1,10 @@
-"""Gradient compression: every hook's counted bytes equal its formula, fp16/bf16/PowerSGD give torch's weights on the
-same buckets, top-k's error feedback loses nothing (and without it entries are never sent), the exercises."""
+"""Gradient compression: every hook's counted bytes equal its formula on several buckets, fp16/bf16/PowerSGD (rank 2
+and, with QR, rank 3) give torch's weights on the same buckets, the hooks run on torch's DDP, top-k's error feedback
+loses nothing (and without it entries are never sent), a zero gradient does not poison PowerSGD, the exercises."""
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,23 +13,77 @@ import torch.distributed as dist
 from minidist import comm, launch
 from minidist.compression import PowerSGDState, TopKState
 from minidist.grading import implementation
-from minidist.tour.compression import every_hook, topk_invariant
+from minidist.powersgd import bucket_matrices, orthogonalize_
+from minidist.tour.compression import (WholeBucket, every_hook, hook_against_plain, on_ddp,
+                                       powersgd_after_a_zero_gradient, topk_invariant)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("world_size, methods", [(2, ["fp16", "bf16", "topk", "powersgd"]), (3, ["topk", "powersgd"])])
+@pytest.mark.parametrize("world_size, methods", [(2, ["fp16", "bf16", "topk", "topk-bf16", "powersgd", "powersgd3"]),
+                                                 (3, ["topk", "powersgd"])])
 def test_counted_bytes_equal_the_formulas_and_weights_equal_torchs(world_size, methods):
     per_rank = launch(every_hook, world_size, methods)
     for m in methods:
         runs = [r[m][0] for r in per_rank]
+        assert runs[0]["buckets"] > 1, m  # several buckets of whole parameters, as DDP makes them
         assert all(r["counted"] for r in runs) and max(r["divergence"] for r in runs) == 0.0, m
         assert sum(r["bytes"] for r in runs) / world_size == runs[0]["formula"], m  # exact (Fractions)
-        assert max(r[m][1] for r in per_rank) == 0.0, m  # the same weights as torch's hook: bit for bit
+        if not m.startswith("topk"):  # torch has no top-k
+            assert max(r[m][1] for r in per_rank) == 0.0, m  # the same weights as torch's hook: bit for bit
+
+
+def test_the_hooks_run_on_torchs_ddp_with_torchs_weights():
+    for r in launch(on_ddp, 2, ["fp16", "powersgd", "topk"]):
+        assert r == {"fp16": 0.0, "powersgd": 0.0, "topk": 0.0}
+
+
+def test_a_zero_gradient_leaves_powersgd_finite_where_torchs_makes_nan():
+    for r in launch(powersgd_after_a_zero_gradient, 2):
+        assert r["minidist"]["finite"] and r["minidist"]["after"] > 0  # the power iteration resumed
+        assert not r["torch"]["finite"]  # torch's Gram-Schmidt divides 0 by 0 (the difference the docstring states)
+
+
+def test_orthogonalize_dispatches_as_torchs_powersgd():
+    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _orthogonalize
+    g = torch.Generator().manual_seed(0)
+    for rank, dtype in [(1, torch.float32), (2, torch.float32), (3, torch.float32), (4, torch.float32),
+                        (3, torch.bfloat16)]:
+        m = torch.randn(10, rank, generator=g).to(dtype)
+        theirs = m.clone().unsqueeze(0)
+        _orthogonalize(theirs)
+        assert torch.equal(orthogonalize_(m), theirs[0]), (rank, dtype)  # Gram-Schmidt up to 2 and in bf16, else QR
+    zero = torch.zeros(6, 2)
+    assert torch.equal(orthogonalize_(zero), torch.eye(6, 2))  # QR's answer for zeros, not 0/0
+
+
+def test_a_bucket_cut_through_a_parameter_is_refused():
+    buf = torch.randn(20)
+    bucket = WholeBucket(buf[:12], shapes=[(4, 3)])
+    bucket.gradients = lambda: [buf[8:20].view(4, 3)]  # a gradient reaching past the bucket's end
+    with pytest.raises(ValueError, match="whole parameters"):
+        bucket_matrices(bucket, PowerSGDState(None, 1))  # what powersgd_hook compresses
 
 
 def test_error_feedback_loses_nothing_and_without_it_entries_are_never_sent():
     for with_ef, without in zip(launch(topk_invariant, 3), launch(topk_invariant, 3, error_feedback=False)):
         assert with_ef["error"] == 0.0 and with_ef["never_updated"] == 0.0
         assert without["error"] > 0 and without["never_updated"] >= 0.5  # the small half is never among the top k
+
+
+def test_powersgd_and_solutions_import_on_their_own():
+    for module in ("minidist.powersgd", "solutions.ch10_compression"):
+        out = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=ROOT,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.exercise("allreduce_hook")
+def test_allreduce_hook_trains_as_data_parallel_without_a_hook():
+    per_rank = launch(hook_against_plain, 2, implementation("allreduce_hook"))
+    for r in per_rank:
+        assert r["torch_future"] and r["diff"] == 0.0 and r["divergence"] == 0.0 and r["counted"]
+    assert per_rank[0]["buckets"] > 1 and sum(r["bytes"] for r in per_rank) / 2 == per_rank[0]["formula"]
 
 
 @pytest.mark.exercise("topk_compress")
@@ -55,13 +113,13 @@ def power_round(shapes, rank):
     noise = [torch.randn(n, *s, generator=g) for s in shapes]
     ms = [a + z[me] - z.mean(0) for a, z in zip(averages, noise)]  # every rank its own; the mean is the average
     qs = [torch.linalg.qr(torch.randn(s[1], rank, generator=g))[0] for s in shapes]
-    kept = [m.clone() for m in ms]
+    kept = [t.clone() for t in ms + qs]
     with comm.ring_backend(), comm.ByteLedger() as ledger:
         ps, qs_out = power_iteration(ms, qs, None)
     error = max((p @ q.t() - a).abs().max().item() for p, q, a in zip(ps, qs_out, averages))
     return {"error": error, "calls": ledger.count("all_reduce"), "bytes": ledger.total_bytes(),
             "orthonormal": max((p.t() @ p - torch.eye(rank)).abs().max().item() for p in ps),
-            "unchanged": all(torch.equal(a, b) for a, b in zip(ms, kept))}
+            "unchanged": all(torch.equal(a, b) for a, b in zip(ms + qs, kept))}
 
 
 @pytest.mark.exercise("power_iteration")
@@ -83,7 +141,7 @@ def test_orthogonalize_gram_schmidt():
     theirs = m.clone().unsqueeze(0)
     _orthogonalize_gram_schmidt(theirs)
     ours = m.clone()
-    assert orthogonalize(ours) is not None and torch.equal(ours, theirs[0])  # in place, bit for bit
+    assert orthogonalize(ours) is ours and torch.equal(ours, theirs[0])  # in place, bit for bit
     assert (ours.t() @ ours - torch.eye(3)).abs().max() < 1e-5
     q = torch.linalg.qr(m)[0]
     assert torch.allclose(ours.abs(), q.abs(), atol=1e-5)  # QR's Q up to the signs of its columns
@@ -104,6 +162,8 @@ def test_breakeven_bandwidth():
 def test_states_refuse_bad_settings():
     with pytest.raises(ValueError, match="ratio"):
         TopKState(None, 0.0)
+    with pytest.raises(ValueError, match="start_iter"):
+        TopKState(None, 0.1, start_iter=-1)
     with pytest.raises(ValueError, match="start_powerSGD_iter"):
         PowerSGDState(None, 1, start_powerSGD_iter=1)
     with pytest.raises(ValueError, match="matrix_approximation_rank"):
