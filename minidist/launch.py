@@ -26,6 +26,7 @@ survive a fork once the parent has initialized it; in that case NCCL ranks are s
 an importable module. Set MINIDIST_BACKEND=gloo to simulate ranks as CPU processes on a GPU machine. The same `fn`
 runs unchanged under torchrun through `run_under_torchrun(fn, ...)`.
 """
+import contextlib
 import ctypes
 import datetime
 import faulthandler
@@ -205,21 +206,16 @@ def _end(procs):
 
 def _die_with_parent():
     """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the parent's finally-block still ends us
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the parent's finally-block still ends us
-        pass
 
 
 def _run_rank(rank, world_size, store_path, backend, timeout, fn, args, kwargs, conn):
     _die_with_parent()
-    # A line is one write, so ranks sharing a pipe never split each other's lines (even under PYTHONUNBUFFERED,
-    # where print writes its text and its "\n" apart).
+    # One write per line, so ranks sharing a pipe never split each other's lines (PYTHONUNBUFFERED splits a print)
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(AttributeError, ValueError):  # a notebook kernel's stream: no reconfigure, no need
             stream.reconfigure(line_buffering=True, write_through=False)
-        except (AttributeError, ValueError):  # a notebook kernel's stream is no TextIOWrapper: it sends whole messages
-            pass
     directory = os.path.dirname(store_path)
     flight.start(rank, directory, world_size)  # the flight recorder, mirrored to a file the parent reads
     faulthandler.register(signal.SIGUSR1, open(os.path.join(directory, f"stack-{rank}"), "w"), all_threads=True)
@@ -246,10 +242,8 @@ def _run_rank(rank, world_size, store_path, backend, timeout, fn, args, kwargs, 
     except BaseException:  # the result is out (or the parent is gone): the parent decides what failed
         pass
     for stream in (sys.stdout, sys.stderr):  # os._exit skips Python's flush: output to a file or pipe would be lost
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
     os._exit(0 if ok else 1)  # skip interpreter teardown, where gloo may abort
 
 
