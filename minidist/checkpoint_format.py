@@ -34,10 +34,12 @@ def commit(staged: str, path: str) -> None:
 
     The invariant: at every moment a whole checkpoint (the old or the new one) is where `resolve(path)` looks,
     which is `path`, or `path + ".old"` when `path` does not exist. A `path.old` may be left over from a commit that
-    crashed earlier. Move directories with os.replace, delete them with shutil.rmtree. Graded: afterwards, path
-    holds the new checkpoint and neither staged nor path.old exists (with no previous checkpoint, with one, and with
-    a stale path.old besides); a crash injected at each of its os.replace / shutil.rmtree calls in turn leaves a
-    whole checkpoint (old or new) where resolve finds it.
+    crashed earlier, and may then be the only whole checkpoint there is. Move directories with os.replace, delete
+    them with shutil.rmtree. Graded: afterwards, path holds the new checkpoint and neither staged nor path.old exists
+    (with no previous checkpoint, with one, with one and a stale path.old besides, and with only a path.old, as an
+    interrupted commit leaves it); starting from a previous checkpoint, and from only a path.old, a crash injected
+    at each of its os.replace / os.rename / shutil.rmtree calls in turn leaves a whole checkpoint (old or new) where
+    resolve finds it.
     """
     # <exercise atomic_commit points=2>
     # hint: a rename is atomic within one filesystem: a directory is at its old name or at its new one, never between.

@@ -96,12 +96,12 @@ def _found(path):
 
 
 @pytest.mark.exercise("atomic_commit")
-@pytest.mark.parametrize("before", ["nothing", "previous", "previous and a stale .old"])
+@pytest.mark.parametrize("before", ["nothing", "previous", "previous and a stale .old", "only a .old (interrupted)"])
 def test_commit_replaces_the_checkpoint(tmp_path, before):
     commit, path, staged = implementation("atomic_commit"), str(tmp_path / "ckpt"), str(tmp_path / "ckpt.partial")
-    if before != "nothing":
+    if before.startswith("previous"):
         _checkpoint_dir(path, "old")
-    if before.endswith(".old"):
+    if ".old" in before:
         _checkpoint_dir(path + ".old", "older")
     _checkpoint_dir(staged, "new")
     commit(staged, path)
@@ -114,13 +114,14 @@ class Crash(Exception):
 
 
 @pytest.mark.exercise("atomic_commit")
-def test_a_crash_anywhere_in_commit_leaves_a_whole_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("before", ["previous", "only a .old (interrupted)"])
+def test_a_crash_anywhere_in_commit_leaves_a_whole_checkpoint(tmp_path, monkeypatch, before):
     commit = implementation("atomic_commit")
     real = {"replace": os.replace, "rename": os.rename, "rmtree": shutil.rmtree}
     for crash_at in range(1, 6):
         where = tmp_path / str(crash_at)
         path = str(where / "ckpt")
-        _checkpoint_dir(path, "old")
+        _checkpoint_dir(path if before == "previous" else path + ".old", "old")
         _checkpoint_dir(path + ".partial", "new")
         calls = []
 
