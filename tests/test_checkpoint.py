@@ -210,3 +210,10 @@ def test_element_runs_are_the_flat_ranges_a_box_covers():
     assert element_runs((3, 4), (slice(0, 2), slice(1, 3))) == [(1, 3), (5, 7)]  # a column band: one run per row
     assert element_runs((5,), (slice(2, 4),)) == [(2, 4)]
     assert element_runs((), ()) == [(0, 1)]
+
+
+def test_max_diff_never_hides_a_nan():
+    zero, nan = torch.zeros(3), torch.tensor([0.0, float("nan"), 0.0])
+    assert tc.max_diff({"a": zero, "b": zero}, {"a": zero, "b": zero}) == 0.0
+    assert tc.max_diff({"a": zero, "b": nan}, {"a": zero, "b": zero}) == float("inf")  # not max([0.0, nan]) == 0.0
+    assert tc.max_diff({"a": {"s": zero}}, {"a": {"s": torch.zeros(4)}}) == float("inf")  # shapes differ
