@@ -22,7 +22,6 @@ holds, never its neighbours'. Pickled files (optimizer.pt, extra) are read with 
 written by DCP's own dcp.save loads too (its chunks are read whole: DCP pickles each one).
 """
 import json
-import math
 import os
 import random
 import shutil
@@ -31,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 from . import comm
-from .checkpoint_format import (commit, dtype_name, finish, global_plan, read_metadata, read_pieces,  # noqa: F401
-                                resolve, write_files)
+from .checkpoint_format import (commit, cover_problem, dtype_name, finish, global_plan, read_metadata,  # noqa: F401
+                                read_pieces, resolve, write_files)
 from .checkpoint_layout import inner_param_groups, model_tensors, optimizer_entries, state_placement, whole
 from .launch import device
 
@@ -205,10 +204,10 @@ def _reads(meta: dict, wanted: list) -> list[dict]:
         chunks = meta["tensors"][key]["chunks"]
         for box in placement.boxes:
             parts = read_plan([(c["offsets"], c["lengths"]) for c in chunks], box.offsets, box.lengths)
-            got = sum(math.prod(s.stop - s.start for s in dst) for _, _, dst in parts)
-            if got != math.prod(box.lengths):
-                raise ValueError(f"{key}: the checkpoint holds {got} of the {math.prod(box.lengths)} elements of "
-                                 f"box {box.offsets} + {box.lengths} this rank needs")
+            got = [([s.start for s in dst], [s.stop - s.start for s in dst]) for _, _, dst in parts]
+            if problem := cover_problem(got, box.lengths):
+                raise ValueError(f"{key}: the checkpoint's chunks do not fill box {tuple(box.offsets)} + "
+                                 f"{tuple(box.lengths)} this rank needs exactly once: {problem}")
             view = box.take(t.detach())
             reads += [{"key": key, "file": chunks[i]["file"], "chunk": (chunks[i]["offsets"], chunks[i]["lengths"]),
                        "byte_range": chunks[i].get("byte_range"), "source": src, "box": (box.offsets, box.lengths),

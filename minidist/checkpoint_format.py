@@ -113,11 +113,30 @@ def global_plan(described: list[list[dict]]) -> dict[str, dict]:
         entry["chunks"].append({"offsets": list(ident[1]), "lengths": list(ident[2]), "rank": rank,
                                 "file": f"rank{rank:05d}{f'-{k}' if k else ''}.safetensors"})
     for key, entry in tensors.items():
-        covered, total = sum(math.prod(c["lengths"]) for c in entry["chunks"]), math.prod(entry["shape"])
-        if covered != total:
-            raise ValueError(f"the ranks' pieces of {key} {tuple(entry['shape'])} hold {covered} of its {total} "
-                             f"elements: a layout bug (pieces missing or overlapping)")
+        if problem := cover_problem([(c["offsets"], c["lengths"]) for c in entry["chunks"]], entry["shape"]):
+            raise ValueError(f"the ranks' pieces of {key} {tuple(entry['shape'])} do not cover it exactly once: "
+                             f"{problem} (a layout bug)")
     return dict(sorted(tensors.items()))
+
+
+def cover_problem(boxes, shape) -> str | None:
+    """Why `boxes` [(offsets, lengths)] do not cover a tensor of `shape` exactly once (None: they do): every box
+    inside it, no two sharing an element, their sizes adding up to its size. Counting elements alone would pass an
+    overlap and a gap of the same size. Overlaps are looked for among boxes whose first-dimension ranges meet."""
+    shape = tuple(shape)
+    for off, ln in boxes:
+        if len(off) != len(shape) or any(o < 0 or n < 0 or o + n > s for o, n, s in zip(off, ln, shape)):
+            return f"box {tuple(off)} + {tuple(ln)} does not lie inside {shape}"
+    live = [b for b in boxes if all(n > 0 for n in b[1])]
+    active = []  # boxes whose rows reach past the start of the current one
+    for off, ln in sorted(live, key=lambda b: tuple(b[0])):
+        active = [(o, n) for o, n in active if not shape or o[0] + n[0] > off[0]]
+        for o, n in active:
+            if all(max(a, b) < min(a + m, b + k) for a, m, b, k in zip(o, n, off, ln)):
+                return f"boxes {tuple(o)} + {tuple(n)} and {tuple(off)} + {tuple(ln)} overlap"
+        active.append((off, ln))
+    covered = sum(math.prod(ln) for _, ln in boxes)
+    return None if covered == math.prod(shape) else f"the boxes hold {covered} of its {math.prod(shape)} elements"
 
 
 def finish(staged: str, path: str, tensors: dict, world_size: int) -> None:

@@ -217,3 +217,19 @@ def test_max_diff_never_hides_a_nan():
     assert tc.max_diff({"a": zero, "b": zero}, {"a": zero, "b": zero}) == 0.0
     assert tc.max_diff({"a": zero, "b": nan}, {"a": zero, "b": zero}) == float("inf")  # not max([0.0, nan]) == 0.0
     assert tc.max_diff({"a": {"s": zero}}, {"a": {"s": torch.zeros(4)}}) == float("inf")  # shapes differ
+
+
+def test_an_overlap_and_a_gap_of_the_same_size_are_refused():
+    from minidist.checkpoint import _reads
+    from minidist.checkpoint_format import global_plan
+    from minidist.checkpoint_layout import whole
+
+    def piece(offsets):  # rows [r, r + 2) of a (4, 2) tensor
+        return {"key": "w", "shape": [4, 2], "dtype": "float32", "offsets": offsets, "lengths": [2, 2]}
+    with pytest.raises(ValueError, match=r"boxes \(0, 0\) \+ \(2, 2\) and \(1, 0\) \+ \(2, 2\) overlap"):
+        global_plan([[piece([0, 0])], [piece([1, 0])]])  # row 1 twice, row 3 never: 8 of 8 elements all the same
+    plan = global_plan([[piece([0, 0])], [piece([2, 0])]])
+    plan["w"]["chunks"][1]["offsets"] = [1, 0]  # a metadata.json that says so
+    t = torch.zeros(4, 2)
+    with pytest.raises(ValueError, match="w: the checkpoint's chunks do not fill box"):
+        _reads({"tensors": plan}, [("w", t, whole(t))])
