@@ -11,12 +11,14 @@
 
 The metadata is written last, and the directory is renamed into place last of all (commit): a checkpoint is either
 whole where resolve() looks or not there. A directory written by DCP's dcp.save (its FileSystemWriter: `.metadata`
-and `.distcp` files, each chunk pickled by torch.save) is read through the same plan, one whole chunk at a time.
+and `.distcp` files, each chunk pickled by torch.save) is read through the same plan, one whole chunk at a time;
+its pickled `.metadata` through an unpickler that builds DCP's metadata classes only.
 """
 import io
 import json
 import math
 import os
+import pickle
 import shutil
 from collections import defaultdict
 
@@ -71,11 +73,29 @@ def read_metadata(path: str) -> dict:
         return json.load(f)
 
 
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """DCP pickles its .metadata; plain pickle.load (DCP's FileSystemReader) runs whatever a crafted file names.
+    This one builds only DCP's metadata classes, torch's sizes, dtypes and layouts, and paths."""
+    ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+               ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")} | {
+        ("torch.distributed.checkpoint.metadata", n) for n in ("Metadata", "MetadataIndex", "StorageMeta",
+                                                                "TensorStorageMetadata", "BytesStorageMetadata",
+                                                                "ChunkStorageMetadata", "TensorProperties",
+                                                                "_MEM_FORMAT_ENCODING")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"DCP metadata may not refer to {module}.{name}: refused (not a checkpoint's)")
+
+
 def _dcp_metadata(path: str) -> dict:
     """DCP's own metadata (dcp.save with its default FileSystemWriter) in minidist's form: chunks are byte ranges."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
-    md, tensors = FileSystemReader(path).read_metadata(), {}
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+    with open(os.path.join(path, ".metadata"), "rb") as f:
+        md, tensors = _DcpMetadataUnpickler(f).load(), {}
+    if not isinstance(md, Metadata):
+        raise ValueError(f"{path}/.metadata holds a {type(md).__name__}, not DCP's Metadata")
     for key, m in md.state_dict_metadata.items():
         if isinstance(m, TensorStorageMetadata):
             infos = [md.storage_data[MetadataIndex(key, c.offsets)] for c in m.chunks]

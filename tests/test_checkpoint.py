@@ -161,6 +161,19 @@ def test_refusals_name_the_problem(tmp_path):
     assert not os.path.exists(tmp_path / "b") and not os.path.exists(tmp_path / "b.partial")
 
 
+def test_dcp_metadata_is_unpickled_with_dcp_classes_only(tmp_path):
+    import pickle
+
+    class Hostile:
+        def __reduce__(self):
+            return print, ("this ran during checkpoint.load",)
+    os.makedirs(tmp_path / "dcp")
+    with open(tmp_path / "dcp" / ".metadata", "wb") as f:
+        pickle.dump(Hostile(), f)
+    with pytest.raises(pickle.UnpicklingError, match="DCP metadata may not refer to builtins.print"):
+        checkpoint.load(str(tmp_path / "dcp"), GPT(GPTConfig(n_layer=1, n_embd=16)))
+
+
 def test_resume_is_bit_identical(tmp_path):
     before = launch(tc.resume_before, 2, str(tmp_path))
     after = launch(tc.resume_after, 2, str(tmp_path))
