@@ -167,6 +167,7 @@ class Entry:
     master: torch.Tensor | None = None
     save_master: bool = False           # False: the master equals the model's weights, rebuilt from them on load
     from_model: Callable | None = None  # () -> the master's values from the model
+    trainable: bool = True              # False: a frozen parameter handed to the optimizer (it never gets states)
 
 
 def optimizer_entries(model: nn.Module, optimizer) -> list[Entry]:
@@ -192,7 +193,8 @@ def optimizer_entries(model: nn.Module, optimizer) -> list[Entry]:
         return [Entry(*info(p), m, optimizer.optimizer.state, m, m, True, lambda p=p: p.detach().float())
                 for p, m in zip(optimizer.params, optimizer.master)]
     if isinstance(optimizer, torch.optim.Optimizer):
-        return [Entry(*info(p), p, optimizer.state, p) for g in optimizer.param_groups for p in g["params"]]
+        return [Entry(*info(p), p, optimizer.state, p, trainable=p.requires_grad)
+                for g in optimizer.param_groups for p in g["params"]]
     raise ValueError(f"cannot checkpoint an optimizer of type {type(optimizer).__name__}: a torch.optim.Optimizer, "
                      f"minidist's ZeroOptimizer or MixedPrecisionOptimizer")
 

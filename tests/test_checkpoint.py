@@ -158,7 +158,57 @@ def test_refusals_name_the_problem(tmp_path):
     weird.state[model.wte.weight] = {"factored": torch.zeros(3)}
     with pytest.raises(ValueError, match="neither per element nor a scalar"):
         checkpoint.save(str(tmp_path / "b"), model, weird)
+    with pytest.raises(ValueError, match=r"extra cannot be read back with torch.load\(weights_only=True\)"):
+        checkpoint.save(str(tmp_path / "b"), model, extra={"step": 3, "sampler": Crash()})  # else: unloadable
     assert not os.path.exists(tmp_path / "b") and not os.path.exists(tmp_path / "b.partial")
+    with pytest.raises(ValueError, match=r"wte.weight: the checkpoint holds float32, this model bfloat16: pass "
+                                         r"allow_cast=True"):
+        checkpoint.load(str(tmp_path / "a"), GPT(GPTConfig(n_layer=1, n_embd=16)).bfloat16())
+    checkpoint.load(str(tmp_path / "a"), GPT(GPTConfig(n_layer=1, n_embd=16)).bfloat16(), allow_cast=True)
+
+
+def _sgd_step(model, params):
+    sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    model(torch.randint(512, (2, 8))).float().sum().backward()
+    sgd.step()
+    return sgd
+
+
+def test_an_optimizer_that_does_not_fit_is_refused(tmp_path):
+    model = GPT(GPTConfig(n_layer=1, n_embd=16))
+    checkpoint.save(str(tmp_path / "sgd"), model, _sgd_step(model, model.parameters()))
+    with pytest.raises(ValueError, match="the checkpoint's optimizer is SGD, this one AdamW"):
+        checkpoint.load(str(tmp_path / "sgd"), model, torch.optim.AdamW(model.parameters()))
+    checkpoint.save(str(tmp_path / "blocks"), model, _sgd_step(model, model.blocks.parameters()))
+    with pytest.raises(ValueError, match="no optimizer state for wte.weight .*its optimizer did not hold"):
+        checkpoint.load(str(tmp_path / "blocks"), model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+
+
+def test_an_fp32_model_loads_the_fp32_masters_not_the_rounded_weights(tmp_path):
+    from minidist.mixed_precision import MixedPrecisionOptimizer
+    torch.manual_seed(0)
+    half = GPT(GPTConfig(n_layer=1, n_embd=16)).half()
+    opt = MixedPrecisionOptimizer(half, torch.optim.AdamW, lr=1e-2)
+    opt.scaler.scale_loss(half(torch.randint(512, (2, 8))).float().logsumexp(-1).mean()).backward()
+    assert opt.step()
+    checkpoint.save(str(tmp_path / "mp"), half, opt)
+    full = GPT(GPTConfig(n_layer=1, n_embd=16))
+    checkpoint.load(str(tmp_path / "mp"), full)  # no cast: every trained weight has an fp32 master
+    masters = {n: m for (n, _), m in zip(half.named_parameters(), opt.master)}
+    assert tc.max_diff(masters, {n: p for n, p in full.named_parameters()}) == 0.0
+    assert tc.max_diff(masters, {n: p for n, p in half.named_parameters()}) > 0  # the fp16 copies are rounded
+
+
+def test_a_file_that_contradicts_the_metadata_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    model = GPT(GPTConfig(n_layer=1, n_embd=16))
+    checkpoint.save(str(tmp_path / "a") + "/", model)  # a trailing "/" names the same directory
+    assert sorted(os.listdir(tmp_path)) == ["a"] and "metadata.json" in os.listdir(tmp_path / "a")
+    name = str(tmp_path / "a" / "rank00000.safetensors")
+    tensors = load_file(name)
+    save_file({**tensors, "ln_f.weight": torch.ones(1)}, name)  # copy_ would broadcast it over all 16 elements
+    with pytest.raises(ValueError, match=r"ln_f.weight is stored as float32 \(1,\), the metadata says float32 \(16,\)"):
+        checkpoint.load(str(tmp_path / "a"), model)
 
 
 def test_dcp_metadata_is_unpickled_with_dcp_classes_only(tmp_path):
@@ -172,6 +222,25 @@ def test_dcp_metadata_is_unpickled_with_dcp_classes_only(tmp_path):
         pickle.dump(Hostile(), f)
     with pytest.raises(pickle.UnpicklingError, match="DCP metadata may not refer to builtins.print"):
         checkpoint.load(str(tmp_path / "dcp"), GPT(GPTConfig(n_layer=1, n_embd=16)))
+
+
+def test_every_file_and_the_directory_are_fsynced_and_a_load_sees_one_checkpoint(tmp_path, monkeypatch):
+    from minidist import checkpoint_format
+    synced, real = [], checkpoint_format.fsync
+    monkeypatch.setattr(checkpoint_format, "fsync", lambda p: (synced.append(os.path.relpath(p, tmp_path)), real(p)))
+    model = GPT(GPTConfig(n_layer=1, n_embd=16))
+    checkpoint.save(str(tmp_path / "c"), model, _sgd_step(model, model.parameters()), extra={"step": 1})
+    files = [os.path.join("c.partial", f) for f in os.listdir(tmp_path / "c")]
+    assert set(files) <= set(synced) and {"c.partial", "."} <= set(synced), synced
+    assert synced.index("c.partial") > max(synced.index(f) for f in files)  # the entries, once all are written
+    reading = checkpoint.read_pieces
+
+    def commit_meanwhile(where, reads):  # another save commits to the same path in the middle of this load
+        checkpoint.save(str(tmp_path / "c"), GPT(GPTConfig(n_layer=1, n_embd=16)))
+        reading(where, reads)
+    monkeypatch.setattr(checkpoint, "read_pieces", commit_meanwhile)
+    with pytest.raises(RuntimeError, match="was replaced while it was being loaded"):
+        checkpoint.load(str(tmp_path / "c"), model)
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -193,10 +262,17 @@ def test_resharding_4_to_2_and_3(tmp_path):
             assert max(r[key] for r in results) == (0.0, 0.0), (m, key)
 
 
-def test_tensor_parallel_2_to_1_and_pipeline_into_one_process(tmp_path):
+def test_tensor_parallel_2_to_1_and_pipeline_into_one_process_and_tied_states_into_a_pipeline(tmp_path):
     saved = launch(tc.reshard_save, 2, str(tmp_path), ("tp", "pp"))[0]
     [result] = launch(tc.reshard_load, 1, str(tmp_path), [("tp", "dense"), ("tp", "tp"), ("pp", "dense")], saved)
     assert result == {k: (0.0, 0.0) for k in result}
+    # TP names the tied embedding's AdamW states wte.weight only; the last pipeline stage holds it as lm_head.weight
+    first, last = launch(tc.into_pipeline, 2, str(tmp_path), "tp")
+    assert "lm_head.weight" in last[0] and "wte.weight" in first[0]
+    for states in (first[0], last[0]):
+        assert tc.max_diff(states, {n: saved["tp"][1]["wte.weight" if n == "lm_head.weight" else n]
+                                    for n in states}) == 0.0
+    assert tc.max_diff({"tied": first[1]}, {"tied": last[1]}) == 0.0  # its two copies took the same step
     meta = checkpoint.read_metadata(str(tmp_path / "tp"))["tensors"]
     assert meta["wte.weight"]["shape"] == [509, 48]  # the vocabulary padding (to 510) is not saved
     assert [c["lengths"] for c in meta["wte.weight"]["chunks"]] == [[255, 48], [254, 48]]

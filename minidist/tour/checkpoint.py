@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpoint, checkpoint_format
+from ..checkpoint_layout import optimizer_entries
 from ..fsdp import full_state_dict
 from ..launch import launch
 from ..testing import on_device, replica_divergence
@@ -91,6 +92,19 @@ def reshard_load(path: str, pairs, saved: dict) -> dict:
         out[(src, dst)] = (max(max_diff(state[0], saved[src][0]), max_diff(state[1], saved[src][1])),
                            max_diff(full_state(run)[0], full_state(reference)[0]))
     return out
+
+
+@on_device
+def into_pipeline(path: str, src: str) -> tuple[dict, torch.Tensor]:
+    """Load path/src into a pipeline, a stage per rank, then train one step. Returns ({name: AdamW states} of this
+    rank's optimizer, named as the whole model names the parameters; the tied embedding as this rank holds it after
+    the step: the first stage's wte, the last stage's lm_head, the same tensor)."""
+    run = build("pp", seed=1)
+    restore(run, checkpoint.load(os.path.join(path, src), run.model, run.opt))
+    states = {e.name: {k: v.clone() for k, v in e.states.get(e.key, {}).items()}
+              for e in optimizer_entries(run.model, run.opt)}
+    step(run, *BATCHES[K])
+    return states, run.whole.wte.weight.detach().clone()
 
 
 @on_device
