@@ -45,7 +45,7 @@ def read_plan(chunks, offsets, lengths) -> list[tuple[int, tuple, tuple]]:
     chunk, the same part as a tuple of slices into the box), both counted from their own first element, one slice
     per dimension. A 0-d tensor's box is ((), ()): it overlaps a chunk ((), ()) in its one element, giving (i, (), ()).
     Graded: by hand (a box inside one chunk, across two and four chunks, touching a chunk edge without overlap, the
-    0-d case) and on random 1-3-d boxes: the parts copied from their chunks fill the box with the global values.
+    0-d case, an empty box: []) and on random 1-3-d boxes: the parts copied from their chunks fill the box.
     """
     # <exercise read_plan points=3>
     # hint: one dimension at a time: where do the ranges [a, a + m) and [b, b + n) overlap, and when not at all?

@@ -70,7 +70,7 @@ def resolve(path: str) -> str:
 
 def read_metadata(path: str) -> dict:
     """The checkpoint's metadata: {"tensors": {key: {"shape", "dtype", "chunks": [{"offsets", "lengths", "file"}]}},
-    "tied": [[names of one tensor], ...], "optimized": [parameters the optimizer held]} (path: as saved, or resolved)."""
+    "tied": [[names of one tensor], ...], "optimized": [parameters the optimizer held]} (path: as saved or resolved)."""
     where = resolve(path)
     if not os.path.isfile(os.path.join(where, METADATA)):
         return _dcp_metadata(where)
@@ -283,7 +283,7 @@ def optimizer_class(optimizer) -> str:
 
 
 def identity(where: str) -> tuple:
-    """(device, inode) of the directory `where` (() if gone): unchanged from start to end, a load read one checkpoint."""
+    """(device, inode) of the directory `where` (() if gone): the same at start and end, a load read one checkpoint."""
     try:
         st = os.stat(where)
     except FileNotFoundError:

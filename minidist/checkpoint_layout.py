@@ -30,8 +30,8 @@ import torch.nn as nn
 def flat_boxes(shape, start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """The boxes (offsets, lengths) that hold elements [start, stop) of a row-major tensor of `shape`, flattened.
 
-    In flat order, each box's elements consecutive in the flat order, as few boxes as rows allow: within one row,
-    recurse into the row; else a partial first row (recursively), one box of whole rows, a partial last row
+    The boxes come in flat order, each holds consecutive elements, and a run of whole rows is one box: within one
+    row, recurse into the row; else a partial first row (recursively), one box of whole rows, a partial last row
     (recursively). A 0-d tensor (shape ()) has one element, whose box is ((), ()). An empty range gives [].
     Graded: by hand (a 1-d range, a range inside one row, a 2-d and a 3-d range cut at both ends, whole rows, the
     0-d tensor, the empty range), and for random shapes and ranges: the boxes, in order, list exactly the elements
