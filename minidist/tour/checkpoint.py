@@ -43,19 +43,26 @@ def resume_before(path: str, strategies=RESUMED) -> dict:
 
 
 @on_device
-def resume_after(path: str, strategies=RESUMED, restore_extra: bool = True) -> dict:
+def resume_after(path: str, strategies=RESUMED, forget=()) -> dict:
     """Fresh processes: build (from another seed), load, restore extra, train the steps after the checkpoint.
-    {strategy: (weights, replica divergence)}. restore_extra=False: forget the RNG and scaler (the mistake)."""
+    {strategy: (weights, replica divergence)}. `forget` (the mistake): what of extra to leave out, of "rng", "scaler"
+    and "position" (the data then starts again at batch 0, for as many steps)."""
     out = {}
     for s in strategies:
         run = build(s, seed=1)
         extra = checkpoint.load(os.path.join(path, s), run.model, run.opt)
-        if restore_extra:
-            restore(run, extra)
-        for x, y in BATCHES[extra["step"]:]:
+        restore(run, extra, forget)
+        start = 0 if "position" in forget else extra["step"]
+        for x, y in BATCHES[start:start + len(BATCHES) - extra["step"]]:
             step(run, x, y)
         out[s] = (full_state(run)[0], replica_divergence(run.model) if s == "ddp" else 0.0)
     return out
+
+
+@on_device
+def forgetting(path: str, strategies, forgets) -> dict:
+    """{forget: resume_after(path, strategies, forget)} for each tuple in `forgets`, in one launch."""
+    return {f: resume_after.__wrapped__(path, strategies, f) for f in forgets}
 
 
 @on_device

@@ -100,9 +100,11 @@ def extra_of(run: Run, steps_done: int) -> dict:
             "scaler": run.scaler.state_dict() if run.scaler else None}
 
 
-def restore(run: Run, extra: dict) -> None:
-    checkpoint.set_rng_state(extra["rng"])
-    if run.scaler is not None:
+def restore(run: Run, extra: dict, forget=()) -> None:
+    """Restore the RNG and the loss scaler from `extra`, but what `forget` names ("rng", "scaler")."""
+    if "rng" not in forget:
+        checkpoint.set_rng_state(extra["rng"])
+    if run.scaler is not None and "scaler" not in forget:
         run.scaler.load_state_dict(extra["scaler"])
 
 
