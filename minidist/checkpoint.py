@@ -12,7 +12,7 @@ scaler: what resuming needs besides tensors) is kept per rank.
 
 save (collective; every rank calls it):
     plan     every rank lists its boxes; they are all-gathered, and a box several ranks hold (replicas) gets one
-             writer, the least loaded: each global byte is written once, Ψ·b bytes in all (b per element)
+             writer, the least loaded: each state-dict entry is written once (a tied weight under each name)
     write    into path.partial/, each rank only the chunks it was given
     agree    every rank learns whether every write succeeded: one failure, and every rank raises, path untouched
     commit   rank 0 writes metadata.json, then renames (commit): a crash at any moment leaves a whole checkpoint
