@@ -30,8 +30,8 @@ import torch.nn as nn
 def flat_boxes(shape, start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """The boxes (offsets, lengths) that hold elements [start, stop) of a row-major tensor of `shape`, flattened.
 
-    In flat order, each box's elements consecutive in the flat order, as few boxes as rows allow: within one row,
-    recurse into the row; else a partial first row (recursively), one box of whole rows, a partial last row
+    The boxes come in flat order, each holds consecutive elements, and a run of whole rows is one box: within one
+    row, recurse into the row; else a partial first row (recursively), one box of whole rows, a partial last row
     (recursively). A 0-d tensor (shape ()) has one element, whose box is ((), ()). An empty range gives [].
     Graded: by hand (a 1-d range, a range inside one row, a 2-d and a 3-d range cut at both ends, whole rows, the
     0-d tensor, the empty range), and for random shapes and ranges: the boxes, in order, list exactly the elements
@@ -167,6 +167,7 @@ class Entry:
     master: torch.Tensor | None = None
     save_master: bool = False           # False: the master equals the model's weights, rebuilt from them on load
     from_model: Callable | None = None  # () -> the master's values from the model
+    trainable: bool = True              # False: a frozen parameter handed to the optimizer (it never gets states)
 
 
 def optimizer_entries(model: nn.Module, optimizer) -> list[Entry]:
@@ -192,7 +193,8 @@ def optimizer_entries(model: nn.Module, optimizer) -> list[Entry]:
         return [Entry(*info(p), m, optimizer.optimizer.state, m, m, True, lambda p=p: p.detach().float())
                 for p, m in zip(optimizer.params, optimizer.master)]
     if isinstance(optimizer, torch.optim.Optimizer):
-        return [Entry(*info(p), p, optimizer.state, p) for g in optimizer.param_groups for p in g["params"]]
+        return [Entry(*info(p), p, optimizer.state, p, trainable=p.requires_grad)
+                for g in optimizer.param_groups for p in g["params"]]
     raise ValueError(f"cannot checkpoint an optimizer of type {type(optimizer).__name__}: a torch.optim.Optimizer, "
                      f"minidist's ZeroOptimizer or MixedPrecisionOptimizer")
 

@@ -17,7 +17,7 @@ def read_plan(chunks, offsets, lengths) -> list[tuple[int, tuple, tuple]]:
     chunk, the same part as a tuple of slices into the box), both counted from their own first element, one slice
     per dimension. A 0-d tensor's box is ((), ()): it overlaps a chunk ((), ()) in its one element, giving (i, (), ()).
     Graded: by hand (a box inside one chunk, across two and four chunks, touching a chunk edge without overlap, the
-    0-d case) and on random 1-3-d boxes: the parts copied from their chunks fill the box with the global values.
+    0-d case, an empty box: []) and on random 1-3-d boxes: the parts copied from their chunks fill the box.
     """
     # ---- exercise read_plan (3 points) -------------------------------------------------------------
     # hint: one dimension at a time: where do the ranges [a, a + m) and [b, b + n) overlap, and when not at all?
@@ -38,10 +38,12 @@ def commit(staged: str, path: str) -> None:
 
     The invariant: at every moment a whole checkpoint (the old or the new one) is where `resolve(path)` looks,
     which is `path`, or `path + ".old"` when `path` does not exist. A `path.old` may be left over from a commit that
-    crashed earlier. Move directories with os.replace, delete them with shutil.rmtree. Graded: afterwards, path
-    holds the new checkpoint and neither staged nor path.old exists (with no previous checkpoint, with one, and with
-    a stale path.old besides); a crash injected at each of its os.replace / shutil.rmtree calls in turn leaves a
-    whole checkpoint (old or new) where resolve finds it.
+    crashed earlier, and may then be the only whole checkpoint there is. Move directories with os.replace, delete
+    them with shutil.rmtree. Graded: afterwards, path holds the new checkpoint and neither staged nor path.old exists
+    (with no previous checkpoint, with one, with one and a stale path.old besides, and with only a path.old, as an
+    interrupted commit leaves it); starting from a previous checkpoint, and from only a path.old, a crash injected
+    at each of its os.replace / os.rename / shutil.rmtree calls in turn leaves a whole checkpoint (old or new) where
+    resolve finds it.
     """
     # ---- exercise atomic_commit (2 points) ---------------------------------------------------------
     # hint: a rename is atomic within one filesystem: a directory is at its old name or at its new one, never between.
@@ -59,8 +61,8 @@ def commit(staged: str, path: str) -> None:
 def flat_boxes(shape, start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """The boxes (offsets, lengths) that hold elements [start, stop) of a row-major tensor of `shape`, flattened.
 
-    In flat order, each box's elements consecutive in the flat order, as few boxes as rows allow: within one row,
-    recurse into the row; else a partial first row (recursively), one box of whole rows, a partial last row
+    The boxes come in flat order, each holds consecutive elements, and a run of whole rows is one box: within one
+    row, recurse into the row; else a partial first row (recursively), one box of whole rows, a partial last row
     (recursively). A 0-d tensor (shape ()) has one element, whose box is ((), ()). An empty range gives [].
     Graded: by hand (a 1-d range, a range inside one row, a 2-d and a 3-d range cut at both ends, whole rows, the
     0-d tensor, the empty range), and for random shapes and ranges: the boxes, in order, list exactly the elements

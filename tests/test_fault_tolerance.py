@@ -1,15 +1,19 @@
 """The example script's fault tolerance (chapter 11): under torchrun a killed rank and a hung rank each become a
 restart that resumes from the newest checkpoint, and the run ends bit-identical to one that never failed; an elastic
-restart on fewer ranks continues from the resharded checkpoint on the same data; bad flag combinations are refused."""
+restart on fewer ranks continues from the resharded checkpoint on the same data; bad flag combinations are refused;
+an unloadable checkpoint is passed over; a slow save is not a hang; old checkpoints are pruned whole."""
 import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from minidist import checkpoint, launch
+from minidist.examples import fault_tolerance as ft
 from minidist.data import token_ids
 from minidist.examples.train import main, parse, train
 from minidist.models import GPT, GPTConfig
@@ -60,17 +64,60 @@ def test_an_elastic_restart_on_fewer_ranks_continues_on_the_same_data(tmp_path):
     (["--fail-at-step", "3"], "--fail-at-step needs --checkpoint-dir"),
     (["--checkpoint-every", "3"], "--checkpoint-every needs --checkpoint-dir"),
     (["--strategy", "none", "--checkpoint-dir", "x"], "does not support --strategy none"),
+    (["--compress", "topk", "--checkpoint-dir", "x"], "does not support --compress topk: its error feedback"),
 ])
 def test_the_example_refuses_flags_that_cannot_work(argv, message, capsys):
     with pytest.raises(SystemExit, match=message):
         main(argv)
 
 
-def test_a_checkpoint_from_another_seed_is_refused(tmp_path):
+def test_another_seed_or_lr_is_refused_and_an_unloadable_checkpoint_passed_over(tmp_path):
+    base = ["--strategy", "ddp", "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "1", *TINY]
     token_ids()
-    launch(train, 2, parse(["--strategy", "ddp", "--steps", "2", "--checkpoint-dir", str(tmp_path), *TINY]))
-    with pytest.raises(Exception, match="saved by a run with --seed 0, not 1"):
-        launch(train, 2, parse(["--strategy", "ddp", "--steps", "4", "--seed", "1", "--checkpoint-dir",
-                                str(tmp_path), *TINY]))
+    launch(train, 2, parse([*base, "--steps", "2"]))
     assert torch.load(tmp_path / "step-00000002" / "extra-00001.pt", weights_only=True)["sampler"] == \
         {"seed": 0, "position": 2}
+    with open(tmp_path / "step-00000002" / "rank00001.safetensors", "r+b") as f:
+        f.truncate(100)  # rank 1 cannot load step 2: every rank falls back to step 1 together
+    for flag, message in [("--seed", "saved by a run with --seed 0, not 1"), ("--lr", "--lr 0.003, not 1.0")]:
+        with pytest.raises(Exception, match=re.escape(message)):
+            launch(train, 2, parse([*base, "--steps", "3", flag, "1"]))
+    assert launch(train, 2, parse([*base, "--steps", "3"]))[0]["resumed_at"] == [1]
+
+
+def _slow_writer(args):
+    save = checkpoint.save
+
+    def slow(*a, **k):
+        if dist.get_rank() == 1:
+            time.sleep(3)  # rank 0 waits for it in the save's first collective
+        return save(*a, **k)
+    checkpoint.save = slow  # in this forked rank only
+    return train(args)
+
+
+def test_a_slow_save_waits_save_timeout_not_timeout(tmp_path):
+    token_ids()
+    argv = ["--strategy", "ddp", "--steps", "1", "--timeout", "1", *TINY]
+    assert launch(_slow_writer, 2, parse([*argv, "--checkpoint-dir", str(tmp_path / "a"), "--save-timeout", "30"]))
+    with pytest.raises(Exception, match="Timed out waiting 1000ms"):  # the control: the save times out
+        launch(_slow_writer, 2, parse([*argv, "--checkpoint-dir", str(tmp_path / "b"), "--save-timeout", "1"]))
+
+
+def test_prune_keeps_the_two_newest_whole_checkpoints_and_deletes_the_rest_whole(tmp_path):
+    for name in ["step-00000001", "step-00000002.old", "step-00000003.partial", "step-00000004",
+                 "step-00000004.old", "step-00000005.old", ".deleting-step-00000000"]:
+        os.makedirs(tmp_path / name)
+        if not name.endswith(".partial"):
+            open(tmp_path / name / "metadata.json", "w").close()
+    ft.prune(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["step-00000004", "step-00000005.old"]  # .old: step 5's only copy
+
+
+def test_the_loss_scaler_travels_in_extra(tmp_path):
+    base = ["--strategy", "ddp", "--offload", "cpu", "--checkpoint-dir", str(tmp_path), *TINY]
+    token_ids()
+    launch(train, 2, parse([*base, "--steps", "2"]))
+    assert launch(train, 2, parse([*base, "--steps", "3"]))[0]["resumed_at"] == [2]
+    scaler = torch.load(tmp_path / "step-00000003" / "extra-00001.pt", weights_only=True)["scaler"]
+    assert scaler == {"scale": 1.0, "good_steps": 3}  # restored at 2 (a fresh scaler would count 1)

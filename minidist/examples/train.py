@@ -158,7 +158,7 @@ def train(args) -> dict:
         x, y = x.to(dev), y.to(dev)
         with tradeoffs.forward_context(model, args):
             loss = loss_fn(logits(model(x)), y)
-        loss.backward()
+        (opt.scaler.scale_loss(loss) if getattr(opt, "scaler", None) else loss).backward()  # step() unscales
         opt.step()
         opt.zero_grad()
         monitor.end()  # before the log's all-reduce: the monitor times the training step, not the logging

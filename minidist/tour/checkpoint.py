@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpoint, checkpoint_format
+from ..checkpoint_layout import optimizer_entries
 from ..fsdp import full_state_dict
 from ..launch import launch
 from ..testing import on_device, replica_divergence
@@ -42,19 +43,26 @@ def resume_before(path: str, strategies=RESUMED) -> dict:
 
 
 @on_device
-def resume_after(path: str, strategies=RESUMED, restore_extra: bool = True) -> dict:
+def resume_after(path: str, strategies=RESUMED, forget=()) -> dict:
     """Fresh processes: build (from another seed), load, restore extra, train the steps after the checkpoint.
-    {strategy: (weights, replica divergence)}. restore_extra=False: forget the RNG and scaler (the mistake)."""
+    {strategy: (weights, replica divergence)}. `forget` (the mistake): what of extra to leave out, of "rng", "scaler"
+    and "position" (the data then starts again at batch 0, for as many steps)."""
     out = {}
     for s in strategies:
         run = build(s, seed=1)
         extra = checkpoint.load(os.path.join(path, s), run.model, run.opt)
-        if restore_extra:
-            restore(run, extra)
-        for x, y in BATCHES[extra["step"]:]:
+        restore(run, extra, forget)
+        start = 0 if "position" in forget else extra["step"]
+        for x, y in BATCHES[start:start + len(BATCHES) - extra["step"]]:
             step(run, x, y)
         out[s] = (full_state(run)[0], replica_divergence(run.model) if s == "ddp" else 0.0)
     return out
+
+
+@on_device
+def forgetting(path: str, strategies, forgets) -> dict:
+    """{forget: resume_after(path, strategies, forget)} for each tuple in `forgets`, in one launch."""
+    return {f: resume_after.__wrapped__(path, strategies, f) for f in forgets}
 
 
 @on_device
@@ -91,6 +99,19 @@ def reshard_load(path: str, pairs, saved: dict) -> dict:
         out[(src, dst)] = (max(max_diff(state[0], saved[src][0]), max_diff(state[1], saved[src][1])),
                            max_diff(full_state(run)[0], full_state(reference)[0]))
     return out
+
+
+@on_device
+def into_pipeline(path: str, src: str) -> tuple[dict, torch.Tensor]:
+    """Load path/src into a pipeline, a stage per rank, then train one step. Returns ({name: AdamW states} of this
+    rank's optimizer, named as the whole model names the parameters; the tied embedding as this rank holds it after
+    the step: the first stage's wte, the last stage's lm_head, the same tensor)."""
+    run = build("pp", seed=1)
+    restore(run, checkpoint.load(os.path.join(path, src), run.model, run.opt))
+    states = {e.name: {k: v.clone() for k, v in e.states.get(e.key, {}).items()}
+              for e in optimizer_entries(run.model, run.opt)}
+    step(run, *BATCHES[K])
+    return states, run.whole.wte.weight.detach().clone()
 
 
 @on_device

@@ -100,15 +100,24 @@ def extra_of(run: Run, steps_done: int) -> dict:
             "scaler": run.scaler.state_dict() if run.scaler else None}
 
 
-def restore(run: Run, extra: dict) -> None:
-    checkpoint.set_rng_state(extra["rng"])
-    if run.scaler is not None:
+def restore(run: Run, extra: dict, forget=()) -> None:
+    """Restore the RNG and the loss scaler from `extra`, but what `forget` names ("rng", "scaler")."""
+    if "rng" not in forget:
+        checkpoint.set_rng_state(extra["rng"])
+    if run.scaler is not None and "scaler" not in forget:
         run.scaler.load_state_dict(extra["scaler"])
 
 
 def max_diff(a: dict, b: dict) -> float:
-    """Largest |a - b| over the tensors (or dicts of tensors) of two states with the same keys; inf if keys differ."""
+    """Largest |a - b| over the tensors (or dicts of tensors) of two states with the same keys; inf if keys or shapes
+    differ, or where either holds a NaN (Python's max() would skip a NaN: max([0.0, nan]) is 0.0)."""
     if a.keys() != b.keys():
         return float("inf")
-    return max([max_diff(a[k], b[k]) if isinstance(a[k], dict) else (a[k].float() - b[k].float()).abs().max().item()
-                for k in a] or [0.0])
+    return max([max_diff(a[k], b[k]) if isinstance(a[k], dict) else _diff(a[k], b[k]) for k in a] or [0.0])
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    d = (a.float() - b.float()).abs()
+    return float("inf") if d.isnan().any() else d.max().item() if d.numel() else 0.0
