@@ -265,9 +265,14 @@ def check_compression(world_size: int) -> list[dict]:
                              comm_bytes_theory=counted[0]["formula"], seconds=seconds))
     start = time.perf_counter()
     ddp = launch(on_ddp, n, ["fp16", "powersgd", "topk"])
-    rows.append(make_row("minidist's hooks on torch DDP (fp16, PowerSGD, top-k)", "torch's hooks on DDP (top-k: on "
-                         "DataParallel)", max_abs_diff=max(v for r in ddp for v in r.values()), tolerance=0.0,
-                         seconds=time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    rows.append(make_row("minidist's hooks on torch DDP (fp16, PowerSGD)", "torch's hooks on DDP",
+                         max_abs_diff=max(r[m] for r in ddp for m in ("fp16", "powersgd")), tolerance=0.0,
+                         seconds=seconds))
+    # top-k against minidist's top-k on DataParallel: the buckets differ, so on 3+ ranks the ring sums its chunks in
+    # another order (SGD tolerance); on 2 ranks a + b = b + a, bit for bit (the test asserts 0 there)
+    rows.append(make_row("minidist's top-k hook on torch DDP", "top-k on DataParallel (SGD)",
+                         max_abs_diff=max(r["topk"] for r in ddp), tolerance=1e-6, seconds=seconds))
     start = time.perf_counter()
     inv = launch(topk_invariant, n)
     rows.append(make_row("top-k: N x sent + residuals = sum of gradients", "exact (whole numbers)",
