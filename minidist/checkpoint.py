@@ -47,7 +47,7 @@ def read_plan(chunks, offsets, lengths) -> list[tuple[int, tuple, tuple]]:
     Graded: by hand (a box inside one chunk, across two and four chunks, touching a chunk edge without overlap, the
     0-d case, an empty box: []) and on random 1-3-d boxes: the parts copied from their chunks fill the box.
     """
-    # <exercise read_plan points=3>
+    # <exercise read_plan points=2>
     # hint: one dimension at a time: where do the ranges [a, a + m) and [b, b + n) overlap, and when not at all?
     # hint: the same global index g is g - (chunk offset) inside the chunk and g - (box offset) inside the box.
     plan = []

@@ -37,7 +37,7 @@ def flat_boxes(shape, start: int, stop: int) -> list[tuple[tuple[int, ...], tupl
     0-d tensor, the empty range), and for random shapes and ranges: the boxes, in order, list exactly the elements
     start..stop-1 in flat order, with at most 2 * ndim - 1 boxes.
     """
-    # <exercise flat_boxes points=2>
+    # <exercise flat_boxes points=3>
     # hint: along dimension 0 a "row" holds prod(shape[1:]) elements; which rows do start and stop - 1 fall in?
     # hint: a box that holds one row of a recursive answer gets offset (row, *offsets) and lengths (1, *lengths).
     if start >= stop:

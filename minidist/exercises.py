@@ -37,7 +37,7 @@ CHAPTERS = {  # generated file -> package modules whose exercises it holds, in o
     "ch08_3d_parallel": ["parallel3d", "context_parallel"],  # the notebook's order of the exercises
     "ch09_memory": ["checkpointing", "offload"],
     "ch10_compression": ["compression", "powersgd"],
-    "ch11_checkpoints": ["checkpoint", "checkpoint_format", "checkpoint_layout"],
+    "ch11_checkpoints": ["checkpoint_layout", "checkpoint", "checkpoint_format"],
     "ch12_inference": ["inference", "balancer", "monitor"],
 }
 BEGIN = re.compile(r"^(\s*)# <exercise (\w+) points=(\d+)>\s*$")

@@ -9,6 +9,42 @@ import os
 import shutil
 
 
+def flat_boxes(shape, start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The boxes (offsets, lengths) that hold elements [start, stop) of a row-major tensor of `shape`, flattened.
+
+    The boxes come in flat order, each holds consecutive elements, and a run of whole rows is one box: within one
+    row, recurse into the row; else a partial first row (recursively), one box of whole rows, a partial last row
+    (recursively). A 0-d tensor (shape ()) has one element, whose box is ((), ()). An empty range gives [].
+    Graded: by hand (a 1-d range, a range inside one row, a 2-d and a 3-d range cut at both ends, whole rows, the
+    0-d tensor, the empty range), and for random shapes and ranges: the boxes, in order, list exactly the elements
+    start..stop-1 in flat order, with at most 2 * ndim - 1 boxes.
+    """
+    # ---- exercise flat_boxes (3 points) ------------------------------------------------------------
+    # hint: along dimension 0 a "row" holds prod(shape[1:]) elements; which rows do start and stop - 1 fall in?
+    # hint: a box that holds one row of a recursive answer gets offset (row, *offsets) and lengths (1, *lengths).
+    if start >= stop:
+        return []
+    if len(shape) == 0:
+        return [((), ())]
+    if len(shape) == 1:
+        return [((start,), (stop - start,))]
+    row = math.prod(shape[1:])
+    first, last = start // row, (stop - 1) // row
+    if first == last:
+        return [((first, *o), (1, *n)) for o, n in flat_boxes(shape[1:], start - first * row, stop - first * row)]
+    boxes = []
+    if start % row:
+        boxes += flat_boxes(shape, start, (first + 1) * row)
+        first += 1
+    whole_end = stop // row
+    if whole_end > first:
+        boxes.append(((first, *[0] * (len(shape) - 1)), (whole_end - first, *shape[1:])))
+    if stop % row:
+        boxes += flat_boxes(shape, whole_end * row, stop)
+    return boxes
+    # ---- end of exercise flat_boxes -------------------------------------------------------------------
+
+
 def read_plan(chunks, offsets, lengths) -> list[tuple[int, tuple, tuple]]:
     """Which parts of which saved chunks fill the box (offsets, lengths) of a global tensor.
 
@@ -19,7 +55,7 @@ def read_plan(chunks, offsets, lengths) -> list[tuple[int, tuple, tuple]]:
     Graded: by hand (a box inside one chunk, across two and four chunks, touching a chunk edge without overlap, the
     0-d case, an empty box: []) and on random 1-3-d boxes: the parts copied from their chunks fill the box.
     """
-    # ---- exercise read_plan (3 points) -------------------------------------------------------------
+    # ---- exercise read_plan (2 points) -------------------------------------------------------------
     # hint: one dimension at a time: where do the ranges [a, a + m) and [b, b + n) overlap, and when not at all?
     # hint: the same global index g is g - (chunk offset) inside the chunk and g - (box offset) inside the box.
     plan = []
@@ -56,39 +92,3 @@ def commit(staged: str, path: str) -> None:
     os.replace(staged, path)
     shutil.rmtree(old, ignore_errors=True)
     # ---- end of exercise atomic_commit ----------------------------------------------------------------
-
-
-def flat_boxes(shape, start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """The boxes (offsets, lengths) that hold elements [start, stop) of a row-major tensor of `shape`, flattened.
-
-    The boxes come in flat order, each holds consecutive elements, and a run of whole rows is one box: within one
-    row, recurse into the row; else a partial first row (recursively), one box of whole rows, a partial last row
-    (recursively). A 0-d tensor (shape ()) has one element, whose box is ((), ()). An empty range gives [].
-    Graded: by hand (a 1-d range, a range inside one row, a 2-d and a 3-d range cut at both ends, whole rows, the
-    0-d tensor, the empty range), and for random shapes and ranges: the boxes, in order, list exactly the elements
-    start..stop-1 in flat order, with at most 2 * ndim - 1 boxes.
-    """
-    # ---- exercise flat_boxes (2 points) ------------------------------------------------------------
-    # hint: along dimension 0 a "row" holds prod(shape[1:]) elements; which rows do start and stop - 1 fall in?
-    # hint: a box that holds one row of a recursive answer gets offset (row, *offsets) and lengths (1, *lengths).
-    if start >= stop:
-        return []
-    if len(shape) == 0:
-        return [((), ())]
-    if len(shape) == 1:
-        return [((start,), (stop - start,))]
-    row = math.prod(shape[1:])
-    first, last = start // row, (stop - 1) // row
-    if first == last:
-        return [((first, *o), (1, *n)) for o, n in flat_boxes(shape[1:], start - first * row, stop - first * row)]
-    boxes = []
-    if start % row:
-        boxes += flat_boxes(shape, start, (first + 1) * row)
-        first += 1
-    whole_end = stop // row
-    if whole_end > first:
-        boxes.append(((first, *[0] * (len(shape) - 1)), (whole_end - first, *shape[1:])))
-    if stop % row:
-        boxes += flat_boxes(shape, whole_end * row, stop)
-    return boxes
-    # ---- end of exercise flat_boxes -------------------------------------------------------------------
