@@ -1,4 +1,5 @@
-"""Command line: `python -m minidist tour | memory | plan | bench | grade | serve | diagnose` (see `python -m minidist -h`)."""
+"""Command line: `python -m minidist tour | memory | plan | bench | grade | serve | diagnose`
+(see `python -m minidist -h`)."""
 import argparse
 import json
 import sys
@@ -177,7 +178,8 @@ def main(argv=None) -> int:
     bench.add_argument("--bucket-cap-mb", type=positive_float, default=0.25, help="ddp, flight: the bucket size")
     bench.add_argument("--caps", type=positive_float, nargs="+", default=[0.02, 0.1, 0.3, 1.0],
                        help="buckets: bucket sizes to sweep (MiB)")
-    bench.add_argument("--alpha", type=nonnegative_float, default=1e-3, help="buckets: simulated latency per message (s)")
+    bench.add_argument("--alpha", type=nonnegative_float, default=1e-3,
+                       help="buckets: simulated latency per message (s)")
     bench.add_argument("--bandwidth", type=positive_float, default=50e6, help="buckets: simulated bandwidth (bytes/s)")
     bench.add_argument("--sequence-parallel", action="store_true", help="tp: with sequence parallelism")
     bench.add_argument("--microbatches", type=positive_int, default=4, help="pp: micro-batches per step")

@@ -3,8 +3,9 @@
 Backward produces gradients from the last layer to the first, so buckets are filled walking the parameters in
 *reverse* order: the first bucket completes early in backward and its all-reduce can start while backward computes the
 rest (reducer.py). Every bucket but the last holds exactly `cap` elements, so a parameter may straddle two buckets (a
-communication hook gets whole parameters instead: assign_whole_buckets); each dtype gets its own flat buffer and buckets. Buckets start strictly in index order on every rank, so all ranks
-issue the same collectives in the same order.
+communication hook gets whole parameters instead: assign_whole_buckets); each dtype gets its own flat buffer and
+buckets. Buckets start strictly in index order on every rank, so all ranks issue the same collectives in the same
+order.
 """
 import torch
 

@@ -39,7 +39,8 @@ IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")  # how it 
 
 def probe_state_keys(optimizer_class, groups: list[dict], defaults: dict) -> list[dict[str, list[str]]]:
     """For each parameter group, the wrapped optimizer's states by kind: "elementwise" (a value per element) and
-    "scalars" (one per tensor: a 0-dim tensor or a number), found by one step on a toy tensor with its hyperparameters."""
+    "scalars" (one per tensor: a 0-dim tensor or a number), found by one step on a toy tensor with its
+    hyperparameters."""
     out = []
     for group in groups:
         toy = torch.zeros(2)
@@ -61,7 +62,8 @@ def probe_state_keys(optimizer_class, groups: list[dict], defaults: dict) -> lis
 
 
 class ZeroState:
-    """ZeroOptimizer's bookkeeping methods: state dicts, gradients, groups, memory (the attributes are ZeroOptimizer's)."""
+    """ZeroOptimizer's bookkeeping methods: state dicts, gradients, groups, memory (the attributes are
+    ZeroOptimizer's)."""
 
     def _refuse_late_parameters(self) -> None:
         managed = {id(p) for p in self.params}
@@ -91,7 +93,8 @@ class ZeroState:
         from .zero import all_gather_parameters  # (zero.py imports this module)
         self._sync_from_model()
         keys = [k for kinds in self.keys for k in kinds["elementwise"]]
-        keys = list(dict.fromkeys(keys)) + (["master"] if any(p.dtype != self.master.dtype for p in self.params) else [])
+        mixed = any(p.dtype != self.master.dtype for p in self.params)
+        keys = list(dict.fromkeys(keys)) + (["master"] if mixed else [])
         full = {}
         for key in keys:
             shards = [self.master.new_zeros(c) for c in self.chunks]

@@ -6,7 +6,8 @@
                                      zero1/zero2: ZeroOptimizer); saved activations go to the tier too
     --compress fp16|bf16|topk|powersgd   a communication hook on DataParallel (--strategy ddp)
 
-train.py calls these at five points: the model before wrapping, the wrapped module, the optimizer, each forward, the end.
+train.py calls these at five points: the model before wrapping, the wrapped module, the optimizer, each forward,
+the end.
 """
 import contextlib
 

@@ -234,7 +234,8 @@ def parse(argv=None):
     p.add_argument("--bucket-cap-mb", type=positive_float, default=25.0)
     p.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved", "zb"], default="1f1b", help="pp only")
     p.add_argument("--microbatches", type=positive_int, default=4, help="pp: micro-batches per step")
-    p.add_argument("--chunks", type=positive_int, default=2, help="pp: model chunks per rank with --schedule interleaved")
+    p.add_argument("--chunks", type=positive_int, default=2,
+                   help="pp: model chunks per rank with --schedule interleaved")
     p.add_argument("--n-layer", type=positive_int, default=None,
                    help="pp: transformer blocks (default: one per stage, >= 2)")
     parallel3d.add_arguments(p)

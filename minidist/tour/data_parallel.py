@@ -193,7 +193,8 @@ def _timed(fn, world_size, *args):
     return launch(fn, world_size, *args), time.perf_counter() - start
 
 
-@covers("data parallel naive bucketed overlapped", "gradient accumulation no_sync", "loss normalization", "fp16 loss scaler", "bf16 autocast")
+@covers("data parallel naive bucketed overlapped", "gradient accumulation no_sync", "loss normalization",
+        "fp16 loss scaler", "bf16 autocast")
 def check_data_parallel(world_size: int) -> list[dict]:
     n, rows = world_size, []
     for stage in STAGES:
