@@ -71,6 +71,20 @@ def test_the_example_refuses_flags_that_cannot_work(argv, message, capsys):
         main(argv)
 
 
+def test_restarts_on_several_nodes_are_warned_about(monkeypatch):
+    from minidist.examples import fault_tolerance as ft
+    from minidist.examples.train import parse
+    args = parse(["--strategy", "ddp", "--checkpoint-dir", "x"])
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")   # torchrun's number of agents (nodes)
+    with pytest.warns(UserWarning, match="several nodes"):
+        assert ft.check(args) is None
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ft.check(args) is None
+
+
 def test_another_seed_or_lr_is_refused_and_an_unloadable_checkpoint_passed_over(tmp_path):
     base = ["--strategy", "ddp", "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "1", *TINY]
     token_ids()

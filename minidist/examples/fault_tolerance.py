@@ -36,6 +36,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -78,6 +79,9 @@ def check(args) -> str | None:
     if args.checkpoint_dir is not None and getattr(args, "compress", None) in ("topk", "powersgd"):
         return (f"--checkpoint-dir does not support --compress {args.compress}: its error feedback (and PowerSGD's "
                 f"step counter) is not in the checkpoint, so a resumed run would differ")
+    if args.checkpoint_dir is not None and int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        warnings.warn("restarts across several nodes are untested here: each attempt's rendezvous keys carry the "
+                      "restart count, which torchrun agents on different nodes may count apart (pytorch issue 147064)")
     return None
 
 
