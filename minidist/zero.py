@@ -139,11 +139,12 @@ class ZeroOptimizer(ZeroState, torch.optim.Optimizer):
     parameters frozen when it is built are never trained by it. `state_dict()` gathers the wrapped optimizer's state
     in its own format (collective), which `load_state_dict` takes from any world size or from the plain optimizer.
     bucket_cap_mb: bucket size in MiB. scaler: a LossScaler (needed for fp16 parameters). In stage 2 each backward
-    before step() is a micro-step.
+    before step() is a micro-step; pass the model as `module` and its outputs go through the reducer's sink (as in
+    DataParallel), so a rank whose backward reaches no parameter (an empty batch) reduce-scatters zeros, not hangs.
     """
 
     def __init__(self, params, optimizer_class, *, stage: int = 1, group=None, bucket_cap_mb: float = 25,
-                 scaler: LossScaler | None = None, **defaults):
+                 scaler: LossScaler | None = None, module: torch.nn.Module | None = None, **defaults):
         if stage not in (1, 2):
             raise ValueError(f"ZeroOptimizer implements stages 1 and 2, got stage={stage!r}; stage 3 shards the "
                              f"parameters too, which needs the forward pass: use minidist.fsdp.fully_shard")
@@ -167,6 +168,9 @@ class ZeroOptimizer(ZeroState, torch.optim.Optimizer):
         if self.reducer is not None:
             self.params = self.reducer.params  # one list: the reducer's parameter indices are ours
         take_over(self.params, self.reducer)  # the hooks of an earlier stage-2 ZeroOptimizer on them, if any
+        if module is not None and self.reducer is not None:  # the outputs' sink: every backward reduce-scatters
+            self._sink = module.register_forward_hook(lambda _m, _i, out: out if self.reducer.retired else
+                                                      self.reducer.attach(out))
         self.buckets, self.offsets = (self.reducer.buckets, self.reducer.offsets) if stage == 2 else \
             layout(self.params, cap)
         self._partition()

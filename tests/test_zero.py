@@ -516,3 +516,40 @@ def test_stage2_reduce_scatters_buckets_while_backward_runs():
     assert buckets > 4 and no_full_gradients
     assert not any(early[0])                       # first backward: everything at the end
     assert all(sum(step) >= buckets // 2 for step in early[1:])  # then most buckets leave before backward ends
+
+
+class ConstantWhenEmpty(nn.Module):
+    """For an empty input the output is a constant: that rank's backward reaches no parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x).sum() if len(x) else x.new_zeros(())
+
+
+def stage2_with_an_empty_rank(steps: int = 3):
+    """Each step one rank has an empty batch; given the model, ZeroOptimizer's sink makes it reduce-scatter zeros."""
+    r, n = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = ConstantWhenEmpty()
+    reference = copy.deepcopy(model)
+    opt = ZeroOptimizer(model.parameters(), torch.optim.SGD, stage=2, module=model, lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for step in range(steps):
+        xs = [torch.randn(4, 4, generator=torch.Generator().manual_seed(step))[:0 if k == step % n else 4]
+              for k in range(n)]
+        model(xs[r]).backward()
+        opt.step()
+        opt.zero_grad()
+        (sum(reference(x) for x in xs) / n).backward()  # one process: the mean over ranks of their losses
+        ref_opt.step()
+        ref_opt.zero_grad()
+    return max((a - b).abs().max().item() for a, b in zip(model.parameters(), reference.parameters()))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_stage_2_given_the_model_survives_a_rank_whose_backward_reaches_no_parameter(world_size):
+    for diff in launch(stage2_with_an_empty_rank, world_size, timeout=30):
+        assert diff < 1e-6

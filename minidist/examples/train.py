@@ -89,7 +89,7 @@ OPTIMIZERS = {  # the optimizer each strategy trains with (default: AdamW on the
     "zero1": lambda model, args: ZeroOptimizer(model.parameters(), torch.optim.AdamW, stage=1, lr=args.lr,
                                                bucket_cap_mb=args.bucket_cap_mb),
     "zero2": lambda model, args: ZeroOptimizer(model.parameters(), torch.optim.AdamW, stage=2, lr=args.lr,
-                                               bucket_cap_mb=args.bucket_cap_mb),
+                                               bucket_cap_mb=args.bucket_cap_mb, module=model),
 }
 SHARDED = ("zero3", "fsdp", "torch-fsdp")  # each rank holds a shard of the weights: no replicas to compare
 MODELS = {"tiny-gpt": lambda args: GPT(GPTConfig(block_size=args.block_size, dropout=args.dropout)),
