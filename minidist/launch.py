@@ -212,7 +212,8 @@ def _die_with_parent():
 
 def _run_rank(rank, world_size, store_path, backend, timeout, fn, args, kwargs, conn):
     _die_with_parent()
-    # One write per line, so ranks sharing a pipe never split each other's lines (PYTHONUNBUFFERED splits a print)
+    # One write per line, so ranks sharing a pipe never split each other's lines (PYTHONUNBUFFERED splits a print);
+    # a partial line (print(..., end="")) waits for its newline: flush=True if the rank may be killed before it
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):  # a notebook kernel's stream: no reconfigure, no need
             stream.reconfigure(line_buffering=True, write_through=False)
@@ -262,7 +263,7 @@ def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun shares its rendezvous store with the workers and keeps it across restarts: a restarted worker can
         # read the address a dead peer published in the attempt before ("Connection refused", pytorch issue 135712).
-        # Keys prefixed with the restart count (the same on every agent) give each attempt fresh ones.
+        # Keys prefixed with the restart count give each attempt fresh ones (on one node: agents may count apart).
         store = dist.PrefixStore(f"minidist-attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
                                  dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                                                is_master=False, timeout=limit))

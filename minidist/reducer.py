@@ -155,7 +155,8 @@ class GradReducer:
     def attach(self, outputs):
         """Route the module's outputs through the sink (see _OutputSink); returns them unchanged in value."""
         flat, spec = tree_flatten(outputs)
-        slots = [k for k, o in enumerate(flat) if torch.is_tensor(o) and o.is_floating_point()]
+        floats = [k for k, o in enumerate(flat) if torch.is_tensor(o) and o.is_floating_point()]
+        slots = [k for k in floats if flat[k].requires_grad] or floats  # detached outputs stay so, unless all are
         if not slots or not torch.is_grad_enabled():
             return outputs
         sunk = _OutputSink.apply(self, self._anchor, *[flat[k] for k in slots])
@@ -164,7 +165,7 @@ class GradReducer:
         return tree_unflatten(flat, spec)
 
     def backward_started(self) -> None:
-        if self.sync:
+        if self.sync and torch.autograd._is_checkpoint_valid():  # not in autograd.grad / backward(inputs=): no .grad
             self._check_open()
             self._queue_finish()
 

@@ -23,8 +23,10 @@ no gradient in a step (agreed with the flags) is skipped as torch skips it, and 
 AdamW...) updates as on whole tensors (LAMB's per-tensor trust ratio would not). Weights changed in the model outside
 the optimizer (model.load_state_dict after building it) are read back into the masters at the next step. Clip with
 opt.clip_grad_norm_ (the norm of the sharded gradients); fp16 needs a LossScaler (ranks agree on inf/nan and skip
-together). In stage 2 every rank's backward must reach a trainable parameter (the reduce-scatters start from hooks).
+together). In stage 2 a rank's backward must reach a trainable parameter, unless the model is passed as `module`.
 """
+import weakref
+
 import torch
 import torch.distributed as dist
 
@@ -169,8 +171,9 @@ class ZeroOptimizer(ZeroState, torch.optim.Optimizer):
             self.params = self.reducer.params  # one list: the reducer's parameter indices are ours
         take_over(self.params, self.reducer)  # the hooks of an earlier stage-2 ZeroOptimizer on them, if any
         if module is not None and self.reducer is not None:  # the outputs' sink: every backward reduce-scatters
-            self._sink = module.register_forward_hook(lambda _m, _i, out: out if self.reducer.retired else
-                                                      self.reducer.attach(out))
+            ref = weakref.ref(self.reducer)  # the model must not keep a replaced optimizer alive; remove() drops it
+            self.reducer._hooks.append(module.register_forward_hook(
+                lambda _m, _i, out: out if ref() is None or ref().retired else ref().attach(out)))
         self.buckets, self.offsets = (self.reducer.buckets, self.reducer.offsets) if stage == 2 else \
             layout(self.params, cap)
         self._partition()

@@ -9,8 +9,13 @@ if [ "$NGPU" -lt 1 ]; then
     echo "gpu-check: no GPU visible to torch (a CPU build of torch, or no NVIDIA driver)" >&2
     exit 1
 fi
-echo "== $NGPU GPU(s): the tour over NCCL, one rank per GPU"
-MINIDIST_BACKEND=nccl "$PY" -m minidist tour --world-size "$NGPU" --backend nccl --quiet
+TOUR=$(( NGPU < 4 ? NGPU : 4 ))  # the tour is sized for 2-4 ranks
+if [ "$TOUR" -ge 2 ]; then
+    echo "== the tour over NCCL on $TOUR of $NGPU GPU(s), one rank per GPU"
+    MINIDIST_BACKEND=nccl "$PY" -m minidist tour --world-size "$TOUR" --backend nccl --quiet
+else
+    echo "== one GPU: the tour needs 2 ranks with a GPU each; skipped"
+fi
 echo "== the example script under torchrun, one rank per GPU"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" -m minidist.examples.train --strategy ddp \
     --steps 50 --quiet

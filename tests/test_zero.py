@@ -553,3 +553,45 @@ def stage2_with_an_empty_rank(steps: int = 3):
 def test_stage_2_given_the_model_survives_a_rank_whose_backward_reaches_no_parameter(world_size):
     for diff in launch(stage2_with_an_empty_rank, world_size, timeout=30):
         assert diff < 1e-6
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y, y.detach().mean()  # a detached statistic
+
+
+def sink_side_effects():
+    """module=: torch.autograd.grad through the outputs on rank 0 only (a saliency map) sends nothing; a detached
+    output stays detached; a newer optimizer on the same parameters frees the old one and its forward hook."""
+    import gc
+    import weakref
+    torch.manual_seed(0)
+    model = TwoOutputs()
+    opt = ZeroOptimizer(model.parameters(), torch.optim.SGD, stage=2, module=model, lr=0.1)
+    detached = []
+    for step in range(3):
+        x = torch.randn(4, 4, generator=torch.Generator().manual_seed(step)).requires_grad_()
+        out, stat = model(x)
+        detached.append(not stat.requires_grad)
+        if dist.get_rank() == 0:
+            torch.autograd.grad(out.sum(), x, retain_graph=True)
+        out.sum().backward()
+        opt.step()
+        opt.zero_grad()
+    old = weakref.ref(opt)
+    ZeroOptimizer(model.parameters(), torch.optim.SGD, stage=2, module=model, lr=0.1)
+    del opt
+    gc.collect()
+    return [p.detach().clone() for p in model.parameters()], all(detached), old() is None, len(model._forward_hooks)
+
+
+def test_stage_2_sink_leaves_autograd_grad_and_detached_outputs_alone_and_lets_a_replaced_optimizer_go():
+    results = launch(sink_side_effects, 2, timeout=30)
+    assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))  # replicas stayed in step
+    for _, detached, freed, hooks in results:
+        assert detached and freed and hooks == 1
