@@ -9,7 +9,7 @@ if [ "$NGPU" -lt 1 ]; then
     echo "gpu-check: no GPU visible to torch (a CPU build of torch, or no NVIDIA driver)" >&2
     exit 1
 fi
-TOUR=$(( NGPU < 4 ? NGPU : 4 ))  # the tour is sized for 2-4 ranks
+TOUR=$(( NGPU < 4 ? NGPU : 4 ))  # the tour is sized for up to 4 ranks
 if [ "$TOUR" -ge 2 ]; then
     echo "== the tour over NCCL on $TOUR of $NGPU GPU(s), one rank per GPU"
     MINIDIST_BACKEND=nccl "$PY" -m minidist tour --world-size "$TOUR" --backend nccl --quiet
