@@ -27,15 +27,21 @@ from .rows import covers, make_row
 from .zero import frozen_gpt
 
 
+def saved_after_k_steps(path: str, strategy: str):
+    """A fresh run of `strategy` trained K steps and saved in path/strategy (extra: step, RNG, scaler)."""
+    run = build(strategy)
+    for x, y in BATCHES[:K]:
+        step(run, x, y)
+    checkpoint.save(os.path.join(path, strategy), run.model, run.opt, extra=extra_of(run, K))
+    return run
+
+
 @on_device
 def resume_before(path: str, strategies=RESUMED) -> dict:
     """The uninterrupted runs: K steps, save (extra: step, RNG, scaler), the other steps. {strategy: weights}."""
     out = {}
     for s in strategies:
-        run = build(s)
-        for x, y in BATCHES[:K]:
-            step(run, x, y)
-        checkpoint.save(os.path.join(path, s), run.model, run.opt, extra=extra_of(run, K))
+        run = saved_after_k_steps(path, s)
         for x, y in BATCHES[K:]:
             step(run, x, y)
         out[s] = full_state(run)[0]
@@ -68,14 +74,7 @@ def forgetting(path: str, strategies, forgets) -> dict:
 @on_device
 def reshard_save(path: str, strategies=("zero2", "fsdp", "tp", "pp")) -> dict:
     """K steps, save; {strategy: (full weights, full AdamW states)} gathered by each technique's own code."""
-    out = {}
-    for s in strategies:
-        run = build(s)
-        for x, y in BATCHES[:K]:
-            step(run, x, y)
-        checkpoint.save(os.path.join(path, s), run.model, run.opt, extra=extra_of(run, K))
-        out[s] = full_state(run)
-    return out
+    return {s: full_state(saved_after_k_steps(path, s)) for s in strategies}
 
 
 @on_device
