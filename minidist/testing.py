@@ -125,6 +125,18 @@ def replica_divergence(module: torch.nn.Module, group=None) -> float:
     return worst.item()
 
 
+def value_errors(*calls) -> list[str]:
+    """The messages of the ValueErrors that `calls` raise, called in order (a call that raises none adds nothing, so a
+    test that counts or compares the messages notices it; any other exception propagates)."""
+    errors = []
+    for call in calls:
+        try:
+            call()
+        except ValueError as e:
+            errors.append(str(e))
+    return errors
+
+
 def assert_replicas_in_sync(module: torch.nn.Module, group=None, atol: float = 0.0) -> None:
     """Raise AssertionError (on every rank) if some rank's parameters differ from rank 0's by more than `atol`."""
     diff = replica_divergence(module, group)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from minidist import comm, launch
 from minidist.collectives import ring_reduce_scatter
+from minidist.testing import value_errors
 
 
 def chunk_bytes(numel: int, n: int, itemsize: int = 4) -> list[int]:
@@ -196,12 +197,8 @@ def ring_exchange_in_one_batch(ring: bool):
     with (comm.ring_backend() if ring else nullcontext()), comm.ByteLedger() as ledger:
         for work in comm.batch_isend_irecv(ops if r % 2 else ops[::-1]):
             work.wait()
-    errors = []
-    for bad in ([comm.P2POp(comm.send, torch.zeros(1), (r + 1) % n)], [comm.P2POp(comm.isend, torch.zeros(1), r)]):
-        try:
-            comm.batch_isend_irecv(bad)
-        except ValueError as e:
-            errors.append(str(e))
+    errors = value_errors(lambda: comm.batch_isend_irecv([comm.P2POp(comm.send, torch.zeros(1), (r + 1) % n)]),
+                          lambda: comm.batch_isend_irecv([comm.P2POp(comm.isend, torch.zeros(1), r)]))
     sent = [e for e in comm.flight_recorder() if e["op"] == "send"][-2:]
     return inbox, ledger.by_op(), ledger.counted, [e["completed"] for e in sent], errors
 

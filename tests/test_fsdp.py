@@ -19,6 +19,7 @@ from minidist.models import GPT, count_params, lm_loss
 from minidist.tour.data_parallel import BATCHES, BF16_TOL, CFG, SGD_TOL
 from minidist.tour.fsdp import PEAK_CFG, against_fsdp2, late_prefetches, per_block, timeline
 from minidist.tour.zero import states_and_bytes
+from minidist.testing import value_errors
 
 
 def unshard_by_hand():
@@ -155,25 +156,15 @@ class TwoDtypes(nn.Module):
 
 
 def bad_inputs():
-    errors = []
     model = GPT(CFG)
     fully_shard(model.blocks[0])
-    for mistake in (lambda: fully_shard(model.blocks[0]), lambda: fully_shard(TwoDtypes()),
-                    lambda: fully_shard(nn.Linear(2, 2), param_dtype=torch.int8)):
-        try:
-            mistake()
-        except ValueError as e:
-            errors.append(str(e))
+    errors = value_errors(lambda: fully_shard(model.blocks[0]), lambda: fully_shard(TwoDtypes()),
+                          lambda: fully_shard(nn.Linear(2, 2), param_dtype=torch.int8))
     tied = GPT(CFG)
     tied.blocks[0].mlp.fc.weight = tied.blocks[1].mlp.fc.weight  # one parameter in two blocks
     fully_shard(tied.blocks[1])
     root_first = fully_shard(GPT(CFG))
-    for mistake in (lambda: fully_shard(tied.blocks[0]), lambda: fully_shard(root_first.blocks[0])):
-        try:
-            mistake()
-        except ValueError as e:
-            errors.append(str(e))
-    return errors
+    return errors + value_errors(lambda: fully_shard(tied.blocks[0]), lambda: fully_shard(root_first.blocks[0]))
 
 
 def test_bad_input_is_a_clear_error():

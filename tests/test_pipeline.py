@@ -18,7 +18,7 @@ from minidist.pipeline.backward import backward_input
 from minidist.pipeline.runtime import ActivationMemory, LiveActivations, PipelineRuntime
 from minidist.pipeline.schedule import build, gpipe, one_f_one_b, simulate
 from minidist.pipeline.stages import partition, rank_stages, split_gpt
-from minidist.testing import adam
+from minidist.testing import adam, value_errors
 from minidist.tour.pipeline import (CFG, GRAD_TOL, MICRO, REPEATS, SECONDS, SGD_TOL, bubble_checks,
                                     calibrated_timelines, closed_form_bubble, expected_in_flight, median_bubble,
                                     pipeline_vs_one_process, pipeline_vs_torch, timing_configs)
@@ -167,16 +167,10 @@ def test_saved_activations_live_until_the_backward_that_frees_them():
 
 def runtime_errors():
     stages = rank_stages(GPT(CFG), 2, dist.get_rank())
-    errors = []
-    for call in (lambda: PipelineRuntime(stages, one_f_one_b(3, 2), CFG.n_embd),
-                 lambda: PipelineRuntime(stages + stages, gpipe(2, 2), CFG.n_embd),
-                 lambda: PipelineRuntime(stages, gpipe(2, 3), CFG.n_embd).step(torch.zeros(4, 16, dtype=torch.long),
-                                                                                torch.zeros(4, 16, dtype=torch.long))):
-        try:
-            call()
-        except ValueError as e:
-            errors.append(str(e))
-    return errors
+    return value_errors(lambda: PipelineRuntime(stages, one_f_one_b(3, 2), CFG.n_embd),
+                        lambda: PipelineRuntime(stages + stages, gpipe(2, 2), CFG.n_embd),
+                        lambda: PipelineRuntime(stages, gpipe(2, 3), CFG.n_embd).step(
+                            torch.zeros(4, 16, dtype=torch.long), torch.zeros(4, 16, dtype=torch.long)))
 
 
 def test_runtime_refuses_a_schedule_that_does_not_fit():
