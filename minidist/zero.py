@@ -173,7 +173,7 @@ class ZeroOptimizer(ZeroState, torch.optim.Optimizer):
         if module is not None and self.reducer is not None:  # the outputs' sink: every backward reduce-scatters
             ref = weakref.ref(self.reducer)  # the model must not keep a replaced optimizer alive; remove() drops it
             self.reducer._hooks.append(module.register_forward_hook(
-                lambda _m, _i, out: out if ref() is None or ref().retired else ref().attach(out)))
+                lambda _m, _i, out: out if (r := ref()) is None or r.retired else r.attach(out)))
         self.buckets, self.offsets = (self.reducer.buckets, self.reducer.offsets) if stage == 2 else \
             layout(self.params, cap)
         self._partition()
