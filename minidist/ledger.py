@@ -90,7 +90,7 @@ class ByteLedger:
         """One row per (op, axis), sorted by axis then op: the same table on every run (point-to-point messages under
         the ring backend are recorded from its thread, so the records' own order varies)."""
         lines = [f"{'op':<16}{'axis':<7}{'calls':>7}{'bytes sent':>16}  kind"]
-        keys = sorted(dict.fromkeys((r.op, r.axis) for r in self.records), key=lambda k: (k[1] or "", k[0]))
+        keys = sorted({(r.op, r.axis) for r in self.records}, key=lambda k: (k[1] or "", k[0]))
         for op, axis in keys:
             rs = [r for r in self.records if r.op == op and r.axis == axis]
             kind = "counted" if all(r.counted for r in rs) else "modelled" if not any(r.counted for r in rs) \
