@@ -142,3 +142,41 @@ def assert_replicas_in_sync(module: torch.nn.Module, group=None, atol: float = 0
     diff = replica_divergence(module, group)
     if diff > atol:
         raise AssertionError(f"replicas out of sync: parameters differ from rank 0's by up to {diff:.3g} (atol {atol})")
+
+
+# ---- printed checks: what a notebook shows is also what it asserts ------------------------------------------------
+# A measured difference is printed as "7.5e-09" (one decimal, scientific): another machine sums in another order and
+# prints other digits, so notebooks/sanitize.cfg hides exactly this format from nbval's comparison, while the call
+# below raises when the tolerance is exceeded (nbval then fails the cell, whatever the sanitizer hides).
+
+def measured(value) -> str:
+    """A measured float as notebooks print it ("7.5e-09"): the format nbval's sanitizer replaces."""
+    return f"{float(value):.1e}"
+
+
+def within(value, tol: float, what: str = "difference") -> str:
+    """Raise if `value` exceeds `tol` (NaN too); else return "7.5e-09 (tolerance 1e-06)" for the caller to print."""
+    value = float(value)
+    if not value <= tol:
+        raise AssertionError(f"{what} {value:.3e} exceeds its tolerance {tol:g}")
+    return f"{measured(value)} (tolerance {tol:g})"
+
+
+def beyond(value, bound: float, what: str = "difference") -> str:
+    """The other side of a check: a wrong method must miss by more than `bound`. Raise if it does not; else return
+    "9.7e-03 (above 5e-05)"."""
+    value = float(value)
+    if not value > bound:
+        raise AssertionError(f"{what} {value:.3e} was expected above {bound:g}")
+    return f"{measured(value)} (above {bound:g})"
+
+
+def equal(value, expected, what: str = "count") -> str:
+    """Raise unless `value == expected` (byte counts, integers); else return "169,472 (formula 169,472)"."""
+    if value != expected:
+        raise AssertionError(f"{what} {value!r} != {expected!r}")
+    return f"{_number(value)} (formula {_number(expected)})"
+
+
+def _number(v) -> str:
+    return f"{v:,}" if isinstance(v, int) else f"{v:,.2f}" if isinstance(v, float) else str(v)

@@ -26,12 +26,13 @@ def test_tour_at_world_size_3_through_the_cli(tmp_path):
     assert "checks passed on 3 ranks" in out.stdout
 
 
-@pytest.mark.parametrize("world_size, only", [(2, None), (1, "data parallel"), (4, "ring")])
+@pytest.mark.parametrize("world_size, only", [(1, "data parallel"), (4, "ring")])
 def test_every_row_passes(world_size, only):
-    # The whole tour at 2 ranks (and at 3 above); at 1 and 4 ranks a subset (each chapter's tests cover the sizes).
+    # The whole tour runs once, at 3 ranks through the CLI above (3 divides none of the sizes: the hardest case);
+    # here a subset at 1 and 4 ranks (each chapter's tests cover the other sizes, 2 included, of its own rows).
     rows = run_tour(world_size, progress=False, only=only)["rows"]
-    assert len(rows) >= (7 if only is None else 3)
-    assert all(only is None or only in r["technique"] for r in rows)
+    assert len(rows) >= 3
+    assert all(only in r["technique"].lower() for r in rows)
     assert all(r["passed"] for r in rows), [r for r in rows if not r["passed"]]
 
 
