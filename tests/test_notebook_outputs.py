@@ -82,3 +82,20 @@ def test_every_printed_check_is_also_asserted(path):
                  if re.search(r"\(tol(?:erance)? ", text) and not SHOWS_CODE.fullmatch(source)
                  and not re.search(r"\b(?:within|equal|beyond)\(|\bassert\b", source)]
     assert not unchecked, f"cells {unchecked} print a tolerance but assert nothing"
+
+
+def test_the_suites_perturbation_moves_the_floats():
+    # `make test` runs nbval under MKL_CBWR=COMPATIBLE so that the notebooks are re-executed with another summation
+    # order than the one that wrote their outputs. That only proves something if it moves the floats here.
+    import os
+    import subprocess
+    import sys
+    import torch
+    if not torch.backends.mkl.is_available():
+        pytest.skip("this torch has no MKL: MKL_CBWR changes nothing (another BLAS orders its sums its own way)")
+    code = ("import torch; torch.manual_seed(0); a, b = torch.randn(256, 384), torch.randn(384, 200); "
+            "print(repr((a @ b)[0, :4].tolist()))")
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    plain, perturbed = (subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,
+                                       check=True).stdout for e in (env, dict(env, MKL_CBWR="COMPATIBLE")))
+    assert plain != perturbed, f"MKL_CBWR=COMPATIBLE left a matrix product unchanged: {plain}"
