@@ -44,8 +44,8 @@ from multiprocessing.connection import wait
 import torch
 import torch.distributed as dist
 
-from . import flight
-from .diagnose import diagnose
+from .comm import flight
+from .comm.diagnose import diagnose
 
 DEFAULT_TIMEOUT = float(os.environ.get("MINIDIST_TIMEOUT", 120))  # seconds a collective may wait for its peers
 

@@ -18,7 +18,7 @@ from minidist.tour.tensor_parallel import (ADAM_TOL, BATCH, BF16_TOL, CFG, DTENS
                                            activations_per_layer, against_one_process, layernorm_stat_bytes, preload,
                                            sp_grad_numel, tp_bytes_per_step, tp_param_bytes, under_autocast)
 from minidist.tour.tp_dtensor import dtensor_side_by_side
-from minidist.tp_plans import full_parameters, sharded_parameters
+from minidist.tensor_parallel.plans import full_parameters, sharded_parameters
 
 preload()  # transformers and DTensor imported once here: the forked ranks inherit them
 TOKENS = BATCH * CFG.block_size

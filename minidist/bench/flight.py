@@ -9,7 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .. import flight
+from ..comm import flight
 from ..data import random_batches, token_ids
 from ..data_parallel import DataParallel
 from ..launch import device, launch

@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint_layout import inner_param_groups
+from .layout import inner_param_groups
 
 METADATA = "metadata.json"
 

@@ -100,7 +100,7 @@ def _rows(shape, local_rows: list[tuple[int, int, int]]) -> Placement:
 
 def tensor_parallel_placements(model: nn.Module) -> dict[int, Placement]:
     """id(parameter) -> its placement, for the layers tensor_parallel.py swapped in (chapter 04)."""
-    from .tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    from ..tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
     out = {}
     for m in model.modules():
         if not isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
@@ -137,7 +137,7 @@ def fsdp_placements(model: nn.Module) -> dict[int, Placement]:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module under a DataParallel (minidist's or torch's): its state_dict names are the model's."""
-    from .data_parallel import DataParallel
+    from ..data_parallel import DataParallel
     while isinstance(model, (DataParallel, nn.parallel.DistributedDataParallel)):
         model = model.module
     return model
@@ -173,8 +173,8 @@ class Entry:
 def optimizer_entries(model: nn.Module, optimizer) -> list[Entry]:
     """The optimizer's tensors: a torch optimizer on the model's (possibly sharded) parameters, a ZeroOptimizer
     (flat pieces of its fp32 master buffer), or a MixedPrecisionOptimizer (fp32 masters of a 16-bit model)."""
-    from .mixed_precision import MixedPrecisionOptimizer
-    from .zero import ZeroOptimizer
+    from ..mixed_precision import MixedPrecisionOptimizer
+    from ..zero import ZeroOptimizer
     tensors, names = model_tensors(model), {}
     for name, (t, _) in tensors.items():
         names.setdefault(id(t), name)

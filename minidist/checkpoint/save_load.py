@@ -6,8 +6,8 @@ scale; why checkpoints must be frequent and cheap to write: Mohan et al. 2021, "
 Saving `model.state_dict()` from rank 0 cannot work once anything is sharded: rank 0 holds only its shard of a ZeRO
 optimizer, of an FSDP unit, of a tensor-parallel layer, and only its own pipeline stage. Instead, each global
 tensor (the one a single process would hold) is stored as chunks, boxes (offsets, lengths) of it, in the files of
-the ranks that held them; path/metadata.json lists every tensor's shape, dtype and chunks (checkpoint_format.py has
-the files, checkpoint_layout.py the boxes of each parallelism). `extra` (step, RNG states, sampler position, loss
+the ranks that held them; path/metadata.json lists every tensor's shape, dtype and chunks (checkpoint/file_format.py has
+the files, checkpoint/layout.py the boxes of each parallelism). `extra` (step, RNG states, sampler position, loss
 scaler: what resuming needs besides tensors) is kept per rank.
 
 save (collective; every rank calls it):
@@ -30,11 +30,11 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from . import comm
-from .checkpoint_format import (commit, cover_problem, dtype_name, extra_bytes, finish, global_plan,  # noqa: F401
+from .. import comm
+from .file_format import (commit, cover_problem, dtype_name, extra_bytes, finish, global_plan,  # noqa: F401
                                 identity, param_groups, read_metadata, read_pieces, resolve, write_files)
-from .checkpoint_layout import inner_param_groups, model_tensors, optimizer_entries, state_placement, whole
-from .launch import device
+from .layout import inner_param_groups, model_tensors, optimizer_entries, state_placement, whole
+from ..launch import device
 
 
 def read_plan(chunks, offsets, lengths) -> list[tuple[int, tuple, tuple]]:

@@ -59,7 +59,7 @@ def _ring(op, x, group, fn):
 
 def all_reduce_(x: torch.Tensor, group=None, async_op: bool = False):
     """Sum x over the group, in place (x must be contiguous); returns x, or a Work whose wait() returns x."""
-    from .collectives import ring_all_reduce
+    from .ring import ring_all_reduce
     n = group_size(group)
 
     def on_backend(async_op):
@@ -71,7 +71,7 @@ def all_reduce_(x: torch.Tensor, group=None, async_op: bool = False):
 
 def all_gather_into_(out: torch.Tensor, shard: torch.Tensor, group=None, async_op: bool = False):
     """Every rank's `shard` written into `out` along dim 0 in rank order (out.shape[0] = N * shard.shape[0])."""
-    from .collectives import ring_all_gather
+    from .ring import ring_all_gather
     n = group_size(group)
     _check_shapes(out, shard, n)
 
@@ -84,7 +84,7 @@ def all_gather_into_(out: torch.Tensor, shard: torch.Tensor, group=None, async_o
 
 def reduce_scatter_into_(out: torch.Tensor, x: torch.Tensor, group=None, async_op: bool = False):
     """This rank's dim-0 chunk of the sum of x over the group, written into `out` (x.shape[0] = N * out.shape[0])."""
-    from .collectives import ring_reduce_scatter
+    from .ring import ring_reduce_scatter
     n = group_size(group)
     _check_shapes(x, out, n)
 
@@ -98,7 +98,7 @@ def reduce_scatter_into_(out: torch.Tensor, x: torch.Tensor, group=None, async_o
 
 def broadcast_(x: torch.Tensor, src: int = 0, group=None, async_op: bool = False):
     """Overwrite x with group rank `src`'s x, in place."""
-    from .collectives import chain_broadcast
+    from .ring import chain_broadcast
     n = group_size(group)
     if not isinstance(src, int) or not 0 <= src < n:
         raise ValueError(f"broadcast source {src!r} is not a rank of the group (0..{n - 1})")

@@ -40,7 +40,7 @@ def ring_exchange(send: torch.Tensor, recv: torch.Tensor, group=None) -> None:
     """
     n, me = dist.get_world_size(group), dist.get_rank(group)
     right, left = global_rank((me + 1) % n, group), global_rank((me - 1) % n, group)
-    # A step of a ring algorithm called directly (chapter 01) is recorded as one; inside a collective of comm.py,
+    # A step of a ring algorithm called directly (chapter 01) is recorded as one; inside a collective of comm/collectives.py,
     # that collective is the record.
     entry = None if in_counted_collective() else flight.enter("ring_step", send, group)
     work = None
@@ -66,7 +66,7 @@ def ring_reduce_scatter_(chunks: list[torch.Tensor], group=None) -> None:
     # hint: at step s, send chunks[(rank - s - 1) % n] and receive into a scratch buffer shaped like
     #       chunks[(rank - s - 2) % n]; then add the scratch into that chunk.
     # hint: use ring_exchange(send, recv, group) for the step's communication
-    #       (from minidist.collectives import ring_exchange).
+    #       (from minidist.comm.ring import ring_exchange).
     n, rank = dist.get_world_size(group), dist.get_rank(group)
     for s in range(n - 1):
         send, into = chunks[(rank - s - 1) % n], chunks[(rank - s - 2) % n]

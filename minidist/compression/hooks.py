@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from . import comm
+from .. import comm
 from .futures import then
 from .powersgd import PowerSGDState, powersgd_bytes, powersgd_hook
 
@@ -55,7 +55,7 @@ def allreduce_hook(group, bucket) -> torch.futures.Future[torch.Tensor]:
     # <exercise allreduce_hook points=1>
     # hint: bucket.buffer() is the flat gradient of this rank; comm.group_size(group) is N (from minidist import comm).
     # hint: comm.all_reduce_(tensor, group, async_op=True) starts a sum in place and returns a Work;
-    #       then(works, finish) (from minidist.futures import then) makes the future a hook returns.
+    #       then(works, finish) (from minidist.compression.futures import then) makes the future a hook returns.
     buf = bucket.buffer()
     work = comm.all_reduce_(buf.div_(comm.group_size(group)), group, async_op=True)
     return then([work], lambda summed: summed)

@@ -34,7 +34,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from . import comm
+from .. import comm
 from .futures import then
 
 
@@ -121,7 +121,7 @@ def power_iteration(ms: list[torch.Tensor], qs: list[torch.Tensor], group=None, 
     """
     # <exercise power_iteration points=3>
     # hint: minidist.comm (from minidist import comm) has all_reduce_ and group_size; orthogonalize_ and split_flat
-    #       come from minidist.powersgd.
+    #       come from minidist.compression.powersgd.
     # hint: torch.cat([t.flatten() for t in ...]) builds the flat buffer; split_flat(flat, shapes) cuts it back into
     #       views of the given shapes.
     n = comm.group_size(group)

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from . import comm
+from .. import comm
 from .buckets import MiB, Bucket, assign_buckets, launch_ready_buckets, layout  # noqa: F401
 
 

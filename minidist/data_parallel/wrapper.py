@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import comm
+from .. import comm
 from .buckets import MiB, assign_buckets  # noqa: F401  (chapter 02 shows assign_buckets from here)
 from .reducer import GradReducer
 

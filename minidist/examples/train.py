@@ -108,7 +108,7 @@ def _replicas(model, args):
     """What must be identical on every rank: the whole model, or under tensor parallelism its replicated part."""
     if args.strategy != "tp":
         return model
-    from minidist.tp_plans import sharded_parameters
+    from minidist.tensor_parallel.plans import sharded_parameters
     sharded = sharded_parameters(model)
     return torch.nn.ParameterList(p for name, p in model.named_parameters() if name not in sharded)
 

@@ -13,8 +13,8 @@ import weakref
 import torch
 import torch.nn as nn
 
-from . import comm
-from .mixed_precision import clip_grad_norm_ as _clip
+from .. import comm
+from ..mixed_precision import clip_grad_norm_ as _clip
 
 _SHARDED = weakref.WeakValueDictionary()  # id -> every parameter a unit has sharded (to refuse one tied across units)
 _PIECES = weakref.WeakValueDictionary()   # id -> the shards and gathered parameters units put in modules

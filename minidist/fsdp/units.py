@@ -32,9 +32,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from . import comm
-from .fsdp_state import claim, clip_grad_norm_, full_state_dict, unit_parameters  # noqa: F401  (re-exported)
-from .zero import shard_pieces
+from .. import comm
+from .state import claim, clip_grad_norm_, full_state_dict, unit_parameters  # noqa: F401  (re-exported)
+from ..zero import shard_pieces
 
 
 def unshard_(full: torch.Tensor, shard: torch.Tensor, group=None) -> comm.Work:

@@ -57,7 +57,7 @@ def zero_state_bytes(num_params: float, world_size: int = 1, stage: int = 0, pre
         raise ValueError(f"precision must be one of {sorted(BYTES_PER_PARAM)}, got {precision!r}")
     # <exercise zero_state_bytes points=2>
     # hint: BYTES_PER_PARAM[precision] gives (weights, gradients, optimizer) bytes per parameter.
-    # hint: each stage shards one more of the three, in the order of chapter 00's table (minidist/memory.py's
+    # hint: each stage shards one more of the three, in the order of chapter 00's table (minidist/memory/accounting.py's
     #       docstring): first the optimizer states; a sharded state is split evenly over the N ranks.
     w, g, k = BYTES_PER_PARAM[precision]
     n = world_size
@@ -101,7 +101,7 @@ def activation_bytes_per_layer(seq: int, batch: int, hidden: int, heads: int, by
     """
     _check_positive(seq=seq, batch=batch, hidden=hidden, heads=heads)
     # <exercise activation_bytes_per_layer points=2>
-    # hint: add up chapter 00's table of saved tensors (also in minidist/memory.py's docstring) in values first
+    # hint: add up chapter 00's table of saved tensors (also in minidist/memory/accounting.py's docstring) in values first
     #       (which tensors grow with s*b*h, which with a*s^2*b?), then turn values into bytes.
     # hint: dropout adds a mask per dropout layer (mask_bytes per element) and one more saved tensor: which?
     sbh, as2b = seq * batch * hidden, heads * seq * seq * batch

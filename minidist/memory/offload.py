@@ -123,7 +123,7 @@ def pack_saved(t: torch.Tensor, tier) -> tuple:
     values describe t exactly; and afterwards the tier's bytes_on_disk() is above 0.
     """
     # <exercise pack_saved points=2>
-    # hint: storage_bytes(t) (from minidist.offload import storage_bytes) gives the bytes to copy, as a view; the
+    # hint: storage_bytes(t) (from minidist.memory.offload import storage_bytes) gives the bytes to copy, as a view; the
     #       view's geometry comes from t itself.
     data = storage_bytes(t)
     stored = tier.allocate(data.numel(), t.device)

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .memory import activation_bytes_per_layer
+from .accounting import activation_bytes_per_layer
 
 POLICIES = ("full", "selective")
 
@@ -87,7 +87,7 @@ def recompute_gradients(fn, inputs: list, state: dict, grad_outputs: tuple) -> l
     weight's gradients bit-identical to no checkpointing.
     """
     # <exercise recompute_gradients points=3>
-    # hint: replayed(state) (from minidist.checkpointing import replayed) restores forward's random state and
+    # hint: replayed(state) (from minidist.memory.recompute import replayed) restores forward's random state and
     #       autocast inside its `with` block, and leaves the random stream as it found it.
     # hint: give fn copies of the tensor inputs cut from the outer graph (detach) that require a gradient exactly
     #       when the originals do; the gradients end up in their .grad.

@@ -181,7 +181,7 @@ def draw_mesh(shape: dict, ax=None):
     """The ranks of a mesh with three axes of size > 1 (slowest first): one row per value of the first axis, a block
     of columns per value of the second, the third (fastest) side by side. Boxes enclose the fastest axis' groups,
     arrows join the second axis' groups, dashed lines the first's."""
-    from .mesh import coordinates
+    from ..mesh import coordinates
     axes = [(a, s) for a, s in shape.items() if s > 1]
     if len(axes) != 3:
         raise ValueError(f"draw_mesh draws three axes of size > 1, got {shape}")

@@ -31,7 +31,7 @@ import signal
 import socket
 import sys
 
-from .args import positive_float, positive_int
+from ..args import positive_float, positive_int
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -169,7 +169,7 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(args) -> int:
     import uvicorn
     from .cluster import Cluster, ClusterDown
-    from .data import tokenizer
+    from ..data import tokenizer
     sock = bind(args.host, args.port)
     state = {"server": None, "down": False, "error": None}
 

@@ -37,7 +37,7 @@ import torch
 from .balancer import make_balancer
 from .batching import Request
 from .inference import check_request, context_length
-from .launch import launch
+from ..launch import launch
 from .replica import build_model, check_tp, replica_rank  # noqa: F401  (build_model: the model served)
 
 

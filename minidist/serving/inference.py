@@ -43,8 +43,8 @@ from fractions import Fraction
 
 import torch
 
-from . import comm
-from .tensor_parallel import ColumnParallelLinear
+from .. import comm
+from ..tensor_parallel import ColumnParallelLinear
 
 MIN_TEMPERATURE = 1e-4   # 0 < temperature < this is refused: use 0 for greedy
 MAX_SEED = 2 ** 63 - 1   # torch.Generator.manual_seed overflows past it (and below -2**63)

@@ -21,10 +21,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import comm
+from .. import comm
 from .batching import Engine
-from .launch import device
-from .mesh import Mesh
+from ..launch import device
+from ..mesh import Mesh
 
 HEARTBEAT = 0.5  # seconds an idle leader waits for a request before it lets its peers go round once more
 
@@ -34,8 +34,8 @@ def build_model(name: str):
 
     The output layer is untied from the embedding: a random model whose output layer *is* its embedding mostly
     repeats its last input token, which would make a poor demonstration."""
-    from .models import GPT, GPTConfig, build_llama
-    from .tp_plans import GPT_PLAN, LLAMA_PLAN
+    from ..models import GPT, GPTConfig, build_llama
+    from ..tensor_parallel.plans import GPT_PLAN, LLAMA_PLAN
     if name not in ("tiny-gpt", "tiny-llama"):
         raise ValueError(f"unknown model {name!r}; serve one of ['tiny-gpt', 'tiny-llama']")
     torch.manual_seed(0)
@@ -46,7 +46,7 @@ def build_model(name: str):
 
 def check_tp(name: str, tp: int) -> None:
     """ValueError, before any rank starts, when tensor-parallel size tp does not divide the model's sizes."""
-    from .tp_plans import check_sizes, match_plan
+    from ..tensor_parallel.plans import check_sizes, match_plan
     with torch.device("meta"):
         model, plan, _ = build_model(name)
     for module, style in match_plan(model, plan).items():
@@ -56,7 +56,7 @@ def check_tp(name: str, tp: int) -> None:
 def replica_rank(name: str, tp: int, replicas: int, slots: int, inboxes, outbox, close_in_ranks=()) -> int:
     """The loop every rank runs: receive new requests (the leader from its inbox, the others from the leader),
     add them, run one continuous-batching step, and (the leader) report what finished. Returns the steps run."""
-    from .tp_plans import parallelize
+    from ..tensor_parallel.plans import parallelize
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the server's to handle (blocked since the fork, too)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # launch ends a rank with SIGTERM, whatever the server set
     for fd in close_in_ranks:                      # the server's listening socket: a rank must not hold the port

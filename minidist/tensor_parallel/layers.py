@@ -30,14 +30,14 @@ vocabulary that N does not divide is padded to a multiple of N, as Megatron does
 never count in the loss. The loss needs no full logits: a max, a sum of exponentials and the target's logit, each
 combined over ranks, give log(sum exp) - logit[target] (vocab_parallel_cross_entropy).
 
-parallelize(model, group, plan) applies all of this to a model from outside (tp_plans.py).
+parallelize(model, group, plan) applies all of this to a model from outside (tensor_parallel/plans.py).
 """
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import comm
+from .. import comm
 
 SHARD_ATTR = "tp_sequence_shard"  # set on an all-gathered tensor: the shard to keep instead of it (see _Regather)
 
@@ -257,11 +257,11 @@ class RowParallelLinear(nn.Module):
         return y + (comm.identity(self.bias, self.group) if self.sequence_parallel else self.bias)
 
 
-def __getattr__(name):  # tp_plans.py and vocab_parallel.py build on this module; their names are found here too
+def __getattr__(name):  # tensor_parallel/plans.py and tensor_parallel/vocab.py build on this module; their names are found here too
     if name in ("parallelize", "GPT_PLAN", "LLAMA_PLAN"):
-        from . import tp_plans
+        from . import plans as tp_plans
         return getattr(tp_plans, name)
     if name in ("VocabParallelEmbedding", "vocab_parallel_cross_entropy", "vocab_parallel_ce_forward"):
-        from . import vocab_parallel
+        from . import vocab as vocab_parallel
         return getattr(vocab_parallel, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -44,9 +44,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import comm
-from .tensor_parallel import ColumnParallelLinear, RowParallelLinear, prepare_input, shard_output_features
-from .vocab_parallel import VocabParallelEmbedding
+from .. import comm
+from .layers import ColumnParallelLinear, RowParallelLinear, prepare_input, shard_output_features
+from .vocab import VocabParallelEmbedding
 
 GPT_PLAN = {  # minidist.models.GPT
     "wte": "vocab_embedding",

@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import comm
-from .tensor_parallel import _group, _pad_rows, _shard_param, padded_size, shard_output_features
+from .. import comm
+from .layers import _group, _pad_rows, _shard_param, padded_size, shard_output_features
 
 
 def _check_ids(ids: torch.Tensor, size: int, what: str, ignore: int | None = None) -> None:

@@ -11,7 +11,7 @@ from .. import comm
 from ..bench.ddp import median_step_times
 from ..data import random_batches, token_ids, train_val_split
 from ..data_parallel import DataParallel
-from ..ledger import RING_FACTOR
+from ..comm.ledger import RING_FACTOR
 from ..models import GPT, lm_loss
 from ..testing import on_device, replica_divergence, to_device
 from .compression import TOPK_RATIO, make_hook

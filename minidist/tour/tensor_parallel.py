@@ -20,7 +20,7 @@ from ..mesh import Mesh
 from ..models import GPT, GPTConfig, build_llama, lm_loss
 from ..tensor_parallel import padded_size, vocab_parallel_cross_entropy
 from ..testing import replica_divergence
-from ..tp_plans import GPT_PLAN, LLAMA_PLAN, local_shard, parallelize, sharded_parameters
+from ..tensor_parallel.plans import GPT_PLAN, LLAMA_PLAN, local_shard, parallelize, sharded_parameters
 from .rows import covers, make_row
 
 CFG = GPTConfig(n_layer=2, n_embd=48, n_head=12, block_size=12)  # heads, widths and sequence divide by 2, 3 and 4

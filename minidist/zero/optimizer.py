@@ -30,10 +30,11 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from . import comm
-from .mixed_precision import LossScaler, clip_grad_norm_
-from .reducer import MiB, GradReducer, layout  # (layout and MiB live in buckets.py; reducer re-exports them)
-from .zero_state import ZeroState, hyper as _hyper, probe_state_keys, take_over
+from .. import comm
+from ..mixed_precision import LossScaler, clip_grad_norm_
+from ..data_parallel.buckets import MiB, layout
+from ..data_parallel.reducer import GradReducer  # (layout and MiB live in buckets.py; reducer re-exports them)
+from .state import ZeroState, hyper as _hyper, probe_state_keys, take_over
 
 
 def shard_pieces(sizes: list[int], rank: int, world_size: int) -> tuple[int, list[tuple[int, int, int, int]]]:

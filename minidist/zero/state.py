@@ -12,7 +12,7 @@ import weakref
 
 import torch
 
-from . import comm
+from .. import comm
 
 _REDUCER_OF = weakref.WeakValueDictionary()  # id(parameter) -> the ShardReducer whose hooks are on it
 
@@ -90,7 +90,7 @@ class ZeroState:
     def state_dict(self) -> dict:
         """The wrapped optimizer's state_dict for all the model's parameters, gathered from the shards (collective;
         the master weights under the key "master" when the model's dtype is not the master's)."""
-        from .zero import all_gather_parameters  # (zero.py imports this module)
+        from .optimizer import all_gather_parameters  # (zero.py imports this module)
         self._sync_from_model()
         keys = [k for kinds in self.keys for k in kinds["elementwise"]]
         mixed = any(p.dtype != self.master.dtype for p in self.params)
