@@ -30,7 +30,8 @@ vocabulary that N does not divide is padded to a multiple of N, as Megatron does
 never count in the loss. The loss needs no full logits: a max, a sum of exponentials and the target's logit, each
 combined over ranks, give log(sum exp) - logit[target] (vocab_parallel_cross_entropy).
 
-parallelize(model, group, plan) applies all of this to a model from outside (tensor_parallel/plans.py).
+The vocabulary-parallel embedding and loss are in vocab.py, and parallelize(model, group, plan), which applies all
+of this to a model from outside, in plans.py: both build on this module, which imports neither.
 """
 import torch
 import torch.distributed as dist
@@ -256,12 +257,3 @@ class RowParallelLinear(nn.Module):
             return y
         return y + (comm.identity(self.bias, self.group) if self.sequence_parallel else self.bias)
 
-
-def __getattr__(name):  # tensor_parallel/plans.py and tensor_parallel/vocab.py build on this module; their names are found here too
-    if name in ("parallelize", "GPT_PLAN", "LLAMA_PLAN"):
-        from . import plans as tp_plans
-        return getattr(tp_plans, name)
-    if name in ("VocabParallelEmbedding", "vocab_parallel_cross_entropy", "vocab_parallel_ce_forward"):
-        from . import vocab as vocab_parallel
-        return getattr(vocab_parallel, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,12 +1,12 @@
 """The vocabulary split across ranks: its embedding (VocabParallelEmbedding) and its cross-entropy loss.
 
-Rank r owns rows [r V/N, (r+1) V/N) of the embedding, the vocabulary padded to a multiple of N (tensor_parallel.py):
+Rank r owns rows [r V/N, (r+1) V/N) of the embedding, the vocabulary padded to a multiple of N (layers.py):
 it looks up the tokens it owns, zeros for the others, and g (an all-reduce) sums the lookups.
 
 Vocabulary-parallel cross-entropy: the loss of a language model whose logits are split by vocabulary.
 
 Rank r holds the logits of its vocabulary slice, columns [r V/N, (r+1) V/N) of the (M, V) logits of M tokens (the
-output of a column-parallel lm_head, tensor_parallel.py). Gathering them would cost M x V values per rank, the largest
+output of a column-parallel lm_head, layers.py). Gathering them would cost M x V values per rank, the largest
 activation of a small-vocabulary model's step and far larger than the hidden states for a 128k vocabulary. Cross-
 entropy needs only three numbers per token, each combined over ranks:
 

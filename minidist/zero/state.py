@@ -1,4 +1,4 @@
-"""The bookkeeping around ZeroOptimizer (zero.py): its state dicts, which parameters' hooks it owns, what it holds.
+"""The bookkeeping around ZeroOptimizer (optimizer.py): its state dicts, which parameters' hooks it owns, what it holds.
 
 State dicts are gathered into the wrapped optimizer's *own* format, so a checkpoint moves between world sizes and
 between ZeroOptimizer and the plain optimizer: each per-element state (Adam's moments) is laid out in the buckets as
@@ -13,6 +13,7 @@ import weakref
 import torch
 
 from .. import comm
+from .phases import all_gather_parameters
 
 _REDUCER_OF = weakref.WeakValueDictionary()  # id(parameter) -> the ShardReducer whose hooks are on it
 
@@ -90,7 +91,6 @@ class ZeroState:
     def state_dict(self) -> dict:
         """The wrapped optimizer's state_dict for all the model's parameters, gathered from the shards (collective;
         the master weights under the key "master" when the model's dtype is not the master's)."""
-        from .optimizer import all_gather_parameters  # (zero.py imports this module)
         self._sync_from_model()
         keys = [k for kinds in self.keys for k in kinds["elementwise"]]
         mixed = any(p.dtype != self.master.dtype for p in self.params)
