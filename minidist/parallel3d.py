@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 
 from . import comm
+from .comm.ledger import name_group
 from .context_parallel import apply_context_parallel, shard_sequence
 from .launch import device
-from .comm.ledger import name_group
 from .mesh import AXES
 from .models import lm_loss
 from .pipeline.runtime import PipelineRuntime

@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
-from minidist.checkpoint import save_load as checkpoint
 from minidist import launch
+from minidist.checkpoint import save_load as checkpoint
 from minidist.grading import implementation
 from minidist.models import GPT, GPTConfig
 from minidist.tour import checkpoint as tc

@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 from minidist import comm, launch
 from minidist.compression import PowerSGDState, TopKState
-from minidist.grading import implementation
 from minidist.compression.powersgd import bucket_matrices, orthogonalize_
+from minidist.grading import implementation
 from minidist.tour.compression import (WholeBucket, every_hook, hook_against_plain, on_ddp,
                                        powersgd_after_a_zero_gradient, topk_invariant)
 

@@ -8,10 +8,10 @@ import torch
 
 import minidist.serving.inference as inference
 from minidist import launch
-from minidist.serving.batching import Engine, Request
 from minidist.grading import implementation
-from minidist.serving.inference import KVCache, generate, kv_bytes_per_token
 from minidist.pipeline.generate import pp_generate_bytes
+from minidist.serving.batching import Engine, Request
+from minidist.serving.inference import KVCache, generate, kv_bytes_per_token
 from minidist.tour.inference import (BATCH, CFG, NEW, PROMPT, PROMPTS, SEED, TEMPERATURE, build, kv_formula,
                                      pp_generation, tp_generate_bytes, tp_generation)
 

@@ -10,9 +10,9 @@ import torch.nn as nn
 
 from minidist import launch
 from minidist.grading import implementation
-from minidist.models import GPT, lm_loss
 from minidist.memory.offload import (DiskTier, HostTier, bytes_by_location, make_tier, offload_activations,
                                      offload_optimizer, states, storage_bytes)
+from minidist.models import GPT, lm_loss
 from minidist.tour.checkpointing import CFG, offloaded_layer_bytes, optimizer_offload_against_plain, zero_offload
 
 

@@ -11,10 +11,10 @@ from torch.utils.checkpoint import checkpoint
 
 from minidist import comm, launch
 from minidist.data_parallel import DataParallel, global_mean_loss
-from minidist.grading import implementation
-from minidist.models import GPT, lm_loss
 from minidist.data_parallel.buckets import MiB
 from minidist.data_parallel.reducer import GradReducer
+from minidist.grading import implementation
+from minidist.models import GPT, lm_loss
 from minidist.testing import replica_divergence
 from minidist.tour.data_parallel import BATCHES, CFG, SGD_TOL
 

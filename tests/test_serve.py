@@ -17,12 +17,12 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import minidist.serving.batching as batching
+from minidist.grading import implementation
 from minidist.serving.balancer import RoundRobin, make_balancer, percentile, poisson_load, replay_in_steps, run_load
 from minidist.serving.batching import Engine
 from minidist.serving.cluster import Cluster, ClusterDown, RequestError
-from minidist.serving.replica import build_model, check_tp
-from minidist.grading import implementation
 from minidist.serving.inference import generate
+from minidist.serving.replica import build_model, check_tp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""What the flight recorder (flight.py, the hang diagnosis) costs a data-parallel step.
+"""What the flight recorder (comm/flight.py, the hang diagnosis) costs a data-parallel step.
 
 The recorder's cost per operation (enter + complete, mirrored to the memory-mapped file) is microseconds, far below
 the run-to-run noise of a step on a shared machine, so it is measured on its own (best of many repeats) and

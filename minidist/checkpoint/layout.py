@@ -99,7 +99,7 @@ def _rows(shape, local_rows: list[tuple[int, int, int]]) -> Placement:
 
 
 def tensor_parallel_placements(model: nn.Module) -> dict[int, Placement]:
-    """id(parameter) -> its placement, for the layers tensor_parallel.py swapped in (chapter 04)."""
+    """id(parameter) -> its placement, for the layers tensor_parallel/ swapped in (chapter 04)."""
     from ..tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
     out = {}
     for m in model.modules():

@@ -31,10 +31,10 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
+from ..launch import device
 from .file_format import (commit, cover_problem, dtype_name, extra_bytes, finish, global_plan,  # noqa: F401
                                 identity, param_groups, read_metadata, read_pieces, resolve, write_files)
 from .layout import inner_param_groups, model_tensors, optimizer_entries, state_placement, whole
-from ..launch import device
 
 
 def read_plan(chunks, offsets, lengths) -> list[tuple[int, tuple, tuple]]:

@@ -3,7 +3,7 @@
 By default `minidist.comm` hands every collective to the backend, and the ledger *models* its bytes (ledger.py).
 
     with comm.ring_backend():
-        ...                       # every collective of minidist.comm runs on minidist's ring (collectives.py):
+        ...                       # every collective of minidist.comm runs on minidist's ring (ring.py):
                                   # the ledger *counts* the bytes this rank really sends
     with comm.ring_backend(link=SimulatedLink(alpha=1e-3, bandwidth=100e6)):
         ...                       # ... and every message waits alpha + bytes / bandwidth before it leaves

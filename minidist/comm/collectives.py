@@ -26,7 +26,7 @@ and with `async_op=True` return a `Work` whose `wait()` gives the result. Point-
 `isend`/`irecv`, `batch_isend_irecv`, `all_to_all`) go through here too, so pipeline and context-parallel bytes are
 recorded like the rest. Ranks given as `src`/`dst` are ranks *within the group*.
 
-`with ring_backend():` routes every collective here through minidist's own ring algorithms (collectives.py) on a
+`with ring_backend():` routes every collective here through minidist's own ring algorithms (ring.py) on a
 communication thread, so the ledger *counts* the bytes instead of modelling them (backend.py); an optional
 `SimulatedLink(alpha, bandwidth)` delays every message as a real network would.
 """

@@ -2,8 +2,8 @@
 
 The most expensive failure in distributed training is not a crash but a hang: one rank skips a collective, issues
 two in another order, or calls one with another size, and every rank waits until a timeout that says nothing about
-why. So every collective and point-to-point message minidist issues (comm/collectives.py, p2p.py, and the ring steps of
-collectives.py called directly) appends one small entry here: its sequence number on its group (or, for a message,
+why. So every collective and point-to-point message minidist issues (collectives.py, p2p.py, and the ring steps of
+ring.py called directly) appends one small entry here: its sequence number on its group (or, for a message,
 on its (source, destination) pair), the op, dtype and shape, and whether it completed. No tensor is copied.
 
 When a rank runs under `minidist.launch`, the entries are mirrored into a small memory-mapped file, so they survive

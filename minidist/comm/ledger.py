@@ -6,7 +6,7 @@
 
 Each CommRecord says whether its bytes were *counted* or *modelled*:
 
-  counted   minidist moved the bytes itself, with its own send/recv (the ring collectives of `collectives.py`, every
+  counted   minidist moved the bytes itself, with its own send/recv (the ring collectives of `ring.py`, every
             point-to-point send, and every collective issued inside `with comm.ring_backend():`): the record holds
             the bytes this rank really handed to the network.
   modelled  the collective was handed to the backend (gloo, NCCL), whose algorithm minidist cannot see: the record

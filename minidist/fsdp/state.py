@@ -1,4 +1,4 @@
-"""Around fully_shard (fsdp.py): which parameters a unit takes, and what one does with a sharded model.
+"""Around fully_shard (units.py): which parameters a unit takes, and what one does with a sharded model.
 
 A unit takes the parameters of its module that no inner unit took, and refuses the mistakes that would otherwise
 fail later and far away: a parameter tied across two units, a module inside a unit built first (the root wrapped

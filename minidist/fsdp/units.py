@@ -33,8 +33,8 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import comm
-from .state import claim, clip_grad_norm_, full_state_dict, unit_parameters  # noqa: F401  (re-exported)
 from ..zero import shard_pieces
+from .state import claim, clip_grad_norm_, full_state_dict, unit_parameters  # noqa: F401  (re-exported)
 
 
 def unshard_(full: torch.Tensor, shard: torch.Tensor, group=None) -> comm.Work:

@@ -18,7 +18,7 @@ dies, the kernel ends the ranks (launch asks it to).
 Failures. A request that fails on the ranks (its prefill or its decoding step raised) fails alone: its future raises
 RequestError with the message, and the replica goes on. A rank that dies ends them all (launch ends every rank when
 one fails, and the replicas share one launch): every pending future raises ClusterDown, later submits too, `running`
-turns False and `on_stop` is called, so that a server can report it and exit (its supervisor restarts it; serve.py).
+turns False and `on_stop` is called, so that a server can report it and exit (its supervisor restarts it; app.py).
 The ranks block SIGINT: Ctrl-C in a terminal reaches the whole process group, and only this process should decide.
 """
 import itertools
@@ -34,10 +34,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..launch import launch
 from .balancer import make_balancer
 from .batching import Request
 from .inference import check_request, context_length
-from ..launch import launch
 from .replica import build_model, check_tp, replica_rank  # noqa: F401  (build_model: the model served)
 
 

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from .batching import Engine
 from ..launch import device
 from ..mesh import Mesh
+from .batching import Engine
 
 HEARTBEAT = 0.5  # seconds an idle leader waits for a request before it lets its peers go round once more
 

@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from ..serving.inference import KVCache, forward_cached, full_logits, generate, kv_bytes_per_token, n_layers
 from ..launch import launch
 from ..mesh import Mesh
 from ..models import GPT, GPTConfig, build_llama
 from ..pipeline.generate import pipeline_generate, pp_generate_bytes
+from ..serving.inference import KVCache, forward_cached, full_logits, generate, kv_bytes_per_token, n_layers
 from ..tensor_parallel import padded_size
 from ..tensor_parallel.plans import GPT_PLAN, LLAMA_PLAN, parallelize
 from .rows import make_row

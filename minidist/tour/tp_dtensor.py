@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from ..mesh import Mesh
 from ..tensor_parallel import shard_output_features
-from ..tensor_parallel.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from ..tensor_parallel.plans import match_plan, parallelize
+from ..tensor_parallel.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from .tp_setup import BATCHES, DTENSOR_STEPS, LR, build, logits_of
 
 

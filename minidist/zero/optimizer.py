@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from ..mixed_precision import LossScaler, clip_grad_norm_
 from ..data_parallel.buckets import MiB, layout
 from ..data_parallel.reducer import GradReducer
+from ..mixed_precision import LossScaler, clip_grad_norm_
 from .phases import all_gather_parameters, reduce_scatter_gradients, shard_pieces, used_on_some_rank
 from .state import ZeroState, hyper as _hyper, probe_state_keys, take_over
 
