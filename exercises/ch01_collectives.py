@@ -22,7 +22,7 @@ def ring_reduce_scatter_(chunks: list[torch.Tensor], group=None) -> None:
     # hint: at step s, send chunks[(rank - s - 1) % n] and receive into a scratch buffer shaped like
     #       chunks[(rank - s - 2) % n]; then add the scratch into that chunk.
     # hint: use ring_exchange(send, recv, group) for the step's communication
-    #       (from minidist.collectives import ring_exchange).
+    #       (from minidist.comm.ring import ring_exchange).
     raise NotImplementedError("exercise ring_reduce_scatter: write this part")
     # ---- end of exercise ring_reduce_scatter ----------------------------------------------------------
 

@@ -24,7 +24,7 @@ def allreduce_hook(group, bucket) -> torch.futures.Future[torch.Tensor]:
     # ---- exercise allreduce_hook (1 point) --------------------------------------------------------
     # hint: bucket.buffer() is the flat gradient of this rank; comm.group_size(group) is N (from minidist import comm).
     # hint: comm.all_reduce_(tensor, group, async_op=True) starts a sum in place and returns a Work;
-    #       then(works, finish) (from minidist.futures import then) makes the future a hook returns.
+    #       then(works, finish) (from minidist.compression.futures import then) makes the future a hook returns.
     raise NotImplementedError("exercise allreduce_hook: write this part")
     # ---- end of exercise allreduce_hook ---------------------------------------------------------------
 
@@ -89,7 +89,7 @@ def power_iteration(ms: list[torch.Tensor], qs: list[torch.Tensor], group=None, 
     """
     # ---- exercise power_iteration (3 points) -------------------------------------------------------
     # hint: minidist.comm (from minidist import comm) has all_reduce_ and group_size; orthogonalize_ and split_flat
-    #       come from minidist.powersgd.
+    #       come from minidist.compression.powersgd.
     # hint: torch.cat([t.flatten() for t in ...]) builds the flat buffer; split_flat(flat, shapes) cuts it back into
     #       views of the given shapes.
     raise NotImplementedError("exercise power_iteration: write this part")

@@ -1,10 +1,12 @@
 """minidist: large-model distributed training techniques, built from scratch on torch.distributed.
 
-Start with `python -m minidist tour`, or open notebooks/00_memory.ipynb. One technique per module:
-    launch        run a function on N ranks          mesh          (dp, pp, tp) process groups
-    comm          differentiable collectives, ledger collectives   ring algorithms from send/recv, cost model
+Start with `python -m minidist tour`, or open notebooks/00_memory.ipynb. A technique of one file is a module, one of
+several files a folder (the README's module map lists them all). The ones everything else stands on:
+    launch        run a function on N ranks          mesh          (dp, pp, cp, tp) process groups
+    comm/         the communication layer: collectives and their differentiable duals, point-to-point, ring
+                  algorithms from send/recv and their cost model, the byte ledger, the flight recorder
     models        tiny GPT, Hugging Face builders    data          corpus, tokenizer
-    memory        memory formulas and measurement    testing       train-against-a-reference harness
+    memory/       memory formulas, measurement, offload    testing   train-against-a-reference harness
 """
 from .launch import RankError, device, launch, run_under_torchrun
 from .mesh import Mesh

@@ -102,7 +102,7 @@ def _grade(args) -> int:
 
 
 def _diagnose(args) -> int:
-    from .diagnose import diagnose_directory
+    from .comm.diagnose import diagnose_directory
     print(diagnose_directory(args.directory))
     return 0
 
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     grade.add_argument("--json", metavar="PATH")
     grade.set_defaults(run=_grade)
 
-    from .serve import add_parser as add_serve_parser
+    from .serving.app import add_parser as add_serve_parser
     add_serve_parser(sub)  # serve: the HTTP endpoint of chapter 12
 
     diag = sub.add_parser("diagnose", help="why ranks hung: analyse the flight records a torchrun job left in DIR")

@@ -26,19 +26,19 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent
 ROOT = PACKAGE.parent
 CHAPTERS = {  # generated file -> package modules whose exercises it holds, in order
-    "ch00_memory": ["memory"],
-    "ch01_collectives": ["collectives", "comm"],
-    "ch02_data_parallel": ["data_parallel", "buckets", "mixed_precision"],
+    "ch00_memory": ["memory.accounting"],
+    "ch01_collectives": ["comm.ring", "comm.collectives"],
+    "ch02_data_parallel": ["data_parallel.wrapper", "data_parallel.buckets", "mixed_precision"],
     "ch03_data_loading": ["samplers"],
-    "ch04_tensor_parallel": ["tensor_parallel", "vocab_parallel"],
-    "ch05_zero": ["zero"],
-    "ch06_fsdp": ["fsdp"],
+    "ch04_tensor_parallel": ["tensor_parallel.layers", "tensor_parallel.vocab"],
+    "ch05_zero": ["zero.phases"],
+    "ch06_fsdp": ["fsdp.units"],
     "ch07_pipeline": ["pipeline.schedule", "pipeline.stages"],
     "ch08_3d_parallel": ["parallel3d", "context_parallel"],  # the notebook's order of the exercises
-    "ch09_memory": ["checkpointing", "offload"],
-    "ch10_compression": ["compression", "powersgd"],
-    "ch11_checkpoints": ["checkpoint_layout", "checkpoint", "checkpoint_format"],
-    "ch12_inference": ["inference", "balancer", "monitor"],
+    "ch09_memory": ["memory.recompute", "memory.offload"],
+    "ch10_compression": ["compression.hooks", "compression.powersgd"],
+    "ch11_checkpoints": ["checkpoint.layout", "checkpoint.save_load", "checkpoint.file_format"],
+    "ch12_inference": ["serving.inference", "serving.balancer", "monitor"],
 }
 BEGIN = re.compile(r"^(\s*)# <exercise (\w+) points=(\d+)>\s*$")
 END = re.compile(r"^\s*# </exercise>\s*$")
@@ -49,7 +49,7 @@ class Exercise:
     name: str
     points: int
     chapter: str
-    module: str      # e.g. "collectives"
+    module: str      # e.g. "comm.ring"
     function: str    # e.g. "ring_all_gather_"
 
 

@@ -14,9 +14,9 @@ What can go wrong, and what launch does about it:
     timeout), which becomes a RankError as above (NCCL's watchdog aborts the process instead: a RankError with a
     negative exit code and no traceback);
   * a rank dies without a word (a signal, os._exit): RankError with its exit code;
-  * in every case the RankError ends with a diagnosis from every rank's flight recorder (flight.py, diagnose.py):
-    which ranks were in which collective, who never entered it, who issued another one or another size, and where a
-    rank outside any collective is stuck (its stack, taken with SIGUSR1);
+  * in every case the RankError ends with a diagnosis from every rank's flight recorder (comm/flight.py,
+    comm/diagnose.py): which ranks were in which collective, who never entered it, who issued another one or another
+    size, and where a rank outside any collective is stuck (its stack, taken with SIGUSR1);
   * gloo sometimes aborts at interpreter exit after the work is done; ranks therefore barrier, destroy the process
     group and leave with os._exit(0), which skips the crashing teardown.
 Every child asks the kernel to kill it when its parent dies, so nothing is left running even if the parent is killed.
@@ -44,8 +44,8 @@ from multiprocessing.connection import wait
 import torch
 import torch.distributed as dist
 
-from . import flight
-from .diagnose import diagnose
+from .comm import flight
+from .comm.diagnose import diagnose
 
 DEFAULT_TIMEOUT = float(os.environ.get("MINIDIST_TIMEOUT", 120))  # seconds a collective may wait for its peers
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .ledger import name_group
+from .comm.ledger import name_group
 
 AXES = ("dp", "pp", "cp", "tp")  # the standard axes, slowest-varying first
 

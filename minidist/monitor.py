@@ -41,7 +41,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import comm, flight
+from . import comm
+from .comm import flight
 from .launch import device, synchronize
 
 

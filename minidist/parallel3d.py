@@ -30,16 +30,16 @@ import torch
 import torch.distributed as dist
 
 from . import comm
+from .comm.ledger import name_group
 from .context_parallel import apply_context_parallel, shard_sequence
 from .launch import device
-from .ledger import name_group
 from .mesh import AXES
 from .models import lm_loss
 from .pipeline.runtime import PipelineRuntime
 from .pipeline.schedule import build
 from .pipeline.stages import parameter_names, rank_stages, split_gpt
-from .tp_plans import GPT_PLAN, full_parameters, local_shard, parallelize
-from .vocab_parallel import vocab_parallel_cross_entropy
+from .tensor_parallel.plans import GPT_PLAN, full_parameters, local_shard, parallelize
+from .tensor_parallel.vocab import vocab_parallel_cross_entropy
 from .zero import ZeroOptimizer
 
 

@@ -6,7 +6,7 @@ depth v and both checkpointing choices, with ZeRO stages 0-3 without a pipeline 
 engine refuses stages 2 and 3: partitioned gradients would be reduce-scattered once per micro-batch); keep the plans
 that fit in memory; rank them by predicted step time. GB here is 1e9 bytes (an "80 GB" H100 holds about 85.5e9).
 
-Memory per GPU (chapter 00, memory.py), the larger of the first pipeline rank's and the last's:
+Memory per GPU (chapter 00, memory/accounting.py), the larger of the first pipeline rank's and the last's:
     model states   zero_state_bytes(P_stage / tp, dp cp, stage) for the largest stage: ceil(L/pp) layers plus the
                    embedding (first) or the output layer (last), P_stage = P without a pipeline; the cp ranks hold
                    the same weights as dp replicas
@@ -37,7 +37,7 @@ import itertools
 import math
 from dataclasses import asdict, dataclass, replace
 
-from .collectives import AlphaBeta
+from .comm.ring import AlphaBeta
 from .memory import GB, activation_bytes_per_layer, zero_state_bytes
 
 

@@ -9,8 +9,8 @@ import math
 import torch
 
 from minidist import comm
-from minidist.futures import then
-from minidist.powersgd import orthogonalize_, split_flat
+from minidist.compression.futures import then
+from minidist.compression.powersgd import orthogonalize_, split_flat
 
 
 def allreduce_hook(group, bucket) -> torch.futures.Future[torch.Tensor]:
@@ -25,7 +25,7 @@ def allreduce_hook(group, bucket) -> torch.futures.Future[torch.Tensor]:
     # ---- exercise allreduce_hook (1 point) --------------------------------------------------------
     # hint: bucket.buffer() is the flat gradient of this rank; comm.group_size(group) is N (from minidist import comm).
     # hint: comm.all_reduce_(tensor, group, async_op=True) starts a sum in place and returns a Work;
-    #       then(works, finish) (from minidist.futures import then) makes the future a hook returns.
+    #       then(works, finish) (from minidist.compression.futures import then) makes the future a hook returns.
     buf = bucket.buffer()
     work = comm.all_reduce_(buf.div_(comm.group_size(group)), group, async_op=True)
     return then([work], lambda summed: summed)
@@ -105,7 +105,7 @@ def power_iteration(ms: list[torch.Tensor], qs: list[torch.Tensor], group=None, 
     """
     # ---- exercise power_iteration (3 points) -------------------------------------------------------
     # hint: minidist.comm (from minidist import comm) has all_reduce_ and group_size; orthogonalize_ and split_flat
-    #       come from minidist.powersgd.
+    #       come from minidist.compression.powersgd.
     # hint: torch.cat([t.flatten() for t in ...]) builds the flat buffer; split_flat(flat, shapes) cuts it back into
     #       views of the given shapes.
     n = comm.group_size(group)

@@ -31,7 +31,7 @@ def test_bench_rejects_nonsense():
 
 def test_bench_flight_counts_one_recorded_operation_per_bucket_at_least():
     from minidist.bench import bench_flight
-    from minidist.buckets import MiB, layout
+    from minidist.data_parallel.buckets import MiB, layout
     from minidist.models import GPT
     result = bench_flight(2, steps=2, warmup=0, bucket_cap_mb=0.02)
     buckets, _ = layout([p for p in GPT().parameters() if p.requires_grad], int(0.02 * MiB))

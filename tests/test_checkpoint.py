@@ -10,7 +10,8 @@ import shutil
 import pytest
 import torch
 
-from minidist import checkpoint, launch
+from minidist import launch
+from minidist.checkpoint import save_load as checkpoint
 from minidist.grading import implementation
 from minidist.models import GPT, GPTConfig
 from minidist.tour import checkpoint as tc
@@ -225,7 +226,7 @@ def test_dcp_metadata_is_unpickled_with_dcp_classes_only(tmp_path):
 
 
 def test_every_file_and_the_directory_are_fsynced_and_a_load_sees_one_checkpoint(tmp_path, monkeypatch):
-    from minidist import checkpoint_format
+    from minidist.checkpoint import file_format as checkpoint_format
     synced, real = [], checkpoint_format.fsync
     monkeypatch.setattr(checkpoint_format, "fsync", lambda p: (synced.append(os.path.relpath(p, tmp_path)), real(p)))
     model = GPT(GPTConfig(n_layer=1, n_embd=16))
@@ -311,9 +312,9 @@ def test_max_diff_never_hides_a_nan():
 
 
 def test_an_overlap_and_a_gap_of_the_same_size_are_refused():
-    from minidist.checkpoint import _reads
-    from minidist.checkpoint_format import global_plan
-    from minidist.checkpoint_layout import whole
+    from minidist.checkpoint.save_load import _reads
+    from minidist.checkpoint.file_format import global_plan
+    from minidist.checkpoint.layout import whole
 
     def piece(offsets):  # rows [r, r + 2) of a (4, 2) tensor
         return {"key": "w", "shape": [4, 2], "dtype": "float32", "offsets": offsets, "lengths": [2, 2]}

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from minidist import launch
-from minidist.checkpointing import capture_state, checkpoint, checkpoint_blocks, uncheckpoint
 from minidist.grading import implementation
 from minidist.memory import activation_bytes_per_layer
+from minidist.memory.recompute import capture_state, checkpoint, checkpoint_blocks, uncheckpoint
 from minidist.models import GPT, Block, GPTConfig, lm_loss
 from minidist.tour.checkpointing import (CFG, against_plain, recompute_flops, saved_per_layer, torch_checkpointed)
 

@@ -1,4 +1,4 @@
-"""comm.py's seams for the chapters ahead: counted bytes under ring_backend(), async and in-place collectives,
+"""comm/collectives.py's seams for the chapters ahead: counted bytes under ring_backend(), async and in-place collectives,
 point-to-point messages, group axis names, shards that own their storage, a simulated link."""
 import time
 from contextlib import nullcontext
@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from minidist import comm, launch
-from minidist.collectives import ring_reduce_scatter
+from minidist.comm.ring import ring_reduce_scatter
 from minidist.testing import value_errors
 
 

@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 from minidist import comm, launch
 from minidist.compression import PowerSGDState, TopKState
+from minidist.compression.powersgd import bucket_matrices, orthogonalize_
 from minidist.grading import implementation
-from minidist.powersgd import bucket_matrices, orthogonalize_
 from minidist.tour.compression import (WholeBucket, every_hook, hook_against_plain, on_ddp,
                                        powersgd_after_a_zero_gradient, topk_invariant)
 
@@ -72,7 +72,7 @@ def test_error_feedback_loses_nothing_and_without_it_entries_are_never_sent():
 
 
 def test_powersgd_and_solutions_import_on_their_own():
-    for module in ("minidist.powersgd", "solutions.ch10_compression"):
+    for module in ("minidist.compression.powersgd", "solutions.ch10_compression"):
         out = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=ROOT,
                              timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]

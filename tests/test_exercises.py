@@ -211,7 +211,7 @@ def test_grading_needs_its_test_tools(monkeypatch):
 
 
 def test_show_displays_the_skeleton_not_the_answer():
-    from minidist.collectives import ring_all_gather_, ring_all_reduce
+    from minidist.comm.ring import ring_all_gather_, ring_all_reduce
     from minidist.data_parallel import DataParallel
     from minidist.exercises import show, stub_source
     shown = show(ring_all_reduce)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from minidist import RankError, comm, launch
-from minidist.diagnose import diagnose
+from minidist.comm.diagnose import diagnose
 from minidist.testing import value_errors
 
 TIMEOUT = 2  # seconds a collective waits for its peers in these tests
@@ -31,7 +31,7 @@ def planted(fault: str):
         comm.all_reduce_sum(torch.ones(999 if r == 2 else 1000))
     if fault == "hung collective":  # rank 0 stuck inside a collective that never times out (NCCL without a watchdog)
         if r == 0:
-            from minidist import flight
+            from minidist.comm import flight
             flight.enter("all_reduce", x)
             time.sleep(60)
         dist.barrier = lambda *a, **k: time.sleep(60)  # this process only: it stays alive in launch's closing barrier
@@ -134,7 +134,7 @@ def test_agreeing_records_say_so():
 
 def test_diagnose_from_the_command_line(tmp_path):
     """Under torchrun each rank leaves its record in a directory; `python -m minidist diagnose DIR` reads them."""
-    from minidist import flight
+    from minidist.comm import flight
     for rank, numel in ((0, 1000), (1, 999)):
         flight._entries.clear()
         flight._seq.clear()

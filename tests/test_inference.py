@@ -6,12 +6,12 @@ import re
 import pytest
 import torch
 
-import minidist.inference as inference
+import minidist.serving.inference as inference
 from minidist import launch
-from minidist.batching import Engine, Request
 from minidist.grading import implementation
-from minidist.inference import KVCache, generate, kv_bytes_per_token
 from minidist.pipeline.generate import pp_generate_bytes
+from minidist.serving.batching import Engine, Request
+from minidist.serving.inference import KVCache, generate, kv_bytes_per_token
 from minidist.tour.inference import (BATCH, CFG, NEW, PROMPT, PROMPTS, SEED, TEMPERATURE, build, kv_formula,
                                      pp_generation, tp_generate_bytes, tp_generation)
 
@@ -173,7 +173,7 @@ def test_sampling_survives_any_finite_temperature():
 
 
 def test_a_request_that_fails_in_the_engine_fails_alone(monkeypatch):
-    import minidist.batching as batching
+    import minidist.serving.batching as batching
     real = batching.sample_next
 
     def flaky(logits, temperatures, generators):                         # fails for one request only

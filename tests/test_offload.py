@@ -10,9 +10,9 @@ import torch.nn as nn
 
 from minidist import launch
 from minidist.grading import implementation
+from minidist.memory.offload import (DiskTier, HostTier, bytes_by_location, make_tier, offload_activations,
+                                     offload_optimizer, states, storage_bytes)
 from minidist.models import GPT, lm_loss
-from minidist.offload import (DiskTier, HostTier, bytes_by_location, make_tier, offload_activations, offload_optimizer,
-                              states, storage_bytes)
 from minidist.tour.checkpointing import CFG, offloaded_layer_bytes, optimizer_offload_against_plain, zero_offload
 
 
@@ -38,7 +38,7 @@ def test_pack_saved_copies_the_whole_storage_onto_the_tier(tmp_path):
 
 @pytest.mark.exercise("unpack_saved")
 def test_unpack_saved_rebuilds_the_tensor_in_fast_memory(tmp_path):
-    from minidist.offload import pack_saved
+    from minidist.memory.offload import pack_saved
     unpack = implementation("unpack_saved")
     tier = DiskTier(str(tmp_path))
     for name, t in views().items():

@@ -11,9 +11,10 @@ from torch.utils.checkpoint import checkpoint
 
 from minidist import comm, launch
 from minidist.data_parallel import DataParallel, global_mean_loss
+from minidist.data_parallel.buckets import MiB
+from minidist.data_parallel.reducer import GradReducer
 from minidist.grading import implementation
 from minidist.models import GPT, lm_loss
-from minidist.reducer import MiB, GradReducer
 from minidist.testing import replica_divergence
 from minidist.tour.data_parallel import BATCHES, CFG, SGD_TOL
 
@@ -292,7 +293,7 @@ def test_any_arrival_order_launches_every_bucket_in_order_as_early_as_possible()
 
 
 def test_predicted_step_time_by_hand():
-    from minidist.collectives import AlphaBeta
+    from minidist.comm.ring import AlphaBeta
     from minidist.data_parallel import predict_step_seconds
     cost = AlphaBeta(alpha=1.0, beta=0.0)  # every all-reduce on 2 ranks: 2 messages, 2 s
     # no overlap: forward 1 + backward 4, then 3 buckets one after another
@@ -305,7 +306,7 @@ def test_predicted_step_time_by_hand():
 
 @pytest.mark.parametrize("cap", [0, -5, 2.5])
 def test_a_bucket_capacity_that_is_not_a_positive_integer_is_refused(cap):
-    from minidist.buckets import assign_buckets
+    from minidist.data_parallel.buckets import assign_buckets
     with pytest.raises(ValueError, match="bucket capacity must be a positive number of elements"):
         assign_buckets([3, 4], cap)
 
@@ -380,7 +381,7 @@ def test_a_comm_hook_gets_buckets_of_whole_parameters():
 
 
 def test_whole_parameter_buckets_close_at_the_cap_and_never_split():
-    from minidist.buckets import assign_whole_buckets
+    from minidist.data_parallel.buckets import assign_whole_buckets
     assert assign_whole_buckets([5, 3, 4], cap=6) == [[(2, 0, 4), (1, 0, 3)], [(0, 0, 5)]]
     assert assign_whole_buckets([5, 0, 4], cap=None) == [[(2, 0, 4)], [(0, 0, 5)]]
     assert assign_whole_buckets([5, 3, 4], cap=100) == [[(2, 0, 4), (1, 0, 3), (0, 0, 5)]]

@@ -16,12 +16,13 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-import minidist.batching as batching
-from minidist.balancer import RoundRobin, make_balancer, percentile, poisson_load, replay_in_steps, run_load
-from minidist.batching import Engine
-from minidist.cluster import Cluster, ClusterDown, RequestError, build_model, check_tp
+import minidist.serving.batching as batching
 from minidist.grading import implementation
-from minidist.inference import generate
+from minidist.serving.balancer import RoundRobin, make_balancer, percentile, poisson_load, replay_in_steps, run_load
+from minidist.serving.batching import Engine
+from minidist.serving.cluster import Cluster, ClusterDown, RequestError
+from minidist.serving.inference import generate
+from minidist.serving.replica import build_model, check_tp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -373,7 +374,7 @@ class FakeCluster:
                                                         ("hangs", 504, "no answer within 0.2 s")])
 def test_the_app_answers_failures_with_their_status(behaviour, status, message):
     from fastapi.testclient import TestClient
-    from minidist.serve import Metrics, create_app
+    from minidist.serving.app import Metrics, create_app
     cluster = FakeCluster(behaviour)
     client = TestClient(create_app(cluster, Metrics(1), tokenizer=None, request_timeout=0.2))
     answer = client.post("/generate", json={"input_ids": [1, 2], "max_new_tokens": 2})

@@ -14,11 +14,11 @@ from minidist.memory import activation_bytes_per_layer
 from minidist.models import GPT, GPTConfig, build_llama
 from minidist.tensor_parallel import (GPT_PLAN, LLAMA_PLAN, ColumnParallelLinear, RowParallelLinear,
                                       VocabParallelEmbedding, padded_size, parallelize, vocab_parallel_cross_entropy)
+from minidist.tensor_parallel.plans import full_parameters, sharded_parameters
 from minidist.tour.tensor_parallel import (ADAM_TOL, BATCH, BF16_TOL, CFG, DTENSOR_TOL, GRAD_TOL,
                                            activations_per_layer, against_one_process, layernorm_stat_bytes, preload,
                                            sp_grad_numel, tp_bytes_per_step, tp_param_bytes, under_autocast)
 from minidist.tour.tp_dtensor import dtensor_side_by_side
-from minidist.tp_plans import full_parameters, sharded_parameters
 
 preload()  # transformers and DTensor imported once here: the forked ranks inherit them
 TOKENS = BATCH * CFG.block_size

@@ -26,7 +26,7 @@ def bucket_sweep(caps_mb: list[float], alpha: float, bandwidth: float, steps: in
                  batch_size: int = 8) -> dict:
     """On every rank: calibrate the cost model over a simulated link, then time one overlapped data-parallel step per
     bucket size and predict it (data_parallel.predict_step_seconds)."""
-    from ..collectives import AlphaBeta, ring_step_time
+    from ..comm.ring import AlphaBeta, ring_step_time
     from ..data_parallel import predict_step_seconds
     n, rank = dist.get_world_size(), dist.get_rank()
     link = comm.SimulatedLink(alpha, bandwidth)

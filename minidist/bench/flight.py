@@ -1,4 +1,4 @@
-"""What the flight recorder (flight.py, the hang diagnosis) costs a data-parallel step.
+"""What the flight recorder (comm/flight.py, the hang diagnosis) costs a data-parallel step.
 
 The recorder's cost per operation (enter + complete, mirrored to the memory-mapped file) is microseconds, far below
 the run-to-run noise of a step on a shared machine, so it is measured on its own (best of many repeats) and
@@ -9,7 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .. import flight
+from ..comm import flight
 from ..data import random_batches, token_ids
 from ..data_parallel import DataParallel
 from ..launch import device, launch

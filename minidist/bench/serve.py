@@ -22,7 +22,7 @@ The work per replica does not depend on the machine; balancer.replay_in_steps co
 import statistics
 import time
 
-from ..balancer import BALANCERS, MIX, poisson_load, run_load
+from ..serving.balancer import BALANCERS, MIX, poisson_load, run_load
 
 
 def measure_capacity(cluster, mix, slots: int, bursts: int = 2) -> float:
@@ -46,7 +46,7 @@ PATTERNS = {"iid": MIX, "alternating": ((4, 0.5), (40, 0.5))}
 def bench_serve(replicas: int = 2, requests: int = 160, utilization: float = 0.9, slots: int = 4,
                 pattern: str = "alternating", repeats: int = 1, model: str = "tiny-llama", seed: int = 0,
                 rate: float | None = None) -> dict:
-    from ..cluster import Cluster
+    from ..serving.cluster import Cluster
     if pattern not in PATTERNS:
         raise ValueError(f"unknown load pattern {pattern!r}; choose one of {sorted(PATTERNS)}")
     if repeats < 1 or not utilization > 0:

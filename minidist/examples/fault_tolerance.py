@@ -228,12 +228,12 @@ def prune(directory: str, keep: int = 2) -> None:
 
 def full_weights(model, strategy: str) -> dict:
     """The whole model's weights on every rank (collective for sharded strategies)."""
-    from minidist.checkpoint_layout import unwrap
+    from minidist.checkpoint.layout import unwrap
     if strategy in ("zero3", "fsdp"):
         from minidist.fsdp import full_state_dict
         return full_state_dict(model)
     if strategy == "tp":
-        from minidist.tp_plans import full_parameters
+        from minidist.tensor_parallel.plans import full_parameters
         return full_parameters(model)
     return unwrap(model).state_dict()
 

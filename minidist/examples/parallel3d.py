@@ -51,7 +51,7 @@ def prepare(args, world: int) -> None:
 
 
 def train_3d(args) -> dict:
-    from minidist.examples.train import _log, _progress
+    from minidist.examples.progress import log_step, progress_bar
     from minidist.parallel3d import ParallelRun, mean_loss
     mesh, dev = Mesh.build(dp=args.dp, pp=args.pp, cp=args.cp, tp=args.tp), device()
     cfg = GPTConfig(block_size=args.block_size, n_layer=args.n_layer or max(2, args.pp))
@@ -60,11 +60,11 @@ def train_3d(args) -> dict:
                       zero_stage=args.zero_stage)
     train_ids, val_ids = train_val_split(token_ids())
     shape = "x".join(f"{a}{s}" for a, s in mesh.shape.items() if s > 1) or "1 rank"
-    progress, losses = _progress(args, f"3d {shape}"), []
+    progress, losses = progress_bar(args, f"3d {shape}"), []
     for step, (x, y) in enumerate(random_batches(train_ids, args.batch_size, args.block_size, args.steps,
                                                  seed=args.seed)):
         losses.append(mean_loss(run.step(x.to(dev), y.to(dev)), mesh))
-        _log(progress, args, step, losses[-1])
+        log_step(progress, args, step, losses[-1])
     divergence = run.replica_divergence()
     dense = GPT(cfg).to(dev)
     with torch.no_grad():

@@ -43,7 +43,7 @@ def check(args) -> str | None:
 def prepare_model(model, args):
     """Before wrapping: checkpointing; with --offload, 16-bit weights (the fast tier keeps 2 + 2 bytes/parameter)."""
     if args.checkpointing:
-        from minidist.checkpointing import checkpoint_blocks
+        from minidist.memory.recompute import checkpoint_blocks
         checkpoint_blocks(model, args.checkpointing)
     return model.bfloat16() if args.offload else model
 
@@ -66,7 +66,7 @@ def optimizer(module, args):
     if not args.offload:
         return None
     from minidist.mixed_precision import LossScaler, MixedPrecisionOptimizer
-    from minidist.offload import make_tier, offload_optimizer
+    from minidist.memory.offload import make_tier, offload_optimizer
     from minidist.zero import ZeroOptimizer
     model = getattr(module, "module", module)
     if args.strategy in ("zero1", "zero2"):
@@ -89,5 +89,5 @@ def forward_context(module, args):
     """Around each forward: the saved activations go to the tier (--offload), else nothing."""
     if not args.offload:
         return contextlib.nullcontext()
-    from minidist.offload import offload_activations
+    from minidist.memory.offload import offload_activations
     return offload_activations(args._tier, keep=getattr(module, "module", module))

@@ -48,6 +48,7 @@ from minidist.testing import replica_divergence
 from minidist.zero import ZeroOptimizer
 
 from . import parallel3d
+from .progress import log_step, progress_bar
 
 
 def _torch_ddp(model, args):
@@ -108,26 +109,9 @@ def _replicas(model, args):
     """What must be identical on every rank: the whole model, or under tensor parallelism its replicated part."""
     if args.strategy != "tp":
         return model
-    from minidist.tp_plans import sharded_parameters
+    from minidist.tensor_parallel.plans import sharded_parameters
     sharded = sharded_parameters(model)
     return torch.nn.ParameterList(p for name, p in model.named_parameters() if name not in sharded)
-
-
-def _progress(args, description: str, start: int = 0):
-    """A progress bar on rank 0 (None elsewhere, or with --quiet)."""
-    if dist.get_rank() != 0 or args.quiet:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=args.steps, initial=start, desc=description, file=sys.stderr)
-
-
-def _log(progress, args, step: int, loss: float) -> None:
-    if progress:
-        progress.update()
-        if step % args.log_every == 0 or step == args.steps - 1:
-            progress.write(f"step {step:5d}  loss {loss:.4f}")
-        if step == args.steps - 1:
-            progress.close()
 
 
 def train(args) -> dict:
@@ -148,7 +132,7 @@ def train(args) -> dict:
     train_ids, val_ids = train_val_split(token_ids())
     batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed)
     state = ft.resume(args, model, opt)  # step 0, or the newest checkpoint's
-    progress, losses = _progress(args, f"{args.strategy} on {n} ranks", state["step"]), state["losses"]
+    progress, losses = progress_bar(args, f"{args.strategy} on {n} ranks", state["step"]), state["losses"]
     monitor = Monitor(enabled=args.monitor is not None)  # --monitor PATH: per-rank step telemetry (minidist.monitor)
     for step, (x, y) in enumerate(batches[state["step"]:], start=state["step"]):
         ft.inject(args, step)
@@ -164,7 +148,7 @@ def train(args) -> dict:
         monitor.end()  # before the log's all-reduce: the monitor times the training step, not the logging
         mean = comm.all_reduce_sum(loss.detach()).item() / n  # the loss averaged over ranks (tp: the same)
         ft.after_step(args, state, step + 1, model, opt, mean)  # the loss logged; maybe a checkpoint
-        _log(progress, args, step, losses[-1])
+        log_step(progress, args, step, losses[-1])
     monitor.report(args.monitor)
     x, y = random_batches(val_ids, 32, args.block_size, 1, seed=1234)[0]
     with torch.no_grad():
@@ -193,7 +177,7 @@ def train_pp(args) -> dict:
     train_ids, val_ids = train_val_split(token_ids())
     stages = torch.nn.ModuleList(pipe.stages)  # what this rank checkpoints: its stages, named as in the whole model
     state = ft.resume(args, stages, opt)
-    progress, losses = _progress(args, f"pp {args.schedule} on {p} ranks", state["step"]), state["losses"]
+    progress, losses = progress_bar(args, f"pp {args.schedule} on {p} ranks", state["step"]), state["losses"]
     monitor = Monitor(enabled=args.monitor is not None)
     batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed)
     for step, (x, y) in enumerate(batches[state["step"]:], start=state["step"]):
@@ -205,7 +189,7 @@ def train_pp(args) -> dict:
         monitor.end()
         loss = loss.detach() if loss is not None else torch.zeros((), device=dev)
         ft.after_step(args, state, step + 1, stages, opt, comm.broadcast(loss, p - 1).item())  # lives on the last
-        _log(progress, args, step, losses[-1])
+        log_step(progress, args, step, losses[-1])
     monitor.report(args.monitor)
     tied = model.wte.weight.detach().clone()  # the first and the last rank's copies of the tied embedding
     dist.broadcast(tied, src=p - 1)

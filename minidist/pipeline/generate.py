@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from ..inference import KVCache, check_request, forward_cached, sample_next
+from ..serving.inference import KVCache, check_request, forward_cached, sample_next
 from .stages import rank_stages
 
 

@@ -15,8 +15,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from .. import checkpoint, checkpoint_format
-from ..checkpoint_layout import optimizer_entries
+from .. import checkpoint
+from ..checkpoint import file_format as checkpoint_format
+from ..checkpoint.layout import optimizer_entries
 from ..fsdp import full_state_dict
 from ..launch import launch
 from ..testing import on_device, replica_divergence

@@ -70,7 +70,7 @@ def build(strategy: str, seed: int = 0, weights: dict | None = None) -> Run:
         pipe = PipelineRuntime(stages, schedule("gpipe", p, 2), TP_CFG.n_embd, track_memory=False)
         return Run(strategy, stages[0], torch.optim.AdamW(pipe.parameters(), lr=LR), whole=model, pipe=pipe)
     if strategy == "tp":
-        from ..tp_plans import GPT_PLAN, parallelize
+        from ..tensor_parallel.plans import GPT_PLAN, parallelize
         parallelize(model, None, GPT_PLAN)
     return Run(strategy, model, torch.optim.AdamW(model.parameters(), lr=LR))
 

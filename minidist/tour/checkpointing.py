@@ -13,13 +13,13 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import comm
-from ..checkpointing import checkpoint_blocks, saved_bytes_per_layer
 from ..data_parallel import DataParallel
 from ..launch import launch
 from ..memory import SavedActivations
+from ..memory.offload import DiskTier, bytes_by_location, offload_activations, offload_optimizer, optimizer_tensors
+from ..memory.recompute import checkpoint_blocks, saved_bytes_per_layer
 from ..mixed_precision import LossScaler, MixedPrecisionOptimizer
 from ..models import GPT, GPTConfig, lm_loss
-from ..offload import DiskTier, bytes_by_location, offload_activations, offload_optimizer, optimizer_tensors
 from ..testing import on_device, replica_divergence, to_device
 from .data_parallel import BATCHES
 from .rows import covers, make_row

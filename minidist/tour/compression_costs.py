@@ -9,9 +9,9 @@ import torch.distributed as dist
 
 from .. import comm
 from ..bench.ddp import median_step_times
+from ..comm.ledger import RING_FACTOR
 from ..data import random_batches, token_ids, train_val_split
 from ..data_parallel import DataParallel
-from ..ledger import RING_FACTOR
 from ..models import GPT, lm_loss
 from ..testing import on_device, replica_divergence, to_device
 from .compression import TOPK_RATIO, make_hook

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from ..collectives import chain_broadcast, ring_all_gather, ring_all_reduce, ring_reduce_scatter, time_op
+from ..comm.ring import chain_broadcast, ring_all_gather, ring_all_reduce, ring_reduce_scatter, time_op
 from ..launch import launch
 from ..memory import SavedActivations, activation_bytes_per_layer, measure_state_bytes, zero_state_bytes
 from ..models import GPT, count_params, lm_loss

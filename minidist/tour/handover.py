@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from .. import comm
 from ..fsdp import full_state_dict
-from ..tp_plans import full_parameters, local_shard
+from ..tensor_parallel.plans import full_parameters, local_shard
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element states (plus its scalar "step")
 

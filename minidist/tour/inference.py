@@ -11,13 +11,13 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from ..inference import KVCache, forward_cached, full_logits, generate, kv_bytes_per_token, n_layers
 from ..launch import launch
 from ..mesh import Mesh
 from ..models import GPT, GPTConfig, build_llama
 from ..pipeline.generate import pipeline_generate, pp_generate_bytes
+from ..serving.inference import KVCache, forward_cached, full_logits, generate, kv_bytes_per_token, n_layers
 from ..tensor_parallel import padded_size
-from ..tp_plans import GPT_PLAN, LLAMA_PLAN, parallelize
+from ..tensor_parallel.plans import GPT_PLAN, LLAMA_PLAN, parallelize
 from .rows import make_row
 
 # Untied output layers: a randomly initialized model whose output layer is its embedding mostly repeats its input

@@ -21,7 +21,7 @@ from ..mesh import Mesh
 from ..models import GPT, GPTConfig, lm_loss
 from ..parallel3d import ParallelRun, mean_loss
 from ..tensor_parallel import padded_size
-from ..tp_plans import local_shard
+from ..tensor_parallel.plans import local_shard
 from ..zero import ZeroOptimizer
 from .rows import covers, make_row
 from .tensor_parallel import tp_bytes_per_step

@@ -13,43 +13,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import comm
-from ..data import random_batches
 from ..launch import launch
 from ..memory import SavedActivations, measure_state_bytes
 from ..mesh import Mesh
-from ..models import GPT, GPTConfig, build_llama, lm_loss
+from ..models import GPT, lm_loss
 from ..tensor_parallel import padded_size, vocab_parallel_cross_entropy
+from ..tensor_parallel.plans import GPT_PLAN, local_shard, parallelize, sharded_parameters
 from ..testing import replica_divergence
-from ..tp_plans import GPT_PLAN, LLAMA_PLAN, local_shard, parallelize, sharded_parameters
 from .rows import covers, make_row
+from .tp_dtensor import dtensor_side_by_side
+from .tp_setup import BATCH, BATCHES, CFG, DTENSOR_STEPS, LR, STEPS, build, llama_config, logits_of  # noqa: F401
 
-CFG = GPTConfig(n_layer=2, n_embd=48, n_head=12, block_size=12)  # heads, widths and sequence divide by 2, 3 and 4
-BATCH, STEPS, LR = 4, 5, 1e-3
-BATCHES = random_batches(torch.randint(512, (5000,), generator=torch.Generator().manual_seed(0)), BATCH,
-                         CFG.block_size, steps=STEPS)
 GRAD_TOL = 1e-5               # reduction order: a matmul summed in N slices, then across ranks, rounds differently
 ADAM_TOL = 0.01 * LR * STEPS  # README: 1% of the most Adam can move a weight in STEPS steps
 BF16_TOL = 1e-3               # README: bf16 weights after 4 SGD steps (lr 0.1) against one process under autocast
-DTENSOR_STEPS = 3
 DTENSOR_TOL = 0.01 * LR * DTENSOR_STEPS
-
-
-def llama_config(n: int) -> dict:
-    """A small Llama with grouped-query attention: 24 query heads (of 2 dimensions) over 2N key-value heads, so
-    that every rank holds 2 key-value heads, each read by 12 / N of its query heads."""
-    return dict(hidden_size=48, intermediate_size=96, num_attention_heads=24, num_key_value_heads=2 * n,
-                max_position_embeddings=CFG.block_size)
-
-
-def build(model: str, n: int):
-    """(a fresh model, its plan): "gpt" (minidist's tiny GPT, tied embeddings) or "llama" (transformers)."""
-    if model == "gpt":
-        return GPT(CFG), GPT_PLAN
-    return build_llama(**llama_config(n)), LLAMA_PLAN
-
-
-def logits_of(out) -> torch.Tensor:
-    return getattr(out, "logits", out)  # Hugging Face models return an output object
 
 
 # The formulas.
@@ -254,7 +232,6 @@ def _timed(fn, *args):
 
 @covers("TP + SP tiny GPT HF Llama (GQA) activations per layer")
 def check_tensor_parallel(world_size: int) -> list[dict]:
-    from .tp_dtensor import dtensor_side_by_side  # it builds on this module
     n, rows, tokens = world_size, [], BATCH * CFG.block_size
     preload()
     for model in ("gpt", "llama"):  # both: 2 layers, hidden 48

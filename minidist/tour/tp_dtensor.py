@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from ..mesh import Mesh
 from ..tensor_parallel import shard_output_features
-from ..vocab_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
-from ..tp_plans import match_plan, parallelize
-from .tensor_parallel import BATCHES, DTENSOR_STEPS, LR, build, logits_of
+from ..tensor_parallel.plans import match_plan, parallelize
+from ..tensor_parallel.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from .tp_setup import BATCHES, DTENSOR_STEPS, LR, build, logits_of
 
 
 def dtensor_plan(plan: dict, sequence_parallel: bool, keyword_blocks=()) -> dict:

@@ -1,0 +1,207 @@
+"""Where a collective runs: handed to the process group's backend (gloo, NCCL), or run by minidist's own ring.
+
+By default `minidist.comm` hands every collective to the backend, and the ledger *models* its bytes (ledger.py).
+
+    with comm.ring_backend():
+        ...                       # every collective of minidist.comm runs on minidist's ring (ring.py):
+                                  # the ledger *counts* the bytes this rank really sends
+    with comm.ring_backend(link=SimulatedLink(alpha=1e-3, bandwidth=100e6)):
+        ...                       # ... and every message waits alpha + bytes / bandwidth before it leaves
+
+Under the ring backend, collectives run on one communication thread per rank, in the order they were issued (the
+role of a CUDA communication stream): an asynchronous collective returns a `Work` at once and the calling thread goes
+on computing while the communication thread sends. The simulated link makes that visible on one machine, where
+loopback is nearly free and communication otherwise competes with compute for the same cores: the delay is a sleep
+on the communication thread, which uses no CPU, so compute proceeds exactly as it would beside a real network card.
+
+Point-to-point messages, ring steps and all-to-all exchanges use different tags (under gloo), so a pipeline's
+activations can never be taken for a step of a collective issued around them; user tags 1-15 are refused. (NCCL
+ignores tags: there, only the order in which every rank issues its messages keeps them apart.)
+"""
+import math
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from . import flight
+from .ledger import open_ledgers, reporting_to
+
+RING_TAG, ALL_TO_ALL_TAG = 1, 2  # tags of minidist's own messages; user messages use 0 or any tag >= RESERVED_TAGS
+RESERVED_TAGS = 16
+
+
+@dataclass(frozen=True)
+class SimulatedLink:
+    """A network link: each message costs `alpha` seconds plus its bytes over `bandwidth` (bytes per second)."""
+
+    alpha: float = 0.0
+    bandwidth: float = math.inf
+
+    def __post_init__(self):
+        if not (self.alpha >= 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a non-negative number of seconds, got {self.alpha!r}")
+        if not self.bandwidth > 0:
+            raise ValueError(f"bandwidth must be positive (bytes per second), got {self.bandwidth!r}")
+
+    def seconds(self, nbytes: int) -> float:
+        return self.alpha + nbytes / self.bandwidth
+
+
+class Work:
+    """Handle of an asynchronous communication: `wait()` blocks until it is done and returns its result.
+
+    `completed_at` is the time.perf_counter() at which the communication finished (None until then), for timelines.
+    """
+
+    def __init__(self, result=None, *, future: Future | None = None, torch_work=None, entry=None):
+        self._result, self._future, self._torch_work, self._entry = result, future, torch_work, entry
+        self.completed_at = None if (future or torch_work) else time.perf_counter()
+        if self.completed_at is not None:
+            flight.complete(entry)
+        if future is not None:
+            future.add_done_callback(self._future_done)
+        elif torch_work is not None:
+            try:
+                torch_work.get_future().then(self._torch_done)
+            except RuntimeError:  # some works (e.g. on a one-rank group) have no future: timed at wait()
+                pass
+
+    def _mark_done(self) -> None:
+        """The communication finished *successfully*: time it and complete its flight-recorder entry."""
+        if self.completed_at is None:
+            self.completed_at = time.perf_counter()
+            flight.complete(self._entry)
+
+    def _torch_done(self, fut) -> None:
+        try:
+            fut.value()  # raises if the collective failed: then it stays "entered" in the flight record
+        except Exception:
+            return
+        self._mark_done()
+
+    def _future_done(self, fut: Future) -> None:
+        if fut.exception() is not None:
+            return
+        inner = fut.result()
+        if isinstance(inner, Work):  # a message the communication thread posted: done when it is delivered
+            if inner.completed_at is not None:
+                self._mark_done()
+            elif inner._torch_work is not None:
+                try:
+                    inner._torch_work.get_future().then(lambda f: self._torch_done(f))
+                except RuntimeError:
+                    pass
+        else:
+            self._mark_done()
+
+    def wait(self):
+        if self._future is not None:
+            self._result = self._future.result()  # re-raises what failed on the communication thread
+            if isinstance(self._result, Work):      # a point-to-point message the thread posted without blocking
+                self._result = self._result.wait()
+        if self._torch_work is not None:
+            self._torch_work.wait()
+        self._mark_done()
+        return self._result
+
+    def is_completed(self) -> bool:
+        if self._future is not None:
+            if not self._future.done():
+                return False
+            inner = self._future.result()
+            return not isinstance(inner, Work) or inner.is_completed()
+        return self._torch_work is None or self._torch_work.is_completed()
+
+
+class _CommThread:
+    """One thread that runs communication jobs in the order they were submitted."""
+
+    def __init__(self):
+        self.pid, self.jobs = os.getpid(), queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="minidist-comm", daemon=True).start()
+
+    def _loop(self):
+        while True:
+            fn, ledgers, future = self.jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                with reporting_to(ledgers):
+                    future.set_result(fn())
+            except BaseException as e:  # surfaced by Work.wait() on the issuing thread
+                future.set_exception(e)
+
+    def submit(self, fn) -> Future:
+        future = Future()
+        self.jobs.put((fn, open_ledgers(), future))
+        return future
+
+
+_state = {"ring": False, "link": None, "thread": None}
+
+
+def ring_active() -> bool:
+    return _state["ring"]
+
+
+def current_link() -> SimulatedLink | None:
+    return _state["link"]
+
+
+def simulate_message(nbytes: int) -> None:
+    """Hold a message of `nbytes` on the sender for as long as the simulated link would (no-op without one)."""
+    if _state["link"] is not None and nbytes:
+        time.sleep(_state["link"].seconds(nbytes))
+
+
+def _thread() -> _CommThread:
+    t = _state["thread"]
+    if t is None or t.pid != os.getpid():  # threads do not survive fork: a forked rank starts its own
+        t = _state["thread"] = _CommThread()
+    return t
+
+
+@contextmanager
+def ring_backend(link: SimulatedLink | None = None):
+    """Inside, minidist.comm runs every collective on minidist's own ring, with counted bytes (module docstring).
+
+    All ranks must enter it together (collectives must run on the same algorithm on every rank). On leaving, every
+    communication issued inside has finished.
+    """
+    previous = _state["ring"], _state["link"]
+    _state["ring"], _state["link"] = True, link
+    try:
+        yield
+    finally:
+        drain()
+        _state["ring"], _state["link"] = previous
+
+
+def drain() -> None:
+    """Wait until the communication thread has run everything submitted so far."""
+    if _state["thread"] is not None and _state["thread"].pid == os.getpid():
+        submit(lambda: None).wait()
+
+
+def submit(fn, entry=None) -> Work:
+    """Run fn() on the communication thread; the Work's result is what fn returns (waited on if it is a Work)."""
+    return Work(future=_thread().submit(fn), entry=entry)
+
+
+def run(on_ring, on_backend, async_op: bool, record: tuple):
+    """Dispatch one collective, `record` = (op, tensor, group) for the flight recorder: under the ring backend
+    on_ring() runs on the communication thread and returns the result; else on_backend(async_op) returns (result,
+    torch work or None). Returns the result, or a Work."""
+    entry = flight.enter(*record)
+    if _state["ring"]:
+        work = submit(on_ring, entry)
+        return work if async_op else work.wait()
+    result, torch_work = on_backend(async_op)
+    if async_op:
+        return Work(result, torch_work=torch_work, entry=entry)
+    flight.complete(entry)
+    return result
