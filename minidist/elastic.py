@@ -10,12 +10,13 @@ fixes it only if every worker computes the same prefix.
 TORCHELASTIC_RESTART_COUNT does not qualify on several nodes: each agent counts its own restarts, and only those it
 decided after a failure of its own workers. The agent whose rank was killed counts one; the agent whose healthy
 rank was stopped because a new rendezvous round began ("num_nodes_waiting") counts none. Its worker, with prefix 0,
-reads the addresses of attempt 0, connects to the dead rank and fails too: a second restart, and with
---max-restarts=1 a failed run. (On one node one agent counts for all its workers, so the count agreed.)
+reads the addresses of attempt 0 and connects to the dead rank ("Connection refused": one more restart, which
+--max-restarts may not allow), or waits for peers that publish under prefix 1 until the process group times out.
+(On one node one agent counts for all its workers, so the count agreed.)
 
 The number is therefore taken from the store itself, in two steps:
 
-    rank 0        epoch = add("epoch", 1)                    a number no attempt had before
+    rank 0        epoch = add("count", 1)                    a number no attempt had before
                   set("current", f"{epoch} {world_size}")
     rank r > 0    last = the epoch rank r joined before (add("joined-by-r", 0): 0 if never)
                   wait until "current" holds an epoch > last, for this world size; then record it as joined
