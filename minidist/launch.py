@@ -46,6 +46,7 @@ import torch.distributed as dist
 
 from .comm import flight
 from .comm.diagnose import diagnose
+from .elastic import attempt_store, report_failure
 
 DEFAULT_TIMEOUT = float(os.environ.get("MINIDIST_TIMEOUT", 120))  # seconds a collective may wait for its peers
 
@@ -263,10 +264,9 @@ def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun shares its rendezvous store with the workers and keeps it across restarts: a restarted worker can
         # read the address a dead peer published in the attempt before ("Connection refused", pytorch issue 135712).
-        # Keys prefixed with the restart count give each attempt fresh ones (on one node: agents may count apart).
-        store = dist.PrefixStore(f"minidist-attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
-                                 dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                                               is_master=False, timeout=limit))
+        # Each attempt gets fresh keys, numbered alike on every node (elastic.py: not torchrun's restart count).
+        shared = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, False, limit)
+        store = attempt_store(shared, int(os.environ["RANK"]), world_size, timeout)
         dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size,
                                 timeout=limit)
     else:
@@ -278,8 +278,9 @@ def run_under_torchrun(fn, *args, backend: str | None = None, timeout: float = D
 
     The flight recorder is mirrored to $MINIDIST_FLIGHT_DIR (default: minidist-flight-RUN_ID in the temporary
     directory, one per torchrun job)/flight-RANK, and the rank's stacks are written next to it when torchrun ends it
-    (SIGTERM) or on SIGUSR1: after a hang or a timeout, `python -m minidist diagnose DIR` says why.
-    """
+    (SIGTERM) or on SIGUSR1: after a hang or a timeout, `python -m minidist diagnose DIR` says why. If `fn` raises,
+    the error is said in one line (elastic.report_failure; its traceback goes to DIR/error-RANK.txt) and SystemExit(1)
+    is raised."""
     init_from_env(backend, timeout)
     directory = os.environ.get("MINIDIST_FLIGHT_DIR") or os.path.join(
         tempfile.gettempdir(), f"minidist-flight-{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}")
@@ -291,10 +292,9 @@ def run_under_torchrun(fn, *args, backend: str | None = None, timeout: float = D
     faulthandler.register(signal.SIGTERM, stacks, all_threads=True, chain=True)
     try:
         result = fn(*args, **kwargs)  # if it raises, torchrun sees the rank fail and ends the others
-    except BaseException:
-        print(f"minidist: rank {rank} failed; every rank's flight record is in {directory}: run "
-              f"`python -m minidist diagnose {directory}` to see why", file=sys.stderr, flush=True)
-        raise
+    except Exception as e:  # one line (a peer's death), the traceback in the flight directory; exit code 1
+        report_failure(e, rank, directory)
+        raise SystemExit(1) from None
     dist.barrier()
     dist.destroy_process_group()
     return result

@@ -360,7 +360,7 @@ class FakeCluster:
     def __init__(self, behaviour: str):
         self.behaviour, self.running, self.futures = behaviour, behaviour != "down", []
 
-    def submit(self, ids, max_new_tokens, temperature, seed):
+    def submit(self, ids, max_new_tokens, temperature, seed, arrived_at=None):
         if self.behaviour == "down":
             raise ClusterDown("the cluster is not running: a rank died")
         future = Future()

@@ -27,9 +27,10 @@ import shutil
 from collections import defaultdict
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .files import (CorruptCheckpoint, CorruptPickle, check_files, get_slice, member, open_safetensors, read_json,
+                    torch_load)
 from .layout import inner_param_groups
 
 METADATA = "metadata.json"
@@ -72,10 +73,10 @@ def read_metadata(path: str) -> dict:
     """The checkpoint's metadata: {"tensors": {key: {"shape", "dtype", "chunks": [{"offsets", "lengths", "file"}]}},
     "tied": [[names of one tensor], ...], "optimized": [parameters the optimizer held]} (path: as saved or resolved)."""
     where = resolve(path)
-    if not os.path.isfile(os.path.join(where, METADATA)):
-        return _dcp_metadata(where)
-    with open(os.path.join(where, METADATA)) as f:
-        return json.load(f)
+    listed_in = os.path.join(where, METADATA if os.path.isfile(os.path.join(where, METADATA)) else ".metadata")
+    meta = read_json(listed_in) if listed_in.endswith(METADATA) else _dcp_metadata(where)
+    check_files(meta, where, listed_in)  # chunk files: plain names inside `where`, refused before anything is read
+    return meta
 
 
 class _DcpMetadataUnpickler(pickle.Unpickler):
@@ -98,9 +99,13 @@ def _dcp_metadata(path: str) -> dict:
     """DCP's own metadata (dcp.save with its default FileSystemWriter) in minidist's form: chunks are byte ranges."""
     from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
     with open(os.path.join(path, ".metadata"), "rb") as f:
-        md, tensors = _DcpMetadataUnpickler(f).load(), {}
+        try:
+            md, tensors = _DcpMetadataUnpickler(f).load(), {}
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+            raise CorruptPickle(f"{path}/.metadata: cannot read DCP's metadata ({type(e).__name__}: {e}): "
+                                f"truncated, damaged or refused") from None
     if not isinstance(md, Metadata):
-        raise ValueError(f"{path}/.metadata holds a {type(md).__name__}, not DCP's Metadata")
+        raise CorruptCheckpoint(f"{path}/.metadata holds a {type(md).__name__}, not DCP's Metadata")
     for key, m in md.state_dict_metadata.items():
         if isinstance(m, TensorStorageMetadata):
             infos = [md.storage_data[MetadataIndex(key, c.offsets)] for c in m.chunks]
@@ -219,21 +224,23 @@ def read_pieces(where: str, reads: list[dict]) -> None:
     by_file = defaultdict(list)
     for r in reads:
         by_file[r["file"]].append(r)
+    listed_in = os.path.join(where, METADATA if os.path.isfile(os.path.join(where, METADATA)) else ".metadata")
     with torch.no_grad():
         for name, group in by_file.items():
+            path = member(where, name, listed_in)  # also checked by read_metadata: here, whatever built the plan
             if name.endswith(".safetensors"):
-                with safe_open(os.path.join(where, name), framework="pt") as f:
+                with open_safetensors(path, listed_in) as f:
                     for r in group:
-                        piece = f.get_slice(r["key"])
+                        piece = get_slice(f, path, r["key"])
                         _copy(r, piece.get_shape(), piece[r["source"]], name)
                 continue
             cache = {}
-            with open(os.path.join(where, name), "rb") as f:
+            with open(path, "rb") as f:
                 for r in group:
                     offset, length = r["byte_range"]
                     if offset not in cache:
                         f.seek(offset)
-                        cache[offset] = torch.load(io.BytesIO(f.read(length)), weights_only=True)
+                        cache[offset] = torch_load(path, f.read(length), f"DCP chunk of {r['key']}")
                     _copy(r, list(cache[offset].shape), cache[offset][r["source"]], name)
 
 
@@ -265,7 +272,7 @@ def param_groups(where: str, optimizer) -> list[dict] | None:
     """The saved hyperparameters, once checked they fit `optimizer` (its class, its number of groups)."""
     if optimizer is None or not os.path.isfile(os.path.join(where, "optimizer.pt")):
         return None
-    saved, mine = torch.load(os.path.join(where, "optimizer.pt"), weights_only=True), inner_param_groups(optimizer)
+    saved, mine = torch_load(os.path.join(where, "optimizer.pt"), what="optimizer file"), inner_param_groups(optimizer)
     name = optimizer_class(optimizer)
     if saved.get("class", name) != name:
         raise ValueError(f"the checkpoint's optimizer is {saved['class']}, this one {name}: its states and "

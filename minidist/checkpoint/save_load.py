@@ -33,7 +33,7 @@ import torch.distributed as dist
 from .. import comm
 from ..launch import device
 from .file_format import (commit, cover_problem, dtype_name, extra_bytes, finish, global_plan,  # noqa: F401
-                                identity, param_groups, read_metadata, read_pieces, resolve, write_files)
+                          identity, param_groups, read_metadata, read_pieces, resolve, torch_load, write_files)
 from .layout import inner_param_groups, model_tensors, optimizer_entries, state_placement, whole
 
 
@@ -282,7 +282,7 @@ def load(path: str, model, optimizer=None, allow_cast: bool = False):
     groups = param_groups(where, optimizer)
     extras = [os.path.join(where, f"extra-{r:05d}.pt") for r in (_rank(), 0)]
     found = [f for f in extras if os.path.isfile(f)]
-    extra = torch.load(found[0], weights_only=True) if found else None  # read before anything is changed
+    extra = torch_load(found[0], what="extra file") if found else None  # read before anything is changed
     read_pieces(where, _reads(meta, wanted))
     with torch.no_grad():
         for e, state, master_saved in installs:

@@ -13,8 +13,10 @@ are bit-identical to those of a run that never failed (the script prints their S
 pass, raise, and torchrun restarts everyone: a hang becomes a restart. (--timeout counts from an attempt's second
 step on; setting up, ranks wait up to 120 s for each other; a save's collectives wait --save-timeout, as writing
 to disk may take longer than a step.) A checkpoint that cannot be loaded is passed over for the one before it.
-Single node only: minidist.launch keys each attempt's rendezvous by torchrun's restart count, which agents on
-several nodes need not count alike (pytorch issue 147064).
+Several nodes (torchrun --nnodes=N, c10d rendezvous) restart alike: each attempt's process group meets under keys
+numbered from torchrun's shared store, the same on every node (minidist/elastic.py; torchrun's restart count is
+not: each agent counts its own). A rank's failure is one line on stderr (a peer that died: the surviving ranks say
+so), its traceback in the flight directory (launch.run_under_torchrun).
 
 What resuming needs besides the tensors travels in each rank's `extra`: the step, the RNG states (torch's, Python's,
 the accelerator's; dropout draws from them), the sampler's seed and position, the loss scaler's state (--offload),
@@ -36,7 +38,6 @@ import shutil
 import signal
 import sys
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -79,11 +80,6 @@ def check(args) -> str | None:
     if args.checkpoint_dir is not None and getattr(args, "compress", None) in ("topk", "powersgd"):
         return (f"--checkpoint-dir does not support --compress {args.compress}: its error feedback (and PowerSGD's "
                 f"step counter) is not in the checkpoint, so a resumed run would differ")
-    if args.checkpoint_dir is not None and int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 and \
-            os.environ.get("LOCAL_RANK", "0") == "0":
-        warnings.warn("restarts on several nodes may hang in the rendezvous (then restart again): each attempt's keys "
-                      "carry the restart count, which torchrun agents on different nodes may count apart (pytorch "
-                      "issues 135712, 147064); minidist's fault tolerance is tested on one node")
     return None
 
 

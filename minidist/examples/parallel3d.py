@@ -27,27 +27,25 @@ def add_arguments(p) -> None:
                    help="3d: 1 = ZeRO-1 on the data-parallel axis, 0 = all-reduce")
 
 
-def prepare(args, world: int) -> None:
-    """Refuse a mesh that cannot run, before any rank starts; then load what every rank needs (the tokenized corpus,
-    torch._dynamo, which torch.optim imports lazily) once in this process: ranks forked from it inherit them."""
+def problems(args, world: int) -> list[str]:
+    """Why this mesh cannot run on `world` ranks (examples/preflight.py says it before any rank starts)."""
     size = args.dp * args.pp * args.cp * args.tp
-    problems = []
+    found = []
     if size != world:
-        problems.append(f"dp x pp x cp x tp = {args.dp}x{args.pp}x{args.cp}x{args.tp} = {size} ranks, but the world "
+        found.append(f"dp x pp x cp x tp = {args.dp}x{args.pp}x{args.cp}x{args.tp} = {size} ranks, but the world "
                         f"has {world} (pass --world-size {size}, or torchrun --nproc_per_node={size})")
     if args.batch_size % (args.dp * args.microbatches):
-        problems.append(f"--batch-size {args.batch_size} does not split into dp={args.dp} x "
+        found.append(f"--batch-size {args.batch_size} does not split into dp={args.dp} x "
                         f"{args.microbatches} micro-batches")
     if args.block_size % (2 * args.cp):
-        problems.append(f"--block-size {args.block_size} does not cut into 2 x cp = {2 * args.cp} chunks")
+        found.append(f"--block-size {args.block_size} does not cut into 2 x cp = {2 * args.cp} chunks")
     if args.schedule == "interleaved":
-        problems.append("--schedule interleaved is not supported by --strategy 3d (one pipeline stage per rank)")
+        found.append("--schedule interleaved is not supported by --strategy 3d (one pipeline stage per rank)")
     if 4 % args.tp:
-        problems.append(f"the tiny GPT's 4 heads do not split over tp={args.tp}")
-    if problems:
-        raise SystemExit("python -m minidist.examples.train: error: " + "; ".join(problems))
-    import torch._dynamo  # noqa: F401
-    token_ids()
+        found.append(f"the tiny GPT's 4 heads do not split over tp={args.tp}")
+    if args.n_layer is not None and args.n_layer < args.pp:
+        found.append(f"--n-layer {args.n_layer} blocks cannot fill pp={args.pp} pipeline stages")
+    return found
 
 
 def train_3d(args) -> dict:

@@ -1,4 +1,5 @@
-"""Train the tiny GPT (or a small Hugging Face Llama) on the shipped corpus with a data- or tensor-parallel strategy.
+"""Train the tiny GPT (or a small Hugging Face Llama, --model tiny-llama) on the shipped corpus with a data-, tensor-
+or pipeline-parallel strategy.
 
     torchrun --nproc_per_node=4 -m minidist.examples.train --strategy ddp          # one node, 4 ranks
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
@@ -11,7 +12,8 @@
     torchrun --nproc_per_node=2 -m minidist.examples.train --strategy ddp --checkpointing selective --compress powersgd
     torchrun --nproc_per_node=2 -m minidist.examples.train --strategy zero2 --offload disk --checkpointing full
 
-gloo on CPUs, NCCL when every rank has a GPU. Rank 0 shows a progress bar and logs the loss averaged over ranks.
+gloo on CPUs, NCCL when every rank has a GPU. Rank 0 logs the loss averaged over ranks (and shows a progress bar
+when stderr is a terminal). Flags are checked before any rank starts (examples/preflight.py): one line, exit code 2.
 Strategies: ddp (minidist.DataParallel), torch-ddp (PyTorch's DistributedDataParallel), none (each rank alone: what
 goes wrong without gradient averaging), tp (minidist.tensor_parallel: every rank holds 1/N of the model and sees the
 whole batch; --sequence-parallel adds sequence parallelism), pp (pipeline parallel, minidist.pipeline: each rank one
@@ -39,7 +41,7 @@ from minidist.args import nonnegative_float, positive_float, positive_int
 from minidist.data import random_batches, token_ids, train_val_split
 from minidist.data_parallel import DataParallel
 from minidist.examples import fault_tolerance as ft
-from minidist.examples import tradeoffs
+from minidist.examples import preflight, tradeoffs
 from minidist.fsdp import fully_shard
 from minidist.launch import device
 from minidist.models import GPT, GPTConfig, build_llama, lm_loss
@@ -93,8 +95,10 @@ OPTIMIZERS = {  # the optimizer each strategy trains with (default: AdamW on the
                                                bucket_cap_mb=args.bucket_cap_mb, module=model),
 }
 SHARDED = ("zero3", "fsdp", "torch-fsdp")  # each rank holds a shard of the weights: no replicas to compare
-MODELS = {"tiny-gpt": lambda args: GPT(GPTConfig(block_size=args.block_size, dropout=args.dropout)),
-          "tiny-llama": lambda args: build_llama(max_position_embeddings=max(128, args.block_size))}
+MODELS = {  # n_layer: the pipeline's (one block per stage at least); the others keep the model's own
+    "tiny-gpt": lambda args, **n: GPT(GPTConfig(block_size=args.block_size, dropout=args.dropout, **n)),
+    "tiny-llama": lambda args, n_layer=None: build_llama(max_position_embeddings=max(128, args.block_size),
+                                                         **({"num_hidden_layers": n_layer} if n_layer else {}))}
 
 
 def _loss_fn(args):
@@ -164,15 +168,15 @@ def train_pp(args) -> dict:
     global batch (the first stage uses the tokens, the last the targets), the loss lives on the last stage's rank."""
     from minidist.pipeline.runtime import PipelineRuntime
     from minidist.pipeline.schedule import build
-    from minidist.pipeline.stages import rank_stages, split_gpt
+    from minidist.pipeline.stages import hidden_size, input_embedding, rank_stages, split_gpt
     rank, p, dev = dist.get_rank(), dist.get_world_size(), device()
     v = args.chunks if args.schedule == "interleaved" else 1
     if args.batch_size % args.microbatches:
         raise ValueError(f"global batch size {args.batch_size} is not divisible by {args.microbatches} micro-batches")
     torch.manual_seed(args.seed)
-    model = GPT(GPTConfig(block_size=args.block_size, n_layer=args.n_layer or max(2, p * v))).to(dev)
+    model = MODELS[args.model](args, n_layer=args.n_layer or max(2, p * v)).to(dev)
     pipe = PipelineRuntime(rank_stages(model, p, rank, v), build(args.schedule, p, args.microbatches, v),
-                           model.cfg.n_embd, track_memory=False)
+                           hidden_size(model), track_memory=False)
     opt = torch.optim.AdamW(pipe.parameters(), lr=args.lr)
     train_ids, val_ids = train_val_split(token_ids())
     stages = torch.nn.ModuleList(pipe.stages)  # what this rank checkpoints: its stages, named as in the whole model
@@ -191,15 +195,15 @@ def train_pp(args) -> dict:
         ft.after_step(args, state, step + 1, stages, opt, comm.broadcast(loss, p - 1).item())  # lives on the last
         log_step(progress, args, step, losses[-1])
     monitor.report(args.monitor)
-    tied = model.wte.weight.detach().clone()  # the first and the last rank's copies of the tied embedding
+    tied = input_embedding(model).detach().clone()  # the first and the last rank's copies of the tied embedding
     dist.broadcast(tied, src=p - 1)
-    divergence = (model.wte.weight.detach() - tied).abs().max().item() if rank == 0 else 0.0
+    divergence = (input_embedding(model).detach() - tied).abs().max().item() if rank == 0 else 0.0
     for s, stage in enumerate(split_gpt(model, p * v)):  # to evaluate: every stage's trained weights, everywhere
         for q in stage.parameters():
             dist.broadcast(q.data, src=s % p)
     x, y = random_batches(val_ids, 32, args.block_size, 1, seed=1234)[0]
     with torch.no_grad():
-        val = lm_loss(model(x.to(dev)), y.to(dev)).item()
+        val = lm_loss(getattr(out := model(x.to(dev)), "logits", out), y.to(dev)).item()  # HF: an output object
     return {"first_loss": losses[0], "last_loss": losses[-1], "val_loss": val, "replica_divergence": divergence,
             "losses": losses, "resumed_at": state["resumed_at"], "digest": ft.digest(model.state_dict())}
 
@@ -233,25 +237,20 @@ def parse(argv=None):
     p.add_argument("--quiet", action="store_true")
     tradeoffs.add_arguments(p)
     args = p.parse_args(argv)
-    if problem := tradeoffs.check(args):
-        p.error(problem)
+    args.given = preflight.given_options(p, argv, args)  # flags set on the command line, not by default
+    if problem := preflight.check_flags(args, args.given):
+        preflight.refuse(problem)
     return args
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    world = int(os.environ.get("WORLD_SIZE", args.world_size))
-    if args.strategy == "3d":
-        parallel3d.prepare(args, world)
-    elif args.strategy not in ("tp", "pp") and args.batch_size % world:  # data parallel splits the batch over ranks
-        raise SystemExit(f"python -m minidist.examples.train: error: --batch-size {args.batch_size} is not divisible "
-                         f"by the world size {world}")
-    if ft.check(args):
-        raise SystemExit(f"python -m minidist.examples.train: error: {ft.check(args)}")
+    if problem := preflight.check_world(args, int(os.environ.get("WORLD_SIZE", args.world_size)), MODELS):
+        preflight.refuse(problem)  # one line, exit code 2, before any rank starts
     import torch._dynamo  # noqa: F401  (else the first optimizer step imports it, seconds late for the others)
     token_ids()  # the corpus tokenized before ranks wait on each other: a late rank would eat into --timeout
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
-        result = run_under_torchrun(train, args)  # each restart of torchrun gets its own rendezvous keys
+        result = run_under_torchrun(train, args)  # a failure: one line on stderr, then SystemExit(1)
         rank = int(os.environ["RANK"])
     else:
         if args.model == "tiny-llama":  # import transformers once here: the forked ranks inherit it
@@ -269,7 +268,12 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except SystemExit as e:  # refused, or a torchrun worker that failed (its one line already said why)
+        if "RANK" not in os.environ or not isinstance(e.code, int):
+            raise
+        code = e.code
     if "RANK" in os.environ:  # a torchrun worker, done: skip the interpreter teardown, where gloo may abort or stall
         sys.stdout.flush()
         sys.stderr.flush()

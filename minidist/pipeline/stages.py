@@ -1,5 +1,5 @@
-"""Cutting the tiny GPT into pipeline stages: embeddings on the first, transformer blocks spread evenly, the final
-LayerNorm, LM head (and, in the runtime, the loss) on the last.
+"""Cutting the tiny GPT (or a Hugging Face Llama) into pipeline stages: embeddings on the first, transformer blocks
+spread evenly, the final norm, LM head (and, in the runtime, the loss) on the last.
 
 Stage s of S holds blocks[start:stop] from `partition(n_layer, S)`: consecutive blocks, stage sizes differing by at
 most one, the larger stages first (the last stage also carries the LM head, whose vocab-sized matmul is the
@@ -10,6 +10,10 @@ first and the last stage). In a pipeline those stages live on different ranks, e
 receives only its own stage's part of the gradient, so before the optimizer step the two ranks add their parts
 (Megatron-LM's "embedding group" all-reduce); both copies then take the same step and stay equal. `Stage.tied`
 names the parameters this applies to; the runtime exchanges their gradients.
+
+A Llama's decoder layers take their rotary position embeddings (cos, sin) from the model's `rotary_emb`, which has no
+parameters: every stage holds it and computes them for its own layers, as LlamaModel.forward does once for all.
+Causal masking is SDPA's default when no mask is given (as in the model's own forward, without padding).
 
 Here every rank builds the whole (tiny) model and keeps its own stages, so that all ranks start from the same
 weights and can be compared with one process; a model too large for one device would be built on the meta device
@@ -46,8 +50,26 @@ def partition(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
     # </exercise>
 
 
+def is_llama(model) -> bool:
+    """A Hugging Face *ForCausalLM (model.model.layers), not a minidist GPT (model.blocks)."""
+    return hasattr(model, "model") and hasattr(model.model, "layers")
+
+
+def blocks_of(model) -> nn.ModuleList:
+    return model.model.layers if is_llama(model) else model.blocks
+
+
+def input_embedding(model) -> nn.Parameter:
+    return model.get_input_embeddings().weight if is_llama(model) else model.wte.weight
+
+
+def hidden_size(model) -> int:
+    return model.config.hidden_size if is_llama(model) else model.cfg.n_embd
+
+
 class Stage(nn.Module):
-    """Stage `index` of `n_stages` of a GPT: [embeddings] + blocks[start:stop] + [final LayerNorm, LM head].
+    """Stage `index` of `n_stages` of a GPT: [embeddings] + blocks[start:stop] + [final LayerNorm, LM head] (of a
+    Llama: [embed_tokens] + layers[start:stop] + [norm, lm_head], with the rotary embedding on every stage).
 
     It holds the model's own submodules (no copy): on a rank, a stage trains the very parameters of that rank's
     model, so they can be compared by name with a reference model.
@@ -55,14 +77,26 @@ class Stage(nn.Module):
 
     def __init__(self, model, index: int, n_stages: int, start: int, stop: int):
         super().__init__()
-        self.index, self.first, self.last = index, index == 0, index == n_stages - 1
+        self.index, self.first, self.last, self.llama = index, index == 0, index == n_stages - 1, is_llama(model)
+        if self.llama and model.config._attn_implementation != "sdpa":
+            raise ValueError(f"pipeline stages of a Llama rely on SDPA's causal mask; this model's attention is "
+                             f"{model.config._attn_implementation!r}")
         if self.first:
-            self.wte, self.wpe, self.drop = model.wte, model.wpe, model.drop
-        self.blocks = nn.ModuleList(model.blocks[start:stop])
+            if self.llama:
+                self.embed_tokens = model.model.embed_tokens
+            else:
+                self.wte, self.wpe, self.drop = model.wte, model.wpe, model.drop
+        self.blocks = nn.ModuleList(blocks_of(model)[start:stop])
         if self.last:
-            self.ln_f, self.lm_head = model.ln_f, model.lm_head
-        tied = n_stages > 1 and model.lm_head.weight is model.wte.weight
-        self.tied = [model.wte.weight] if tied and (self.first or self.last) else []
+            if self.llama:
+                self.norm, self.lm_head = model.model.norm, model.lm_head
+            else:
+                self.ln_f, self.lm_head = model.ln_f, model.lm_head
+        if self.llama:
+            self.rotary_emb = model.model.rotary_emb   # buffers only, not saved (persistent=False)
+        embedding = input_embedding(model)
+        tied = n_stages > 1 and model.lm_head.weight is embedding
+        self.tied = [embedding] if tied and (self.first or self.last) else []
         # state_dict key here -> the key of the same tensor in the whole model ("blocks.0" of stage 1 may be the
         # model's "blocks.2"): a checkpoint names tensors as the whole model does, so any partition can load it.
         whole = {}
@@ -72,17 +106,23 @@ class Stage(nn.Module):
                              for name, t in self.state_dict(keep_vars=True).items()}
 
     def forward(self, x):               # first stage: (b, T) token ids; the others: (b, T, C) activations
-        if self.first:
-            x = self.drop(self.wte(x) + self.wpe(torch.arange(x.shape[1], device=x.device)))  # (b, T, C)
+        positions = torch.arange(x.shape[1], device=x.device)
+        if self.first and self.llama:
+            x = self.embed_tokens(x)                                                       # (b, T, C)
+        elif self.first:
+            x = self.drop(self.wte(x) + self.wpe(positions))                               # (b, T, C)
+        rope = self.rotary_emb(x, positions[None]) if self.llama else None                # (1, T, head dim) x 2
         for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.ln_f(x)) if self.last else x                              # last: (b, T, vocab)
+            x = block(x, position_embeddings=rope, position_ids=positions[None]) if self.llama else block(x)
+        if not self.last:
+            return x
+        return self.lm_head(self.norm(x) if self.llama else self.ln_f(x))                  # last: (b, T, vocab)
 
 
 def split_gpt(model, n_stages: int) -> list[Stage]:
-    """The S = n_stages stages of `model` (a minidist GPT), in order."""
+    """The S = n_stages stages of `model` (a minidist GPT or a Hugging Face Llama), in order."""
     return [Stage(model, s, n_stages, start, stop)
-            for s, (start, stop) in enumerate(partition(len(model.blocks), n_stages))]
+            for s, (start, stop) in enumerate(partition(len(blocks_of(model)), n_stages))]
 
 
 def rank_stages(model, p: int, rank: int, v: int = 1) -> list[Stage]:

@@ -17,9 +17,15 @@ The KV cache is a fixed pool of `slots` sequences of the model's context length;
 as many as its length needs).
 
 An Engine runs on every rank of a tensor-parallel replica in lockstep: the ranks add the same requests in the same
-order (cluster.py broadcasts them), so they take the same slots and sample the same tokens. A request whose prefill
-fails, or a decoding step that fails, does not stop the engine: the requests concerned leave with `error` set (the
-same on every rank, since the ranks run the same computation) and their slots are freed.
+order (cluster.py broadcasts them), so they take the same slots and sample the same tokens. On one rank (lockstep
+False), a request whose prefill fails, or a decoding step that fails, does not stop the engine: the requests
+concerned leave with `error` set and their slots are freed. In lockstep (tensor-parallel) the same error ends the
+engine: a rank that raised mid-forward has left its peers inside a collective it will never join, and a rank whose
+state differs from its peers' cannot serve with them; the replica fails as a whole (cluster.py: 503, and the server
+exits for its supervisor to restart it) rather than answer garbage or hang.
+
+cancel(rid) takes a request out (its caller gave up: the HTTP request timed out): it leaves at the next step with
+error CANCELLED and the tokens it had, its slot free for the others.
 """
 import time
 from collections import deque
@@ -28,6 +34,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .inference import KVCache, check_request, context_length, forward_cached, n_layers, sample_next
+
+CANCELLED = "cancelled: its caller stopped waiting"
 
 
 @dataclass
@@ -58,9 +66,9 @@ class Engine:
     """Continuous batching over `slots` KV-cache slots of `model` (a GPT or a Hugging Face Llama, parallelized or
     not). add() queues a request; step() runs one scheduling step and returns the requests it finished."""
 
-    def __init__(self, model, slots: int = 8, vocab_size: int | None = None):
+    def __init__(self, model, slots: int = 8, vocab_size: int | None = None, lockstep: bool = False):
         self.model, self.context = model.eval(), context_length(model)
-        self.vocab_size = vocab_size
+        self.vocab_size, self.lockstep, self.cancelled = vocab_size, lockstep, []
         self.cache = KVCache(n_layers(model), slots, self.context)
         self.device = next(model.parameters()).device
         self.free, self.waiting, self.running = list(range(slots)), deque(), {}
@@ -74,22 +82,40 @@ class Engine:
         self.waiting.append(request)
 
     def idle(self) -> bool:
-        return not self.waiting and not self.running
+        return not self.waiting and not self.running and not self.cancelled
+
+    def cancel(self, rid: int) -> bool:
+        """Take request `rid` out, waiting or running (its slot is freed now); it leaves at the next step with error
+        CANCELLED. False if the engine does not hold it (finished already)."""
+        for r in list(self.waiting):
+            if r.rid == rid:
+                self.waiting.remove(r)
+                break
+        else:
+            r = next((r for r in self.running.values() if r.rid == rid), None)
+            if r is None:
+                return False
+            del self.running[r.slot]
+            self.free.append(r.slot)
+        r.error = CANCELLED
+        self.cancelled.append(r)
+        return True
 
     @torch.no_grad()
     def step(self) -> list[Request]:
         """Admit, decode, retire (module docstring); returns the requests finished in this step."""
-        finished = [r for r in self.waiting if r.max_new_tokens == 0]  # nothing to generate: done at once
+        finished, self.cancelled = self.cancelled, []                  # cancelled since the last step
+        finished += [r for r in self.waiting if r.max_new_tokens == 0]  # nothing to generate: done at once
         self.waiting = deque(r for r in self.waiting if r.max_new_tokens > 0)
         decoding = list(self.running.values())                      # admitted before this step
         before = sum(len(r.output) for r in decoding)
         admitted = 0
         while self.waiting and self.free:
             r = self.waiting.popleft()
-            _guarded(self._prefill, r, [r])
+            _guarded(self._prefill, r, [r], self.lockstep)
             admitted += r.error is None
         if decoding:
-            _guarded(self._decode, decoding, decoding)
+            _guarded(self._decode, decoding, decoding, self.lockstep)
         self.batch_sizes.append(len(decoding))
         self.tokens_last_step = admitted + sum(len(r.output) for r in decoding) - before  # the tokens made this step
         self.steps += 1
@@ -124,12 +150,15 @@ class Engine:
             r.length += 1
 
 
-def _guarded(work, arg, requests: list[Request]) -> None:
-    """work(arg); if it raises, the requests it was for fail with its message (the engine goes on)."""
+def _guarded(work, arg, requests: list[Request], lockstep: bool = False) -> None:
+    """work(arg); if it raises, the requests it was for fail with its message (the engine goes on), unless the
+    engine runs in lockstep with peers (module docstring): then the error ends it."""
     try:
         work(arg)
     except torch.distributed.DistError:  # the ranks cannot talk any more: that ends the replica, not a request
         raise
-    except Exception as e:  # noqa: BLE001  (a request must never stop the engine: its caller gets the message)
+    except Exception as e:  # noqa: BLE001  (on one rank a request must never stop the engine: its caller is told)
+        if lockstep:  # peers may wait in a collective this rank left: the replica fails, not the request
+            raise
         for r in requests:
             r.error = f"{type(e).__name__}: {e}"

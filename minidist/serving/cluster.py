@@ -15,10 +15,17 @@ thread of this process, each running replica.py's loop. Requests travel through 
 close() sends every leader a stop, the ranks leave their loop and return, launch ends them cleanly; if this process
 dies, the kernel ends the ranks (launch asks it to).
 
-Failures. A request that fails on the ranks (its prefill or its decoding step raised) fails alone: its future raises
-RequestError with the message, and the replica goes on. A rank that dies ends them all (launch ends every rank when
-one fails, and the replicas share one launch): every pending future raises ClusterDown, later submits too, `running`
-turns False and `on_stop` is called, so that a server can report it and exit (its supervisor restarts it; app.py).
+Limits. With `max_waiting`, a replica holds at most slots + max_waiting requests (running or waiting for a slot):
+submit routes to one with room, and when none has any raises ClusterBusy at once (the server answers 429), rather
+than queueing without bound. A request whose future is cancelled (its caller stopped waiting: asyncio.wait_for's
+timeout cancels it) is cancelled on its replica, which stops generating it and frees its slot.
+
+Failures. A request that fails on the ranks (its prefill or its decoding step raised) fails alone on a replica of one
+rank: its future raises RequestError with the message, and the replica goes on. On a tensor-parallel replica the
+same error is a replica failure (batching.py says why), handled as a dead rank is: a rank that dies ends them all
+(launch ends every rank when one fails, and the replicas share one launch): every pending future raises
+ClusterDown, later submits too, `running` turns False and `on_stop` is called, so that a server can report it and
+exit (its supervisor restarts it; app.py).
 The ranks block SIGINT: Ctrl-C in a terminal reaches the whole process group, and only this process should decide.
 """
 import itertools
@@ -35,8 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from ..launch import launch
-from .balancer import make_balancer
-from .batching import Request
+from .balancer import least_outstanding_tokens, make_balancer
+from .batching import CANCELLED, Request
 from .inference import check_request, context_length
 from .replica import build_model, check_tp, replica_rank  # noqa: F401  (build_model: the model served)
 
@@ -47,6 +54,10 @@ class RequestError(RuntimeError):
 
 class ClusterDown(RuntimeError):
     """The ranks have stopped (closed, or one of them failed): nothing can be served."""
+
+
+class ClusterBusy(RuntimeError):
+    """Every replica holds as many requests as it may (slots + max_waiting): try again later."""
 
 
 @dataclass
@@ -65,16 +76,19 @@ class Cluster:
 
     def __init__(self, name: str = "tiny-llama", tp: int = 1, replicas: int = 1, slots: int = 8,
                  balancer: str = "least-tokens", listener=None, start_timeout: float = 120, on_stop=None,
-                 close_in_ranks: tuple[int, ...] = ()):
+                 close_in_ranks: tuple[int, ...] = (), max_waiting: int | None = None):
         for label, value in (("tp", tp), ("replicas", replicas), ("slots", slots)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        if max_waiting is not None and (not isinstance(max_waiting, int) or max_waiting < 0):
+            raise ValueError(f"max_waiting must be a non-negative integer or None, got {max_waiting!r}")
+        self.limit = None if max_waiting is None else slots + max_waiting  # requests a replica may hold
         check_tp(name, tp)
         with torch.device("meta"):
             model, _, self.vocab_size = build_model(name)
         self.name, self.tp, self.replicas, self.context = name, tp, replicas, context_length(model)
         self.balancer, self.listener = make_balancer(balancer), listener
-        self.outstanding, self.pending, self.pids = [0] * replicas, {}, []
+        self.outstanding, self.pending, self.pids, self.held = [0] * replicas, {}, [], [0] * replicas
         self.lock, self.ids, self.error, self.closed, self.on_stop = threading.Lock(), itertools.count(), None, False, \
             on_stop
         self.tokens, self.steps, self.busy_seconds = [0] * replicas, [0] * replicas, [0.0] * replicas  # per replica
@@ -123,9 +137,12 @@ class Cluster:
         """True while the ranks serve (False once closed, or once a rank failed)."""
         return not self.closed and self.error is None and self._ranks.is_alive()
 
-    def submit(self, input_ids: list[int], max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> Future:
+    def submit(self, input_ids: list[int], max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+               arrived_at: float | None = None) -> Future:
         """Route one request to a replica; the Future resolves to a Result, or raises RequestError (it failed on
-        its replica) or ClusterDown. ValueError at once for a bad request; ClusterDown at once if the ranks stopped."""
+        its replica) or ClusterDown. ValueError at once for a bad request; ClusterDown at once if the ranks stopped;
+        ClusterBusy at once if every replica is full. `arrived_at` (time.time() when the request reached the server,
+        default now): its latency counts from there. Cancelling the Future cancels the request on its replica."""
         check_request(len(input_ids), max_new_tokens, temperature, self.context, seed)
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in input_ids):
             raise ValueError(f"token ids must be integers in [0, {self.vocab_size})")
@@ -133,13 +150,24 @@ class Cluster:
         with self.lock:  # the reader's last sweep takes the lock too: a request is either swept or refused here
             if not self.running:
                 raise ClusterDown(f"the cluster is not running: {self.error or 'closed'}")
-            replica, rid = self.balancer.pick(self.outstanding), next(self.ids)
+            replica, rid = self._route(), next(self.ids)
             self.outstanding[replica] += cost
-            self.pending[rid] = (future, replica, cost, len(input_ids), time.time())
+            self.held[replica] += 1
+            self.pending[rid] = (future, replica, cost, len(input_ids), arrived_at or time.time())
         if self.listener:
             self.listener.submitted(replica, len(input_ids))
         self.inboxes[replica].put(Request(rid, list(input_ids), max_new_tokens, float(temperature), int(seed)))
+        future.add_done_callback(lambda f: f.cancelled() and self.inboxes[replica].put(("cancel", rid)))
         return future
+
+    def _route(self) -> int:
+        """The balancer's pick, or, if that replica is full, the least loaded one with room (lock held)."""
+        room = [self.limit is None or held < self.limit for held in self.held]
+        if not any(room):
+            raise ClusterBusy(f"every replica holds {self.limit} requests (its slots and max_waiting), try again "
+                              f"later")
+        replica = self.balancer.pick(self.outstanding)
+        return replica if room[replica] else least_outstanding_tokens(self.outstanding, room)
 
     def _read(self) -> None:
         """The outbox reader: progress and finished requests, until the ranks stop. A message that cannot be
@@ -179,6 +207,11 @@ class Cluster:
         with self.lock:
             future, replica, cost, prompt, submitted = self.pending.pop(rid)
             self.outstanding[replica] -= cost - len(output)  # the rest: its prompt (its tokens went step by step)
+            self.held[replica] -= 1
+        if error == CANCELLED:  # nobody waits for it: its future is cancelled already
+            if self.listener:
+                self.listener.cancelled(replica)
+            return
         if error is not None:
             if self.listener:
                 self.listener.failed_request(replica)

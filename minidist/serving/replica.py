@@ -10,7 +10,10 @@ continuous-batching Engine (batching.py) in a loop:
 
 An idle leader broadcasts an empty list after HEARTBEAT seconds anyway, so that its peers, blocked in the broadcast,
 never reach the process-group timeout. A None from the inbox stops the loop on every rank of the replica. A request
-the engine refuses or that fails in a step fails alone (its error goes back with it): the loop goes on.
+the engine refuses fails alone (its error goes back with it): the loop goes on; so does one that fails in a step on
+a replica of one rank. With tp > 1 an error in a step ends the rank (batching.py: its peers may be waiting inside a
+collective), and with it the replica and the cluster. ("cancel", rid) from the inbox, broadcast like a request,
+cancels request rid on every rank (its caller stopped waiting).
 """
 import os
 import pickle
@@ -65,7 +68,7 @@ def replica_rank(name: str, tp: int, replicas: int, slots: int, inboxes, outbox,
     replica, leader, group = mesh.local_rank("dp"), mesh.local_rank("tp") == 0, mesh.group("tp")
     model, plan, vocab = build_model(name)
     model = parallelize(model.to(device()), group, plan) if tp > 1 else model.to(device())
-    engine = Engine(model, slots, vocab)
+    engine = Engine(model, slots, vocab, lockstep=tp > 1)
     outbox.put(("pid", dist.get_rank(), os.getpid()))
     if leader:
         outbox.put(("ready", replica))
@@ -76,6 +79,9 @@ def replica_rank(name: str, tp: int, replicas: int, slots: int, inboxes, outbox,
         if new is None:
             return engine.steps
         for r in new:
+            if isinstance(r, tuple):  # ("cancel", rid)
+                engine.cancel(r[1])
+                continue
             try:
                 engine.add(r)
             except ValueError as e:  # checked by submit already; a request is refused alone, never the replica
