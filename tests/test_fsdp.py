@@ -17,7 +17,7 @@ from minidist.grading import implementation
 from minidist.memory import measure_state_bytes
 from minidist.models import GPT, count_params, lm_loss
 from minidist.tour.data_parallel import BATCHES, BF16_TOL, CFG, SGD_TOL
-from minidist.tour.fsdp import PEAK_CFG, against_fsdp2, late_prefetches, per_block, timeline
+from minidist.tour.fsdp import PEAK_CFG, against_fsdp2, late_prefetches, per_block, recomputed_against_one_process, timeline
 from minidist.tour.zero import states_and_bytes
 from minidist.testing import value_errors
 
@@ -305,3 +305,11 @@ def state_dict_while_gathered():
 def test_full_state_dict_is_fp32_while_a_unit_is_gathered():
     for dtypes, diff in launch(state_dict_while_gathered, 2):
         assert set(dtypes.values()) == {torch.float32} and diff == 0.0
+
+
+@pytest.mark.parametrize("how", ["non-reentrant", "reentrant", "minidist"])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_recomputation_in_backward_trains_as_one_process(how, world_size):
+    for out in launch(recomputed_against_one_process, world_size, how):
+        assert out["block 0 moved"] > 1e-3  # it trained (the recomputation bug left the blocks where they started)
+        assert out["diff"] < SGD_TOL and out["held"] == 0

@@ -128,7 +128,7 @@ def fsdp_placements(model: nn.Module) -> dict[int, Placement]:
     for m in model.modules():
         unit = getattr(m, "fsdp_unit", None)
         if unit is not None and unit.count:
-            if unit.state != "sharded":
+            if unit.gathered:
                 raise ValueError(f"fully_shard unit {unit.name} is gathered: save or load between steps")
             for shard, full, (start, stop, _) in zip(unit.sharded, unit.full, unit.piece):
                 out[id(shard)] = flat(full.shape, start, stop)

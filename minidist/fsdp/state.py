@@ -8,6 +8,7 @@ each rank holds (no padding, each element on exactly one rank), so their global 
 over ranks of each rank's squared norm: mixed_precision.clip_grad_norm_(sharded=True). torch.nn.utils.clip_grad_norm_
 on model.parameters() would see this rank's pieces only, and each rank would clip by a different factor.
 """
+import enum
 import weakref
 
 import torch
@@ -15,6 +16,33 @@ import torch.nn as nn
 
 from .. import comm
 from ..mixed_precision import clip_grad_norm_ as _clip
+
+class TrainingState(enum.Enum):
+    """Where a unit is in a training step; it decides what each hook does (units.py's docstring has the table)."""
+    IDLE = "idle"                    # between steps, or between a unit's forward and its backward
+    FORWARD = "forward"              # its forward is running (pre_forward ran, post_forward not yet)
+    PRE_BACKWARD = "pre-backward"    # backward reached its outputs: gathered until its gradients are done
+    POST_BACKWARD = "post-backward"  # its gradients are reduce-scattered; it waits for the end of backward
+
+
+def in_backward() -> bool:
+    """Is the autograd engine running (a forward hook firing now is a recomputation: activation checkpointing)?"""
+    return torch._C._current_graph_task_id() != -1
+
+
+class PostBackward(torch.autograd.Function):
+    """Identity on a unit's inputs; its backward runs once gradients reach them: the unit's backward is complete."""
+
+    @staticmethod
+    def forward(ctx, unit, *inputs):
+        ctx.unit = unit
+        return tuple(x.view_as(x) for x in inputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.unit.post_backward()
+        return (None, *grads)
+
 
 _SHARDED = weakref.WeakValueDictionary()  # id -> every parameter a unit has sharded (to refuse one tied across units)
 _PIECES = weakref.WeakValueDictionary()   # id -> the shards and gathered parameters units put in modules

@@ -3,12 +3,18 @@
 ZeRO-3 (Rajbhandari et al. 2020) partitions the parameters too; PyTorch's FSDP (Zhao et al. 2023) groups them in
 *units*: `fully_shard(block)` for each block, then `fully_shard(model)` for the rest (embeddings, final norm). A unit
 lays its parameters end to end, pads them to a multiple of N and keeps chunk r on rank r (in fp32: the shard is the
-master copy the optimizer steps). Its life in one training step, in methods named after the phases:
+master copy the optimizer steps). Its life in one step runs through an explicit training state per unit
+(state.TrainingState), which decides what each hook does, in methods named after the phases:
 
-    pre_forward    unshard: all-gather the unit's parameters (cast to param_dtype), prefetch the next unit's
-    post_forward   reshard: free the gathered parameters (unless reshard_after_forward=False)
-    pre_backward   unshard again (backward needs the weights), prefetch the unit backward needs next
-    post_backward  reduce-scatter the gradients (in reduce_dtype, averaged) into fp32 gradient shards; reshard
+    pre_forward    -> FORWARD: unshard (all-gather, cast to param_dtype), prefetch the next unit's, wrap the inputs
+    post_forward   -> IDLE: reshard (unless reshard_after_forward=False), hook the outputs to call pre_backward
+    pre_backward   -> PRE_BACKWARD (once): queue the end of backward; unshard again, prefetch backward's next unit
+    post_backward  PRE_BACKWARD -> POST_BACKWARD: reduce-scatter the gradients (reduce_dtype, averaged); reshard
+    end of backward (root)  every unit -> IDLE
+
+Recomputation (torch.utils.checkpoint, either use_reentrant; memory.checkpoint_blocks) runs forward hooks again while
+autograd runs backward: they then only make sure the unit is gathered, and reset, prefetch, queue and reshard nothing
+(IDLE -> PRE_BACKWARD when backward reaches the unit through the recomputed graph: use_reentrant=True).
 
 One unit (plus the prefetched one) is gathered at a time, and the prefetched all-gather runs while the current unit
 computes. Per step each rank sends (N-1)/N * bΨ per all-gather and reduce-scatter (Ψ parameters of b bytes):
@@ -34,7 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import comm
 from ..zero import shard_pieces
-from .state import claim, clip_grad_norm_, full_state_dict, unit_parameters  # noqa: F401  (re-exported)
+from .state import PostBackward, TrainingState, claim, clip_grad_norm_, full_state_dict, in_backward, unit_parameters  # noqa: F401
 
 
 def unshard_(full: torch.Tensor, shard: torch.Tensor, group=None) -> comm.Work:
@@ -89,20 +95,6 @@ def prefetch_target(order: list, current):
     # </exercise>
 
 
-class _PostBackward(torch.autograd.Function):
-    """Identity on a unit's inputs; its backward runs once gradients reach them: the unit's backward is complete."""
-
-    @staticmethod
-    def forward(ctx, unit, *inputs):
-        ctx.unit = unit
-        return tuple(x.view_as(x) for x in inputs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        ctx.unit.post_backward()
-        return (None, *grads)
-
-
 class FSDPUnit:
     """What fully_shard attaches to a module: its parameters (those no inner unit took), sharded, and the lifecycle."""
 
@@ -117,7 +109,8 @@ class FSDPUnit:
         self.reduce_dtype = reduce_dtype or self.param_dtype
         self._shard(params)
         claim(params, self.sharded + self.full)
-        self.state, self.work, self.rs_work, self.queued, self.held = "sharded", None, None, False, []
+        self.gathered, self.work, self.rs_work, self.queued, self.held = False, None, None, False, []
+        self.training_state = TrainingState.IDLE
         self.order_pre, self.order_post, self.events, self.frozen, self.peak = [], [], [], False, 0
         self.uses, self.backward_use, self.in_backward = 0, None, True  # grad-mode forwards; the one backward runs
         for u in inner:
@@ -158,7 +151,7 @@ class FSDPUnit:
 
     def unshard(self, async_op: bool = False) -> None:
         """All-gather my parameters in param_dtype into the gathered tensors (async: return at once, prefetch)."""
-        if self.state == "sharded" and self.work is None and self.count:
+        if not self.gathered and self.work is None and self.count:
             self.version, self.issued = self.full_flat._version, time.perf_counter()
             self.work = unshard_(self.full_flat, self.flat_shard.to(self.param_dtype), self.group)
             self.root._note_memory()
@@ -170,36 +163,43 @@ class FSDPUnit:
             self.work.wait()
             torch._C._autograd._unsafe_set_version_counter((self.full_flat,), (self.version,))  # see the docstring
             self.root.events.append((f"all-gather {self.name}", self.issued, self.work.completed_at))
-            self.work, self.state = None, "unsharded"
+            self.work, self.gathered = None, True
             self._set_slots(self.full)
 
     def reshard(self) -> None:
         """Free the gathered parameters; the module holds its shards again."""
-        if self.state == "unsharded":
+        if self.gathered:
             reshard_(self.full_flat)
-            self.state = "sharded"
+            self.gathered = False
             self._set_slots(self.sharded)
 
     def pre_forward(self, module, args, kwargs):
-        root = self.root
-        root.order_pre += [] if root.frozen or self in root.order_pre else [self]  # the first step records it
-        self.pre_done, self.post_done, root.queued = False, False, False
-        self.uses, self.backward_use = self.uses + torch.is_grad_enabled(), None  # (a failed backward forgotten)
-        self._unshard_prefetching(root.order_pre)
+        if in_backward():  # recomputation: backward needs me gathered, and nothing else may change
+            if self.training_state is TrainingState.IDLE:  # use_reentrant=True: backward reaches me only here
+                self.training_state, self.started = TrainingState.PRE_BACKWARD, time.perf_counter()
+            self.unshard()
+        else:
+            root = self.root
+            root.order_pre += [] if root.frozen or self in root.order_pre else [self]  # the first step records it
+            self.training_state, root.queued = TrainingState.FORWARD, False  # (a failed backward forgotten)
+            self.uses, self.backward_use = self.uses + torch.is_grad_enabled(), None
+            self._unshard_prefetching(root.order_pre)
         flat, spec = tree_flatten((args, kwargs))
         flat = [x.to(self.param_dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in flat]
         slots = [k for k, x in enumerate(flat) if torch.is_tensor(x) and x.requires_grad and torch.is_grad_enabled()]
-        for k, x in zip(slots, _PostBackward.apply(self, *[flat[k] for k in slots]) if slots else ()):
+        for k, x in zip(slots, PostBackward.apply(self, *[flat[k] for k in slots]) if slots else ()):
             flat[k] = x
         return tree_unflatten(flat, spec)
 
     def post_forward(self, module, args, output):
         root, use = self.root, self.uses
-        root.events.append((f"forward {self.name}", self.started, time.perf_counter()))
-        root.order_post += [] if root.frozen or self in root.order_post else [self]
-        root.frozen = root.frozen or self is root  # the order is known once the root's first forward is over
-        if self.reshard_after_forward or not torch.is_grad_enabled():
-            self.reshard()
+        if not in_backward():  # (a recomputation stays gathered for the backward that runs it)
+            root.events.append((f"forward {self.name}", self.started, time.perf_counter()))
+            root.order_post += [] if root.frozen or self in root.order_post else [self]
+            root.frozen = root.frozen or self is root  # the order is known once the root's first forward is over
+            self.training_state = TrainingState.IDLE
+            if self.reshard_after_forward or not torch.is_grad_enabled():
+                self.reshard()
         for t in (t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad):
             t.register_hook(lambda grad: self.pre_backward(use))  # backward is about to reach this use of the unit
         return output
@@ -210,9 +210,9 @@ class FSDPUnit:
                                f"applied twice, or two forwards summed into one loss): minidist's units run once per "
                                f"backward; give each use its own unit, or call backward after each forward")
         self.backward_use = use
-        if self.pre_done:
-            return
-        self.pre_done, root = True, self.root
+        if self.training_state in (TrainingState.PRE_BACKWARD, TrainingState.POST_BACKWARD):
+            return  # another output of mine, or a recomputed one: done once per backward
+        self.training_state, root = TrainingState.PRE_BACKWARD, self.root
         if not root.queued:  # the first unit backward reaches: the root finishes everything at the end
             torch.autograd.Variable._execution_engine.queue_callback(root._finish_backward)
             root.queued = True
@@ -229,9 +229,9 @@ class FSDPUnit:
 
     def post_backward(self) -> None:
         """Start the reduce-scatter of my gradients (in reduce_dtype, averaged; waited for at the end) and reshard."""
-        if self.post_done or not self.pre_done:
+        if self.training_state is not TrainingState.PRE_BACKWARD:
             return
-        self.post_done = True
+        self.training_state = TrainingState.POST_BACKWARD
         self.root.events.append((f"backward {self.name}", self.started, time.perf_counter()))
         self.held = [p.grad is not None for p in self.full]  # which parameters had a gradient here
         if any(p.requires_grad for p in self.full):
@@ -248,7 +248,8 @@ class FSDPUnit:
         units = [u for u in self.order_pre if u.root is self] or [self]
         for u in reversed(units):
             u.post_backward()
-        held = [h for u in units for h in (u.held if u.post_done else [False] * u.count)]
+        done = {u: u.training_state is TrainingState.POST_BACKWARD for u in units}
+        held = [h for u in units for h in (u.held if done[u] else [False] * u.count)]
         used = (comm.all_reduce_sum(torch.tensor(held, dtype=torch.int32, device=self.flat_shard.device),
                                     self.group) > 0).tolist()
         for u in units:
@@ -256,7 +257,9 @@ class FSDPUnit:
             used = used[u.count:]
             u.wait_unshard()  # a prefetched unit backward never reached (frozen below the trainable ones)
             u.reshard()
-            u.in_backward, u.backward_use = u.pre_done, None  # backward prefetches only units it reached
+            u.in_backward, u.backward_use = done[u], None  # backward prefetches only units it reached
+            u.training_state = TrainingState.IDLE
+        self.queued = False
 
     def _collect_grads(self, used: list[bool]) -> None:
         """Add my averaged gradient shard to my pieces' gradients (views of it after zero_grad); a parameter no rank
