@@ -1,10 +1,14 @@
 """Fully sharded data parallel (ZeRO stage 3, FSDP): parameters sharded at rest, gathered one unit at a time.
 
 ZeRO-3 (Rajbhandari et al. 2020) partitions the parameters too; PyTorch's FSDP (Zhao et al. 2023) groups them in
-*units*: `fully_shard(block)` for each block, then `fully_shard(model)` for the rest (embeddings, final norm). A unit
-lays its parameters end to end, pads them to a multiple of N and keeps chunk r on rank r (in fp32: the shard is the
-master copy the optimizer steps). Its life in one step runs through an explicit training state per unit
-(state.TrainingState), which decides what each hook does, in methods named after the phases:
+*units*: `fully_shard(block)` for each block, then `fully_shard(model)` for the rest (embeddings, final norm). As in
+FSDP2, each parameter becomes this rank's dim-0 shard of the original, with its name and ndim: rows
+[r*ceil(d0/N), (r+1)*ceil(d0/N)) (fewer, or none, on the last ranks when N does not divide d0), in fp32: the shard is
+the master copy the optimizer steps. The shards are views of one flat buffer with a slot of ceil(d0/N) rows per
+parameter (the padding), so the all-gather is one collective: rank-major out, then *copy-out* splits it into the
+full-shape parameters; backward's *copy-in* lays each rank's rows of every gradient in that rank's slots (the layout:
+state.shard_parameters). A unit's life in one step runs through an explicit training state (state.TrainingState),
+which decides what each hook does, in methods named after the phases:
 
     pre_forward    -> FORWARD: unshard (all-gather, cast to param_dtype), prefetch the next unit's, wrap the inputs
     post_forward   -> IDLE: reshard (unless reshard_after_forward=False), hook the outputs to call pre_backward
@@ -39,8 +43,8 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import comm
-from ..zero import shard_pieces
-from .state import PostBackward, TrainingState, claim, clip_grad_norm_, full_state_dict, in_backward, unit_parameters  # noqa: F401
+from .state import (PostBackward, TrainingState, claim, clip_grad_norm_, copy_out, full_state_dict,  # noqa: F401
+                    in_backward, shard_parameters, unit_parameters)
 
 
 def unshard_(full: torch.Tensor, shard: torch.Tensor, group=None) -> comm.Work:
@@ -107,7 +111,7 @@ class FSDPUnit:
         self.parent = None
         self.param_dtype = param_dtype or (params[0].dtype if params else torch.float32)
         self.reduce_dtype = reduce_dtype or self.param_dtype
-        self._shard(params)
+        shard_parameters(self, params)
         claim(params, self.sharded + self.full)
         self.gathered, self.work, self.rs_work, self.queued, self.held = False, None, None, False, []
         self.training_state = TrainingState.IDLE
@@ -118,28 +122,6 @@ class FSDPUnit:
         module.register_forward_pre_hook(self.pre_forward, with_kwargs=True)
         module.register_forward_hook(self.post_forward)
         module.fsdp_unit = self
-
-    def _shard(self, params: list[nn.Parameter]) -> None:
-        """Keep my chunk of the padded flat parameters (rank 0's); gathered ones are views of a flat buffer."""
-        with torch.no_grad():
-            for p in params:
-                p.copy_(comm.broadcast(p.detach(), 0, self.group))
-        self.numels, self.count = [p.numel() for p in params], len(params)
-        self.chunk, pieces = shard_pieces(self.numels, self.rank, self.n)
-        self.flat_shard = torch.zeros(self.chunk, dtype=params[0].dtype if params else None,
-                                      device=params[0].device if params else None)
-        self.piece = [(0, 0, 0)] * len(params)  # (start, stop, offset) of my piece of each parameter, if any
-        for i, start, stop, offset in pieces:
-            self.flat_shard[offset:offset + stop - start] = params[i].detach().reshape(-1)[start:stop]
-            self.piece[i] = (start, stop, offset)
-        self.sharded = [nn.Parameter(self.flat_shard[o:o + e - s], requires_grad=p.requires_grad)
-                        for p, (s, e, o) in zip(params, self.piece)]
-        self.full_flat = torch.empty(self.n * self.chunk, dtype=self.param_dtype, device=self.flat_shard.device)
-        self.starts = [sum(self.numels[:i]) for i in range(len(params))]
-        self.full = [nn.Parameter(self.full_flat[s:s + p.numel()].view(p.shape), requires_grad=p.requires_grad)
-                     for s, p in zip(self.starts, params)]
-        reshard_(self.full_flat)
-        self._set_slots(self.sharded)
 
     def _set_slots(self, tensors) -> None:
         for m, attr, i in self.slots:
@@ -152,8 +134,8 @@ class FSDPUnit:
     def unshard(self, async_op: bool = False) -> None:
         """All-gather my parameters in param_dtype into the gathered tensors (async: return at once, prefetch)."""
         if not self.gathered and self.work is None and self.count:
-            self.version, self.issued = self.full_flat._version, time.perf_counter()
-            self.work = unshard_(self.full_flat, self.flat_shard.to(self.param_dtype), self.group)
+            self.issued = time.perf_counter()
+            self.work = unshard_(self.gather_buf, self.flat_shard.to(self.param_dtype), self.group)
             self.root._note_memory()
         if not async_op:
             self.wait_unshard()
@@ -161,7 +143,11 @@ class FSDPUnit:
     def wait_unshard(self) -> None:
         if self.work is not None:
             self.work.wait()
-            torch._C._autograd._unsafe_set_version_counter((self.full_flat,), (self.version,))  # see the docstring
+            version = self.full_flat._version
+            self.full_flat.untyped_storage().resize_(self.full_flat.numel() * self.full_flat.element_size())
+            copy_out(self.gather_buf, self, into=self.padded)  # rank-major -> each parameter's rows, in place
+            reshard_(self.gather_buf)
+            torch._C._autograd._unsafe_set_version_counter((self.full_flat,), (version,))  # see the docstring
             self.root.events.append((f"all-gather {self.name}", self.issued, self.work.completed_at))
             self.work, self.gathered = None, True
             self._set_slots(self.full)
@@ -236,8 +222,10 @@ class FSDPUnit:
         self.held = [p.grad is not None for p in self.full]  # which parameters had a gradient here
         if any(p.requires_grad for p in self.full):
             self.rs_issued = time.perf_counter()
-            self.rs_work = reduce_scatter_grads([p.grad for p in self.full], self.numels, self.chunk,
-                                                self.reduce_dtype, self.group, self.flat_shard.device)
+            pieces = [None if p.grad is None else p.grad[r * k:(r + 1) * k] for r in range(self.n)  # copy-in:
+                      for p, k in zip(self.full, self.pads)]  # rank r's rows of every gradient, in its slots
+            self.rs_work = reduce_scatter_grads(pieces, self.sizes * self.n, self.chunk, self.reduce_dtype,
+                                                self.group, self.flat_shard.device)
         for p in self.full:
             p.grad = None
         self.reshard()
@@ -269,15 +257,16 @@ class FSDPUnit:
         shard = self.rs_work.wait().to(self.flat_shard.dtype)
         self.root.events.append((f"reduce-scatter {self.name}", self.rs_issued, self.rs_work.completed_at))
         self.rs_work = None
-        for p, (start, stop, offset), u in zip(self.sharded, self.piece, used):
+        for p, o, u in zip(self.sharded, self.offsets, used):
             if p.requires_grad and u:
-                piece = shard[offset:offset + stop - start]
+                piece = shard[o:o + p.numel()].view(p.shape)
                 p.grad = piece if p.grad is None else p.grad.add_(piece)
 
     def _note_memory(self) -> None:
         """Root: remember the most bytes of gathered parameters held at once (walking every unit's storage)."""
-        self.peak = max(self.peak, sum(m.fsdp_unit.full_flat.untyped_storage().nbytes()
-                                       for m in self.module.modules() if getattr(m, "fsdp_unit", None)))
+        units = [m.fsdp_unit for m in self.module.modules() if getattr(m, "fsdp_unit", None)]
+        held = [t for u in units for t in (u.full_flat, u.gather_buf)]
+        self.peak = max(self.peak, sum(t.untyped_storage().nbytes() for t in held))
 
 
 def fully_shard(module: nn.Module, group=None, *, param_dtype=None, reduce_dtype=None,
@@ -285,8 +274,8 @@ def fully_shard(module: nn.Module, group=None, *, param_dtype=None, reduce_dtype
     """Shard the parameters of `module` that no inner fully_shard call took over `group`; returns the module.
 
     Apply it to each block, then to the root. Build the optimizer on module.parameters() afterwards: they are this
-    rank's pieces (fp32 shards, views of the unit's flat shard). param_dtype: the dtype of gathered parameters
-    (compute and all-gather; floating-point inputs are cast to it); reduce_dtype: of the gradient reduce-scatter
+    rank's dim-0 shards (fp32, the names and ndim of the originals; views of the unit's flat shard). param_dtype: the
+    dtype of gathered parameters (compute and all-gather; floating-point inputs are cast to it); reduce_dtype: of the gradient reduce-scatter
     (default: param_dtype).
     """
     if getattr(module, "fsdp_unit", None) is not None:
