@@ -379,3 +379,15 @@ def test_per_ndim_adamw_groups_tied_frozen_and_a_dim_smaller_than_n(world_size):
         assert out["narrow rows"] == ((1 if rank < 2 else 0), 6)  # 2 rows over N ranks: one each on ranks 0 and 1
         assert out["frozen moved"] == 0.0
         assert out["diff"] < 0.01 * 0.01 * 3  # README: 1% of the most Adam moves a weight in 3 steps
+
+
+def test_hsdp_2x2_against_one_process_and_fsdp2():
+    """4 ranks as 2 replicas x 2 shards: weights equal one process and FSDP2's HSDP on a 2-D DeviceMesh; each rank
+    holds half the rows (sharded over 2, not 4); the bytes of a step equal the ring formulas per axis."""
+    from minidist.tour.fsdp import hsdp_against, hsdp_bytes_formula
+    results = launch(hsdp_against, 4, 2)
+    full = dict(GPT(CFG).named_parameters())
+    for out in results:
+        assert out["one process"] < SGD_TOL and out["FSDP2"] < SGD_TOL
+        assert out["shapes"]["wte.weight"] == (full["wte.weight"].shape[0] // 2, CFG.n_embd)
+        assert out["bytes"] == hsdp_bytes_formula(out["psi"], out["tensors"], 2, 2)

@@ -89,6 +89,8 @@ def shard_parameters(unit, params: list[nn.Parameter]) -> None:
     with torch.no_grad():
         for p in params:
             p.copy_(comm.broadcast(p.detach(), 0, unit.group))
+            if unit.replicate_group is not None:  # HSDP: every replica starts from the same weights
+                p.copy_(comm.broadcast(p.detach(), 0, unit.replicate_group))
     unit.count, unit.shapes = len(params), [tuple(p.shape) for p in params]
     unit.pads = [-(-p.shape[0] // unit.n) for p in params]  # rows per rank (the last ranks' padded)
     unit.sizes = [k * p[0].numel() for k, p in zip(unit.pads, params)]  # elements of each slot

@@ -20,6 +20,9 @@ Recomputation (torch.utils.checkpoint, either use_reentrant; memory.checkpoint_b
 autograd runs backward: they then only make sure the unit is gathered, and reset, prefetch, queue and reshard nothing
 (IDLE -> PRE_BACKWARD when backward reaches the unit through the recomputed graph: use_reentrant=True).
 
+HSDP (replicate_group=): shard over `group` (within a node), replicate over replicate_group (across nodes); gradients
+are reduce-scattered over `group`, then all-reduced over replicate_group: + 2(R-1)/R * bΨ/N per rank, on that axis.
+
 One unit (plus the prefetched one) is gathered at a time, and the prefetched all-gather runs while the current unit
 computes. Per step each rank sends (N-1)/N * bΨ per all-gather and reduce-scatter (Ψ parameters of b bytes):
 3(N-1)/N * bΨ, 1.5x data parallelism; 2(N-1)/N * bΨ with reshard_after_forward=False. Model states: 16Ψ/N per rank in
@@ -102,8 +105,9 @@ def prefetch_target(order: list, current):
 class FSDPUnit:
     """What fully_shard attaches to a module: its parameters (those no inner unit took), sharded, and the lifecycle."""
 
-    def __init__(self, module: nn.Module, group, param_dtype, reduce_dtype, reshard_after_forward: bool):
+    def __init__(self, module: nn.Module, group, replicate_group, param_dtype, reduce_dtype, reshard_after_forward):
         self.module, self.group, self.reshard_after_forward = module, group, reshard_after_forward
+        self.replicate_group = replicate_group  # HSDP: the same shards on every rank of it (None: plain FSDP)
         self.name = type(module).__name__  # fully_shard names it after its path in the outermost module
         self.n, self.rank = dist.get_world_size(group), dist.get_rank(group)
         inner = [m.fsdp_unit for m in module.modules() if getattr(m, "fsdp_unit", None)]
@@ -238,8 +242,10 @@ class FSDPUnit:
             u.post_backward()
         done = {u: u.training_state is TrainingState.POST_BACKWARD for u in units}
         held = [h for u in units for h in (u.held if done[u] else [False] * u.count)]
-        used = (comm.all_reduce_sum(torch.tensor(held, dtype=torch.int32, device=self.flat_shard.device),
-                                    self.group) > 0).tolist()
+        flags = comm.all_reduce_sum(torch.tensor(held, dtype=torch.int32, device=self.flat_shard.device), self.group)
+        if self.replicate_group is not None:  # HSDP: had a gradient on some rank of some replica
+            flags = comm.all_reduce_sum(flags, self.replicate_group)
+        used = (flags > 0).tolist()
         for u in units:
             u._collect_grads(used[:u.count])
             used = used[u.count:]
@@ -254,7 +260,10 @@ class FSDPUnit:
         had a gradient for keeps none, as on one process."""
         if self.rs_work is None:
             return
-        shard = self.rs_work.wait().to(self.flat_shard.dtype)
+        shard = self.rs_work.wait()  # averaged over my shard group, in reduce_dtype
+        if self.replicate_group is not None:  # HSDP: then averaged over the replicas of my shard
+            shard = comm.all_reduce_sum(shard, self.replicate_group).div_(dist.get_world_size(self.replicate_group))
+        shard = shard.to(self.flat_shard.dtype)
         self.root.events.append((f"reduce-scatter {self.name}", self.rs_issued, self.rs_work.completed_at))
         self.rs_work = None
         for p, o, u in zip(self.sharded, self.offsets, used):
@@ -269,20 +278,22 @@ class FSDPUnit:
         self.peak = max(self.peak, sum(t.untyped_storage().nbytes() for t in held))
 
 
-def fully_shard(module: nn.Module, group=None, *, param_dtype=None, reduce_dtype=None,
+def fully_shard(module: nn.Module, group=None, *, replicate_group=None, param_dtype=None, reduce_dtype=None,
                 reshard_after_forward: bool = True) -> nn.Module:
     """Shard the parameters of `module` that no inner fully_shard call took over `group`; returns the module.
 
     Apply it to each block, then to the root. Build the optimizer on module.parameters() afterwards: they are this
     rank's dim-0 shards (fp32, the names and ndim of the originals; views of the unit's flat shard). param_dtype: the
-    dtype of gathered parameters (compute and all-gather; floating-point inputs are cast to it); reduce_dtype: of the gradient reduce-scatter
-    (default: param_dtype).
+    dtype of gathered parameters (compute and all-gather; floating-point inputs are cast to it); reduce_dtype: of the
+    gradient reduce-scatter (default: param_dtype). replicate_group: HSDP (hybrid sharding): the ranks that hold the
+    same shards as this one (shard within a node, replicate across nodes); gradients are reduce-scattered over
+    `group`, then all-reduced over replicate_group. Every rank then averages over both: |group| * |replicate_group|.
     """
     if getattr(module, "fsdp_unit", None) is not None:
         raise ValueError(f"{type(module).__name__} is already sharded by fully_shard")
     if any(d is not None and not d.is_floating_point for d in (param_dtype, reduce_dtype)):
         raise ValueError(f"param_dtype and reduce_dtype must be floating-point, got {param_dtype}, {reduce_dtype}")
-    FSDPUnit(module, group, param_dtype, reduce_dtype, reshard_after_forward)
+    FSDPUnit(module, group, replicate_group, param_dtype, reduce_dtype, reshard_after_forward)
     for name, m in module.named_modules():  # names for timelines, as the outermost call sees them
         if getattr(m, "fsdp_unit", None) is not None:
             m.fsdp_unit.name = name or "root"
