@@ -384,10 +384,37 @@ def test_per_ndim_adamw_groups_tied_frozen_and_a_dim_smaller_than_n(world_size):
 def test_hsdp_2x2_against_one_process_and_fsdp2():
     """4 ranks as 2 replicas x 2 shards: weights equal one process and FSDP2's HSDP on a 2-D DeviceMesh; each rank
     holds half the rows (sharded over 2, not 4); the bytes of a step equal the ring formulas per axis."""
-    from minidist.tour.fsdp import hsdp_against, hsdp_bytes_formula
+    from minidist.tour.hsdp import hsdp_against, hsdp_bytes_formula
     results = launch(hsdp_against, 4, 2)
     full = dict(GPT(CFG).named_parameters())
     for out in results:
         assert out["one process"] < SGD_TOL and out["FSDP2"] < SGD_TOL
         assert out["shapes"]["wte.weight"] == (full["wte.weight"].shape[0] // 2, CFG.n_embd)
         assert out["bytes"] == hsdp_bytes_formula(out["psi"], out["tensors"], 2, 2)
+
+
+def test_two_level_network_fsdp_crosses_nodes_hsdp_only_for_the_replica_all_reduce():
+    """4 ranks as 2 nodes x 2 (comm.SimulatedLink(ranks_per_node=2)): bytes counted on the link as crossing nodes,
+    per rank, against the formulas; HSDP holds twice FSDP's model states (sharded over 2, not 4)."""
+    from minidist import comm
+    from minidist.tour.hsdp import two_level_network
+    link = comm.SimulatedLink(ranks_per_node=2, inter_alpha=1e-4, inter_bandwidth=1e9)
+    results = launch(two_level_network, 4, link)
+    psi, tensors = results[0]["psi"], results[0]["tensors"]
+    for rank, out in enumerate(results):
+        fsdp, hsdp = out["FSDP"], out["HSDP"]
+        # FSDP's ring over 0 -> 1 -> 2 -> 3 -> 0: ranks 1 and 3 send every byte to the other node, 0 and 2 none
+        assert fsdp["crossed"] == (fsdp["bytes"] if rank in (1, 3) else 0)
+        # HSDP: only the all-reduces over the replicate axis (each rank's gradient shard, the flags) cross
+        assert hsdp["crossed"] == comm.ring_bytes("all_reduce", 4 * psi // 2, 2) + comm.ring_bytes("all_reduce",
+                                                                                                  4 * tensors, 2)
+        assert hsdp["states"] == 2 * fsdp["states"] == 2 * 4 * psi // 4  # fp32 shards (after zero_grad, SGD: no more)
+
+
+def test_a_two_level_link_prices_each_message_by_its_ends():
+    from minidist import comm
+    link = comm.SimulatedLink(alpha=1.0, bandwidth=10.0, ranks_per_node=2, inter_alpha=5.0, inter_bandwidth=2.0)
+    assert link.seconds(10, 0, 1) == 2.0 and link.seconds(10, 1, 2) == 10.0 and link.seconds(10) == 2.0
+    assert link.crosses(3, 0) and not link.crosses(2, 3)
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        comm.SimulatedLink(ranks_per_node=0)
