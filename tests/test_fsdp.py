@@ -398,12 +398,14 @@ def test_two_level_network_fsdp_crosses_nodes_hsdp_only_for_the_replica_all_redu
     per rank, against the formulas; HSDP holds twice FSDP's model states (sharded over 2, not 4)."""
     from minidist import comm
     from minidist.tour.hsdp import two_level_network
+    from minidist.tour.zero import bytes_formula
     link = comm.SimulatedLink(ranks_per_node=2, inter_alpha=1e-4, inter_bandwidth=1e9)
     results = launch(two_level_network, 4, link)
     psi, tensors = results[0]["psi"], results[0]["tensors"]
     for rank, out in enumerate(results):
         fsdp, hsdp = out["FSDP"], out["HSDP"]
         # FSDP's ring over 0 -> 1 -> 2 -> 3 -> 0: ranks 1 and 3 send every byte to the other node, 0 and 2 none
+        assert fsdp["bytes"] == bytes_formula("fsdp", psi, tensors, 4, element=4)  # 3(N-1)/N bΨ + flags
         assert fsdp["crossed"] == (fsdp["bytes"] if rank in (1, 3) else 0)
         # HSDP: only the all-reduces over the replicate axis (each rank's gradient shard, the flags) cross
         assert hsdp["crossed"] == comm.ring_bytes("all_reduce", 4 * psi // 2, 2) + comm.ring_bytes("all_reduce",
