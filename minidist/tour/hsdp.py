@@ -120,7 +120,7 @@ def check_hsdp(world_size: int) -> list[dict]:
     per_rank = launch(hsdp_against, 4, 2)
     seconds = time.perf_counter() - start
     r = per_rank[0]
-    return [make_row("HSDP 2 x 2 (a unit per block), fp32, SGD", "one process; torch FSDP2 on a 2-D mesh",
+    return [make_row("HSDP 2 x 2 (a unit per block), fp32, SGD", "one process; FSDP2 on a 2-D mesh",
                      max_abs_diff=max(max(p["one process"], p["FSDP2"]) for p in per_rank), tolerance=SGD_TOL,
                      comm_bytes=sum(sum(p["bytes"].values()) for p in per_rank) / 4,
                      comm_bytes_theory=sum(hsdp_bytes_formula(r["psi"], r["tensors"], 2, 2).values()),
