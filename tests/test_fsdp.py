@@ -17,7 +17,7 @@ from minidist.grading import implementation
 from minidist.memory import measure_state_bytes
 from minidist.models import GPT, count_params, lm_loss
 from minidist.tour.data_parallel import BATCHES, BF16_TOL, CFG, SGD_TOL
-from minidist.tour.fsdp import PEAK_CFG, against_fsdp2, late_prefetches, per_block, timeline
+from minidist.tour.fsdp import PEAK_CFG, against_fsdp2, late_prefetches, per_block, recomputed_against_one_process, timeline
 from minidist.tour.zero import states_and_bytes
 from minidist.testing import value_errors
 
@@ -91,10 +91,11 @@ def test_bytes_and_memory_of_a_step_with_padding():
     bytes and every category of memory, summed over the ranks, equal the padded formulas exactly."""
     n, model = 3, GPT(CFG)
     psi, tensors = count_params(model), len(list(model.parameters()))
-    units = [sum(p.numel() for p in b.parameters()) for b in model.blocks]
-    units.append(psi - sum(units))  # the root: embeddings (with the tied output layer), final LayerNorm
-    padded = {"zero3": n * math.ceil(psi / n), "fsdp": sum(n * math.ceil(u / n) for u in units)}
-    padded["fsdp-keep"] = padded["fsdp"]
+    # each parameter sharded on dim 0, ceil(d0 / N) rows per rank: padded to N * ceil(d0 / N) rows, however the
+    # parameters are grouped in units
+    size = sum(n * math.ceil(p.shape[0] / n) * p[0].numel() for p in model.parameters())
+    assert size > psi  # CFG's dims 0 divide nothing: padding
+    padded = dict.fromkeys(("zero3", "fsdp", "fsdp-keep"), size)
     results = launch(states_and_bytes, n, tuple(padded), CFG)
     for s, size in padded.items():
         gathers = 3 if s != "fsdp-keep" else 2  # forward, backward (unless kept), and the reduce-scatter
@@ -138,14 +139,20 @@ def state_dict_and_accumulation():
     opt.step()
     trained = full_state_dict(sharded)
     diff = max((trained[k] - v).abs().max().item() for k, v in reference.state_dict().items())
-    return same_start, diff, [p.dim() for p in sharded.parameters()], sum(p.numel() for p in sharded.parameters())
+    return same_start, diff, {k: tuple(p.shape) for k, p in sharded.named_parameters()}, \
+        sum(p.numel() for p in sharded.parameters())
 
 
 def test_full_state_dict_and_gradient_accumulation():
     results = launch(state_dict_and_accumulation, 3)
-    for same_start, diff, dims, _ in results:
+    full = dict(GPT(CFG).named_parameters())
+    for rank, (same_start, diff, shapes, _) in enumerate(results):
         assert same_start and diff < SGD_TOL
-        assert set(dims) == {1}  # at rest the module holds this rank's 1-D pieces
+        assert list(shapes) == list(full)  # the same names, in the same order
+        for k, p in full.items():  # this rank's dim-0 rows: same ndim, ceil(d0 / N) rows (fewer on the last ranks)
+            per = math.ceil(p.shape[0] / 3)
+            rows = min(p.shape[0], (rank + 1) * per) - min(p.shape[0], rank * per)
+            assert shapes[k] == (rows, *p.shape[1:]), k
     assert sum(r[3] for r in results) == count_params(GPT(CFG))  # each element on exactly one rank
 
 
@@ -305,3 +312,111 @@ def state_dict_while_gathered():
 def test_full_state_dict_is_fp32_while_a_unit_is_gathered():
     for dtypes, diff in launch(state_dict_while_gathered, 2):
         assert set(dtypes.values()) == {torch.float32} and diff == 0.0
+
+
+@pytest.mark.parametrize("how", ["non-reentrant", "reentrant", "minidist"])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_recomputation_in_backward_trains_as_one_process(how, world_size):
+    for out in launch(recomputed_against_one_process, world_size, how):
+        assert out["block 0 moved"] > 1e-3  # it trained (the recomputation bug left the blocks where they started)
+        assert out["diff"] < SGD_TOL and out["held"] == 0
+
+
+class Mixed(nn.Module):
+    """A tied embedding / output layer (one unit), a frozen layer, LayerNorms (1-D), and a layer 2 rows deep (fewer
+    rows than ranks: some ranks hold none of it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.frozen = nn.Embedding(10, 6), nn.Linear(6, 6)
+        self.block = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6), nn.Tanh())
+        self.narrow, self.head = nn.Linear(6, 2), nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
+        self.frozen.requires_grad_(False)
+
+    def forward(self, idx):
+        h = self.block(self.frozen(self.emb(idx)))               # (B, T, 6)
+        return self.head(h + self.narrow(h).sum(-1, keepdim=True))  # (B, T, 10)
+
+
+def adamw_groups(model) -> list[dict]:
+    """The usual recipe: weight decay on matrices only (p.ndim >= 2), none on biases and norms."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trained if p.ndim >= 2], "weight_decay": 0.1},
+            {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def per_ndim_adamw():
+    torch.manual_seed(0)
+    model = Mixed()
+    reference, start = copy.deepcopy(model), copy.deepcopy(model).state_dict()
+    fully_shard(model.block)
+    fully_shard(model.narrow)
+    fully_shard(model)
+    opt = torch.optim.AdamW(adamw_groups(model), lr=0.01)
+    ref_opt = torch.optim.AdamW(adamw_groups(reference), lr=0.01)
+    n, rank = dist.get_world_size(), dist.get_rank()
+    for step in range(3):
+        idx = torch.randint(10, (12, 5), generator=torch.Generator().manual_seed(step))
+        for m, o, x in ((model, opt, idx.chunk(n)[rank]), (reference, ref_opt, idx)):
+            nn.functional.cross_entropy(m(x).flatten(0, 1), x.flatten()).backward()
+            o.step()
+            o.zero_grad()
+    full = full_state_dict(model)
+    return {"groups": [[(tuple(p.shape), p.ndim) for p in g["params"]] for g in opt.param_groups],
+            "ref groups": [[p.ndim for p in g["params"]] for g in ref_opt.param_groups],
+            "names": [k for k, _ in model.named_parameters()], "ref names": [k for k, _ in reference.named_parameters()],
+            "diff": max((full[k] - v).abs().max().item() for k, v in reference.state_dict().items()),
+            "frozen moved": max((full[k] - start[k]).abs().max().item() for k in start if k.startswith("frozen")),
+            "narrow rows": tuple(model.narrow.weight.shape), "keys": list(full) == list(reference.state_dict())}
+
+
+@pytest.mark.parametrize("world_size", [3, 4])
+def test_per_ndim_adamw_groups_tied_frozen_and_a_dim_smaller_than_n(world_size):
+    for rank, out in enumerate(launch(per_ndim_adamw, world_size)):
+        assert out["names"] == out["ref names"] and out["keys"]
+        assert [[d for _, d in g] for g in out["groups"]] == out["ref groups"]  # each parameter in the same group
+        assert out["narrow rows"] == ((1 if rank < 2 else 0), 6)  # 2 rows over N ranks: one each on ranks 0 and 1
+        assert out["frozen moved"] == 0.0
+        assert out["diff"] < 0.01 * 0.01 * 3  # README: 1% of the most Adam moves a weight in 3 steps
+
+
+def test_hsdp_2x2_against_one_process_and_fsdp2():
+    """4 ranks as 2 replicas x 2 shards: weights equal one process and FSDP2's HSDP on a 2-D DeviceMesh; each rank
+    holds half the rows (sharded over 2, not 4); the bytes of a step equal the ring formulas per axis."""
+    from minidist.tour.hsdp import hsdp_against, hsdp_bytes_formula
+    results = launch(hsdp_against, 4, 2)
+    full = dict(GPT(CFG).named_parameters())
+    for out in results:
+        assert out["one process"] < SGD_TOL and out["FSDP2"] < SGD_TOL
+        assert out["shapes"]["wte.weight"] == (full["wte.weight"].shape[0] // 2, CFG.n_embd)
+        assert out["bytes"] == hsdp_bytes_formula(out["psi"], out["tensors"], 2, 2)
+
+
+def test_two_level_network_fsdp_crosses_nodes_hsdp_only_for_the_replica_all_reduce():
+    """4 ranks as 2 nodes x 2 (comm.SimulatedLink(ranks_per_node=2)): bytes counted on the link as crossing nodes,
+    per rank, against the formulas; HSDP holds twice FSDP's model states (sharded over 2, not 4)."""
+    from minidist import comm
+    from minidist.tour.hsdp import two_level_network
+    from minidist.tour.zero import bytes_formula
+    link = comm.SimulatedLink(ranks_per_node=2, inter_alpha=1e-4, inter_bandwidth=1e9)
+    results = launch(two_level_network, 4, link)
+    psi, tensors = results[0]["psi"], results[0]["tensors"]
+    for rank, out in enumerate(results):
+        fsdp, hsdp = out["FSDP"], out["HSDP"]
+        # FSDP's ring over 0 -> 1 -> 2 -> 3 -> 0: ranks 1 and 3 send every byte to the other node, 0 and 2 none
+        assert fsdp["bytes"] == bytes_formula("fsdp", psi, tensors, 4, element=4)  # 3(N-1)/N bΨ + flags
+        assert fsdp["crossed"] == (fsdp["bytes"] if rank in (1, 3) else 0)
+        # HSDP: only the all-reduces over the replicate axis (each rank's gradient shard, the flags) cross
+        assert hsdp["crossed"] == comm.ring_bytes("all_reduce", 4 * psi // 2, 2) + comm.ring_bytes("all_reduce",
+                                                                                                  4 * tensors, 2)
+        assert hsdp["states"] == 2 * fsdp["states"] == 2 * 4 * psi // 4  # fp32 shards (after zero_grad, SGD: no more)
+
+
+def test_a_two_level_link_prices_each_message_by_its_ends():
+    from minidist import comm
+    link = comm.SimulatedLink(alpha=1.0, bandwidth=10.0, ranks_per_node=2, inter_alpha=5.0, inter_bandwidth=2.0)
+    assert link.seconds(10, 0, 1) == 2.0 and link.seconds(10, 1, 2) == 10.0 and link.seconds(10) == 2.0
+    assert link.crosses(3, 0) and not link.crosses(2, 3)
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        comm.SimulatedLink(ranks_per_node=0)

@@ -105,12 +105,14 @@ def test_memory_and_bytes_with_padding_mixed_precision():
     formulas exactly (one bucket per strategy: bucket_cap_mb=25; stage 3 as one unit)."""
     n, model = 3, GPT(CFG)
     psi, tensors, pad = count_params(model), len(list(model.parameters())), padded(count_params(model), n)
+    pad3 = sum(n * math.ceil(p.shape[0] / n) * p[0].numel() for p in model.parameters())  # stage 3: dim-0 shards
     results = launch(states_and_bytes, n, ("ddp", "zero1", "zero2", "zero3"), CFG)
     # (params, grads, optimizer) summed over the ranks: bf16 weights and gradients (2 bytes), fp32 masters (4),
     # moments (8) where each rank holds its chunk of the padded bucket (masters, gradient shards) or only its
-    # elements (moments: one per element of a piece); stage 3 keeps fp32 shards and fp32 gradient shards.
+    # elements (moments: one per element of a piece); stage 3 keeps fp32 shards and fp32 gradient shards, each
+    # parameter's padded to N * ceil(d0 / N) rows.
     expected = {"ddp": (n * 2 * psi, n * 2 * psi, n * 12 * psi), "zero1": (n * 2 * psi, n * 2 * psi, 4 * pad + 8 * psi),
-                "zero2": (n * 2 * psi, 2 * pad, 4 * pad + 8 * psi), "zero3": (4 * pad, 4 * pad, 8 * psi)}
+                "zero2": (n * 2 * psi, 2 * pad, 4 * pad + 8 * psi), "zero3": (4 * pad3, 4 * pad3, 8 * psi)}
     for s, (params, grads, optimizer) in expected.items():
         assert all(r[s]["counted"] for r in results)
         measured = [sum(getattr(r[s]["states"], k) for r in results) for k in ("params", "grads", "optimizer")]
@@ -119,7 +121,7 @@ def test_memory_and_bytes_with_padding_mixed_precision():
              for s in ("zero1", "zero2", "zero3")}
     assert sum(r["ddp"]["bytes"]["all_reduce"] for r in results) == 2 * (n - 1) * 2 * psi
     assert total["zero1"] == total["zero2"] == 2 * (n - 1) * 2 * pad  # what DDP sends, padded
-    assert total["zero3"] == 3 * (n - 1) * 2 * pad                    # 1.5x
+    assert total["zero3"] == 3 * (n - 1) * 2 * pad3                   # 1.5x, of each parameter padded on dim 0
     for s in ("zero1", "zero2", "zero3"):  # one int32 flag per tensor: who had a gradient
         assert sum(r[s]["bytes"]["all_reduce"] for r in results) == 2 * (n - 1) * 4 * tensors
 

@@ -9,7 +9,8 @@ is a list of boxes, each with a `take` that finds the box's elements inside the 
     column-parallel  rows [r*out/N, (r+1)*out/N) of (out, in); a fused q|k|v holds one row box in each third;
                      a vocabulary padded to a multiple of N keeps only its real rows (the padding is no one's data)
     row-parallel     columns [r*in/N, (r+1)*in/N) of (out, in)
-    flat shards      ZeRO's master weights and optimizer states, FSDP's units: elements [lo, hi) of the flattened
+    dim-0 shards     FSDP's parameters (and their optimizer states): rows [lo, hi) of the global tensor, one box
+    flat shards      ZeRO's master weights and optimizer states: elements [lo, hi) of the flattened
                      tensor, which is not a box: flat_boxes cuts it into at most 2d - 1 boxes (a partial first row,
                      whole rows, a partial last row, recursively)
     pipeline stage   whole tensors, named as the whole model names them (Stage.global_names)
@@ -123,15 +124,15 @@ def tensor_parallel_placements(model: nn.Module) -> dict[int, Placement]:
 
 
 def fsdp_placements(model: nn.Module) -> dict[int, Placement]:
-    """id(sharded parameter) -> its placement, for every fully_shard unit (chapters 05-06): a flat range."""
+    """id(sharded parameter) -> its placement, for every fully_shard unit (chapters 05-06): its dim-0 rows."""
     out = {}
     for m in model.modules():
         unit = getattr(m, "fsdp_unit", None)
         if unit is not None and unit.count:
-            if unit.state != "sharded":
+            if unit.gathered:
                 raise ValueError(f"fully_shard unit {unit.name} is gathered: save or load between steps")
-            for shard, full, (start, stop, _) in zip(unit.sharded, unit.full, unit.piece):
-                out[id(shard)] = flat(full.shape, start, stop)
+            for shard, shape, (lo, hi) in zip(unit.sharded, unit.shapes, unit.rows):
+                out[id(shard)] = _rows(shape, [(lo, 0, hi - lo)])
     return out
 
 

@@ -12,7 +12,7 @@
 
 `from minidist import comm` gives the names below; `comm.all_reduce_sum(x, group)` is how the techniques call it.
 """
-from .backend import SimulatedLink, Work, ring_backend
+from .backend import SimulatedLink, Work, cross_node_bytes, ring_backend
 from .collectives import (DifferentiableAllGather, DifferentiableAllReduceSum, DifferentiableGather,
                           DifferentiableIdentity, DifferentiableReduceScatterSum, DifferentiableSplit, all_gather,
                           all_gather_backward, all_gather_cat, all_gather_into_, all_reduce, all_reduce_,
@@ -37,5 +37,5 @@ __all__ = [
     "ring_all_gather", "chain_broadcast", "cost_terms", "fit_relative", "AlphaBeta", "time_op", "ring_step_time",
     # ledger.py, backend.py, flight.py
     "ByteLedger", "CommRecord", "ring_bytes", "record", "name_group", "group_name", "SimulatedLink", "Work",
-    "ring_backend", "flight_recorder",
+    "ring_backend", "cross_node_bytes", "flight_recorder",
 ]

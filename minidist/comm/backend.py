@@ -27,6 +27,8 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch.distributed as dist
+
 from . import flight
 from .ledger import open_ledgers, reporting_to
 
@@ -36,18 +38,36 @@ RESERVED_TAGS = 16
 
 @dataclass(frozen=True)
 class SimulatedLink:
-    """A network link: each message costs `alpha` seconds plus its bytes over `bandwidth` (bytes per second)."""
+    """A network link: each message costs `alpha` seconds plus its bytes over `bandwidth` (bytes per second).
+
+    A two-level network: with `ranks_per_node` set, global ranks [k*ranks_per_node, (k+1)*ranks_per_node) share node
+    k; a message between two nodes costs `inter_alpha` + bytes / `inter_bandwidth` instead (each message by its own
+    two ends), and its bytes are counted in comm.cross_node_bytes()."""
 
     alpha: float = 0.0
     bandwidth: float = math.inf
+    ranks_per_node: int | None = None
+    inter_alpha: float = 0.0
+    inter_bandwidth: float = math.inf
 
     def __post_init__(self):
         if not (self.alpha >= 0 and math.isfinite(self.alpha)):
             raise ValueError(f"alpha must be a non-negative number of seconds, got {self.alpha!r}")
         if not self.bandwidth > 0:
             raise ValueError(f"bandwidth must be positive (bytes per second), got {self.bandwidth!r}")
+        if not (self.inter_alpha >= 0 and math.isfinite(self.inter_alpha)) or not self.inter_bandwidth > 0:
+            raise ValueError(f"inter_alpha must be non-negative seconds and inter_bandwidth positive, got "
+                             f"{self.inter_alpha!r}, {self.inter_bandwidth!r}")
+        if self.ranks_per_node is not None and not (isinstance(self.ranks_per_node, int) and self.ranks_per_node > 0):
+            raise ValueError(f"ranks_per_node must be a positive int or None, got {self.ranks_per_node!r}")
 
-    def seconds(self, nbytes: int) -> float:
+    def crosses(self, src: int | None, dst: int | None) -> bool:
+        """Do global ranks src and dst sit on different nodes?"""
+        return None not in (self.ranks_per_node, src, dst) and src // self.ranks_per_node != dst // self.ranks_per_node
+
+    def seconds(self, nbytes: int, src: int | None = None, dst: int | None = None) -> float:
+        if self.crosses(src, dst):
+            return self.inter_alpha + nbytes / self.inter_bandwidth
         return self.alpha + nbytes / self.bandwidth
 
 
@@ -141,7 +161,7 @@ class _CommThread:
         return future
 
 
-_state = {"ring": False, "link": None, "thread": None}
+_state = {"ring": False, "link": None, "thread": None, "crossed": 0}
 
 
 def ring_active() -> bool:
@@ -152,10 +172,20 @@ def current_link() -> SimulatedLink | None:
     return _state["link"]
 
 
-def simulate_message(nbytes: int) -> None:
-    """Hold a message of `nbytes` on the sender for as long as the simulated link would (no-op without one)."""
-    if _state["link"] is not None and nbytes:
-        time.sleep(_state["link"].seconds(nbytes))
+def simulate_message(nbytes: int, dst: int | None = None) -> None:
+    """Hold a message of `nbytes` to global rank `dst` on the sender for as long as the simulated link would (no-op
+    without one); count its bytes if it crosses nodes."""
+    link = _state["link"]
+    if link is not None and nbytes:
+        src = dist.get_rank() if link.ranks_per_node is not None else None
+        if link.crosses(src, dst):
+            _state["crossed"] += nbytes
+        time.sleep(link.seconds(nbytes, src, dst))
+
+
+def cross_node_bytes() -> int:
+    """Bytes this rank has sent across nodes under a two-level SimulatedLink (since the process started)."""
+    return _state["crossed"]
 
 
 def _thread() -> _CommThread:

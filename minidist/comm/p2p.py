@@ -35,7 +35,7 @@ def _enter_send(x: torch.Tensor, dst: int, group) -> tuple[int, object]:
     to = global_rank(dst, group)
     entry = flight.enter("send", x, group, peer=to)
     count_send(x, group, group_size(group))
-    backend.simulate_message(x.numel() * x.element_size())
+    backend.simulate_message(x.numel() * x.element_size(), to)
     return to, entry
 
 

@@ -46,7 +46,7 @@ def ring_exchange(send: torch.Tensor, recv: torch.Tensor, group=None) -> None:
     work = None
     if send.numel():  # both sides know the chunk sizes, so an empty chunk is skipped on both
         count_send(send, group, n)
-        simulate_message(send.numel() * send.element_size())
+        simulate_message(send.numel() * send.element_size(), right)
         work = dist.isend(send.contiguous(), right, group=group, tag=RING_TAG)
     if recv.numel():
         dist.recv(recv, left, group=group, tag=RING_TAG)
@@ -144,7 +144,7 @@ def chain_broadcast(tensor: torch.Tensor, src: int = 0, group=None, pieces: int 
             dist.recv(piece, global_rank((me - 1) % n, group), group=group, tag=RING_TAG)
         if pos < n - 1:
             count_send(piece, group, n)
-            simulate_message(piece.numel() * piece.element_size())
+            simulate_message(piece.numel() * piece.element_size(), global_rank((me + 1) % n, group))
             dist.send(piece, global_rank((me + 1) % n, group), group=group, tag=RING_TAG)
     return out.view_as(tensor)
 

@@ -1,14 +1,27 @@
 """Fully sharded data parallel (ZeRO stage 3, FSDP): parameters sharded at rest, gathered one unit at a time.
 
 ZeRO-3 (Rajbhandari et al. 2020) partitions the parameters too; PyTorch's FSDP (Zhao et al. 2023) groups them in
-*units*: `fully_shard(block)` for each block, then `fully_shard(model)` for the rest (embeddings, final norm). A unit
-lays its parameters end to end, pads them to a multiple of N and keeps chunk r on rank r (in fp32: the shard is the
-master copy the optimizer steps). Its life in one training step, in methods named after the phases:
+*units*: `fully_shard(block)` for each block, then `fully_shard(model)` for the rest (embeddings, final norm). As in
+FSDP2, each parameter becomes this rank's dim-0 shard of the original, with its name and ndim: rows
+[r*ceil(d0/N), (r+1)*ceil(d0/N)) (fewer, or none, on the last ranks when N does not divide d0), in fp32: the shard is
+the master copy the optimizer steps. The shards are views of one flat buffer with a slot of ceil(d0/N) rows per
+parameter (the padding), so the all-gather is one collective: rank-major out, then *copy-out* splits it into the
+full-shape parameters; backward's *copy-in* lays each rank's rows of every gradient in that rank's slots (the layout:
+state.shard_parameters). A unit's life in one step runs through an explicit training state (state.TrainingState),
+which decides what each hook does, in methods named after the phases:
 
-    pre_forward    unshard: all-gather the unit's parameters (cast to param_dtype), prefetch the next unit's
-    post_forward   reshard: free the gathered parameters (unless reshard_after_forward=False)
-    pre_backward   unshard again (backward needs the weights), prefetch the unit backward needs next
-    post_backward  reduce-scatter the gradients (in reduce_dtype, averaged) into fp32 gradient shards; reshard
+    pre_forward    -> FORWARD: unshard (all-gather, cast to param_dtype), prefetch the next unit's, wrap the inputs
+    post_forward   -> IDLE: reshard (unless reshard_after_forward=False), hook the outputs to call pre_backward
+    pre_backward   -> PRE_BACKWARD (once): queue the end of backward; unshard again, prefetch backward's next unit
+    post_backward  PRE_BACKWARD -> POST_BACKWARD: reduce-scatter the gradients (reduce_dtype, averaged); reshard
+    end of backward (root)  every unit -> IDLE
+
+Recomputation (torch.utils.checkpoint, either use_reentrant; memory.checkpoint_blocks) runs forward hooks again while
+autograd runs backward: they then only make sure the unit is gathered, and reset, prefetch, queue and reshard nothing
+(IDLE -> PRE_BACKWARD when backward reaches the unit through the recomputed graph: use_reentrant=True).
+
+HSDP (replicate_group=): shard over `group` (within a node), replicate over replicate_group (across nodes); gradients
+are reduce-scattered over `group`, then all-reduced over replicate_group: + 2(R-1)/R * bΨ/N per rank, on that axis.
 
 One unit (plus the prefetched one) is gathered at a time, and the prefetched all-gather runs while the current unit
 computes. Per step each rank sends (N-1)/N * bΨ per all-gather and reduce-scatter (Ψ parameters of b bytes):
@@ -33,8 +46,8 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import comm
-from ..zero import shard_pieces
-from .state import claim, clip_grad_norm_, full_state_dict, unit_parameters  # noqa: F401  (re-exported)
+from .state import (PostBackward, TrainingState, claim, clip_grad_norm_, copy_out, full_state_dict,  # noqa: F401
+                    in_backward, shard_parameters, unit_parameters)
 
 
 def unshard_(full: torch.Tensor, shard: torch.Tensor, group=None) -> comm.Work:
@@ -89,25 +102,12 @@ def prefetch_target(order: list, current):
     # </exercise>
 
 
-class _PostBackward(torch.autograd.Function):
-    """Identity on a unit's inputs; its backward runs once gradients reach them: the unit's backward is complete."""
-
-    @staticmethod
-    def forward(ctx, unit, *inputs):
-        ctx.unit = unit
-        return tuple(x.view_as(x) for x in inputs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        ctx.unit.post_backward()
-        return (None, *grads)
-
-
 class FSDPUnit:
     """What fully_shard attaches to a module: its parameters (those no inner unit took), sharded, and the lifecycle."""
 
-    def __init__(self, module: nn.Module, group, param_dtype, reduce_dtype, reshard_after_forward: bool):
+    def __init__(self, module: nn.Module, group, replicate_group, param_dtype, reduce_dtype, reshard_after_forward):
         self.module, self.group, self.reshard_after_forward = module, group, reshard_after_forward
+        self.replicate_group = replicate_group  # HSDP: the same shards on every rank of it (None: plain FSDP)
         self.name = type(module).__name__  # fully_shard names it after its path in the outermost module
         self.n, self.rank = dist.get_world_size(group), dist.get_rank(group)
         inner = [m.fsdp_unit for m in module.modules() if getattr(m, "fsdp_unit", None)]
@@ -115,9 +115,10 @@ class FSDPUnit:
         self.parent = None
         self.param_dtype = param_dtype or (params[0].dtype if params else torch.float32)
         self.reduce_dtype = reduce_dtype or self.param_dtype
-        self._shard(params)
+        shard_parameters(self, params)
         claim(params, self.sharded + self.full)
-        self.state, self.work, self.rs_work, self.queued, self.held = "sharded", None, None, False, []
+        self.gathered, self.work, self.rs_work, self.queued, self.held = False, None, None, False, []
+        self.training_state = TrainingState.IDLE
         self.order_pre, self.order_post, self.events, self.frozen, self.peak = [], [], [], False, 0
         self.uses, self.backward_use, self.in_backward = 0, None, True  # grad-mode forwards; the one backward runs
         for u in inner:
@@ -125,28 +126,6 @@ class FSDPUnit:
         module.register_forward_pre_hook(self.pre_forward, with_kwargs=True)
         module.register_forward_hook(self.post_forward)
         module.fsdp_unit = self
-
-    def _shard(self, params: list[nn.Parameter]) -> None:
-        """Keep my chunk of the padded flat parameters (rank 0's); gathered ones are views of a flat buffer."""
-        with torch.no_grad():
-            for p in params:
-                p.copy_(comm.broadcast(p.detach(), 0, self.group))
-        self.numels, self.count = [p.numel() for p in params], len(params)
-        self.chunk, pieces = shard_pieces(self.numels, self.rank, self.n)
-        self.flat_shard = torch.zeros(self.chunk, dtype=params[0].dtype if params else None,
-                                      device=params[0].device if params else None)
-        self.piece = [(0, 0, 0)] * len(params)  # (start, stop, offset) of my piece of each parameter, if any
-        for i, start, stop, offset in pieces:
-            self.flat_shard[offset:offset + stop - start] = params[i].detach().reshape(-1)[start:stop]
-            self.piece[i] = (start, stop, offset)
-        self.sharded = [nn.Parameter(self.flat_shard[o:o + e - s], requires_grad=p.requires_grad)
-                        for p, (s, e, o) in zip(params, self.piece)]
-        self.full_flat = torch.empty(self.n * self.chunk, dtype=self.param_dtype, device=self.flat_shard.device)
-        self.starts = [sum(self.numels[:i]) for i in range(len(params))]
-        self.full = [nn.Parameter(self.full_flat[s:s + p.numel()].view(p.shape), requires_grad=p.requires_grad)
-                     for s, p in zip(self.starts, params)]
-        reshard_(self.full_flat)
-        self._set_slots(self.sharded)
 
     def _set_slots(self, tensors) -> None:
         for m, attr, i in self.slots:
@@ -158,9 +137,9 @@ class FSDPUnit:
 
     def unshard(self, async_op: bool = False) -> None:
         """All-gather my parameters in param_dtype into the gathered tensors (async: return at once, prefetch)."""
-        if self.state == "sharded" and self.work is None and self.count:
-            self.version, self.issued = self.full_flat._version, time.perf_counter()
-            self.work = unshard_(self.full_flat, self.flat_shard.to(self.param_dtype), self.group)
+        if not self.gathered and self.work is None and self.count:
+            self.issued = time.perf_counter()
+            self.work = unshard_(self.gather_buf, self.flat_shard.to(self.param_dtype), self.group)
             self.root._note_memory()
         if not async_op:
             self.wait_unshard()
@@ -168,38 +147,49 @@ class FSDPUnit:
     def wait_unshard(self) -> None:
         if self.work is not None:
             self.work.wait()
-            torch._C._autograd._unsafe_set_version_counter((self.full_flat,), (self.version,))  # see the docstring
+            version = self.full_flat._version
+            self.full_flat.untyped_storage().resize_(self.full_flat.numel() * self.full_flat.element_size())
+            copy_out(self.gather_buf, self, into=self.padded)  # rank-major -> each parameter's rows, in place
+            reshard_(self.gather_buf)
+            torch._C._autograd._unsafe_set_version_counter((self.full_flat,), (version,))  # see the docstring
             self.root.events.append((f"all-gather {self.name}", self.issued, self.work.completed_at))
-            self.work, self.state = None, "unsharded"
+            self.work, self.gathered = None, True
             self._set_slots(self.full)
 
     def reshard(self) -> None:
         """Free the gathered parameters; the module holds its shards again."""
-        if self.state == "unsharded":
+        if self.gathered:
             reshard_(self.full_flat)
-            self.state = "sharded"
+            self.gathered = False
             self._set_slots(self.sharded)
 
     def pre_forward(self, module, args, kwargs):
-        root = self.root
-        root.order_pre += [] if root.frozen or self in root.order_pre else [self]  # the first step records it
-        self.pre_done, self.post_done, root.queued = False, False, False
-        self.uses, self.backward_use = self.uses + torch.is_grad_enabled(), None  # (a failed backward forgotten)
-        self._unshard_prefetching(root.order_pre)
+        if in_backward():  # recomputation: backward needs me gathered, and nothing else may change
+            if self.training_state is TrainingState.IDLE:  # use_reentrant=True: backward reaches me only here
+                self.training_state, self.started = TrainingState.PRE_BACKWARD, time.perf_counter()
+            self.unshard()
+        else:
+            root = self.root
+            root.order_pre += [] if root.frozen or self in root.order_pre else [self]  # the first step records it
+            self.training_state, root.queued = TrainingState.FORWARD, False  # (a failed backward forgotten)
+            self.uses, self.backward_use = self.uses + torch.is_grad_enabled(), None
+            self._unshard_prefetching(root.order_pre)
         flat, spec = tree_flatten((args, kwargs))
         flat = [x.to(self.param_dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in flat]
         slots = [k for k, x in enumerate(flat) if torch.is_tensor(x) and x.requires_grad and torch.is_grad_enabled()]
-        for k, x in zip(slots, _PostBackward.apply(self, *[flat[k] for k in slots]) if slots else ()):
+        for k, x in zip(slots, PostBackward.apply(self, *[flat[k] for k in slots]) if slots else ()):
             flat[k] = x
         return tree_unflatten(flat, spec)
 
     def post_forward(self, module, args, output):
         root, use = self.root, self.uses
-        root.events.append((f"forward {self.name}", self.started, time.perf_counter()))
-        root.order_post += [] if root.frozen or self in root.order_post else [self]
-        root.frozen = root.frozen or self is root  # the order is known once the root's first forward is over
-        if self.reshard_after_forward or not torch.is_grad_enabled():
-            self.reshard()
+        if not in_backward():  # (a recomputation stays gathered for the backward that runs it)
+            root.events.append((f"forward {self.name}", self.started, time.perf_counter()))
+            root.order_post += [] if root.frozen or self in root.order_post else [self]
+            root.frozen = root.frozen or self is root  # the order is known once the root's first forward is over
+            self.training_state = TrainingState.IDLE
+            if self.reshard_after_forward or not torch.is_grad_enabled():
+                self.reshard()
         for t in (t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad):
             t.register_hook(lambda grad: self.pre_backward(use))  # backward is about to reach this use of the unit
         return output
@@ -210,9 +200,9 @@ class FSDPUnit:
                                f"applied twice, or two forwards summed into one loss): minidist's units run once per "
                                f"backward; give each use its own unit, or call backward after each forward")
         self.backward_use = use
-        if self.pre_done:
-            return
-        self.pre_done, root = True, self.root
+        if self.training_state in (TrainingState.PRE_BACKWARD, TrainingState.POST_BACKWARD):
+            return  # another output of mine, or a recomputed one: done once per backward
+        self.training_state, root = TrainingState.PRE_BACKWARD, self.root
         if not root.queued:  # the first unit backward reaches: the root finishes everything at the end
             torch.autograd.Variable._execution_engine.queue_callback(root._finish_backward)
             root.queued = True
@@ -229,15 +219,17 @@ class FSDPUnit:
 
     def post_backward(self) -> None:
         """Start the reduce-scatter of my gradients (in reduce_dtype, averaged; waited for at the end) and reshard."""
-        if self.post_done or not self.pre_done:
+        if self.training_state is not TrainingState.PRE_BACKWARD:
             return
-        self.post_done = True
+        self.training_state = TrainingState.POST_BACKWARD
         self.root.events.append((f"backward {self.name}", self.started, time.perf_counter()))
         self.held = [p.grad is not None for p in self.full]  # which parameters had a gradient here
         if any(p.requires_grad for p in self.full):
             self.rs_issued = time.perf_counter()
-            self.rs_work = reduce_scatter_grads([p.grad for p in self.full], self.numels, self.chunk,
-                                                self.reduce_dtype, self.group, self.flat_shard.device)
+            pieces = [None if p.grad is None else p.grad[r * k:(r + 1) * k] for r in range(self.n)  # copy-in:
+                      for p, k in zip(self.full, self.pads)]  # rank r's rows of every gradient, in its slots
+            self.rs_work = reduce_scatter_grads(pieces, self.sizes * self.n, self.chunk, self.reduce_dtype,
+                                                self.group, self.flat_shard.device)
         for p in self.full:
             p.grad = None
         self.reshard()
@@ -248,49 +240,60 @@ class FSDPUnit:
         units = [u for u in self.order_pre if u.root is self] or [self]
         for u in reversed(units):
             u.post_backward()
-        held = [h for u in units for h in (u.held if u.post_done else [False] * u.count)]
-        used = (comm.all_reduce_sum(torch.tensor(held, dtype=torch.int32, device=self.flat_shard.device),
-                                    self.group) > 0).tolist()
+        done = {u: u.training_state is TrainingState.POST_BACKWARD for u in units}
+        held = [h for u in units for h in (u.held if done[u] else [False] * u.count)]
+        flags = comm.all_reduce_sum(torch.tensor(held, dtype=torch.int32, device=self.flat_shard.device), self.group)
+        if self.replicate_group is not None:  # HSDP: had a gradient on some rank of some replica
+            flags = comm.all_reduce_sum(flags, self.replicate_group)
+        used = (flags > 0).tolist()
         for u in units:
             u._collect_grads(used[:u.count])
             used = used[u.count:]
             u.wait_unshard()  # a prefetched unit backward never reached (frozen below the trainable ones)
             u.reshard()
-            u.in_backward, u.backward_use = u.pre_done, None  # backward prefetches only units it reached
+            u.in_backward, u.backward_use = done[u], None  # backward prefetches only units it reached
+            u.training_state = TrainingState.IDLE
+        self.queued = False
 
     def _collect_grads(self, used: list[bool]) -> None:
         """Add my averaged gradient shard to my pieces' gradients (views of it after zero_grad); a parameter no rank
         had a gradient for keeps none, as on one process."""
         if self.rs_work is None:
             return
-        shard = self.rs_work.wait().to(self.flat_shard.dtype)
+        shard = self.rs_work.wait()  # averaged over my shard group, in reduce_dtype
+        if self.replicate_group is not None:  # HSDP: then averaged over the replicas of my shard
+            shard = comm.all_reduce_sum(shard, self.replicate_group).div_(dist.get_world_size(self.replicate_group))
+        shard = shard.to(self.flat_shard.dtype)
         self.root.events.append((f"reduce-scatter {self.name}", self.rs_issued, self.rs_work.completed_at))
         self.rs_work = None
-        for p, (start, stop, offset), u in zip(self.sharded, self.piece, used):
+        for p, o, u in zip(self.sharded, self.offsets, used):
             if p.requires_grad and u:
-                piece = shard[offset:offset + stop - start]
+                piece = shard[o:o + p.numel()].view(p.shape)
                 p.grad = piece if p.grad is None else p.grad.add_(piece)
 
     def _note_memory(self) -> None:
         """Root: remember the most bytes of gathered parameters held at once (walking every unit's storage)."""
-        self.peak = max(self.peak, sum(m.fsdp_unit.full_flat.untyped_storage().nbytes()
-                                       for m in self.module.modules() if getattr(m, "fsdp_unit", None)))
+        units = [m.fsdp_unit for m in self.module.modules() if getattr(m, "fsdp_unit", None)]
+        held = [t for u in units for t in (u.full_flat, u.gather_buf)]
+        self.peak = max(self.peak, sum(t.untyped_storage().nbytes() for t in held))
 
 
-def fully_shard(module: nn.Module, group=None, *, param_dtype=None, reduce_dtype=None,
+def fully_shard(module: nn.Module, group=None, *, replicate_group=None, param_dtype=None, reduce_dtype=None,
                 reshard_after_forward: bool = True) -> nn.Module:
     """Shard the parameters of `module` that no inner fully_shard call took over `group`; returns the module.
 
     Apply it to each block, then to the root. Build the optimizer on module.parameters() afterwards: they are this
-    rank's pieces (fp32 shards, views of the unit's flat shard). param_dtype: the dtype of gathered parameters
-    (compute and all-gather; floating-point inputs are cast to it); reduce_dtype: of the gradient reduce-scatter
-    (default: param_dtype).
+    rank's dim-0 shards (fp32, the names and ndim of the originals; views of the unit's flat shard). param_dtype: the
+    dtype of gathered parameters (compute and all-gather; floating-point inputs are cast to it); reduce_dtype: of the
+    gradient reduce-scatter (default: param_dtype). replicate_group: HSDP (hybrid sharding): the ranks that hold the
+    same shards as this one (shard within a node, replicate across nodes); gradients are reduce-scattered over
+    `group`, then all-reduced over replicate_group. Every rank then averages over both: |group| * |replicate_group|.
     """
     if getattr(module, "fsdp_unit", None) is not None:
         raise ValueError(f"{type(module).__name__} is already sharded by fully_shard")
     if any(d is not None and not d.is_floating_point for d in (param_dtype, reduce_dtype)):
         raise ValueError(f"param_dtype and reduce_dtype must be floating-point, got {param_dtype}, {reduce_dtype}")
-    FSDPUnit(module, group, param_dtype, reduce_dtype, reshard_after_forward)
+    FSDPUnit(module, group, replicate_group, param_dtype, reduce_dtype, reshard_after_forward)
     for name, m in module.named_modules():  # names for timelines, as the outermost call sees them
         if getattr(m, "fsdp_unit", None) is not None:
             m.fsdp_unit.name = name or "root"

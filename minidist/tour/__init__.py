@@ -5,13 +5,13 @@ result matches the reference within its tolerance and, where a formula exists, t
 """
 import os
 
-from . import (checkpoint, checkpointing, compression, data_parallel, foundation, fsdp, inference, monitoring,
-               parallel3d, pipeline, tensor_parallel, zero)
+from . import (checkpoint, checkpointing, compression, data_parallel, foundation, fsdp, hsdp, inference,
+               monitoring, parallel3d, pipeline, tensor_parallel, zero)
 from .foundation import comm_backward_errors
 from .rows import KEYS, covers, format_rows, make_row
 
 CHECKS = [*foundation.CHECKS, *data_parallel.CHECKS, *tensor_parallel.CHECKS, *zero.CHECKS, *fsdp.CHECKS,
-          *pipeline.CHECKS, *parallel3d.CHECKS, *checkpointing.CHECKS, *compression.CHECKS, *checkpoint.CHECKS,
+          *hsdp.CHECKS, *pipeline.CHECKS, *parallel3d.CHECKS, *checkpointing.CHECKS, *compression.CHECKS, *checkpoint.CHECKS,
           *inference.CHECKS, *monitoring.CHECKS]
 
 

@@ -1,15 +1,19 @@
 """Tour checks for chapter 06 (FSDP): per-block units against FSDP2 (fp32 and bf16 mixed precision), the bytes and
-memory of a step, one unit gathered at a time (plus the prefetched one), and all-gathers prefetched ahead of compute.
+memory of a step, one unit gathered at a time (plus the prefetched one), all-gathers prefetched ahead of compute,
+and training under activation checkpointing (forward hooks re-run in backward).
 """
 import copy
 import time
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from .. import comm
 from ..fsdp import full_state_dict, fully_shard
 from ..launch import device, launch
+from ..memory import checkpoint_blocks
 from ..mesh import Mesh
 from ..models import GPT, GPTConfig, lm_loss
 from ..testing import on_device, to_device
@@ -79,6 +83,45 @@ def timeline(cfg=PEAK_CFG, link=None, steps: int = 3, batch: int = 4, reshard_af
     units = {u.name: u.full_flat.numel() * u.full_flat.element_size() for u in root.order_pre}
     return {"events": [(what, s - start, e - start) for what, s, e in root.events], "peak": root.peak,
             "units": units}
+
+
+class Checkpointed(nn.Module):
+    """A block whose whole call (its fully_shard hooks included) torch.utils.checkpoint recomputes in backward."""
+
+    def __init__(self, block, reentrant):
+        super().__init__()
+        self.block, self.reentrant = block, reentrant
+
+    def forward(self, x):
+        return checkpoint(self.block, x, use_reentrant=self.reentrant)
+
+
+def recomputed_against_one_process(how: str) -> dict:
+    """Per-block units whose blocks are recomputed in backward (torch's checkpoint either way, or minidist's
+    checkpoint_blocks), 3 SGD steps, against one process running the same recomputation; also what is left gathered."""
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    if how == "minidist":
+        checkpoint_blocks(model)
+    else:
+        model.blocks = nn.ModuleList(Checkpointed(b, how == "reentrant") for b in model.blocks)
+    reference, start = copy.deepcopy(model), copy.deepcopy(model).state_dict()
+    for block in model.blocks:
+        fully_shard(block.block if how != "minidist" else block)
+    fully_shard(model)
+    n, rank = dist.get_world_size(), dist.get_rank()
+    opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(reference.parameters(), lr=0.1)
+    for x, y in BATCHES[:3]:
+        for m, o, xb, yb in ((model, opt, x.chunk(n)[rank], y.chunk(n)[rank]), (reference, ref_opt, x, y)):
+            lm_loss(m(xb), yb).backward()
+            o.step()
+            o.zero_grad()
+    held = sum(m.fsdp_unit.full_flat.untyped_storage().nbytes() for m in model.modules()
+               if getattr(m, "fsdp_unit", None) is not None)
+    full = full_state_dict(model)
+    return {"diff": max((full[k] - v).abs().max().item() for k, v in reference.state_dict().items()),
+            "block 0 moved": max((full[k] - v).abs().max().item() for k, v in start.items() if ".0." in k),
+            "held": held}
 
 
 def late_prefetches(events) -> int:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from .. import comm
 from ..fsdp import full_state_dict
+from ..fsdp.state import gather_full
 from ..tensor_parallel.plans import full_parameters, local_shard
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element states (plus its scalar "step")
@@ -29,21 +30,15 @@ def _names(model) -> dict[int, str]:
 
 
 def _fsdp_states(model, opt) -> dict:
-    """{name: {"step", "exp_avg", "exp_avg_sq"}} of the full tensors: every unit's shards of each moment laid out as
-    its parameters are (flat, padded) and all-gathered, as full_state_dict gathers the weights."""
+    """{name: {"step", "exp_avg", "exp_avg_sq"}} of the full tensors: each moment is shaped like its parameter's
+    dim-0 shard, and gathers into the full tensor as full_state_dict gathers the weights (fsdp.gather_full)."""
     names, out = _names(model), {}
     for unit in _units(model):
-        stepped = {id(p) for p in unit.sharded if p in opt.state}
         for key in MOMENTS:
-            flat = torch.zeros(unit.chunk, device=unit.flat_shard.device)
-            for p, (start, stop, offset) in zip(unit.sharded, unit.piece):
+            local = [opt.state[p][key] if p in opt.state else torch.zeros_like(p) for p in unit.sharded]
+            for p, full in zip(unit.sharded, gather_full(unit, local)):
                 if p in opt.state:
-                    flat[offset:offset + stop - start] = opt.state[p][key]
-            gathered = comm.all_gather_cat(flat, unit.group)
-            for p, full, at in zip(unit.sharded, unit.full, unit.starts):
-                if id(p) in stepped:
-                    out.setdefault(names[id(p)], {"step": opt.state[p]["step"].clone()})[key] = \
-                        gathered[at:at + full.numel()].view(full.shape).clone()
+                    out.setdefault(names[id(p)], {"step": opt.state[p]["step"].clone()})[key] = full.clone()
     return out
 
 
@@ -127,11 +122,10 @@ def seed_optimizer(run, states: dict) -> None:
     names = _names(run.model)
     if run.strategy == "fsdp":
         for unit in _units(run.model):
-            for p, (start, stop, _) in zip(unit.sharded, unit.piece):
+            for p, (lo, hi) in zip(unit.sharded, unit.rows):
                 if names[id(p)] in states:
                     s = states[names[id(p)]]
-                    run.opt.state[p] = {"step": s["step"].clone()} | {
-                        k: s[k].reshape(-1)[start:stop].clone() for k in MOMENTS}
+                    run.opt.state[p] = {"step": s["step"].clone()} | {k: s[k][lo:hi].clone() for k in MOMENTS}
         return
     for name, p in run.model.named_parameters():
         if name in states:

@@ -35,10 +35,11 @@ from .rows import covers, make_row
 
 BATCHES5 = random_batches(torch.randint(512, (5000,), generator=torch.Generator().manual_seed(5)), 12, 16, steps=5)
 ADAM_TOL5 = 0.01 * ADAM_LR * len(BATCHES5)  # README: 1% of the most Adam can move a weight in these steps
-# Every parameter tensor of this GPT has a multiple of 48 elements, so N = 2, 3, 4 divide every bucket and unit: no
-# padding, and measured memory and bytes equal the formulas exactly. (CFG's sizes divide nothing: the tests check the
-# padded formulas exactly.)
-ZCFG = GPTConfig(n_layer=2, n_embd=48, block_size=16)
+# Every parameter tensor of this GPT has a multiple of 48 rows (dim 0) and elements, so N = 2, 3, 4 divide every
+# bucket, unit and FSDP's dim-0 shard: no padding, and measured memory and bytes equal the formulas exactly (a
+# vocabulary of 576 = 12 * 48 holds the 512 token ids). (CFG's sizes divide nothing: the tests check the padded
+# formulas exactly.)
+ZCFG = GPTConfig(n_layer=2, n_embd=48, block_size=48, vocab_size=576)
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3, "fsdp-keep": 3}
 REPLICATED = ("ddp", "zero1", "zero2")  # strategies whose ranks each hold the whole model
