@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from . import flight
 from .ledger import open_ledgers, reporting_to
 
-RING_TAG, ALL_TO_ALL_TAG = 1, 2  # tags of minidist's own messages; user messages use 0 or any tag >= RESERVED_TAGS
+RING_TAG, ALL_TO_ALL_TAG = 1, 2  # tags of minidist's own messages (3: strict.py's acknowledgements); user messages use 0 or any tag >= RESERVED_TAGS
 RESERVED_TAGS = 16
 
 
@@ -90,6 +90,8 @@ class Work:
         if isinstance(inner, Work):  # a message the communication thread posted: done when it is delivered
             if inner.completed_at is not None:
                 self._mark_done()
+            elif inner._future is not None:   # posted under MINIDIST_STRICT_P2P=1 (strict.py)
+                inner._future.add_done_callback(lambda f: f.exception() is None and self._mark_done())
             elif inner._torch_work is not None:
                 try:
                     inner._torch_work.get_future().then(lambda f: self._torch_done(f))
