@@ -108,3 +108,24 @@ def test_ring_and_p2p_post_every_message_through_the_strict_layer():
                  and isinstance(n.func.value, ast.Name) and n.func.value.id == "dist"]
         direct = {"send", "recv", "isend", "irecv"} & set(calls)
         assert not direct, f"{name} calls dist.{sorted(direct)} directly; post through strict.py"
+
+
+@pytest.mark.usefixtures("no_leftover_processes", "strict")
+def test_a_receive_left_pending_across_an_all_to_all_deadlocks_under_strict_rules():
+    """test_comm_counted's gloo-only pattern: gloo's tags separate the messages, NCCL's posting order does not."""
+    from tests.test_comm_counted import all_to_all_beside_a_pending_receive
+    with pytest.raises(RankError) as error:
+        launch(all_to_all_beside_a_pending_receive, 2, timeout=TIMEOUT)
+    text = str(error.value).split("Diagnosis from every rank's flight recorder:")[1]
+    assert "rank 0 waits in recv #2 from rank 1 (float32, 2 elements)" in text, text
+
+
+@pytest.mark.usefixtures("no_leftover_processes", "strict")
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_pipeline_generation_posts_its_messages_in_an_order_nccl_can_run(world_size):
+    """At p = 2 the first and last stage are one pair: stage 1 received each activation only when it needed it,
+    after sending a token that stage 0 receives only after its next activations (a deadlock under NCCL's rules)."""
+    from minidist.tour.inference import pp_generation
+    for r, out in enumerate(launch(pp_generation, world_size, 4, timeout=TIMEOUT + 8)):
+        if r == world_size - 1:
+            assert torch.equal(out["tokens"], out["ref"])
