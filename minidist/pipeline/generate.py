@@ -56,14 +56,14 @@ def pipeline_generate(model, input_ids: torch.Tensor, max_new_tokens: int, micro
     rows = input_ids.to(device).chunk(microbatches)
     caches = [KVCache(len(stage.blocks), b, P + max_new_tokens) for _ in range(microbatches)]
     generators = [torch.Generator().manual_seed(seed + r) for r in range(B)]
-    slots = torch.arange(b, device=device)
+    slots = torch.arange(b)                                             # on the host (forward_cached)
     tokens, sends = [[] for _ in range(microbatches)], []
     width = model.cfg.n_embd
     inbox = [] if stage.first else [comm.irecv(torch.empty(b, P, width, device=device), rank - 1, group)
                                     for _ in range(microbatches)]   # step 0's activations, posted ahead
     for step in range(max_new_tokens):
         T = P if step == 0 else 1
-        starts = torch.full((b,), 0 if step == 0 else P + step - 1, dtype=torch.long, device=device)
+        starts = torch.full((b,), 0 if step == 0 else P + step - 1, dtype=torch.long)
         for j in range(microbatches):
             ids, x = None, None
             if stage.first:
