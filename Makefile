@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup tour test notebooks lab exercises gpu-check clean
+.PHONY: setup tour test notebooks lab exercises gpu-check strict-p2p clean
 
 setup: $(STAMP)
 
@@ -37,3 +37,14 @@ lab: $(STAMP)                      ## JupyterLab on the chapters
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# NCCL's point-to-point rules on gloo (minidist/comm/strict.py): the tour at 2 ranks (where a ring's left and right
+# neighbour are one peer) and the point-to-point-heavy tests. The pipeline's calibrated-bubble test is left out here
+# only: it measures timings, and the emulation adds a thread and an acknowledgement round trip to every message (it
+# runs in `make test`).
+STRICT_TESTS := tests/test_strict_p2p.py tests/test_comm.py tests/test_collectives.py tests/test_comm_counted.py \
+	tests/test_flight.py tests/test_context_parallel.py tests/test_pipeline.py tests/test_pipeline_schedule.py \
+	tests/test_parallel3d.py
+strict-p2p: $(STAMP)               ## the tour at 2 ranks and the p2p-heavy tests under MINIDIST_STRICT_P2P=1
+	MINIDIST_STRICT_P2P=1 $(BIN)/python -m minidist tour --world-size 2 --quiet
+	MINIDIST_STRICT_P2P=1 $(BIN)/python -m pytest $(STRICT_TESTS) -k "not calibrated_bubbles" $(PYTEST_ARGS)

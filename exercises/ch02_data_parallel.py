@@ -43,6 +43,8 @@ def global_mean_loss(loss_sum: torch.Tensor, count, group=None) -> torch.Tensor:
     # hint: minidist.comm.all_reduce_sum (from minidist import comm) sums a tensor over the group.
     # hint: write the gradient DataParallel leaves on every rank (the mean over ranks of each rank's gradient) and
     #       ask what each rank's loss must be for that mean to be the global-batch gradient.
+    # hint: it runs every micro-step: keep the total on the device (no .item(), no float() of a count that may be a
+    #       device tensor: each waits for the GPU); check it on the CPU, on an accelerator with torch._assert_async.
     raise NotImplementedError("exercise global_mean_loss: write this part")
     # ---- end of exercise global_mean_loss -------------------------------------------------------------
 

@@ -11,9 +11,9 @@ key/value block to its right neighbour while it attends to the block it holds.
         (out, lse) = merge(out, lse, out_s, lse_s)                      # online softmax
         wait for the next block
 
-Online-softmax merge. A partial result over a set of keys is (out, lse): the softmax-weighted values over those keys
-and lse = log sum_j exp(score_j). Two disjoint parts combine exactly: lse = log(e^lse_a + e^lse_b) and
-out = e^(lse_a - lse) out_a + e^(lse_b - lse) out_b. So N partial results merged in any order give the attention
+Online-softmax merge (its state kept in fp32 under bf16 inputs). A partial result over a set of keys is (out, lse):
+the softmax-weighted values over those keys and lse = log sum_j exp(score_j). Two disjoint parts combine exactly:
+lse = log(e^lse_a + e^lse_b) and out = e^(lse_a - lse) out_a + e^(lse_b - lse) out_b. So N partial results merged in any order give the attention
 over the whole sequence: the same numbers as one process, up to rounding.
 
 Causal load balancing. With the sequence cut in N contiguous pieces, rank 0's queries see only their own keys while
@@ -116,8 +116,7 @@ def _pairs(q_pos: torch.Tensor, k_pos: torch.Tensor):
     return [[j for j, first in enumerate(k_first) if first <= last] for last in q_last]
 
 
-def _finite(lse: torch.Tensor) -> torch.Tensor:
-    """lse with -inf (a row that sees no key) replaced by 0, so exp(score - lse) is 0 there, not exp(nan)."""
+def _finite(lse: torch.Tensor) -> torch.Tensor:   # -inf (a row that sees no key) as 0: exp(score - lse) is 0, not nan
     return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
 
@@ -128,7 +127,8 @@ def _scores(q, k, q_pos, k_pos, scale):
 
 def block_forward(q, k, v, q_pos, k_pos, pairs, scale, stats=None):
     """(out, lse) of queries q (B, H, P*c, d) at positions q_pos (P, c) over the block k, v at k_pos (P', c);
-    pairs = _pairs(q_pos, k_pos)."""
+    pairs = _pairs(q_pos, k_pos). out and lse in at least fp32."""
+    q, k, v = (t.to(torch.promote_types(q.dtype, torch.float32)) for t in (q, k, v))   # at least fp32
     out, lse = torch.zeros_like(q), q.new_full(q.shape[:-1], float("-inf"))
     qs, ks, vs = q.chunk(len(q_pos), 2), k.chunk(len(k_pos), 2), v.chunk(len(k_pos), 2)
     for i, js in enumerate(pairs):
@@ -145,7 +145,8 @@ def block_forward(q, k, v, q_pos, k_pos, pairs, scale, stats=None):
 
 
 def block_backward(q, k, v, dout, lse, delta, q_pos, k_pos, pairs, scale):
-    """(dq, dk, dv) of one block, recomputing its probabilities from the final lse (delta = rowsum(dout * out))."""
+    """(dq, dk, dv) of one block, in at least fp32, from the final lse (delta = rowsum(dout * out))."""
+    q, k, v, dout = (t.to(torch.promote_types(q.dtype, torch.float32)) for t in (q, k, v, dout))
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     c, ck, lse = q_pos.shape[1], k_pos.shape[1], _finite(lse)
     for i, js in enumerate(pairs):
@@ -183,7 +184,9 @@ class RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, positions, placed, group, stats):
         n, me = comm.group_size(group), dist.get_rank(group)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        out, lse = torch.zeros_like(q), q.new_full(q.shape[:-1], float("-inf"))
+        out = torch.zeros_like(q, dtype=torch.promote_types(q.dtype, torch.float32))  # merged in fp32 (bf16: 2-6x
+        # the error of plain bf16 attention); k and v travel in their own dtype
+        lse = out.new_full(q.shape[:-1], float("-inf"))
         kv = torch.stack([k, v]).contiguous()                               # (2, B, H, T/N, d): one message
         for s in range(n):
             if s < n - 1:
@@ -197,7 +200,7 @@ class RingAttention(torch.autograd.Function):
                 kv = nxt
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.positions, ctx.placed = group, positions, placed
-        return out
+        return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
@@ -205,7 +208,7 @@ class RingAttention(torch.autograd.Function):
         group, positions, placed, dout = ctx.group, ctx.positions, ctx.placed, dout.contiguous()
         n, me = comm.group_size(group), dist.get_rank(group)
         scale, delta = 1.0 / math.sqrt(q.shape[-1]), (dout * out).sum(-1)   # delta: (B, H, T/N)
-        dq, kv = torch.zeros_like(q), torch.stack([k, v]).contiguous()
+        dq, kv = torch.zeros_like(out), torch.stack([k, v]).contiguous()   # dq in the state's dtype
         incoming, acc_works = None, None                                    # the dK/dV accumulator arriving
         for s in range(n):
             if s < n - 1:
@@ -214,7 +217,7 @@ class RingAttention(torch.autograd.Function):
             dq_s, dk_s, dv_s = block_backward(q, kv[0], kv[1], dout, lse, delta, placed[me], placed[src],
                                               _pairs(positions[me], positions[src]), scale)
             dq += dq_s
-            dkv = torch.stack([dk_s, dv_s])
+            dkv = torch.stack([dk_s, dv_s]).to(k.dtype)                     # travels in k's dtype
             if acc_works is not None:                                       # the block's sum so far, from the left
                 _wait(acc_works)
                 dkv += incoming
@@ -226,7 +229,7 @@ class RingAttention(torch.autograd.Function):
         if n > 1:                                                           # the last hop: our own block, complete
             _wait(acc_works)
             dkv = incoming
-        return dq, dkv[0], dkv[1], None, None, None, None
+        return dq.to(q.dtype), dkv[0], dkv[1], None, None, None, None
 
 
 def ring_attention(q, k, v, group=None, positions: torch.Tensor | None = None, stats: dict | None = None):
@@ -247,8 +250,7 @@ def ring_attention_bytes(n: int, batch: int, heads: int, local_len: int, head_di
     return 0 if n == 1 else (3 * n - 2) * block
 
 
-def _placed(t: torch.Tensor, device, cache: dict) -> torch.Tensor:
-    """t (on the CPU) on `device`, copied there once (cache: device -> the copy)."""
+def _placed(t: torch.Tensor, device, cache: dict) -> torch.Tensor:   # t (CPU) on `device`, copied there once
     return cache[device] if device in cache else cache.setdefault(device, t.to(device))
 
 

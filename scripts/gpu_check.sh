@@ -16,6 +16,12 @@ if [ "$TOUR" -ge 2 ]; then
 else
     echo "== one GPU: the tour needs 2 ranks with a GPU each; skipped"
 fi
+echo "== what only a GPU shows (issue 22): the ring at 2 ranks with 64 MiB, completion times, ZeRO-Offload's devices"
+"$PY" scripts/gpu_checks.py "$TOUR"
+echo "== the ring backend's rows at 2 ranks (a ring whose left and right neighbour are one peer)"
+if [ "$NGPU" -ge 2 ]; then
+    MINIDIST_BACKEND=nccl "$PY" -m minidist tour --world-size 2 --backend nccl --quiet --only ring
+fi
 echo "== the example script under torchrun, one rank per GPU"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" -m minidist.examples.train --strategy ddp \
     --steps 50 --quiet

@@ -45,11 +45,15 @@ def global_mean_loss(loss_sum: torch.Tensor, count, group=None) -> torch.Tensor:
     # hint: minidist.comm.all_reduce_sum (from minidist import comm) sums a tensor over the group.
     # hint: write the gradient DataParallel leaves on every rank (the mean over ranks of each rank's gradient) and
     #       ask what each rank's loss must be for that mean to be the global-batch gradient.
+    # hint: it runs every micro-step: keep the total on the device (no .item(), no float() of a count that may be a
+    #       device tensor: each waits for the GPU); check it on the CPU, on an accelerator with torch._assert_async.
     n = dist.get_world_size(group)
-    total = comm.all_reduce_sum(torch.tensor(float(count), dtype=torch.float64, device=loss_sum.device), group)
-    if total.item() == 0:
+    total = comm.all_reduce_sum(torch.as_tensor(count).to(loss_sum.device, torch.float64).reshape(()), group)
+    if total.device.type == "cpu" and total == 0:
         raise ValueError("global_mean_loss: no rank holds a sample in this step (the total count is 0)")
-    return loss_sum * (n / total.item())
+    if total.device.type != "cpu":
+        torch._assert_async(total != 0, "global_mean_loss: no rank holds a sample in this step (the total count is 0)")
+    return loss_sum * (n / total).to(loss_sum.dtype)
     # ---- end of exercise global_mean_loss -------------------------------------------------------------
 
 

@@ -200,3 +200,27 @@ def _dp_only(init):
         finally:
             p3.grad_axes = original
     return patched
+
+
+def _bf16_errors():
+    """Max error against float64 attention of ring attention and of plain attention, both on bf16 inputs."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    n, me = dist.get_world_size(), dist.get_rank()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 64, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    plain = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    mine = layout(64, n)[me].flatten()
+    out = ring_attention(q[:, :, mine], k[:, :, mine], v[:, :, mine])
+    return ((out.double() - reference[:, :, mine]).abs().max().item(),
+            (plain.double() - reference).abs().max().item(), out.dtype)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_ring_attention_under_bf16_is_as_accurate_as_plain_bf16_attention(n):
+    """The online softmax's state is kept in fp32 (merged in bf16 its max error was 0.021, plain bf16 attention's
+    0.0086): then only the output's one rounding to bf16 remains."""
+    for ring_err, plain_err, dtype in launch(_bf16_errors, n):
+        assert dtype == torch.bfloat16
+        assert ring_err <= plain_err, (ring_err, plain_err)

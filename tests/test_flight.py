@@ -219,3 +219,36 @@ def test_under_torchrun_the_records_land_in_a_directory_that_diagnose_reads(tmp_
         out.stdout + out.stderr
     assert re.search(r"its main thread is at \S*job\.py:\d+ in work\(\)", out.stdout), out.stdout  # SIGTERM's stack
     assert "python -m minidist diagnose" in run.stderr  # the failing rank says where the records are
+
+
+def completion_from_the_device():
+    """A collective on an accelerator: its completion must come from an event recorded after it on the device, not
+    from the work's future (NCCL completes the future at enqueue). A fake device and a fake event stand in."""
+    from minidist.comm import backend, flight
+
+    class FakeEvent:
+        ran = False
+
+        def query(self):
+            return self.ran
+
+    event, original = FakeEvent(), (backend._accelerator, backend._stream_event)
+    backend._accelerator, backend._stream_event = (lambda result: "fake"), (lambda work, device: event)
+    try:
+        work = comm.all_reduce_(torch.ones(4), async_op=True)
+        work.wait()
+        time.sleep(0.05)                       # the future is long done, and waited on
+        before = (work.completed_at, flight.flight_recorder()[-1]["completed"])
+        event.ran = True                       # the device has run the collective
+        deadline = time.monotonic() + 5
+        while work.completed_at is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return before, (work.completed_at is not None, flight.flight_recorder()[-1]["completed"])
+    finally:
+        backend._accelerator, backend._stream_event = original
+
+
+def test_completion_on_an_accelerator_comes_from_the_stream_not_the_future():
+    for before, after in launch(completion_from_the_device, 2):
+        assert before == (None, False)         # not completed: the device has not run it yet
+        assert after == (True, True)           # completed by the watcher once the event has

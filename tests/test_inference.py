@@ -194,3 +194,17 @@ def test_a_request_that_fails_in_the_engine_fails_alone(monkeypatch):
     assert good.error is None and good.output == generate(dense, torch.tensor([good.prompt]), 4)[0].tolist()
     assert later.output == generate(dense, torch.tensor([later.prompt]), 2)[0].tolist()
     assert sorted(engine.free) == [0, 1]                                  # the failed request's slot came back
+
+
+def test_slots_and_starts_stay_on_the_host_so_the_cache_update_never_syncs():
+    """update_kv reads slots and starts per row and layer (int(...)): on a GPU each read of a device tensor waits
+    for the device. forward_cached takes them on the host and copies them to the device once. A model on the meta
+    device stands in for a GPU: reading any of its values raises."""
+    from minidist.models import GPT, GPTConfig
+    from minidist.serving.inference import KVCache, forward_cached
+    cfg = GPTConfig()
+    model, cache = GPT(cfg).to("meta"), KVCache(cfg.n_layer, 3, 16)
+    logits = forward_cached(model, torch.zeros(2, 4, dtype=torch.long, device="meta"), cache,
+                            torch.tensor([2, 0]), torch.tensor([0, 3]))
+    assert logits.shape == (2, cfg.vocab_size) and logits.device.type == "meta"
+    assert cache.k[0].device.type == "meta"

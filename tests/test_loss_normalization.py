@@ -91,3 +91,19 @@ def test_clip_grad_norm_of_shards_uses_the_global_norm():
     for r, (norm, shard) in enumerate(launch(sharded_clip, 3)):
         assert abs(norm - full.norm().item()) < 1e-4
         assert torch.allclose(shard, (2.0 * full / full.norm()).tensor_split(3)[r], atol=1e-5)
+
+
+def _global_mean_loss_on_meta():
+    import minidist.data_parallel.wrapper as wrapper
+    from minidist.data_parallel import global_mean_loss
+    original, wrapper.comm.all_reduce_sum = wrapper.comm.all_reduce_sum, lambda t, group=None: t * 1
+    try:   # a loss and a token count on the meta device stand in for a GPU's: reading their values raises
+        loss = global_mean_loss(torch.ones((), device="meta"), torch.tensor(7, device="meta"))
+    finally:
+        wrapper.comm.all_reduce_sum = original
+    return loss.device.type, loss.dtype
+
+
+def test_global_mean_loss_never_reads_the_device():
+    """Called every micro-step: a .item() (or float(count) of a device count) would sync with the GPU each time."""
+    assert launch(_global_mean_loss_on_meta, 1) == [("meta", torch.float32)]

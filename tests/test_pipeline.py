@@ -191,3 +191,29 @@ def test_bench_pp_and_the_example_script(tmp_path, capsys):
     first, last, val, divergence = map(float, re.search(
         r"loss ([\d.]+) -> ([\d.]+), validation ([\d.]+), replicas differ by (\S+)", capsys.readouterr().out).groups())
     assert last < first - 0.5 and val < first - 0.5 and divergence == 0.0   # tied embedding copies agree
+
+
+def syncs_per_step():
+    """Device syncs a training step of a 2-rank 1F1B pipeline makes: plain, recording its timeline, and padded."""
+    import minidist.pipeline.runtime as runtime
+    calls, original = [], runtime.synchronize
+    runtime.synchronize = lambda: calls.append(1)   # a no-op on the CPU: counted instead (on CUDA, a full sync)
+    try:
+        x = torch.zeros(4, CFG.block_size, dtype=torch.long)
+        counts = []
+        for kwargs in ({}, {"timeline": True}, {"action_seconds": (0.0, 0.0, 0.0)}):
+            pipe = PipelineRuntime(rank_stages(GPT(CFG), 2, dist.get_rank()), one_f_one_b(2, 4), CFG.n_embd,
+                                   **kwargs)
+            calls.clear()
+            pipe.step(x, x)
+            counts.append((len(calls), len(pipe.timeline)))
+        return counts
+    finally:
+        runtime.synchronize = original
+
+
+def test_the_runtime_synchronizes_the_device_only_when_it_measures():
+    """A sync after every action would stop compute from overlapping the point-to-point messages on a GPU."""
+    for plain, timed, padded in launch(syncs_per_step, 2):
+        assert plain == (0, 0)
+        assert timed == (8, 8) and padded[1] == 8 and padded[0] >= 8   # 4 F + 4 B actions per rank

@@ -371,3 +371,12 @@ def test_example_trains_a_tensor_parallel_llama(capsys):
     first, last, val, divergence = (float(v) for v in re.search(
         r"loss ([\d.]+) -> ([\d.]+), validation ([\d.]+), replicas differ by (\S+)", capsys.readouterr().out).groups())
     assert last < first - 0.5 and divergence == 0.0
+
+
+def test_id_checks_on_a_device_tensor_never_sync_with_the_host():
+    """On an accelerator the checks assert asynchronously (bad.any() in an `if` would wait for the device on every
+    embedding and loss forward). The meta device stands in: any host read of its values raises."""
+    from minidist.tensor_parallel.vocab import check_ids
+    check_ids(torch.tensor([3, 99, -1], device="meta"), 10)          # no values to read: passes without a sync
+    with pytest.raises(ValueError, match="token id 99 is outside the vocabulary"):
+        check_ids(torch.tensor([3, 99, -1]), 10)                      # on the host: refused, by name

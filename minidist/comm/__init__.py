@@ -9,6 +9,7 @@
                     optional simulated link
     flight.py       the flight recorder: the last collectives and messages each rank entered
     diagnose.py     why ranks hang: the first disagreement across every rank's flight record
+    strict.py       NCCL's point-to-point rules on gloo, under MINIDIST_STRICT_P2P=1
 
 `from minidist import comm` gives the names below; `comm.all_reduce_sum(x, group)` is how the techniques call it.
 """

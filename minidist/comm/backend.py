@@ -27,12 +27,13 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 from . import flight
 from .ledger import open_ledgers, reporting_to
 
-RING_TAG, ALL_TO_ALL_TAG = 1, 2  # tags of minidist's own messages; user messages use 0 or any tag >= RESERVED_TAGS
+RING_TAG, ALL_TO_ALL_TAG = 1, 2  # tags of minidist's own messages (3: strict.py's acknowledgements); user messages use 0 or any tag >= RESERVED_TAGS
 RESERVED_TAGS = 16
 
 
@@ -82,8 +83,14 @@ class Work:
         self.completed_at = None if (future or torch_work) else time.perf_counter()
         if self.completed_at is not None:
             flight.complete(entry)
+        self._watched = False
         if future is not None:
             future.add_done_callback(self._future_done)
+        elif torch_work is not None and (device := _accelerator(result)) is not None:
+            # NCCL marks a work's future completed when the work is *enqueued*: the completion (flight recorder,
+            # timelines) comes from an event recorded after the collective on the device, polled by a watcher.
+            self._watched = True
+            _watcher().add(_stream_event(torch_work, device), self._mark_done)
         elif torch_work is not None:
             try:
                 torch_work.get_future().then(self._torch_done)
@@ -110,6 +117,8 @@ class Work:
         if isinstance(inner, Work):  # a message the communication thread posted: done when it is delivered
             if inner.completed_at is not None:
                 self._mark_done()
+            elif inner._future is not None:   # posted under MINIDIST_STRICT_P2P=1 (strict.py)
+                inner._future.add_done_callback(lambda f: f.exception() is None and self._mark_done())
             elif inner._torch_work is not None:
                 try:
                     inner._torch_work.get_future().then(lambda f: self._torch_done(f))
@@ -124,8 +133,9 @@ class Work:
             if isinstance(self._result, Work):      # a point-to-point message the thread posted without blocking
                 self._result = self._result.wait()
         if self._torch_work is not None:
-            self._torch_work.wait()
-        self._mark_done()
+            self._torch_work.wait()   # on a GPU: the current stream waits for the collective, the host does not
+        if not self._watched:         # watched: done when the device has run it, not when this returns
+            self._mark_done()
         return self._result
 
     def is_completed(self) -> bool:
@@ -135,6 +145,57 @@ class Work:
             inner = self._future.result()
             return not isinstance(inner, Work) or inner.is_completed()
         return self._torch_work is None or self._torch_work.is_completed()
+
+
+def _accelerator(result) -> torch.device | None:
+    """The accelerator a collective's result lives on, or None (CPU: gloo completes its futures when done)."""
+    t = result[0] if isinstance(result, (list, tuple)) and result else result
+    return t.device if torch.is_tensor(t) and t.device.type not in ("cpu", "meta") else None
+
+
+_side_streams: dict = {}
+
+
+def _stream_event(torch_work, device) -> torch.Event:
+    """An event that completes once the collective has run: a side stream waits for the work (work.wait() makes the
+    current stream wait, never the host) and the event is recorded there, so the compute stream waits for nothing."""
+    side = _side_streams.setdefault((os.getpid(), str(device)), torch.Stream(device=device))
+    with side:
+        torch_work.wait()
+        event = torch.Event(device=device)
+        event.record(side)
+    return event
+
+
+class _Watcher:
+    """One thread per process that polls the events of pending collectives and calls each one's `done` when it
+    has completed on the device."""
+
+    def __init__(self):
+        self.pid, self.pending, self.lock = os.getpid(), [], threading.Lock()
+        threading.Thread(target=self._loop, name="minidist-watcher", daemon=True).start()
+
+    def add(self, event, done) -> None:
+        with self.lock:
+            self.pending.append((event, done))
+
+    def _loop(self):
+        while True:
+            with self.lock:
+                ready = [(e, d) for e, d in self.pending if e.query()]
+                self.pending = [(e, d) for e, d in self.pending if all(e is not r for r, _ in ready)]
+            for _, done in ready:
+                done()
+            time.sleep(0.0005)
+
+
+_watchers: list = []
+
+
+def _watcher() -> _Watcher:
+    if not _watchers or _watchers[0].pid != os.getpid():   # threads do not survive fork
+        _watchers[:] = [_Watcher()]
+    return _watchers[0]
 
 
 class _CommThread:

@@ -8,7 +8,8 @@ disagree is the diagnosis:
   * the ranks entered different collectives as #k (issued in another order, or another op);
   * the same collective with different sizes or dtypes (a size mismatch; gloo then aborts the receiving rank).
 For point-to-point messages, each (source, destination) pair is lined up the same way: a receive with no matching
-send is named, with where the would-be sender is. A rank that is in no collective at all is located by its stack.
+send is named, with where the would-be sender is; so are two ranks that each wait in a send to the other and posted
+their receive from it after that send, not in the same batch (NCCL's rules, strict.py: batch_isend_irecv them). A rank that is in no collective at all is located by its stack.
 """
 import re
 
@@ -128,13 +129,39 @@ def _messages(records: dict) -> list[str]:
     return found
 
 
+def _unbatched(records: dict) -> list[str]:
+    """Pairs of ranks deadlocked by NCCL's point-to-point rules (strict.py): each waits in a send to the other and
+    posted its receive from the other after that send, outside the send's batch."""
+    waits = {}
+    for r, rec in records.items():
+        pending = [e for e in rec["entries"] if e["peer"] >= 0 and not e["completed"]] if rec else []
+        for i, s in enumerate(pending):
+            behind = [e for e in pending[i + 1:] if e["op"] == "recv" and e["peer"] == s["peer"]
+                      and (s.get("batch", 0) == 0 or e.get("batch", 0) != s.get("batch", 0))]
+            if s["op"] == "send" and behind:
+                waits.setdefault((r, s["peer"]), (s, behind[0]))
+    found = []
+    for (r, p), (s, rv) in sorted(waits.items()):
+        if r < p and (p, r) in waits:
+            s2, rv2 = waits[(p, r)]
+            found.append(
+                f"ranks {r} and {p} wait for each other: rank {r} waits in send #{s['seq']} to rank {p} "
+                f"({s['dtype']}, {s['numel']:,} elements) and posted recv #{rv['seq']} from rank {p} after it; rank {p} "
+                f"waits in send #{s2['seq']} to rank {r} ({s2['dtype']}, {s2['numel']:,} elements) and posted recv "
+                f"#{rv2['seq']} from rank {r} after it. Under NCCL's point-to-point rules (MINIDIST_STRICT_P2P=1) the "
+                f"operations between two ranks run in the order posted and a send completes only when its receive "
+                f"runs, so each recv waits behind its own rank's send: the send and the recv must be posted together, "
+                f"in one batch_isend_irecv")
+    return found
+
+
 def diagnose(records: dict[int, dict | None], world: int, deaths: dict[int, str] | None = None) -> str:
     """The first disagreement in every group and message channel, or where each rank is when there is none.
 
     records[r]: rank r's flight record ({"entries", "stack", and optionally "exit": how it ended}); deaths[r]: how a
     rank that was killed died (reported at the end)."""
     records = {r: records.get(r) for r in range(world)}
-    found = _collectives(records, world) + _messages(records)
+    found = _collectives(records, world) + (_unbatched(records) or _messages(records))
     if not found:
         found = ["the flight records agree: every rank completed the same collectives"]
         found += [f"rank {r}: {where(r, rec)}" for r, rec in records.items()

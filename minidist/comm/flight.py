@@ -28,19 +28,19 @@ import torch.distributed as dist
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all", "send", "recv", "ring_step")
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool", "other")
-RECORD = struct.Struct("<qiibbbxxxqd")   # seq, group id, peer, op, dtype, state, (pad), numel, time
+RECORD = struct.Struct("<qiibbbxxxqdq")  # seq, group id, peer, op, dtype, state, (pad), numel, time, batch
 HEADER = struct.Struct("<q")             # entries written so far
 CAPACITY = 1024
 ENTERED, COMPLETED = 1, 2
 
 
 class Entry:
-    __slots__ = ("seq", "group", "gid", "peer", "op", "dtype", "numel", "state", "time", "slot", "done")
+    __slots__ = ("seq", "group", "gid", "peer", "op", "dtype", "numel", "state", "time", "slot", "done", "batch")
 
     def as_dict(self) -> dict:
         return {"seq": self.seq, "group": list(self.group), "group_id": _table[self.gid][0], "peer": self.peer,
                 "op": self.op, "dtype": self.dtype, "numel": self.numel, "completed": self.state == COMPLETED,
-                "time": self.time, "done": self.done}
+                "time": self.time, "done": self.done, "batch": self.batch}
 
 
 _entries: collections.deque = collections.deque(maxlen=CAPACITY)
@@ -49,6 +49,14 @@ _groups: dict = {}       # id(group) -> (global ranks, index in the group table)
 _table: list = []        # index -> (group id, the same on every rank; global ranks)
 _file = {"map": None, "dir": None, "rank": None, "count": 0}
 _lock = threading.Lock()  # under the ring backend, messages are recorded from the communication thread too
+_batches = [0]
+
+
+def new_batch() -> int:
+    """A number for the messages of one batch_isend_irecv (0: a message posted alone)."""
+    with _lock:
+        _batches[0] += 1
+        return _batches[0]
 
 
 def start(rank: int, directory: str, world_size: int | None = None) -> None:
@@ -84,15 +92,16 @@ def _group(group) -> tuple[tuple, int]:
 ENABLED = os.environ.get("MINIDIST_FLIGHT_RECORDER", "1") != "0"  # 0: off (to measure what it costs)
 
 
-def enter(op: str, tensor, group=None, peer: int | None = None) -> Entry | None:
-    """Record that this rank entered `op` on `tensor`; for a message, `peer` is the other end (global rank)."""
+def enter(op: str, tensor, group=None, peer: int | None = None, batch: int = 0) -> Entry | None:
+    """Record that this rank entered `op` on `tensor`; for a message, `peer` is the other end (global rank) and
+    `batch` the batch it was posted in (new_batch(); 0 if alone)."""
     if not ENABLED:
         return None
     with _lock:
-        return _enter(op, tensor, group, peer)
+        return _enter(op, tensor, group, peer, batch)
 
 
-def _enter(op, tensor, group, peer) -> Entry:
+def _enter(op, tensor, group, peer, batch) -> Entry:
     ranks, gid = _group(group)
     me = dist.get_rank()
     key = (gid, "coll") if peer is None else (gid, me, peer) if op == "send" else (gid, peer, me)
@@ -100,6 +109,7 @@ def _enter(op, tensor, group, peer) -> Entry:
     e.seq = _seq[key] = _seq.get(key, 0) + 1
     e.gid, e.group, e.peer, e.op, e.numel, e.state, e.time = gid, ranks, -1 if peer is None else peer, op, \
         tensor.numel(), ENTERED, time.time()
+    e.batch = batch
     e.done = None  # time.time() when it completed (in this process only: the file keeps the state, not the time)
     e.dtype = str(tensor.dtype).removeprefix("torch.")
     _entries.append(e)
@@ -115,7 +125,7 @@ def _enter(op, tensor, group, peer) -> Entry:
 def _write(e: Entry) -> None:
     dtype = DTYPES.index(e.dtype) if e.dtype in DTYPES else len(DTYPES) - 1
     RECORD.pack_into(_file["map"], HEADER.size + e.slot % CAPACITY * RECORD.size, e.seq, e.gid, e.peer,
-                     OPS.index(e.op), dtype, e.state, e.numel, e.time)
+                     OPS.index(e.op), dtype, e.state, e.numel, e.time, e.batch)
 
 
 def complete(e: Entry | None) -> None:
@@ -142,10 +152,11 @@ def read_rank(directory, rank: int) -> dict | None:
     table = json.loads(groups.read_text()) if groups.exists() else []
     entries = []
     for k in range(max(0, count - CAPACITY), count):
-        seq, gid, peer, op, dtype, state, numel, t = RECORD.unpack_from(data, HEADER.size + k % CAPACITY * RECORD.size)
+        seq, gid, peer, op, dtype, state, numel, t, batch = RECORD.unpack_from(data, HEADER.size + k % CAPACITY * RECORD.size)
         name, ranks = table[gid] if gid < len(table) else ("?", [])
         entries.append({"seq": seq, "group": ranks, "group_id": name, "peer": peer, "op": OPS[op],
-                        "dtype": DTYPES[dtype], "numel": numel, "completed": state == COMPLETED, "time": t})
+                        "dtype": DTYPES[dtype], "numel": numel, "completed": state == COMPLETED, "time": t,
+                        "batch": batch})
     stack = directory / f"stack-{rank}"
     return {"entries": entries, "stack": stack.read_text() if stack.exists() else None}
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import backend, flight
+from . import backend, flight, strict
 from .backend import ALL_TO_ALL_TAG, RESERVED_TAGS, Work
 from .ledger import count_recv, count_send, counting
 
@@ -30,30 +30,46 @@ def global_rank(group_rank: int, group=None) -> int:
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
 
-def _enter_send(x: torch.Tensor, dst: int, group) -> tuple[int, object]:
+def _enter_send(x: torch.Tensor, dst: int, group, batch: int = 0) -> tuple[int, object]:
     """Record a message leaving for group rank `dst` (flight recorder, ledger, simulated link): (global dst, entry)."""
     to = global_rank(dst, group)
-    entry = flight.enter("send", x, group, peer=to)
+    entry = flight.enter("send", x, group, peer=to, batch=batch)
     count_send(x, group, group_size(group))
     backend.simulate_message(x.numel() * x.element_size(), to)
     return to, entry
 
 
-def _enter_recv(x: torch.Tensor, src: int, group) -> tuple[int, object]:
+def _enter_recv(x: torch.Tensor, src: int, group, batch: int = 0) -> tuple[int, object]:
     frm = global_rank(src, group)
-    entry = flight.enter("recv", x, group, peer=frm)
+    entry = flight.enter("recv", x, group, peer=frm, batch=batch)
     count_recv(x, group, group_size(group))
     return frm, entry
 
 
+def _start(ops: list, entries: list) -> list[Work]:
+    """Post dist.P2POps (global peers) as one batch, each recorded by its flight entry; one Work per op.
+
+    Under MINIDIST_STRICT_P2P=1 the batch obeys NCCL's point-to-point rules (strict.py)."""
+    if strict.active():
+        futures = strict.each(strict.post(ops), [op.tensor for op in ops])
+        return [Work(future=f, entry=entry) for f, entry in zip(futures, entries)]
+    if len(ops) == 1:   # an unbatched message
+        op = ops[0]
+        works = [(dist.isend if op.op is dist.isend else dist.irecv)(op.tensor, op.peer, group=op.group, tag=op.tag)]
+    else:
+        works = dist.batch_isend_irecv(ops)
+        works = works if len(works) == len(ops) else works[-1:] * len(ops)   # NCCL: one Work for the whole batch
+    return [Work(op.tensor, torch_work=w, entry=entry) for op, w, entry in zip(ops, works, entries)]
+
+
 def _post_send(x: torch.Tensor, dst: int, group, tag: int) -> Work:
     to, entry = _enter_send(x, dst, group)
-    return Work(x, torch_work=dist.isend(x, to, group=group, tag=tag), entry=entry)
+    return _start([dist.P2POp(dist.isend, x, to, group, tag)], [entry])[0]
 
 
 def _post_recv(x: torch.Tensor, src: int, group, tag: int) -> Work:
     frm, entry = _enter_recv(x, src, group)
-    return Work(x, torch_work=dist.irecv(x, frm, group=group, tag=tag), entry=entry)
+    return _start([dist.P2POp(dist.irecv, x, frm, group, tag)], [entry])[0]
 
 
 def _check_message(sending: bool, peer, group, tag) -> None:
@@ -117,11 +133,10 @@ def batch_isend_irecv(ops: list[P2POp]) -> list[Work]:
         _check_message(op.op is isend, op.peer, op.group, op.tag)
 
     def post() -> list[Work]:
-        entered = [(_enter_send if op.op is isend else _enter_recv)(op.tensor, op.peer, op.group) for op in ops]
-        works = dist.batch_isend_irecv([dist.P2POp(dist.isend if op.op is isend else dist.irecv, op.tensor, peer,
-                                                   op.group, op.tag) for op, (peer, _) in zip(ops, entered)])
-        works = works if len(works) == len(ops) else works[-1:] * len(ops)   # NCCL: one Work for the whole batch
-        return [Work(op.tensor, torch_work=w, entry=entry) for op, w, (_, entry) in zip(ops, works, entered)]
+        batch = flight.new_batch()
+        entered = [(_enter_send if op.op is isend else _enter_recv)(op.tensor, op.peer, op.group, batch) for op in ops]
+        return _start([dist.P2POp(dist.isend if op.op is isend else dist.irecv, op.tensor, peer, op.group, op.tag)
+                       for op, (peer, _) in zip(ops, entered)], [entry for _, entry in entered])
     if not backend.ring_active():
         return post()
     batch = backend.submit(post)   # then one job per op on the same thread, each handing over its op's Work
@@ -131,7 +146,8 @@ def batch_isend_irecv(ops: list[P2POp]) -> list[Work]:
 def all_to_all(x: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
     """Chunk j of x (along `dim`) goes to group rank j; returns the chunks received, concatenated in rank order.
 
-    Built from point-to-point messages (step s: send to rank me+s, receive from me-s), so its bytes are counted:
+    Built from point-to-point messages (step s: send to rank me+s, receive from me-s, posted as one batch: at N = 2
+    both are the same peer, and an unbatched send then receive deadlocks on NCCL), so its bytes are counted:
     (N-1)/N of x per rank.
     """
     n, me = group_size(group), dist.get_rank(group)
@@ -144,9 +160,12 @@ def all_to_all(x: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
         out[me].copy_(chunks[me])
         with counting("all_to_all", x, group, n):
             for s in range(1, n):
-                works = [_post_send(chunks[(me + s) % n], (me + s) % n, group, ALL_TO_ALL_TAG),
-                         _post_recv(out[(me - s) % n], (me - s) % n, group, ALL_TO_ALL_TAG)]
-                for w in works:
+                batch = flight.new_batch()
+                (to, sent), (frm, received) = (_enter_send(chunks[(me + s) % n], (me + s) % n, group, batch),
+                                               _enter_recv(out[(me - s) % n], (me - s) % n, group, batch))
+                for w in _start([dist.P2POp(dist.isend, chunks[(me + s) % n], to, group, ALL_TO_ALL_TAG),
+                                 dist.P2POp(dist.irecv, out[(me - s) % n], frm, group, ALL_TO_ALL_TAG)],
+                                [sent, received]):
                     w.wait()
         return torch.cat(out, dim)
     return backend.submit(exchange).wait() if backend.ring_active() else exchange()

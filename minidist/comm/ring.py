@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import flight
+from . import flight, strict
 from .backend import RING_TAG, simulate_message
 from .ledger import count_send, in_counted_collective
 from .p2p import global_rank
@@ -43,15 +43,15 @@ def ring_exchange(send: torch.Tensor, recv: torch.Tensor, group=None) -> None:
     # A step of a ring algorithm called directly (chapter 01) is recorded as one; inside a collective of comm/collectives.py,
     # that collective is the record.
     entry = None if in_counted_collective() else flight.enter("ring_step", send, group)
-    work = None
+    ops = []  # one batch: at N = 2 left and right are the same peer, and on NCCL an unbatched send then receive with
+    #           one peer deadlocks (each rank's receive waits behind its own send, which waits for the other's receive)
     if send.numel():  # both sides know the chunk sizes, so an empty chunk is skipped on both
         count_send(send, group, n)
         simulate_message(send.numel() * send.element_size(), right)
-        work = dist.isend(send.contiguous(), right, group=group, tag=RING_TAG)
+        ops.append(dist.P2POp(dist.isend, send.contiguous(), right, group, RING_TAG))
     if recv.numel():
-        dist.recv(recv, left, group=group, tag=RING_TAG)
-    if work is not None:
-        work.wait()
+        ops.append(dist.P2POp(dist.irecv, recv, left, group, RING_TAG))
+    strict.exchange(ops)
     flight.complete(entry)
 
 
@@ -141,11 +141,11 @@ def chain_broadcast(tensor: torch.Tensor, src: int = 0, group=None, pieces: int 
         if not piece.numel():
             continue
         if pos > 0:
-            dist.recv(piece, global_rank((me - 1) % n, group), group=group, tag=RING_TAG)
+            strict.exchange([dist.P2POp(dist.irecv, piece, global_rank((me - 1) % n, group), group, RING_TAG)])
         if pos < n - 1:
             count_send(piece, group, n)
             simulate_message(piece.numel() * piece.element_size(), global_rank((me + 1) % n, group))
-            dist.send(piece, global_rank((me + 1) % n, group), group=group, tag=RING_TAG)
+            strict.exchange([dist.P2POp(dist.isend, piece, global_rank((me + 1) % n, group), group, RING_TAG)])
     return out.view_as(tensor)
 
 

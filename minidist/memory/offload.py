@@ -221,8 +221,8 @@ class OptimizerOffload:
     as both do. Every storage behind those tensors is moved once (views stay views: ZeroOptimizer's pieces share
     its master buffer), by re-pointing the tensors themselves (`t.data = ...`), so the optimizer and its wrapper keep
     their references. States created by a step (Adam's moments, on its first step, next to the masters) move right
-    after it. (On a GPU, ZeroOptimizer would also have to move its gradient shards to the tier before the update and
-    the updated shards back before its all-gather; it does not yet: CPU ranks need neither.)
+    after it. ZeroOptimizer moves its gradient shards to the masters' device before the update and the updated shards
+    back to the model's device (its comm_device) before its all-gather: on a GPU, NCCL takes no host tensors.
     """
 
     def __init__(self, opt, tier):

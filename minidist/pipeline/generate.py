@@ -16,7 +16,12 @@ Bytes, summed over the p ranks, for B rows, a prompt of P tokens and n new token
     + 8 * B * (n - 1)                     sampled tokens (int64) from the last stage back to the first
 
 Messages are posted with isend and only waited for at the end, so a rank only ever waits in a receive, for a
-message an earlier step of its sender posts: no cycle, no deadlock (the argument of pipeline/runtime.py).
+message an earlier step of its sender posts: no cycle, no deadlock (the argument of pipeline/runtime.py). At p = 2
+the first and the last stage are one pair, and on NCCL one pair's operations run in the order posted, a send
+completing only when its receive runs: stage 0 posts its m activations, then receives token 0; so stage 1 posts its
+receives of a micro-batch's activations one step ahead (all m at step 0, then each right after the token it sends),
+and the two ranks post their messages in the same order (MINIDIST_STRICT_P2P=1 checks it; the receive posted only
+when needed deadlocked there).
 """
 import torch
 import torch.distributed as dist
@@ -51,25 +56,30 @@ def pipeline_generate(model, input_ids: torch.Tensor, max_new_tokens: int, micro
     rows = input_ids.to(device).chunk(microbatches)
     caches = [KVCache(len(stage.blocks), b, P + max_new_tokens) for _ in range(microbatches)]
     generators = [torch.Generator().manual_seed(seed + r) for r in range(B)]
-    slots = torch.arange(b, device=device)
+    slots = torch.arange(b)                                             # on the host (forward_cached)
     tokens, sends = [[] for _ in range(microbatches)], []
+    width = model.cfg.n_embd
+    inbox = [] if stage.first else [comm.irecv(torch.empty(b, P, width, device=device), rank - 1, group)
+                                    for _ in range(microbatches)]   # step 0's activations, posted ahead
     for step in range(max_new_tokens):
         T = P if step == 0 else 1
-        starts = torch.full((b,), 0 if step == 0 else P + step - 1, dtype=torch.long, device=device)
+        starts = torch.full((b,), 0 if step == 0 else P + step - 1, dtype=torch.long)
         for j in range(microbatches):
             ids, x = None, None
             if stage.first:
                 ids = rows[j] if step == 0 else _token_for(j, tokens, p, group, b, device).view(b, 1)
             else:
-                x = comm.recv(torch.empty(b, T, model.cfg.n_embd, device=device), rank - 1, group)  # (b, T, C)
+                x = inbox[j].wait()                                                          # (b, T, C)
             out = forward_cached(stage, ids, caches[j], slots, starts, stage_input=x)
             if not stage.last:
                 sends.append(comm.isend(out.contiguous(), rank + 1, group))
-                continue
-            token = sample_next(out, [temperature] * b, generators[j * b:(j + 1) * b])  # (b,)
-            tokens[j].append(token)
-            if p > 1 and step < max_new_tokens - 1:
-                sends.append(comm.isend(token.to(device), 0, group))
+            else:
+                token = sample_next(out, [temperature] * b, generators[j * b:(j + 1) * b])  # (b,)
+                tokens[j].append(token)
+                if p > 1 and step < max_new_tokens - 1:
+                    sends.append(comm.isend(token.to(device), 0, group))
+            if not stage.first and step < max_new_tokens - 1:   # the next step's activations (b, 1, C), posted ahead
+                inbox[j] = comm.irecv(torch.empty(b, 1, width, device=device), rank - 1, group)
     for work in sends:
         work.wait()
     if not stage.last:

@@ -130,7 +130,7 @@ class PipelineRuntime:
     """Runs `schedule` (one list of Actions per pipeline rank) on this rank's `stages` (chunk c = stages[c])."""
 
     def __init__(self, stages, schedule, hidden_size: int, group=None, loss_fn=lm_loss, action_seconds=None,
-                 dtype: torch.dtype = torch.float32, track_memory: bool = True):
+                 dtype: torch.dtype = torch.float32, track_memory: bool = True, timeline: bool = False):
         p, self.m, self.v = shape(schedule)
         validate(schedule)
         self.p, self.rank, self.group = comm.group_size(group), dist.get_rank(group), group
@@ -143,6 +143,7 @@ class PipelineRuntime:
         self.batches = plan(schedule)[self.rank]  # batches[k]: the messages to issue before action k
         self.hidden_size, self.dtype, self.loss_fn, self.action_seconds = hidden_size, dtype, loss_fn, action_seconds
         self.track_memory = track_memory  # the saved-tensor hooks cost time: off for benchmarks
+        self.measure = timeline           # record self.timeline (so does action_seconds): a device sync per action
         self.tied = tied_parameters(self.stages)
         self.timeline, self.memory, self.saved_bytes = [], ActivationMemory(), {}
 
@@ -212,7 +213,11 @@ class PipelineRuntime:
 
     @contextmanager
     def _timed(self, a: Action):
-        """Record the action's compute interval; with action_seconds, pad it to its fixed length first."""
+        """Record the action's compute interval; with action_seconds, pad it to its fixed length first. Only when
+        measuring: reading a clock needs a device sync, which would stop compute overlapping the messages."""
+        if self.action_seconds is None and not self.measure:
+            yield
+            return
         start = time.perf_counter()
         yield
         if self.action_seconds is not None:

@@ -133,16 +133,16 @@ class Engine:
         r.slot, r.admitted_at, r.admitted_step = self.free.pop(0), time.time(), self.steps
         self.running[r.slot] = r                                          # even if it fails: retired like the rest
         ids = torch.tensor([r.prompt], device=self.device)                # (1, P)
-        logits = forward_cached(self.model, ids, self.cache, torch.tensor([r.slot], device=self.device),
-                                torch.zeros(1, dtype=torch.long, device=self.device))
+        logits = forward_cached(self.model, ids, self.cache, torch.tensor([r.slot]),   # slots, starts on the host
+                                torch.zeros(1, dtype=torch.long))
         r.length = len(r.prompt)
         r.output.append(int(sample_next(logits, [r.temperature], [r.generator])[0]))
         r.first_token_at = time.time()
 
     def _decode(self, rows: list[Request]) -> None:
         ids = torch.tensor([[r.output[-1]] for r in rows], device=self.device)  # (R, 1): each row's last token
-        slots = torch.tensor([r.slot for r in rows], device=self.device)
-        starts = torch.tensor([r.length for r in rows], device=self.device)     # where that token goes
+        slots = torch.tensor([r.slot for r in rows])                            # on the host (forward_cached)
+        starts = torch.tensor([r.length for r in rows])                         # where that token goes
         logits = forward_cached(self.model, ids, self.cache, slots, starts)     # (R, V)
         tokens = sample_next(logits, [r.temperature for r in rows], [r.generator for r in rows])
         for r, t in zip(rows, tokens.tolist()):

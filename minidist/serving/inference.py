@@ -138,21 +138,21 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: to
 # The cached forward of each model family, written over the model's own modules: a module that parallelize()
 # replaced runs unchanged (the attention and MLP input hooks are the identity in forward, without sequence parallel).
 
-def _gpt_block(block, x, cache, i, slots, starts):
+def _gpt_block(block, x, cache, i, slots, starts, placed):
     a, (B, T, _) = block.attn, x.shape
     q, k, v = (t.view(B, T, -1, a.head_dim).transpose(1, 2) for t in a.qkv(block.ln1(x)).chunk(3, dim=2))
-    y = attend(q, *cache.update(i, k, v, slots, starts), starts, 1.0 / math.sqrt(a.head_dim))  # (B, h, T, hs)
+    y = attend(q, *cache.update(i, k, v, slots, starts), placed, 1.0 / math.sqrt(a.head_dim))  # (B, h, T, hs)
     x = x + a.proj(y.transpose(1, 2).reshape(B, T, -1))
     return x + block.mlp(block.ln2(x))
 
 
-def _llama_block(layer, x, cache, i, slots, starts, rope):
+def _llama_block(layer, x, cache, i, slots, starts, placed, rope):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     a, (B, T, _) = layer.self_attn, x.shape
     h = layer.input_layernorm(x)
     q, k, v = (p(h).view(B, T, -1, a.head_dim).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
     q, k = apply_rotary_pos_emb(q, k, *rope)                          # rotary positions, as the model does
-    y = attend(q, *cache.update(i, k, v, slots, starts), starts, a.scaling)
+    y = attend(q, *cache.update(i, k, v, slots, starts), placed, a.scaling)
     x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, -1))
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
@@ -172,13 +172,17 @@ def forward_cached(model, ids: torch.Tensor, cache: KVCache, slots: torch.Tensor
                    stage_input: torch.Tensor | None = None) -> torch.Tensor:
     """Run ids (B, T) at positions starts[b] + t through `model` (a GPT, a pipeline Stage of one, or a Hugging Face
     Llama), writing the cache; returns the last position's full logits (B, V), or a middle stage's output (B, T, C).
-    A stage after the first takes `stage_input` (B, T, C) instead of ids (None)."""
-    B, T = (ids if stage_input is None else stage_input).shape[:2]
-    positions = starts.view(B, 1) + torch.arange(T, device=starts.device)  # (B, T)
+    A stage after the first takes `stage_input` (B, T, C) instead of ids (None). Keep slots and starts on the host:
+    update_kv reads them per row and layer (on a GPU, a device sync each); they go to the device once, for the masks."""
+    data = ids if stage_input is None else stage_input
+    B, T = data.shape[:2]
+    slots, starts = slots.cpu(), starts.cpu()                           # no-ops for host tensors
+    placed = starts.to(data.device)
+    positions = placed.view(B, 1) + torch.arange(T, device=data.device)  # (B, T)
     if hasattr(model, "blocks"):                                        # minidist's GPT, or a Stage of it
         x = model.wte(ids) + model.wpe(positions) if stage_input is None else stage_input  # (B, T, C)
         for i, block in enumerate(model.blocks):
-            x = _gpt_block(block, x, cache, i, slots, starts)
+            x = _gpt_block(block, x, cache, i, slots, starts, placed)
         if not hasattr(model, "lm_head"):                              # a stage before the last
             return x
         return full_logits(model.lm_head, model.lm_head(model.ln_f(x[:, -1:])))[:, 0]
@@ -186,7 +190,7 @@ def forward_cached(model, ids: torch.Tensor, cache: KVCache, slots: torch.Tensor
     x = inner.embed_tokens(ids)
     rope = inner.rotary_emb(x, positions)
     for i, layer in enumerate(inner.layers):
-        x = _llama_block(layer, x, cache, i, slots, starts, rope)
+        x = _llama_block(layer, x, cache, i, slots, starts, placed, rope)
     return full_logits(model.lm_head, model.lm_head(inner.norm(x[:, -1:])))[:, 0]
 
 
@@ -244,7 +248,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     model.eval()
     device = next(model.parameters()).device
     cache = cache or KVCache(n_layers(model), B, P + max_new_tokens)
-    slots, starts = torch.arange(B, device=device), torch.zeros(B, dtype=torch.long, device=device)
+    slots, starts = torch.arange(B), torch.zeros(B, dtype=torch.long)  # on the host (forward_cached)
     generators = [torch.Generator().manual_seed(seed + b) for b in range(B)]
     out, ids = [], input_ids.to(device)
     for _ in range(max_new_tokens):

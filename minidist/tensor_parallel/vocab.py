@@ -28,13 +28,24 @@ from .. import comm
 from .layers import _group, _pad_rows, _shard_param, padded_size, shard_output_features
 
 
-def _check_ids(ids: torch.Tensor, size: int, what: str, ignore: int | None = None) -> None:
+def _refuse(bad: torch.Tensor, message) -> None:
+    """Raise ValueError(message()) if any of `bad` is set. On the CPU at once; on an accelerator asynchronously
+    (torch._assert_async: a device-side assert, no host sync in the hot path), so validate ids on the host before
+    they reach the device (check_ids) to get the error that names them."""
+    if bad.device.type == "cpu":
+        if bad.any():
+            raise ValueError(message())
+    else:
+        torch._assert_async(~bad.any(), "minidist: an id outside the vocabulary, or a target on a padding column")
+
+
+def check_ids(ids: torch.Tensor, size: int, what: str = "token id", ignore: int | None = None) -> None:
     """A ValueError naming the first id outside [0, size) (ignore_index excepted): one no rank owns would otherwise
     give zeros (embedding) or a finite, wrong loss (cross-entropy) instead of nn.Embedding's or F.cross_entropy's
-    error."""
+    error. Call it on host ids; on device ids it asserts asynchronously (_refuse)."""
     bad = ((ids < 0) | (ids >= size)) & (ids != ignore if ignore is not None else True)
-    if bad.any():
-        raise ValueError(f"{what} {ids[bad][0].item()} is outside the vocabulary [0, {size})")
+    _refuse(bad, lambda: f"{what} {ids[bad][0].item()} is outside the vocabulary [0, {size})")
+
 
 
 
@@ -90,7 +101,7 @@ class VocabParallelEmbedding(nn.Module):
         return layer
 
     def forward(self, idx):                                            # idx: (B, T) token ids, replicated
-        _check_ids(idx, self.num_embeddings, "token id")   # every rank holds the same ids: all raise, none waits
+        check_ids(idx, self.num_embeddings, "token id")   # every rank holds the same ids: all raise, none waits
         local = idx - self.start
         mine = (local >= 0) & (local < self.local_rows)
         pad = None
@@ -105,12 +116,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local_logits, targets, group, ignore_index):
         flat, tgt = local_logits.reshape(-1, local_logits.shape[-1]).float(), targets.reshape(-1)
-        _check_ids(tgt, flat.shape[-1] * comm.group_size(group), "target", ignore_index)   # before communicating
+        check_ids(tgt, flat.shape[-1] * comm.group_size(group), "target", ignore_index)   # before communicating
         keep = tgt != ignore_index
         loss, softmax = vocab_parallel_ce_forward(flat, torch.where(keep, tgt, 0), group)
-        if torch.isinf(loss[keep]).any():   # the same on every rank: the target's logit is -inf (vocabulary padding)
-            raise ValueError(f"target {tgt[keep][torch.isinf(loss[keep])][0].item()} has logit -inf: a padding "
-                             f"column of the vocabulary (padded to {flat.shape[-1] * comm.group_size(group)})")
+        inf = torch.isinf(loss) & keep      # the same on every rank: the target's logit is -inf (vocabulary padding)
+        _refuse(inf, lambda: f"target {tgt[inf][0].item()} has logit -inf: a padding column of the vocabulary "
+                             f"(padded to {flat.shape[-1] * comm.group_size(group)})")
         count = keep.sum().clamp(min=1)
         ctx.save_for_backward(softmax, tgt, keep, count)
         ctx.shape, ctx.dtype, ctx.group = local_logits.shape, local_logits.dtype, group

@@ -148,6 +148,11 @@ class ZeroOptimizer(ZeroState, torch.optim.Optimizer):
         self.pieces = [self.master[self.starts[b] + offset:self.starts[b] + offset + hi - lo].copy_(
                        self.params[i].detach().reshape(-1)[lo:hi]) for i, lo, hi, b, offset in self.where]
 
+    @property
+    def comm_device(self) -> torch.device:
+        """Where this optimizer's collectives run: the model's device (the master may be offloaded to the host)."""
+        return self.params[0].device if self.params else self.master.device
+
     # The step, phase by phase.
 
     @torch.no_grad()
@@ -174,7 +179,8 @@ class ZeroOptimizer(ZeroState, torch.optim.Optimizer):
             grads, used = self.reduce_scatter_gradients()
             for (i, lo, hi, b, offset), piece in zip(self.where, self.pieces):
                 usable = used[i] and grads[b] is not None
-                piece.grad = grads[b][offset:offset + hi - lo].to(self.master.dtype) if usable else None
+                piece.grad = (grads[b][offset:offset + hi - lo].to(self.master.device, self.master.dtype)  # ZeRO-
+                              if usable else None)             # Offload: the gradient goes to the master's device
             found = self.scaler is not None and self.scaler.unscale_(
                 [piece.grad for piece in self.pieces if piece.grad is not None], agree=True, group=self.group)
             self._found_inf = found
@@ -200,7 +206,7 @@ class ZeroOptimizer(ZeroState, torch.optim.Optimizer):
 
     def _pack(self, b: int) -> torch.Tensor:
         """Bucket b's gradients in one zero-padded flat buffer of N * chunk elements."""
-        flat = torch.zeros(self.world * self.chunks[b], dtype=self.buckets[b].dtype, device=self.master.device)
+        flat = torch.zeros(self.world * self.chunks[b], dtype=self.buckets[b].dtype, device=self.comm_device)
         for i, lo, hi, at in self.segments[b]:
             if self.params[i].grad is not None:
                 flat[at:at + hi - lo] = self.params[i].grad.reshape(-1)[lo:hi]
@@ -215,7 +221,8 @@ class ZeroOptimizer(ZeroState, torch.optim.Optimizer):
 
     def all_gather_parameters(self) -> None:
         """Phase 3: every rank's updated chunks, cast to the model's dtype, gathered and copied into the model."""
-        shards = [self.master[s:s + c].to(b.dtype) for s, c, b in zip(self.starts, self.chunks, self.buckets)]
+        shards = [self.master[s:s + c].to(self.comm_device, b.dtype)   # offloaded: the updated shards come back
+                  for s, c, b in zip(self.starts, self.chunks, self.buckets)]
         for p, flat in zip(self.params, self._unbucket(all_gather_parameters(shards, self.group))):
             p.copy_(flat.view(p.shape))
 

@@ -97,7 +97,7 @@ class ZeroState:
         keys = list(dict.fromkeys(keys)) + (["master"] if mixed else [])
         full = {}
         for key in keys:
-            shards = [self.master.new_zeros(c) for c in self.chunks]
+            shards = [torch.zeros(c, dtype=self.master.dtype, device=self.comm_device) for c in self.chunks]
             for (i, lo, hi, b, offset), piece in zip(self.where, self.pieces):
                 value = piece if key == "master" else self.optimizer.state.get(piece, {}).get(key)
                 if value is not None:
@@ -109,7 +109,7 @@ class ZeroState:
             if piece in self.optimizer.state:
                 state = self.optimizer.state[piece]
                 counts[i] += torch.tensor([1.0] + [float(state.get(k, 0)) for k in scalars], dtype=torch.float64)
-        counts, state = comm.all_reduce_sum(counts.to(self.master.device), self.group).cpu(), {}  # scalars: shared
+        counts, state = comm.all_reduce_sum(counts.to(self.comm_device), self.group).cpu(), {}  # scalars: shared
         for i, p in enumerate(self.params):
             kinds, has = self.keys[self.group_of[i]], counts[i, 0].item() > 0  # has: the optimizer stepped it
             entry = {k: full[k][i].view(p.shape).clone() for k in keys
