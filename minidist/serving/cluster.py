@@ -38,6 +38,7 @@ import time
 import traceback
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
+from multiprocessing.connection import wait as mp_wait
 
 import torch
 
@@ -96,6 +97,7 @@ class Cluster:
             import transformers.models.llama.modeling_llama  # noqa: F401
         ctx = mp.get_context("fork")
         self.inboxes, self.outbox = [ctx.Queue() for _ in range(replicas)], ctx.Queue()
+        self._stopped_r, self._stopped_w = ctx.Pipe(duplex=False)  # the ranks have ended (from this process only)
         self._ranks = threading.Thread(target=self._run, args=(slots, close_in_ranks), daemon=True,
                                        name="minidist-ranks")
         self._ranks.start()
@@ -114,17 +116,16 @@ class Cluster:
                    self.outbox, close_in_ranks, timeout=60)
         except BaseException as e:  # a rank failed: every pending request fails with it
             self.error = e
-        finally:
-            self.outbox.put(("closed",))
+        finally:  # not through the outbox: a rank killed while it wrote there holds the outbox's lock for good
+            self._stopped_w.send_bytes(b"closed")
 
     def _wait_ready(self, timeout: float) -> None:
         """Read the outbox here (no other thread yet) until every rank reported its pid and every leader is ready."""
         ready, deadline = 0, time.time() + timeout
         while ready < self.replicas or len(self.pids) < self.replicas * self.tp:
-            try:
-                msg = self.outbox.get(timeout=max(0.01, deadline - time.time()))
-            except queue.Empty:
-                raise ClusterDown(f"the {self.replicas * self.tp} ranks did not start within {timeout} s") from None
+            msg = self._next_message(timeout=max(0.01, deadline - time.time()))
+            if msg is None:
+                raise ClusterDown(f"the {self.replicas * self.tp} ranks did not start within {timeout} s")
             if msg[0] == "closed":
                 self.closed = True
                 raise ClusterDown(f"the ranks failed while starting: {self.error}")
@@ -173,7 +174,7 @@ class Cluster:
         """The outbox reader: progress and finished requests, until the ranks stop. A message that cannot be
         handled is reported and skipped: this thread must outlive every request."""
         while True:
-            msg = self.outbox.get()
+            msg = self._next_message()
             if msg[0] == "closed":
                 break
             try:
@@ -190,6 +191,23 @@ class Cluster:
                 self.listener.failed_request(replica)
         if self.on_stop:
             self.on_stop(self.error)
+
+    def _next_message(self, timeout: float | None = None):
+        """The next message of the ranks from the outbox; ("closed",) once the ranks have ended and everything they
+        wrote has been read; None after `timeout` seconds without either. The end of the ranks does not travel
+        through the outbox: the ranks share its write lock, and one killed (SIGKILL) while its feeder thread held
+        that lock leaves it held for good, so that nothing more could be put there, "closed" included."""
+        stopped = False
+        while True:
+            try:
+                return self.outbox.get_nowait()
+            except queue.Empty:
+                if stopped:  # launch has ended every rank: whatever they wrote is in the pipe, and has been read
+                    return ("closed",)
+            ready = mp_wait([self.outbox._reader, self._stopped_r], timeout)  # noqa: SLF001 (the queue's pipe end)
+            if not ready:
+                return None
+            stopped = self._stopped_r in ready
 
     def _handle(self, msg) -> None:
         if msg[0] == "step":
