@@ -12,6 +12,7 @@ from .. import comm
 from ..fsdp import full_state_dict
 from ..launch import device, launch
 from ..memory import measure_state_bytes
+from ..mesh import Mesh
 from ..models import GPT, count_params, lm_loss
 from ..testing import on_device, to_device
 from .data_parallel import BATCHES, CFG, SGD_TOL
@@ -19,17 +20,12 @@ from .fsdp import per_block
 from .rows import covers, make_row
 from .zero import ZCFG
 
+
 def hsdp_groups(shard: int) -> tuple:
-    """(shard group, replicate group) of this rank on a (world / shard) x shard grid of the ranks: a row shards, a
-    column replicates — init_device_mesh's (replicate, shard) layout, so the same ranks pair up as in FSDP2's HSDP."""
-    rank, grid = dist.get_rank(), torch.arange(dist.get_world_size()).view(-1, shard)
-    mine = {}
-    for axis, lines in (("shard", grid.tolist()), ("replicate", grid.t().tolist())):
-        for ranks in lines:  # every rank creates every group, in the same order
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                mine[axis] = g
-    return mine["shard"], mine["replicate"]
+    """(shard group, replicate group) of this rank on a (world / shard) x shard mesh: a row shards, a column
+    replicates — init_device_mesh's (replicate, shard) layout, so the same ranks pair up as in FSDP2's HSDP."""
+    mesh = Mesh.from_axes([("replicate", dist.get_world_size() // shard), ("shard", shard)])
+    return mesh.group("shard"), mesh.group("replicate")
 
 
 @on_device
