@@ -5,10 +5,14 @@ legitimately varies. These tests read the committed notebooks (no kernel): a mea
 sanitizer misses, or a hash, would fail on the next machine, so it fails here first.
 """
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from nbval.plugin import get_sanitize_patterns
 
 from minidist.testing import beyond, equal, measured, within
@@ -87,10 +91,6 @@ def test_every_printed_check_is_also_asserted(path):
 def test_the_suites_perturbation_moves_the_floats():
     # `make test` runs nbval under MKL_CBWR=COMPATIBLE so that the notebooks are re-executed with another summation
     # order than the one that wrote their outputs. That only proves something if it moves the floats here.
-    import os
-    import subprocess
-    import sys
-    import torch
     if not torch.backends.mkl.is_available():
         pytest.skip("this torch has no MKL: MKL_CBWR changes nothing (another BLAS orders its sums its own way)")
     code = ("import torch; torch.manual_seed(0); a, b = torch.randn(256, 384), torch.randn(384, 200); "
