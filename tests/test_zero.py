@@ -322,6 +322,15 @@ def rebuilt_and_changed():
         model.load_state_dict(loaded)
         reference.load_state_dict(loaded)
         out[f"loaded, stage {stage}"] = train_against_one_process(model, opt, reference, ref_opt, 2, start=6)[0]
+    # changed between two steps of one optimizer (which skips reading back the weights its all-gather left as they
+    # were): loaded in place (their version counters move), then one replaced by new memory (p.data = ...)
+    loaded = {k: v - 0.5 for k, v in reference.state_dict().items()}
+    model.load_state_dict(loaded)
+    reference.load_state_dict(loaded)
+    out["loaded between steps"] = train_against_one_process(model, opt, reference, ref_opt, 2, start=8)[0]
+    (p, *_), (q, *_) = model.parameters(), reference.parameters()
+    p.data, q.data = q.detach() * 2, q.detach() * 2
+    out["replaced between steps"] = train_against_one_process(model, opt, reference, ref_opt, 2, start=10)[0]
     return out
 
 
