@@ -21,7 +21,7 @@ def ddp_variants(bucket_cap_mb: float) -> dict:
         # torch DDP at its fastest: gradients as views of its buckets (as minidist's are), no broadcast of the GPT's
         # constant buffers before every forward (minidist broadcasts none)
         "reference": lambda m: DDP(m, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True,
-                                   broadcast_buffers=False),
+                                   forward_sync_buffers=False),
         "bucketed": lambda m: DataParallel(m, bucket_cap_mb=bucket_cap_mb, overlap=False),
         "naive": lambda m: DataParallel(m, bucket_cap_mb=None, overlap=False),
     }

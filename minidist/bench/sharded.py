@@ -16,7 +16,7 @@ def _zero_variants() -> dict:
     return {  # the reference at its fastest: it broadcasts one bucket of parameters at a time, not one parameter (its
         # default), and DDP reduces into views of the gradients and broadcasts no buffers (as bench ddp's)
         "minidist": lambda m: (m, ZeroOptimizer(m.parameters(), torch.optim.AdamW, stage=1, lr=1e-3)),
-        "reference": lambda m: (DDP(m, gradient_as_bucket_view=True, broadcast_buffers=False),
+        "reference": lambda m: (DDP(m, gradient_as_bucket_view=True, forward_sync_buffers=False),
                                 ZeroRedundancyOptimizer(m.parameters(), torch.optim.AdamW, lr=1e-3,
                                                         parameters_as_bucket_view=True)),
         "stage2": lambda m: (m, ZeroOptimizer(m.parameters(), torch.optim.AdamW, stage=2, lr=1e-3)),
