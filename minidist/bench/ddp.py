@@ -75,7 +75,9 @@ def bench_ddp(world_size: int = 2, steps: int = 30, warmup: int = 5, bucket_cap_
             "bucket_cap_mb": bucket_cap_mb, "batch_size_per_rank": batch_size,
             "minidist_s": medians["minidist"], "reference_s": medians["reference"],
             "ratio": medians["minidist"] / medians["reference"],
-            "bucketed_s": medians["bucketed"], "naive_s": medians["naive"]}
+            "bucketed_s": medians["bucketed"], "naive_s": medians["naive"],
+            "bucketed_ratio": medians["bucketed"] / medians["reference"],
+            "naive_ratio": medians["naive"] / medians["reference"]}
 
 
 def format_ddp(result: dict) -> str:

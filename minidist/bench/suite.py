@@ -112,16 +112,18 @@ def bench_all(world_size: int = 2, steps: int = 30, warmup: int = 5, *, n_layer:
                      "minidist_ms": r["minidist_s"] * 1e3, "reference_ms": r["reference_s"] * 1e3,
                      "ratio": r["ratio"], "world_size": world_size, "params": r["params"],
                      "model": r["model"], "steps": steps,
+                     "others": {k[:-len("_ratio")]: v for k, v in r.items() if k.endswith("_ratio")},  # stage2...
                      **{k: r[k] for k in ("minidist_held_bytes", "reference_held_bytes") if k in r}})
     return {"rows": rows}
 
 
 def format_all(result: dict) -> str:
     lines = [f"{'technique':<32}{'reference':<36}{'minidist ms':>12}{'ref. ms':>10}{'ratio':>7}{'ranks':>6}"
-             f"{'params':>12}{'held MiB (ours / ref.)':>24}"]
+             f"{'params':>12}{'held MiB (ours / ref.)':>24}  other variants' ratios"]
     for r in result["rows"]:
         held = (f"{r['minidist_held_bytes'] / 2**20:.1f} / {r['reference_held_bytes'] / 2**20:.1f}"
                 if "minidist_held_bytes" in r else "")
         lines.append(f"{r['technique']:<32}{r['reference']:<36}{r['minidist_ms']:12.1f}{r['reference_ms']:10.1f}"
-                     f"{r['ratio']:7.3f}{r['world_size']:6d}{r['params']:12,d}{held:>24}")
+                     f"{r['ratio']:7.3f}{r['world_size']:6d}{r['params']:12,d}{held:>24}  "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in r["others"].items()))
     return "\n".join(lines)
