@@ -85,9 +85,9 @@ def bench_sharded(what: str, world_size: int = 2, steps: int = 30, warmup: int =
 
 def format_sharded(result: dict) -> str:
     names = (("torch DDP + ZeroRedundancyOptimizer (bucket view)", "minidist ZeroOptimizer, stage 1",
-              "minidist ZeroOptimizer, stage 2", "stage2", 1.15) if result["what"] == "zero" else
+              "minidist ZeroOptimizer, stage 2", "stage2", 1.05) if result["what"] == "zero" else
              ("torch FSDP2 fully_shard, per block", "minidist fully_shard, per block",
-              "minidist fully_shard, one unit", "one_unit", 1.25))
+              "minidist fully_shard, one unit", "one_unit", 1.05))
     held = {key: f"   {result[key + '_held_bytes'] / 2**20:8.2f} MiB held" if key + "_held_bytes" in result else ""
             for key in ("reference", "minidist", names[3])}
     return "\n".join([
