@@ -119,8 +119,7 @@ class FSDPUnit:
         claim(params, self.sharded + self.full)
         self.gathered, self.work, self.rs_work, self.queued, self.held = False, None, None, False, []
         self.training_state = TrainingState.IDLE
-        self.order_pre, self.order_post, self.events, self.frozen, self.peak = [], [], [], False, 0
-        self.units = None  # root: every unit under it, listed once the first forward has frozen the order
+        self.order_pre, self.order_post, self.events, self.frozen, self.peak, self.units = [], [], [], False, 0, None
         self.uses, self.backward_use, self.in_backward = 0, None, True  # grad-mode forwards; the one backward runs
         for u in inner:
             u.parent = u.parent or self
@@ -273,10 +272,9 @@ class FSDPUnit:
                 p.grad = piece if p.grad is None else p.grad.add_(piece)
 
     def _note_memory(self) -> None:
-        """Root: remember the most bytes of gathered parameters held at once (walking every unit's storage)."""
+        """Root: the most bytes of gathered parameters held at once (the units listed once the order is frozen)."""
         units = self.units or [m.fsdp_unit for m in self.module.modules() if getattr(m, "fsdp_unit", None)]
-        self.units = units if self.frozen else None  # not a walk of every module on every all-gather
-        held = [t for u in units for t in (u.full_flat, u.gather_buf)]
+        self.units, held = units if self.frozen else None, [t for u in units for t in (u.full_flat, u.gather_buf)]
         self.peak = max(self.peak, sum(t.untyped_storage().nbytes() for t in held))
 
 
