@@ -258,7 +258,8 @@ def _run_rank(rank, world_size, store_path, backend, timeout, fn, args, kwargs, 
         if backend == "nccl":
             torch.cuda.set_device(rank)
         dist.init_process_group(backend, store=dist.FileStore(store_path, world_size), rank=rank,
-                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout),
+                                **_eager(backend, rank))
         payload = pickle.dumps(("ok", fn(*args, **kwargs)))
         ok = True
     except BaseException:
@@ -288,7 +289,7 @@ def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
     backend = backend or default_backend(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    limit = datetime.timedelta(seconds=timeout)
+    limit, eager = datetime.timedelta(seconds=timeout), _eager(backend, int(os.environ.get("LOCAL_RANK", 0)))
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun shares its rendezvous store with the workers and keeps it across restarts: a restarted worker can
         # read the address a dead peer published in the attempt before ("Connection refused", pytorch issue 135712).
@@ -296,9 +297,16 @@ def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
         shared = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, False, limit)
         store = attempt_store(shared, int(os.environ["RANK"]), world_size, timeout)
         dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size,
-                                timeout=limit)
+                                timeout=limit, **eager)
     else:
-        dist.init_process_group(backend, timeout=limit)
+        dist.init_process_group(backend, timeout=limit, **eager)
+
+
+def _eager(backend: str, local_rank: int) -> dict:
+    """NCCL: bind the group to this rank's GPU, which creates its communicator now (and its subgroups' by splitting).
+    minidist posts every message as a batch (comm/p2p.py), and a batch that is a group's first operation must
+    involve all its ranks (torch.distributed.batch_isend_irecv): a pipeline's first send involves two."""
+    return {"device_id": torch.device("cuda", local_rank)} if backend == "nccl" else {}
 
 
 def run_under_torchrun(fn, *args, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT, **kwargs):
