@@ -39,6 +39,31 @@ def test_unshard_gathers_into_the_freed_tensor():
         assert torch.equal(view, torch.tensor([10.0, 11]))  # every view sees the gathered memory
 
 
+def unshard_two_units():
+    """Two units unsharded back to back under a slow link (a unit and the one prefetched after it)."""
+    from minidist import comm
+    from minidist.testing import issue_log
+    n, rank = dist.get_world_size(), dist.get_rank()
+    fulls = [torch.empty(2 * n), torch.empty(n, dtype=torch.bfloat16)]
+    for full in fulls:
+        reshard_(full)
+    with comm.ring_backend(comm.SimulatedLink(alpha=0.02, bandwidth=1e9)), issue_log() as pending:
+        unshard = implementation("fsdp_unshard")
+        works = [unshard(fulls[0], torch.tensor([rank, 10.0 + rank]), None),
+                 unshard(fulls[1], torch.tensor([rank], dtype=torch.bfloat16), None)]
+        for w in works:
+            w.wait()
+    return pending, [f.clone() for f in fulls]
+
+
+@pytest.mark.exercise("fsdp_unshard")
+def test_unshard_returns_while_its_all_gather_runs():
+    for pending, (first, second) in launch(unshard_two_units, 3):
+        assert pending == [0, 1], f"collectives still running when each was issued: {pending} (unshard waited)"
+        assert torch.equal(first, torch.tensor([0.0, 10, 1, 11, 2, 12]))
+        assert torch.equal(second, torch.tensor([0, 1, 2], dtype=torch.bfloat16))
+
+
 def reshard_by_hand():
     full = torch.empty(2 * dist.get_world_size())
     view = full[2:4]

@@ -60,7 +60,7 @@ def chapter_file(chapter: str, replacements: dict) -> str:
     for node in reversed(tree.body):  # bottom up, so that line numbers above stay valid
         if isinstance(node, ast.FunctionDef) and node.name in replacements:
             fn = replacements[node.name]
-            code = inspect.getsource(fn).replace(f"def {fn.__name__}(", f"def {node.name}(", 1)
+            code = inspect.getsource(fn).replace(f"{fn.__name__}(", f"{node.name}(")  # a recursive call too
             first = node.lineno - 1 - len(node.decorator_list)
             lines[first:node.end_lineno] = code.rstrip("\n").splitlines()
             imports += [i for i in _imports(fn) if i not in imports]
@@ -80,7 +80,7 @@ def test_every_exercise_has_two_catalogued_wrong_answers_with_a_docstring():
     for function, answers in WRONG.items():
         for label, fn in answers:
             doc = inspect.getdoc(fn) or ""
-            assert doc and "\n" not in doc, f"{function}__{label}: needs a one-line docstring naming the mistake"
+            assert doc and "\n\n" not in doc, f"{function}__{label}: needs a docstring (a sentence) naming the mistake"
             assert inspect.signature(fn).parameters.keys() == inspect.signature(
                 getattr(importlib.import_module(f"minidist.{_module(function)}"), function)).parameters.keys(), \
                 f"{function}__{label}: its parameters differ from the exercise's"
@@ -100,8 +100,9 @@ def test_every_wrong_answer_scores_below_full_marks(k, tmp_path):
         (folder / f"{chapter}.py").write_text(chapter_file(chapter, mine))
     names = [e.name for e in EXERCISES if e.function in chosen]
     report = tmp_path / "grade.json"
-    out = subprocess.run([sys.executable, "-m", "minidist", "grade", str(folder), "--timeout", "20", "--json",
-                          str(report), "--only", *names], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "minidist", "grade", str(folder), "--timeout", "20", "--first-failure",
+                          "--json", str(report), "--only", *names], capture_output=True, text=True, timeout=900,
+                         cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     rows = {r["name"]: r for r in json.loads(report.read_text())["exercises"]}
     passed = {}  # a function with several exercises: its wrong answer must lose points on at least one
