@@ -86,15 +86,18 @@ def reduce_scatter_by_hand():
     rank = dist.get_rank()
     grads = [torch.full((2, 2), float(rank + 1)), None, torch.arange(3.0) * (rank + 1)]
     work = implementation("fsdp_post_backward")(grads, [4, 3, 3], 4, torch.float32, None)
-    return work.wait()
+    huge = [torch.full((2, 2), 2e38), None, torch.full((3,), 2e38)]  # 3 x 2e38 is past fp32's largest, 3.4e38
+    return work.wait(), implementation("fsdp_post_backward")(huge, [4, 3, 3], 4, torch.float32, None).wait()
 
 
 @pytest.mark.exercise("fsdp_post_backward")
 def test_post_backward_reduce_scatter_by_hand():
     # 4 + 3 + 3 = 10 elements padded to 12 on 3 ranks: [g0 g0 g0 g0 | 0 0 0 g2 | g2 g2 pad pad], averaged over ranks
     expected = torch.tensor([2.0, 2, 2, 2, 0, 0, 0, 0, 2, 4, 0, 0]).chunk(3)
-    for rank, shard in enumerate(launch(reduce_scatter_by_hand, 3)):
+    huge = torch.tensor([2e38] * 4 + [0.0] * 3 + [2e38] * 3 + [0.0] * 2).chunk(3)
+    for rank, (shard, averaged) in enumerate(launch(reduce_scatter_by_hand, 3)):
         assert shard.dtype == torch.float32 and torch.equal(shard, expected[rank])
+        assert torch.allclose(averaged, huge[rank], rtol=1e-5), "the sum overflowed: divide by N before summing"
 
 
 @pytest.mark.exercise("fsdp_prefetch")

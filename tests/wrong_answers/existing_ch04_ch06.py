@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from minidist import comm
+from minidist.compression.futures import then
 
 
 # Chapter 04.
@@ -187,6 +188,16 @@ def reduce_scatter_grads__sum_not_mean(grads, numels, chunk, dtype, group=None, 
         if g is not None:
             flat[start:start + g.numel()] = g.reshape(-1)
     return comm.reduce_scatter_into_(flat.new_empty(chunk), flat, group, async_op=True)
+
+
+def reduce_scatter_grads__divides_after_the_sum(grads, numels, chunk, dtype, group=None, device=None):
+    """Reduce-scatters the sum and divides the result: the sum can overflow where the mean would not."""
+    n = dist.get_world_size(group)
+    flat = torch.zeros(n * chunk, dtype=dtype, device=device)
+    for g, start in zip(grads, itertools.accumulate([0, *numels])):
+        if g is not None:
+            flat[start:start + g.numel()] = g.reshape(-1)
+    return then([comm.reduce_scatter_into_(flat.new_empty(chunk), flat, group, async_op=True)], lambda out: out / n)
 
 
 def reduce_scatter_grads__skips_none_positions(grads, numels, chunk, dtype, group=None, device=None):
