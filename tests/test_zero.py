@@ -25,11 +25,12 @@ from tests.test_reducer import SkipWhenEmpty  # its output for an empty input is
 @pytest.mark.exercise("zero_shard_pieces")
 def test_shard_pieces_by_hand():
     shard_pieces = implementation("zero_shard_pieces")
-    # tensors of 5, 0, 4 elements: 9 in all, padded to 12 on 4 ranks, chunks of 3: [t0 t0 t0][t0 t0 t2][t2 t2 t2][pad]
-    assert shard_pieces([5, 0, 4], 0, 4) == (3, [(0, 0, 3, 0)])
-    assert shard_pieces([5, 0, 4], 1, 4) == (3, [(0, 3, 5, 0), (2, 0, 1, 2)])
-    assert shard_pieces([5, 0, 4], 2, 4) == (3, [(2, 1, 4, 0)])
-    assert shard_pieces([5, 0, 4], 3, 4) == (3, [])  # only padding
+    # (not chapter 05's example) tensors of 2, 0, 7 elements: 9, padded to 12 on 4 ranks, chunks of 3:
+    # [t0 t0 t2][t2 t2 t2][t2 t2 t2][pad pad pad]
+    assert shard_pieces([2, 0, 7], 0, 4) == (3, [(0, 0, 2, 0), (2, 0, 1, 2)])
+    assert shard_pieces([2, 0, 7], 1, 4) == (3, [(2, 1, 4, 0)])
+    assert shard_pieces([2, 0, 7], 2, 4) == (3, [(2, 4, 7, 0)])
+    assert shard_pieces([2, 0, 7], 3, 4) == (3, [])  # only padding
     assert shard_pieces([6], 0, 1) == (6, [(0, 0, 6, 0)])
     assert shard_pieces([], 0, 3) == (0, [])
 

@@ -37,6 +37,13 @@ def topk_compress__values_by_magnitude(acc, k):
     return top.values, top.indices.to(torch.int32), residual
 
 
+def topk_compress__drops_the_residual(acc, k):
+    """Sends the k largest entries and drops the rest: a zero residual (ch10 "Common mistakes": top-k without the
+    residual, the seed article's sketch)."""
+    indices = acc.abs().topk(k, sorted=False).indices
+    return acc[indices], indices.to(torch.int32), torch.zeros_like(acc)
+
+
 def topk_compress__residual_in_place(acc, k):
     """Zeroes the sent entries in acc itself and returns it as the residual (acc is not left unchanged)."""
     indices = acc.abs().topk(k, sorted=False).indices
