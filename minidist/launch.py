@@ -45,10 +45,10 @@ import torch
 import torch.distributed as dist
 
 from .comm import flight
-from .comm.diagnose import diagnose
+from .comm.diagnose import diagnose_ranks
 from .elastic import attempt_store, report_failure
 
-ERROR_GRACE = 0.2  # seconds the other ranks get to report once one rank has raised, before their stacks are taken
+ERROR_GRACE = 0.2  # seconds the others get to report once a rank has raised, before their stacks are taken
 DEFAULT_TIMEOUT = float(os.environ.get("MINIDIST_TIMEOUT", 120))  # seconds a collective may wait for its peers
 
 
@@ -146,7 +146,7 @@ def _collect(procs, conns, directory, timeout: float) -> list:
             first = min(pending)
             raise RankError(first, f"the rank had not returned {timeout:g} s after rank "
                                    f"{min(set(range(len(procs))) - set(pending))} had (stuck outside any collective?)"
-                            + _diagnosis(procs, directory, set(range(len(procs))) - set(pending)))
+                            + diagnose_ranks(procs, directory, set(range(len(procs))) - set(pending)))
         for rank, conn in list(pending.items()):
             if conn in ready or procs[rank].sentinel in ready:
                 try:
@@ -155,14 +155,14 @@ def _collect(procs, conns, directory, timeout: float) -> list:
                     procs[rank].join()
                     raise RankError(rank, f"the process exited with code {procs[rank].exitcode} before returning"
                                           " (a negative code is the signal that killed it)"
-                                    + _diagnosis(procs, directory, set(range(len(procs))) - set(pending))) from None
+                                    + diagnose_ranks(procs, directory, set(range(len(procs))) - set(pending))) from None
                 if status == "error":
                     del pending[rank]
                     late = _reports_within(pending, ERROR_GRACE)
                     raised = {rank} | {r for r, status in late.items() if status == "error"}
                     returned = {r for r, v in enumerate(results) if r not in pending and r != rank and r not in late}
                     returned |= {r for r, status in late.items() if status == "ok"}
-                    raise RankError(rank, value + _diagnosis(procs, directory, returned, raised))
+                    raise RankError(rank, value + diagnose_ranks(procs, directory, returned, raised))
                 results[rank] = value
                 del pending[rank]
     for p in procs:  # every result is in: the ranks are only tearing down now
@@ -171,12 +171,9 @@ def _collect(procs, conns, directory, timeout: float) -> list:
 
 
 def _reports_within(pending: dict, seconds: float) -> dict:
-    """{rank: "ok" | "error" | "exited"} for the ranks among `pending` that report within `seconds` (taken out of
-    `pending`; their results are dropped, since launch raises).
-
-    When one rank raises, the others often raise the same error a moment later (every rank runs the same code): they
-    need no stack taken, and taking it costs 0.3 s a launch, which a suite of failing tests pays hundreds of times.
-    """
+    """{rank: "ok" | "error" | "exited"} of the `pending` ranks that report within `seconds` (taken out of `pending`).
+    The others often raise the same error a moment after the first (every rank runs the same code); their stacks are
+    not needed, and taking them costs 0.3 s a launch, which a suite of failing tests pays hundreds of times."""
     reported, deadline = {}, time.monotonic() + seconds
     while pending and (left := deadline - time.monotonic()) > 0:
         for conn in wait(list(pending.values()), timeout=left):
@@ -187,38 +184,6 @@ def _reports_within(pending: dict, seconds: float) -> dict:
                 reported[rank] = "exited"
             del pending[rank]
     return reported
-
-
-def _diagnosis(procs, directory, returned: set, raised: set = frozenset()) -> str:
-    """Every rank's flight record (ranks still running are asked for their stacks first), analysed. `returned`: the
-    ranks whose function returned a result; `raised`: those whose function raised."""
-    alive = [r for r, p in enumerate(procs)  # a returned or raised rank's stack is only its teardown
-             if p.is_alive() and r not in returned and r not in raised]
-    for r in alive:
-        try:
-            os.kill(procs[r].pid, signal.SIGUSR1)  # faulthandler writes every thread's stack to stack-RANK
-        except ProcessLookupError:
-            pass
-    time.sleep(0.3 if alive else 0)
-    deaths, records = {}, {r: flight.read_rank(directory, r) for r in range(len(procs))}
-    for r, p in enumerate(procs):
-        if not p.is_alive() and p.exitcode is not None and p.exitcode < 0:
-            name = signal.Signals(-p.exitcode).name
-            deaths[r] = f"died from {name}" + (" (gloo aborts a rank that receives a message of the wrong size)"
-                                               if name == "SIGABRT" else "")
-        elif r in returned and records[r] is not None:  # (it may still be alive, in launch's closing barrier)
-            records[r]["exit"] = "it is in no collective: it returned from its function"
-        elif r in raised and records[r] is not None:
-            records[r]["exit"] = "it is in no collective: its function raised"
-        elif not p.is_alive() and records[r] is not None:
-            records[r]["exit"] = f"it is in no collective: it has exited (code {p.exitcode})"
-    try:
-        text = diagnose(records, len(procs), deaths)
-    except Exception as e:  # a diagnosis must never hide the error it explains
-        text = f"(no diagnosis: {type(e).__name__}: {e})"
-    if text.startswith("the flight records agree") and not deaths:
-        return ""  # nothing went wrong between the ranks: the traceback above says it all
-    return "\n\nDiagnosis from every rank's flight recorder:\n" + text
 
 
 def _end(procs):
@@ -303,9 +268,8 @@ def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
 
 
 def _eager(backend: str, local_rank: int) -> dict:
-    """NCCL: bind the group to this rank's GPU, which creates its communicator now (and its subgroups' by splitting).
-    minidist posts every message as a batch (comm/p2p.py), and a batch that is a group's first operation must
-    involve all its ranks (torch.distributed.batch_isend_irecv): a pipeline's first send involves two."""
+    """NCCL: bind the group to this rank's GPU, which creates its communicator now (and its subgroups' by splitting):
+    minidist posts every message as a batch (comm/p2p.py), and a group's first batch must involve all its ranks."""
     return {"device_id": torch.device("cuda", local_rank)} if backend == "nccl" else {}
 
 

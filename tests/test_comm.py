@@ -153,7 +153,8 @@ def test_a_host_tensor_on_an_nccl_group_is_summed_through_the_gpu(monkeypatch):
     monkeypatch.setattr(collectives.dist, "get_backend", lambda group=None: "gloo")
     assert collectives.collective_device(x) == torch.device("cpu")
     monkeypatch.setattr(collectives.dist, "get_backend", lambda group=None: "nccl")
-    monkeypatch.setattr(collectives.torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(collectives.torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(collectives.torch.accelerator, "current_device_index", lambda: 3)
     assert collectives.collective_device(x) == torch.device("cuda", 3)
     with pytest.raises(ValueError, match="cpu tensor on a nccl group cannot be asynchronous"):
         comm.all_reduce_sum(x, async_op=True)

@@ -90,24 +90,33 @@ def _module(function: str) -> str:
     return next(e.module for e in EXERCISES if e.function == function)
 
 
-@pytest.mark.parametrize("k", range(ROUNDS))
-def test_every_wrong_answer_scores_below_full_marks(k, tmp_path):
+def _round(k: int, folder: Path) -> tuple[dict, list[str], subprocess.Popen]:
+    """Write round k's submission into `folder` and start grading it: (the wrong answers chosen, the exercises
+    graded, the grader's process)."""
     chosen = {f: answers[k] for f, answers in WRONG.items() if k < len(answers)}
-    folder = tmp_path / "submission"
     folder.mkdir()
     for chapter in CHAPTERS:
         mine = {e.function: chosen[e.function][1] for e in EXERCISES if e.chapter == chapter and e.function in chosen}
         (folder / f"{chapter}.py").write_text(chapter_file(chapter, mine))
     names = [e.name for e in EXERCISES if e.function in chosen]
-    report = tmp_path / "grade.json"
-    out = subprocess.run([sys.executable, "-m", "minidist", "grade", str(folder), "--timeout", "20", "--first-failure",
-                          "--json", str(report), "--only", *names], capture_output=True, text=True, timeout=900,
-                         cwd=ROOT)
-    assert out.returncode == 0, out.stdout + out.stderr
-    rows = {r["name"]: r for r in json.loads(report.read_text())["exercises"]}
-    passed = {}  # a function with several exercises: its wrong answer must lose points on at least one
-    for e in EXERCISES:
-        if e.function in chosen:
-            passed[e.function] = passed.get(e.function, True) and rows[e.name]["passed"]
-    through = [f"{f}__{chosen[f][0]}" for f, ok in passed.items() if ok]
-    assert not through, f"wrong answers that score full marks (round {k}): {through}"
+    grader = subprocess.Popen([sys.executable, "-m", "minidist", "grade", str(folder), "--timeout", "20",
+                               "--first-failure", "--json", str(folder / "grade.json"), "--only", *names],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    return chosen, names, grader
+
+
+def test_every_wrong_answer_scores_below_full_marks(tmp_path):
+    # The rounds are graded at the same time: a wrong answer can only lose points to a busy machine (a time-out
+    # fails a test, it never passes one), so running them side by side cannot let one through.
+    rounds = [_round(k, tmp_path / f"round{k}") for k in range(ROUNDS)]
+    through = []
+    for k, (chosen, names, grader) in enumerate(rounds):
+        output, _ = grader.communicate(timeout=900)
+        assert grader.returncode == 0, f"round {k}: {output}"
+        rows = {r["name"]: r for r in json.loads((tmp_path / f"round{k}" / "grade.json").read_text())["exercises"]}
+        passed = {}  # a function with several exercises: its wrong answer must lose points on at least one
+        for e in EXERCISES:
+            if e.function in chosen:
+                passed[e.function] = passed.get(e.function, True) and rows[e.name]["passed"]
+        through += [f"{f}__{chosen[f][0]} (round {k})" for f, ok in passed.items() if ok]
+    assert ROUNDS >= 2 and not through, f"wrong answers that score full marks: {through}"

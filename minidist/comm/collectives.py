@@ -134,7 +134,7 @@ def all_reduce_sum(x: torch.Tensor, group=None, async_op: bool = False):
 def collective_device(x: torch.Tensor, group=None) -> torch.device:
     """Where a collective on x can run: x's own device, except a host tensor on an NCCL group (the rank's GPU)."""
     if x.device.type == "cpu" and "nccl" in str(dist.get_backend(group)).lower():
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device(torch.accelerator.current_accelerator().type, torch.accelerator.current_device_index())
     return x.device
 
 
