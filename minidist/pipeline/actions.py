@@ -55,7 +55,17 @@ def stage_of(rank: int, chunk: int, p: int, v_shape: bool = False) -> int:
 
 
 def place(stage: int, p: int, v_shape: bool = False) -> tuple[int, int]:
-    """(rank, chunk) holding `stage`: the inverse of stage_of."""
+    """(rank, chunk) holding model stage `stage` of 0 .. v p - 1 on p ranks: the inverse of stage_of.
+
+    Every message of a schedule goes from the rank holding stage s to the one holding s + 1 (activations) or s - 1
+    (gradients), so this decides the whole message pattern. Graded: the exact pairs for every stage of p = 1 to 5, in
+    the looped placement (any v) and in the V (v = 2); and the V's pattern that follows from them: the forward path
+    visits ranks 0, 1, .., p - 1, p - 1, .., 1, 0, its one step inside a rank being the turn at the last rank.
+    """
+    # <exercise place points=2>
+    # hint: looped: stages go round the ranks v times, chunk c covering stages c p .. c p + p - 1.
+    # hint: the V: chunk 0 is the way down (stage s on rank s), chunk 1 the way back up (stage 2p - 1 - r on rank r).
     if v_shape:
         return (stage, 0) if stage < p else (2 * p - 1 - stage, 1)
     return stage % p, stage // p
+    # </exercise>
