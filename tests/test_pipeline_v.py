@@ -4,7 +4,6 @@ from fractions import Fraction
 from types import SimpleNamespace
 
 import pytest
-import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,8 +14,8 @@ from minidist.pipeline.messages import plan, play, sent_by
 from minidist.pipeline.schedule import (Action, build, dualpipe_v, grid, is_v, one_f_one_b, peak_in_flight,
                                         simulate, stage_of, validate, zero_bubble_v)
 from minidist.pipeline.stages import rank_stages
-from minidist.tour.pipeline import GRAD_TOL, SGD_TOL, pipeline_vs_one_process, pipeline_vs_torch
-from minidist.tour.vpipeline import v_bubble, v_configs, v_in_flight, v_message_bytes
+from minidist.tour.pipeline import GRAD_TOL, SGD_TOL
+from minidist.tour.vpipeline import v_bubble, v_configs, v_equivalence, v_in_flight, v_message_bytes
 
 
 def torch_order(name: str, p: int, m: int) -> list[list[Action]]:
@@ -117,13 +116,8 @@ def test_the_turn_of_the_v_is_no_message():
     assert grid(zero_bubble_v(2, 4)).splitlines()[3].split() == ["2", "F2", "F0.1"]   # rank 1 turns at step 2
 
 
-def v_runs():
-    p = dist.get_world_size()
-    return pipeline_vs_one_process(v_configs(p), 1), pipeline_vs_torch(v_configs(p))
-
-
 def test_the_runtime_equals_one_process_and_torch_at_2_ranks():
-    p, per_rank = 2, launch(v_runs, 2)
+    p, per_rank = 2, launch(v_equivalence, 2)
     for ours, theirs in per_rank:
         for r, (name, m, _) in zip(ours, v_configs(p)):
             assert max(r["loss_diff"], r["grad_diff"], r["weight_diff"]) < SGD_TOL, r

@@ -61,3 +61,20 @@ def check_ulysses(world_size: int) -> list[dict]:
 
 
 CHECKS = [check_ulysses]
+
+
+def bytes_by_length(lengths, heads: int = 4, head_dim: int = 8) -> list[tuple]:
+    """On this rank, for each sequence length T: (T, Ulysses' counted bytes, ring's counted bytes) of one attention
+    forward and backward (batch 1), with their formulas."""
+    n, r, out = dist.get_world_size(), dist.get_rank(), []
+    for T in lengths:
+        q, k, v = (torch.randn(1, heads, T // n, head_dim, requires_grad=True) for _ in range(3))
+        counted = []
+        for fn in (lambda: ulysses_attention(q, k, v, None),
+                   lambda: ring_attention(q, k, v, None, layout(T, n, balanced=False))):
+            with comm.ByteLedger() as ledger:
+                fn().sum().backward()
+            counted.append(ledger.total_bytes())
+        shape = (1, heads, T // n, head_dim)
+        out.append((T, *counted, ulysses_attention_bytes(n, *shape), ring_attention_bytes(n, *shape)))
+    return out

@@ -14,6 +14,8 @@ inside the last rank: 4 m (p - 1) messages, twice 1F1B's 2 m (p - 1).
 """
 from fractions import Fraction
 
+import torch.distributed as dist
+
 from .pipeline import (CFG, MICRO, REPEATS, SECONDS, SGD_TOL, GRAD_TOL, _timed, calibrated_timelines,
                        closed_form_bubble, median_bubble, pipeline_vs_one_process, pipeline_vs_torch)
 from .rows import covers, make_row
@@ -87,3 +89,9 @@ def check_v_pipeline(world_size: int) -> list[dict]:
 
 
 CHECKS = [check_v_pipeline]
+
+
+def v_equivalence(steps: int = 1) -> tuple[list[dict], list[dict]]:
+    """On this rank, for v_configs(p): pipeline_vs_one_process over `steps` SGD steps and pipeline_vs_torch."""
+    p = dist.get_world_size()
+    return pipeline_vs_one_process(v_configs(p), steps), pipeline_vs_torch(v_configs(p))
