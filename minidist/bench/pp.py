@@ -46,7 +46,8 @@ def pp_step_times(microbatches: int, steps: int, warmup: int, batch_size: int, n
         if v == 1:
             sync_tied_grads(tied_parameters(stages))
     runs = {"minidist": (pipe.step, torch.optim.AdamW(pipe.parameters(), lr=1e-3)),
-            "reference": (torch_step, torch.optim.AdamW([q for s in stages for q in s.parameters()], lr=1e-3))}
+            "reference": (torch_step, torch.optim.AdamW(   # each once: in the V the tied weight is in two stages
+                torch.nn.ModuleList(stages).parameters(), lr=1e-3))}
     batches = random_batches(token_ids(), batch_size, cfg.block_size, steps + warmup)
     return median_step_times(runs, [(x.to(dev), y.to(dev)) for x, y in batches], warmup)
 

@@ -21,6 +21,8 @@ from .pipeline import (CFG, MICRO, REPEATS, SECONDS, SGD_TOL, GRAD_TOL, _timed, 
 from .rows import covers, make_row
 
 NAMES = {"zbv": "ZB-V", "dualpipev": "DualPipeV"}
+V_SECONDS = tuple(2 * t for t in SECONDS)   # a V action is one chunk, half a rank's share: padded to the same 40 ms
+                                            # as the other schedules' actions, the runtime's own costs weigh as much
 
 
 def v_message_bytes(m: int, p: int) -> int:
@@ -28,7 +30,7 @@ def v_message_bytes(m: int, p: int) -> int:
     return 4 * m * (p - 1) * MICRO * CFG.block_size * CFG.n_embd * 4
 
 
-def v_bubble(p: int, m: int, seconds=SECONDS) -> float:
+def v_bubble(p: int, m: int, seconds=V_SECONDS) -> float:
     """ZB-V's and DualPipeV's bubble in one step at t_f = t_b = t_w (see the module docstring): (p-1)/(6m + p-1)."""
     if len(set(seconds)) != 1:
         raise ValueError(f"the V schedules' closed form here is for equal F, B and W times, got {seconds}")
@@ -77,7 +79,7 @@ def check_v_pipeline(world_size: int) -> list[dict]:
         rows.append(make_row(f"pipeline {NAMES[name]}, m={m}", f"torch {torch_name}",
                              max_abs_diff=max(max(r[k]["grad_diff"], r[k]["loss_diff"]) for r in per_rank),
                              tolerance=GRAD_TOL, seconds=seconds / len(configs)))
-    per_rank, seconds = _timed(calibrated_timelines, p, configs, SECONDS, REPEATS)
+    per_rank, seconds = _timed(calibrated_timelines, p, configs, V_SECONDS, REPEATS)
     others = neighbours(p)
     for k, (name, m, v) in enumerate(configs):
         got, formula = median_bubble([r[k] for r in per_rank]), v_bubble(p, m)
