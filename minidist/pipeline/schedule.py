@@ -26,6 +26,10 @@ takes 1/v of it):
   ZB-H1 (Qi et al. 2023)         B computes only the input gradient (what the previous stage waits for), W the
                                  weights' later: in slot x rank r runs F(x), B(x-(p-1-r)), W(x-(p-1)). The Ws fill
                                  the drain: bubble (p-1)(t_f + t_b - t_w), at 1F1B's peak memory (p micro-batches).
+  ZB-V (Qi et al. 2024),         2 chunks per rank placed in a V (chunk 0 of rank r is stage r, chunk 1 stage
+  DualPipeV (DeepSeek-V3)        2p - 1 - r: actions.py): at t_f = t_b = t_w no idle time inside a rank's span,
+                                 the fill of p - 1 chunk forwards per step, 2p chunks held (DualPipeV 2p + 1) and
+                                 4 m (p - 1) messages. Built in vshape.py, in torch's action order; a VSchedule.
 
 `validate` assumes asynchronous messages (a send never waits for its receive): a schedule then deadlocks only if
 its ranks wait on each other in a cycle. Under NCCL sends can wait and the order of messages matters too:

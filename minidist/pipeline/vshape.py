@@ -6,10 +6,10 @@ weight gradient of the oldest backward whose W is still pending (of the chunk na
 
 ZB-V (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024, section 6). Rank r warms up with 2(p-r) - 1
 forwards of chunk 0, then r pairs (F1 F0), then p - r triples (F1 B1 W1); the steady state repeats
-F0 B0 W0 F1 B1 W1; the cool-down runs the last backwards, leaving the pending Ws for the end. With F, B and W of
-equal length the V makes the step bubble-free but for the fill and drain of one chunk: bubble (p-1)(t_f + t_b - 2 t_w)
-for t_* of one micro-batch through a rank's whole share (paper's Table; 0 when t_f = t_b = t_w), at 1F1B's peak
-memory: rank r holds at most 2p chunk-activations, p micro-batches' worth (each chunk is half a rank's layers).
+F0 B0 W0 F1 B1 W1; the cool-down runs the last backwards, leaving the pending Ws for the end. The paper's claim,
+for t_f = t_b = t_w: zero bubble, no idle time between a rank's first and last action (in one step with a common
+start and end the V's fill remains: p - 1 chunk forwards per rank, tour/vpipeline.py), at 1F1B's peak memory: rank
+r holds at most 2p chunk-activations, p micro-batches' worth (each chunk is half a rank's layers).
 For m < 2p - 1 the order is the one for 2p - 1 micro-batches with the missing ones left out (as torch does).
 
 DualPipeV (DeepSeek-V3 report, 2024; the V form of DualPipe, deepseek-ai/DualPipe). Needs m >= 2p. Rank r: F0 on
@@ -21,8 +21,9 @@ the runtime can cut it), and an overlapped pair F&b is the F then the b, back to
 pair's two computations on one device at once so that each one's communication (MoE all-to-all, pipeline messages)
 hides behind the other's compute. On CPU the runtime cannot run two computations at once: what overlaps is only
 what overlaps in every schedule here, the pair's messages in flight while a computation runs; its compute is serial.
-Bubble (DualPipe README): (p-1)(F&B + B - 3W) with F, B, W one chunk's times and F&B the overlapped pair's; with no
-overlap F&B = F + B. Peak activation memory: p + 1 micro-batches' worth.
+Bubble (DualPipe README, PP = 2p stages): (PP/2 - 1)(F&B + B - 3W), F, B, W one chunk's times, F&B the overlapped
+pair's (F + B with no overlap; the simulation here gives ZB-V's step at equal times, see tests/test_pipeline_v.py).
+Peak activations: PP + 1 = 2p + 1 chunks.
 """
 from .actions import Action, VSchedule, check_sizes
 
