@@ -78,7 +78,8 @@ def _bench(args) -> int:
                                                args.steps),
         "tp": lambda: bench.bench_tp(args.world_size, args.steps, args.warmup,
                                      sequence_parallel=args.sequence_parallel),
-        "pp": lambda: bench.bench_pp(args.world_size, args.steps, args.warmup, args.microbatches),
+        "pp": lambda: bench.bench_pp(args.world_size, args.steps, args.warmup, args.microbatches,
+                                     schedule=args.schedule),
         "zero": lambda: bench.bench_zero(args.world_size, args.steps, args.warmup),
         "fsdp": lambda: bench.bench_fsdp(args.world_size, args.steps, args.warmup),
         "flight": lambda: bench.bench_flight(args.world_size, args.steps, args.warmup, args.bucket_cap_mb),
@@ -183,6 +184,8 @@ def main(argv=None) -> int:
     bench.add_argument("--bandwidth", type=positive_float, default=50e6, help="buckets: simulated bandwidth (bytes/s)")
     bench.add_argument("--sequence-parallel", action="store_true", help="tp: with sequence parallelism")
     bench.add_argument("--microbatches", type=positive_int, default=4, help="pp: micro-batches per step")
+    bench.add_argument("--schedule", choices=["1f1b", "zbv", "dualpipev"], default="1f1b",
+                       help="pp: the schedule, against torch's Schedule1F1B, ScheduleZBVZeroBubble, ScheduleDualPipeV")
     bench.add_argument("--requests", type=positive_int, default=160, help="serve: requests in the load")
     bench.add_argument("--utilization", type=positive_float, default=0.9,
                        help="serve: the load as a share of the measured capacity (sets the arrival rate)")
