@@ -7,6 +7,7 @@ with dropless routing the union of the tokens in one batch gives the same forwar
 """
 import copy
 import time
+from fractions import Fraction
 
 import torch
 import torch.distributed as dist
@@ -15,7 +16,7 @@ import torch._dynamo  # noqa: F401  imported once before launch forks: torch.opt
 from .. import comm
 from ..launch import launch
 from ..mesh import Mesh
-from ..moe import MoE, alltoall_bytes, capacity, expert_parallel, reduce_gradients, route
+from ..moe import MoE, alltoall_bytes, capacity, expert_parallel, keep_within_capacity, reduce_gradients, route
 from .rows import covers, make_row
 
 D_MODEL, D_FF, TOP_K, TOKENS = 16, 24, 2, 8    # a rank's batch: 12 / N sequences of 8 tokens (N = 1..4)
@@ -88,3 +89,68 @@ def ep_against_one_process(n_experts: int, replicas: int = 1, capacity_factor=No
     out["weights"] = max((p - ref[k]).abs().max().item() for k, p in held(moe).items())
     out["expert_ids"] = moe.expert_ids
     return out
+
+
+def planted_capacity(capacity_factor: float = 0.5, tokens: int = 16, n_experts: int = 4) -> dict:
+    """A routing planted through the router (token s: first choice s % 2, second choice 2 + s % 3 % 2: every expert
+    overloaded), capacity C = ceil(c * S * k / E): the assignments dropped (MoE.dropped) against the formula
+    sum_e max(0, n_e - C); which ones were kept against a plain queue (first choices before second choices, tokens in
+    order), per expert; the largest output of a token none of whose assignments was kept (must be 0)."""
+    torch.manual_seed(0)
+    moe = MoE(n_experts, 8, n_experts, TOP_K, capacity_factor=capacity_factor)
+    chosen = torch.stack([torch.arange(tokens) % 2, 2 + torch.arange(tokens) % 3 % (n_experts - 2)], 1)   # (S, k)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(n_experts))   # logits = x, and x scores the first choice highest
+    x = 4 * torch.nn.functional.one_hot(chosen[:, 0], n_experts) + 2 * torch.nn.functional.one_hot(chosen[:, 1],
+                                                                                                  n_experts)
+    out = moe(x.float().view(1, tokens, n_experts)).view(tokens, -1)
+    cap = capacity(tokens, TOP_K, n_experts, capacity_factor)
+    queue, kept = [0] * n_experts, torch.zeros(tokens, TOP_K, dtype=torch.bool)
+    for j in range(TOP_K):
+        for s_ in range(tokens):
+            e = int(chosen[s_, j])
+            kept[s_, j], queue[e] = queue[e] < cap, queue[e] + 1
+    per_expert = torch.bincount(chosen.flatten(), minlength=n_experts)
+    none_kept = ~kept.any(1)
+    return {"dropped": moe.dropped, "formula": int((per_expert - cap).clamp(min=0).sum()), "capacity": cap,
+            "assignments": tokens * TOP_K, "kept": moe.tokens_per_expert.tolist(),
+            "kept_formula": per_expert.clamp(max=cap).tolist(),
+            "same_kept": bool((keep_within_capacity(chosen, n_experts, cap) == kept).all()),
+            "none_kept": int(none_kept.sum()),
+            "dropped_tokens_output": out[none_kept].abs().max().item() if none_kept.any() else 0.0}
+
+
+def _timed(fn, world_size, *args):
+    start = time.perf_counter()
+    return launch(fn, world_size, *args), time.perf_counter() - start
+
+
+@covers("EP, experts on ranks: forward, gradients", "EP: 3 AdamW steps", "dp x ep")
+def check_expert_parallel(world_size: int) -> list[dict]:
+    """EP over the tour's world size (8 experts; 6 on 3 ranks) against one process, and dp 2 x ep 2 on 4 ranks."""
+    rows = []
+    for label, world, replicas in ((f"EP, {experts_for(world_size)} experts on {world_size} ranks", world_size, 1),
+                                   ("dp 2 x ep 2, 8 experts", 4, 2)):
+        per_rank, seconds = _timed(ep_against_one_process, world, experts_for(world), replicas)
+        rows.append(make_row(f"{label}: forward, gradients", "one process, mean of ranks' losses",
+                             max_abs_diff=max(max(r["forward"], r["grads"]) for r in per_rank), tolerance=FWD_TOL,
+                             comm_bytes=Fraction(sum(r["bytes"] for r in per_rank), world),
+                             comm_bytes_theory=Fraction(sum(r["bytes_theory"] for r in per_rank), world),
+                             seconds=seconds))
+        rows.append(make_row(f"{label}: {STEPS} AdamW steps", "one process (AdamW)",
+                             max_abs_diff=max(r["weights"] for r in per_rank), tolerance=ADAM_TOL, seconds=seconds))
+    return rows
+
+
+@covers("capacity")
+def check_capacity(world_size: int) -> list[dict]:
+    start = time.perf_counter()
+    r = planted_capacity()
+    ok_kept = r["kept"] == r["kept_formula"] and r["same_kept"] and r["none_kept"] > 0
+    return [make_row(f"capacity 0.5: {r['dropped']} of {r['assignments']} assignments dropped (C={r['capacity']})",
+                     "sum_e max(0, n_e - C), planted",
+                     max_abs_diff=abs(r["dropped"] - r["formula"]) + (0 if ok_kept else 1) + r["dropped_tokens_output"],
+                     tolerance=0, seconds=time.perf_counter() - start)]
+
+
+CHECKS = [check_expert_parallel, check_capacity]
