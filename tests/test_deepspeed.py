@@ -6,3 +6,14 @@ def test_each_stage_equals_deepspeed_zero():
     for diffs in side_by_side_with_deepspeed(2):
         assert set(diffs) == {1, 2, 3}
         assert all(d < ADAM_TOL5 for d in diffs.values()), diffs
+
+
+def test_expert_parallel_equals_deepspeeds_moe_layer():
+    """DeepSpeed's MoE layer (ep over gloo, top-2, dropless) and minidist's expert_parallel, trained side by side."""
+    from minidist.launch import launch
+    from minidist.tour.moe import ADAM_TOL, FWD_TOL
+    from minidist.tour.moe_refs import deepspeed_against_minidist
+    from minidist.tour.zero import import_deepspeed
+    import_deepspeed()
+    for r in launch(deepspeed_against_minidist, 2, 8):
+        assert r["outputs"] <= FWD_TOL and r["grads"] <= FWD_TOL and r["weights"] <= ADAM_TOL, r

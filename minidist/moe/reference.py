@@ -20,6 +20,7 @@ def mixtral_block(d_model: int, d_ff: int, n_experts: int, top_k: int = 2, seed:
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     config = MixtralConfig(hidden_size=d_model, intermediate_size=d_ff, num_local_experts=n_experts,
                            num_experts_per_tok=top_k, router_jitter_noise=0.0)
+    config._experts_implementation = "eager"   # its loop over experts (a model sets this; a lone block must)
     torch.manual_seed(seed)
     block = MixtralSparseMoeBlock(config)
     for p in block.parameters():   # its tensors are created empty (the model's init fills them): fill them here
