@@ -8,8 +8,9 @@
 """
 from .layer import (Expert, MoE, capacity, keep_within_capacity, load_balancing_loss, permute, route, run_experts,
                     unpermute)
-from .parallel import ExpertDispatch, alltoall_bytes, exchange_counts, expert_parallel, reduce_gradients
+from .parallel import (ExpertDispatch, alltoall_bytes, exchange_counts, expert_parallel, layout_costs,
+                       reduce_gradients)
 
 __all__ = ["MoE", "Expert", "route", "load_balancing_loss", "capacity", "keep_within_capacity", "permute",
            "unpermute", "run_experts", "expert_parallel", "exchange_counts", "ExpertDispatch", "reduce_gradients",
-           "alltoall_bytes"]
+           "alltoall_bytes", "layout_costs"]

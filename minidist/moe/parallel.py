@@ -109,3 +109,23 @@ def alltoall_bytes(chosen: list[torch.Tensor], rank: int, n_experts: int, d_mode
     out = int((chosen[rank] // per_rank != rank).sum())
     into = sum(int((c // per_rank == rank).sum()) for i, c in enumerate(chosen) if i != rank)
     return 2 * (out + into) * d_model * element + (world - 1) * per_rank * 8
+
+
+def layout_costs(tokens: int, d_model: int, d_ff: int, n_experts: int, top_k: int, world: int,
+                 element: int = 2) -> dict:
+    """Three ways to spread one MoE layer's experts over `world` ranks that each hold `tokens` tokens, per rank and
+    training step (forward + backward), with uniform routing: {layout: (expert parameters held, bytes sent)}.
+
+        DP  every rank holds every expert; the gradients are all-reduced: 2 (N-1)/N x E x 3 d F x element
+        EP  E / N experts per rank; all-to-all of the rows (there and back, forward and backward), a share (N-1)/N
+            of them to other ranks: 4 (N-1)/N x tokens x k x d x element
+        TP  every expert cut in N (Megatron column/row): an all-reduce of the layer's output forward and of its input
+            gradient backward: 2 x 2 (N-1)/N x tokens x k x d x element (the other ranks' tokens gathered first
+            would add more; not counted)
+    And, for scale, a dense MLP with the same FLOPs per token (hidden k F) under DP: its gradients' all-reduce."""
+    expert = 3 * d_model * d_ff
+    share = (world - 1) / world
+    return {"DP": (n_experts * expert, 2 * share * n_experts * expert * element),
+            "EP": (n_experts * expert // world, 4 * share * tokens * top_k * d_model * element),
+            "TP": (n_experts * expert // world, 4 * share * tokens * top_k * d_model * element),
+            "dense, same FLOPs (DP)": (top_k * expert, 2 * share * top_k * expert * element)}

@@ -73,3 +73,17 @@ def deepspeed_moe(moe: MoE, ep_size: int):
             for p in target.parameters():
                 p.expert_parallel = True   # for parallel.reduce_gradients (DeepSpeed's engine is not used)
     return theirs
+
+
+def with_minidist_moe(model) -> list[MoE]:
+    """Replace every MixtralSparseMoeBlock of a Hugging Face Mixtral model by a minidist MoE with its weights (in
+    place); returns the MoE layers, in order. The model's forward is unchanged: its decoder layers call `mlp(h)`."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    layers = []
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, MixtralSparseMoeBlock):
+            layer.mlp = from_mixtral(layer.mlp)
+            layers.append(layer.mlp)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MixtralSparseMoeBlock to replace")
+    return layers
