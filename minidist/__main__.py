@@ -81,6 +81,7 @@ def _bench(args) -> int:
         "pp": lambda: bench.bench_pp(args.world_size, args.steps, args.warmup, args.microbatches),
         "zero": lambda: bench.bench_zero(args.world_size, args.steps, args.warmup),
         "fsdp": lambda: bench.bench_fsdp(args.world_size, args.steps, args.warmup),
+        "moe": lambda: bench.bench_moe(args.world_size, args.steps, args.warmup, args.tokens),
         "flight": lambda: bench.bench_flight(args.world_size, args.steps, args.warmup, args.bucket_cap_mb),
         "serve": lambda: bench.bench_serve(args.world_size, args.requests, args.utilization, args.slots,
                                            args.pattern, args.repeats, rate=args.rate),
@@ -165,13 +166,14 @@ def main(argv=None) -> int:
     pl.set_defaults(run=_plan)
 
     bench = sub.add_parser("bench", help="time a technique side by side with its reference")
-    bench.add_argument("what", choices=["ddp", "buckets", "tp", "pp", "zero", "fsdp", "serve", "flight"],
+    bench.add_argument("what", choices=["ddp", "buckets", "tp", "pp", "zero", "fsdp", "serve", "flight", "moe"],
                        help="ddp: DataParallel against torch DDP; buckets: step time across bucket sizes over a "
                             "simulated link, measured and predicted by the cost model; tp: parallelize against DTensor "
                             "tensor parallel; pp: the 1F1B pipeline against torch's Schedule1F1B; zero: ZeroOptimizer "
                             "against DDP + ZeroRedundancyOptimizer; fsdp: fully_shard against FSDP2's; serve: "
                             "round-robin against least-outstanding-tokens routing over --world-size replicas; "
-                            "flight: the flight recorder's cost per data-parallel step")
+                            "flight: the flight recorder's cost per data-parallel step; moe: expert_parallel against "
+                            "DeepSpeed's MoE layer and the same layer without EP")
     bench.add_argument("--world-size", type=positive_int, default=2)
     bench.add_argument("--steps", type=positive_int, default=30, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=nonnegative_int, default=5)
@@ -183,6 +185,7 @@ def main(argv=None) -> int:
     bench.add_argument("--bandwidth", type=positive_float, default=50e6, help="buckets: simulated bandwidth (bytes/s)")
     bench.add_argument("--sequence-parallel", action="store_true", help="tp: with sequence parallelism")
     bench.add_argument("--microbatches", type=positive_int, default=4, help="pp: micro-batches per step")
+    bench.add_argument("--tokens", type=positive_int, default=512, help="moe: tokens per rank and step")
     bench.add_argument("--requests", type=positive_int, default=160, help="serve: requests in the load")
     bench.add_argument("--utilization", type=positive_float, default=0.9,
                        help="serve: the load as a share of the measured capacity (sets the arrival rate)")
