@@ -197,3 +197,25 @@ def test_exchange_counts_tells_each_rank_what_it_will_receive(world):
     for rank, (got, sent, counted) in enumerate(launch(_exchange, world, planted)):
         assert got.tolist() == planted[:, 2 * rank:2 * rank + 2].tolist()    # from rank i, for my 2 experts
         assert counted and sent == (world - 1) * 2 * 8                        # 2 int64 to every other rank
+
+
+# The example script: --strategy ep (dp x ep with --ep).
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ep", "3", "--world-size", "4"], "--ep 3 does not divide the world of 4 ranks"),
+    (["--world-size", "3"], "the tiny Mixtral's 4 experts are not divisible by the expert-parallel size 3"),
+    (["--model", "tiny-llama"], "--model does nothing with --strategy ep"),
+    (["--checkpointing", "full"], "--checkpointing is not wired into --strategy ep"),
+])
+def test_the_example_refuses_what_expert_parallelism_cannot_run(argv, message, capsys):
+    from minidist.examples.train import main
+    with pytest.raises(SystemExit) as e:
+        main(["--strategy", "ep", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_example_trains_a_tiny_mixtral_with_dp_x_ep(capsys):
+    from minidist.examples.train import main
+    assert main(["--strategy", "ep", "--ep", "2", "--world-size", "4", "--steps", "2", "--batch-size", "8",
+                 "--block-size", "16", "--quiet"]) == 0
+    assert "weights sharded over the ranks" in capsys.readouterr().out
