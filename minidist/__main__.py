@@ -38,6 +38,15 @@ def _memory(args) -> int:
 def _plan(args) -> int:
     from dataclasses import replace
     from .planner import SHAPES, Cluster, as_json, format_plans, plan, shape_for
+    if args.experts or args.top_k or args.model in ("mixtral-8x7b", "deepseek-v3"):
+        from dataclasses import asdict
+        from .moe.planning import run_plan
+        plans, text = run_plan(args, Cluster(args.gpus, args.gpu_memory_gb, args.gpus_per_node, args.tflops, args.mfu,
+                                             args.intra_node_gbps, args.inter_node_gbps, args.alpha_us,
+                                             args.reserve_gb))
+        print(text)
+        _write_json(args.json, {"plans": [asdict(p) for p in plans]})
+        return 0
     if args.params is None and args.model is None:
         raise ValueError("give --params P, or --model NAME (or both: --params overrides the model's count)")
     shape = SHAPES[args.model] if args.model else shape_for(args.params, args.seq or 2048)
@@ -144,9 +153,14 @@ def main(argv=None) -> int:
                         epilog=PLAN_COLUMNS, formatter_class=_PlanHelp)
     pl.add_argument("--params", type=positive_float,
                     help="number of parameters, e.g. 175e9 (with --model: replaces the count of its shape)")
-    pl.add_argument("--model", choices=["gpt3-175b", "llama3-8b", "llama3-70b", "llama3-405b"],
+    pl.add_argument("--model", choices=["gpt3-175b", "llama3-8b", "llama3-70b", "llama3-405b", "mixtral-8x7b",
+                                        "deepseek-v3"],
                     help="the model's shape (layers, hidden, heads, vocabulary, sequence); without it a GPT-3-like "
-                         "shape for --params")
+                         "shape for --params. mixtral-8x7b and deepseek-v3 are mixtures of experts (an ep axis "
+                         "inside dp; minidist/moe/planning.py)")
+    pl.add_argument("--experts", type=positive_int, help="a mixture of experts: experts per layer (with --model: "
+                                                          "a dense model's MLP becomes E experts)")
+    pl.add_argument("--top-k", type=positive_int, help="a mixture of experts: experts per token (default 2)")
     pl.add_argument("--gpus", type=positive_int, required=True, help="GPUs in all (whole nodes)")
     pl.add_argument("--gpu-memory-gb", type=positive_float, required=True,
                     help="memory per GPU in GB of 1e9 bytes (an '80 GB' H100 holds about 85.5)")

@@ -219,3 +219,40 @@ def test_the_example_trains_a_tiny_mixtral_with_dp_x_ep(capsys):
     assert main(["--strategy", "ep", "--ep", "2", "--world-size", "4", "--steps", "2", "--batch-size", "8",
                  "--block-size", "16", "--quiet"]) == 0
     assert "weights sharded over the ranks" in capsys.readouterr().out
+
+
+# The planner for MoE models: an ep axis inside dp.
+
+def test_the_moe_shapes_count_mixtrals_published_parameters():
+    from minidist.moe.planning import MOE_SHAPES
+    mixtral = MOE_SHAPES["mixtral-8x7b"]
+    assert abs(mixtral.params() / 46.7e9 - 1) < 0.002 and abs(mixtral.active_params() / 12.9e9 - 1) < 0.002
+
+
+def test_moe_plans_keep_ep_inside_dp_and_sharding_experts_saves_their_states():
+    from dataclasses import replace
+
+    from minidist.moe.planning import MOE_SHAPES, memory_per_gpu, plan_moe, step_time
+    from minidist.planner import Cluster
+    shape, cluster = MOE_SHAPES["mixtral-8x7b"], Cluster(64, 85.5)
+    plans = plan_moe(shape, cluster, 256, top=50)
+    assert len(plans) == 50 and all(p.dp % p.ep == 0 and shape.experts % p.ep == 0 for p in plans)
+    assert all(p.dp * p.pp * p.tp == 64 and p.dp * p.microbatches * p.micro_batch_size == 256 for p in plans)
+    assert [p.step_seconds for p in plans] == sorted(p.step_seconds for p in plans)
+    one = replace(plans[0], ep=1)
+    sharded = [memory_per_gpu(replace(one, ep=ep), shape, cluster) for ep in (1, 2, 4, 8)]
+    assert sharded == sorted(sharded, reverse=True) and sharded[0] - sharded[-1] > 50e9   # 45 B expert parameters
+    # ep 8 adds the all-to-all, but each rank then reduces an eighth of the experts' gradients over 8 replicas
+    # instead of all of them over 64 ranks: on this mesh EP wins
+    assert 0 < step_time(replace(one, ep=8), shape, cluster)[0] < step_time(one, shape, cluster)[0]
+
+
+def test_the_planner_cli_shows_deepseek_v3s_published_mesh_and_refuses_bad_moe_flags(capsys):
+    from minidist.__main__ import main
+    assert main(["plan", "--model", "deepseek-v3", "--gpus", "2048", "--gpu-memory-gb", "85.5", "--global-batch",
+                 "15360", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "published (DeepSeek-V3 Technical Report" in out and "  128  64  16   1    1" in out
+    with pytest.raises(SystemExit):
+        main(["plan", "--params", "7e9", "--experts", "8", "--gpus", "8", "--gpu-memory-gb", "80"])
+    assert "--experts needs --model" in capsys.readouterr().err
