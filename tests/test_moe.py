@@ -256,3 +256,11 @@ def test_the_planner_cli_shows_deepseek_v3s_published_mesh_and_refuses_bad_moe_f
     with pytest.raises(SystemExit):
         main(["plan", "--params", "7e9", "--experts", "8", "--gpus", "8", "--gpu-memory-gb", "80"])
     assert "--experts needs --model" in capsys.readouterr().err
+
+
+def test_a_tiny_mixtral_trains_with_ep_x_tp_as_one_process():
+    from minidist.tour.moe_train import mixtral, mixtral_ep_against_one_process
+    mixtral()   # transformers' lazy imports done once here, before the ranks fork
+    for r in launch(mixtral_ep_against_one_process, 4, 2, 8, 16, 2):   # ep 2 x tp 2 (the attention), 2 AdamW steps
+        assert r["weights"] <= ADAM_TOL and r["alltoall_bytes"] > 0, r
+        assert max(abs(a - b) for a, b in zip(r["losses"], r["reference_losses"])) <= 1e-5, r

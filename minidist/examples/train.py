@@ -260,8 +260,9 @@ def main(argv=None) -> int:
     else:
         if args.model == "tiny-llama":  # import transformers once here: the forked ranks inherit it
             import transformers.models.llama.modeling_llama  # noqa: F401
-        if args.strategy == "ep":
-            import transformers.models.mixtral.modeling_mixtral  # noqa: F401
+        if args.strategy == "ep":  # a first Mixtral built here: transformers' lazy imports happen once, not per rank
+            from minidist.models import build_mixtral
+            build_mixtral()
         result, rank = launch(train, args.world_size, args)[0], 0
     if rank == 0:
         replicas = ("weights sharded over the ranks" if result["replica_divergence"] is None

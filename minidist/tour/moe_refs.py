@@ -1,6 +1,7 @@
 """Tour checks for chapter 13 against the production implementations: minidist's MoE loaded from a Hugging Face
-MixtralSparseMoeBlock (outputs, the load-balancing loss against transformers' own), and expert parallelism against
-DeepSpeed's MoE layer (deepspeed.moe.layer.MoE) with ep over gloo, trained side by side.
+MixtralSparseMoeBlock (outputs, the load-balancing loss against transformers' own), expert parallelism against
+DeepSpeed's MoE layer (deepspeed.moe.layer.MoE) with ep over gloo, trained side by side; and a tiny Mixtral (Hugging
+Face's model, minidist's MoE in its blocks) trained with EP, and with ep x tp (the attention tensor-parallel).
 
 DeepSpeed's layer is compared on the mean squared error alone: its auxiliary loss is GShard's (the first choice's
 share only), not Mixtral's, so the two losses differ by design.
@@ -90,4 +91,21 @@ def check_deepspeed(world_size: int) -> list[dict]:
                      max_abs_diff=max(r["weights"] for r in per_rank), tolerance=ADAM_TOL, seconds=seconds)]
 
 
-CHECKS = [check_mixtral, check_deepspeed]
+@covers("tiny Mixtral", "ep x tp")
+def check_mixtral_training(world_size: int) -> list[dict]:
+    """The tiny Mixtral (HF MixtralForCausalLM with minidist's MoE) trained 3 AdamW steps with EP over 2 ranks, and
+    with ep 2 x tp 2 (attention tensor-parallel) on 4 ranks, whatever the tour's world size."""
+    from .moe_train import mixtral, mixtral_ep_against_one_process
+    mixtral()   # built once here: transformers' lazy imports (seconds) then happen before the ranks fork
+    rows = []
+    for label, world, tp in (("EP 2, tiny Mixtral (HF, minidist MoE)", 2, 1),
+                             ("ep 2 x tp 2 (attention), tiny Mixtral", 4, 2)):
+        start = time.perf_counter()
+        per_rank = launch(mixtral_ep_against_one_process, world, 3, 8, 16, tp)
+        rows.append(make_row(f"{label}: 3 AdamW steps", "one process (AdamW)",
+                             max_abs_diff=max(r["weights"] for r in per_rank), tolerance=ADAM_TOL,
+                             seconds=time.perf_counter() - start))
+    return rows
+
+
+CHECKS = [check_mixtral, check_deepspeed, check_mixtral_training]

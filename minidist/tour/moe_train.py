@@ -53,37 +53,51 @@ def lm_step(model, layers, x, y) -> torch.Tensor:
     return loss + AUX_COEF * sum(m.aux_loss for m in layers)
 
 
-def mixtral_ep_against_one_process(steps: int = 4, rows: int = 8, block: int = 16) -> dict:
-    """The tiny Mixtral, experts sharded over every rank, each rank on its slice of the batch, AdamW, against one
-    process on every slice (losses averaged): per step the mean of the ranks' losses and the reference's, the largest
-    weight difference at the end over what this rank holds, and the all-to-all bytes of the run (counted)."""
-    world, rank = dist.get_world_size(), dist.get_rank()
+ATTENTION_TP = {"model.layers.*.self_attn": "attention", "model.layers.*.self_attn.[qkv]_proj": "colwise",
+                "model.layers.*.self_attn.o_proj": "rowwise"}   # tensor parallelism of the attention only
+
+
+def mixtral_ep_against_one_process(steps: int = 4, rows: int = 8, block: int = 16, tp: int = 1) -> dict:
+    """The tiny Mixtral, experts sharded over an ep group (world / tp ranks, each on its slice of the batch), the
+    attention tensor-parallel over tp ranks when tp > 1 (they share a slice: every tp rank runs the same tokens through
+    the same experts), AdamW, against one process on every slice (losses averaged): per step the mean of the slices'
+    losses and the reference's, the largest difference at the end between this rank's weights and its part of the
+    reference's, and the all-to-all bytes of the run (counted)."""
+    from ..mesh import Mesh
+    from ..tensor_parallel import parallelize
+    from ..tensor_parallel.plans import local_shard
+    world = dist.get_world_size()
+    mesh = Mesh.from_axes([("ep", world // tp), ("tp", tp)])
+    ep, rank = mesh.size("ep"), mesh.local_rank("ep")
     reference, ref_layers = mixtral()
     model = copy.deepcopy(reference)
-    layers = [expert_parallel(m) for m in with_minidist_moe_layers(model)]
+    if tp > 1:
+        parallelize(model, mesh.group("tp"), ATTENTION_TP)
+    layers = [expert_parallel(m, mesh.group("ep")) for m in with_minidist_moe_layers(model)]
     opts = [torch.optim.AdamW(m.parameters(), lr=MIXTRAL_LR) for m in (reference, model)]
     losses, ref_losses = [], []
     with comm.ByteLedger() as ledger:
         for x, y in random_batches(TOKENS, rows, block, steps):
-            ref = sum(lm_step(reference, ref_layers, xr, yr) for xr, yr in zip(x.chunk(world), y.chunk(world)))
-            (ref / world).backward()
-            loss = lm_step(model, layers, x.chunk(world)[rank], y.chunk(world)[rank])
+            ref = sum(lm_step(reference, ref_layers, xr, yr) for xr, yr in zip(x.chunk(ep), y.chunk(ep)))
+            (ref / ep).backward()
+            loss = lm_step(model, layers, x.chunk(ep)[rank], y.chunk(ep)[rank])
             loss.backward()
-            reduce_gradients(model)
+            reduce_gradients(model, mesh.group("ep"))   # the tp ranks' experts are identical copies: no replicas
             for opt in opts:
                 opt.step()
                 opt.zero_grad()
-            mean = comm.all_reduce_sum(loss.detach().clone()) / world
-            losses.append(mean.item())
-            ref_losses.append(ref.item() / world)
+            losses.append((comm.all_reduce_sum(loss.detach().clone(), mesh.group("ep")) / ep).item())
+            ref_losses.append(ref.item() / ep)
     ref_params = dict(reference.named_parameters())
     diff = 0.0
     for name, p in model.named_parameters():
+        dense = name
         if ".experts." in name:   # experts.<local index>.<...>: the global expert of this rank's block
             layer_name, local, rest = name.split(".experts.")[0], *name.split(".experts.")[1].split(".", 1)
-            moe = model.get_submodule(layer_name)
-            name = f"{layer_name}.experts.{moe.expert_ids[int(local)]}.{rest}"
-        diff = max(diff, (p - ref_params[name]).abs().max().item())
+            dense = f"{layer_name}.experts.{model.get_submodule(layer_name).expert_ids[int(local)]}.{rest}"
+        expected = local_shard(model, name, ref_params[dense].detach(), mesh.group("tp")) if tp > 1 \
+            else ref_params[dense]
+        diff = max(diff, (p - expected).abs().max().item())
     return {"losses": losses, "reference_losses": ref_losses, "weights": diff,
             "alltoall_bytes": ledger.total_bytes("all_to_all")}
 
