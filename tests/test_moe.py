@@ -26,6 +26,11 @@ def test_expert_parallel_equals_one_process(world):
         assert r["counted"] and r["bytes"] == r["bytes_theory"] > 0, r   # all-to-all bytes = the routing's formula
 
 
+def test_averaging_expert_gradients_over_the_ep_group_is_caught():
+    per_rank = launch(ep_against_one_process, 2, 8, 1, None, True)
+    assert max(r["grads"] for r in per_rank) > 1e-3
+
+
 def test_dp_x_ep_on_four_ranks_equals_one_process():
     per_rank = launch(ep_against_one_process, 4, 8, 2)
     assert [r["expert_ids"] for r in per_rank] == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2   # replicas hold the same block

@@ -48,7 +48,7 @@ def _positive_int(name: str, value) -> None:
 
 
 def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Router logits (S, E) -> (probs (S, E) fp32, weights (S, k) renormalized to sum to 1, chosen (S, k) expert ids)."""
+    """Router logits (S, E) -> (probs (S, E) in fp32, weights (S, k) renormalized to sum to 1, chosen (S, k) ids)."""
     probs = logits.float().softmax(-1)
     top, chosen = probs.topk(top_k, dim=-1)
     return probs, top / top.sum(-1, keepdim=True), chosen

@@ -48,11 +48,13 @@ def held(moe: MoE) -> dict:
     return out
 
 
-def ep_against_one_process(n_experts: int, replicas: int = 1, capacity_factor=None) -> dict:
+def ep_against_one_process(n_experts: int, replicas: int = 1, capacity_factor=None, mistake: bool = False) -> dict:
     """Expert parallelism over ep = world / replicas ranks (replicated `replicas` times when > 1: the dp x ep mesh),
     each rank on its own tokens, against one process on every rank's tokens: the largest difference of this rank's
     outputs, of its gradients after the first backward, and of its weights after STEPS AdamW steps; the all-to-all
-    bytes it sent in the first forward and backward (counted) and the formula's, from the reference's routing."""
+    bytes it sent in the first forward and backward (counted) and the formula's, from the reference's routing.
+    mistake=True all-reduces the experts' gradients over the ep group too, as if its ranks held replicas (chapter
+    13's common mistake: it adds up different experts' gradients, silently, as they have the same shapes)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     mesh = Mesh.from_axes([("replicate", replicas), ("ep", world // replicas)])
     replicate = mesh.group("replicate") if replicas > 1 else None
@@ -72,7 +74,7 @@ def ep_against_one_process(n_experts: int, replicas: int = 1, capacity_factor=No
             ep_out, loss = loss_of(moe, xr, yr)
             loss.backward()
         out["forward"] = max(out["forward"], (ep_out - expected).abs().max().item())
-        reduce_gradients(moe, None, replicate)
+        reduce_gradients(moe, None, mesh.group("ep") if mistake else replicate)
         if step == 0:
             group = mesh.members["ep"]   # the ranks whose tokens this rank's experts serve
             chosen = [route(reference.router(chunks[g][0].reshape(-1, D_MODEL)), TOP_K)[2] for g in group]
@@ -128,8 +130,8 @@ def _timed(fn, world_size, *args):
 @covers("EP, experts on ranks: forward, gradients", "EP: 3 AdamW steps", "dp x ep")
 def check_expert_parallel(world_size: int) -> list[dict]:
     """EP over the tour's world size (8 experts; 6 on 3 ranks) against one process, and dp 2 x ep 2 on 4 ranks."""
-    rows = []
-    for label, world, replicas in ((f"EP, {experts_for(world_size)} experts on {world_size} ranks", world_size, 1),
+    rows, ranks = [], f"{world_size} rank{'s' * (world_size > 1)}"
+    for label, world, replicas in ((f"EP, {experts_for(world_size)} experts on {ranks}", world_size, 1),
                                    ("dp 2 x ep 2, 8 experts", 4, 2)):
         per_rank, seconds = _timed(ep_against_one_process, world, experts_for(world), replicas)
         rows.append(make_row(f"{label}: forward, gradients", "one process, mean of ranks' losses",

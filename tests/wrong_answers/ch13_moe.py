@@ -1,4 +1,5 @@
-"""Plausible wrong answers to chapter 13's exercises (mixture of experts); the grader must score each below full marks."""
+"""Plausible wrong answers to chapter 13's exercises (mixture of experts): the grader must score each below full
+marks."""
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ def load_balancing_loss__first_choice_only(probs, chosen):
 
 
 def load_balancing_loss__no_expert_factor(probs, chosen):
-    """Forgets the factor E: the loss shrinks as experts are added ("common mistakes": a loss whose scale depends on E)."""
+    """Forgets the factor E: the loss's scale then changes with the number of experts (1/E of the right value)."""
     f = F.one_hot(chosen, probs.shape[-1]).sum(1).float().mean(0)
     return (f * probs.mean(0)).sum()
 
