@@ -8,7 +8,8 @@ function from that folder's chNN_*.py. The grader runs those tests once in a pyt
 plugin, and scores each exercise by the share of its tests that pass.
 
 A hang costs one exercise, not the run: each test has a time limit (pytest-timeout), collectives give up sooner
-(MINIDIST_TIMEOUT), and after one test of an exercise times out its remaining tests are skipped as failed.
+(MINIDIST_TIMEOUT), and after one test of an exercise times out (either way) its remaining tests are skipped as
+failed.
 """
 import functools
 import importlib
@@ -73,6 +74,10 @@ def implementation(name: str):
 
 # The pytest plugin (loaded by the grader with `-p minidist.grading`).
 
+# A test that ran out of time: pytest-timeout's "Failed: Timeout (>5.0s)", a collective that waited MINIDIST_TIMEOUT
+# for a peer (gloo's "Timed out waiting 5000ms for recv operation"), a rank stuck after the others returned (launch).
+# The exercise's remaining tests would most likely wait as long again: they are skipped as failed.
+TIMEOUT_SIGNS = ("Timeout (>", "Timed out waiting", "stuck outside any collective?")
 _results: dict[str, dict] = {}   # exercise -> {"passed", "done", "total", "timed_out"}
 _owner: dict[str, str] = {}      # test node id -> exercise
 _report_path: list[str] = []     # where to write _results after every test (so a crash loses only what is running)
@@ -118,7 +123,7 @@ def pytest_runtest_logreport(report):
         return
     if report.when == "call" and report.passed:
         _results[exercise]["passed"] += 1
-    if report.failed and "Timeout (>" in str(report.longrepr):  # pytest-timeout's "Failed: Timeout (>5.0s) ..."
+    if report.failed and any(sign in str(report.longrepr) for sign in TIMEOUT_SIGNS):
         _results[exercise]["timed_out"] = True
     if report.when == "teardown":
         _results[exercise]["done"] += 1

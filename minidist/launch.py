@@ -48,6 +48,7 @@ from .comm import flight
 from .comm.diagnose import diagnose
 from .elastic import attempt_store, report_failure
 
+ERROR_GRACE = 0.2  # seconds the other ranks get to report once one rank has raised, before their stacks are taken
 DEFAULT_TIMEOUT = float(os.environ.get("MINIDIST_TIMEOUT", 120))  # seconds a collective may wait for its peers
 
 
@@ -156,7 +157,12 @@ def _collect(procs, conns, directory, timeout: float) -> list:
                                           " (a negative code is the signal that killed it)"
                                     + _diagnosis(procs, directory, set(range(len(procs))) - set(pending))) from None
                 if status == "error":
-                    raise RankError(rank, value + _diagnosis(procs, directory, set(range(len(procs))) - set(pending)))
+                    del pending[rank]
+                    late = _reports_within(pending, ERROR_GRACE)
+                    raised = {rank} | {r for r, status in late.items() if status == "error"}
+                    returned = {r for r, v in enumerate(results) if r not in pending and r != rank and r not in late}
+                    returned |= {r for r, status in late.items() if status == "ok"}
+                    raise RankError(rank, value + _diagnosis(procs, directory, returned, raised))
                 results[rank] = value
                 del pending[rank]
     for p in procs:  # every result is in: the ranks are only tearing down now
@@ -164,10 +170,30 @@ def _collect(procs, conns, directory, timeout: float) -> list:
     return results
 
 
-def _diagnosis(procs, directory, returned: set) -> str:
+def _reports_within(pending: dict, seconds: float) -> dict:
+    """{rank: "ok" | "error" | "exited"} for the ranks among `pending` that report within `seconds` (taken out of
+    `pending`; their results are dropped, since launch raises).
+
+    When one rank raises, the others often raise the same error a moment later (every rank runs the same code): they
+    need no stack taken, and taking it costs 0.3 s a launch, which a suite of failing tests pays hundreds of times.
+    """
+    reported, deadline = {}, time.monotonic() + seconds
+    while pending and (left := deadline - time.monotonic()) > 0:
+        for conn in wait(list(pending.values()), timeout=left):
+            rank = next(r for r, c in pending.items() if c is conn)
+            try:
+                reported[rank] = pickle.loads(conn.recv_bytes())[0]
+            except (EOFError, OSError):
+                reported[rank] = "exited"
+            del pending[rank]
+    return reported
+
+
+def _diagnosis(procs, directory, returned: set, raised: set = frozenset()) -> str:
     """Every rank's flight record (ranks still running are asked for their stacks first), analysed. `returned`: the
-    ranks whose function returned a result."""
-    alive = [r for r, p in enumerate(procs) if p.is_alive() and r not in returned]  # a returned rank's stack: teardown
+    ranks whose function returned a result; `raised`: those whose function raised."""
+    alive = [r for r, p in enumerate(procs)  # a returned or raised rank's stack is only its teardown
+             if p.is_alive() and r not in returned and r not in raised]
     for r in alive:
         try:
             os.kill(procs[r].pid, signal.SIGUSR1)  # faulthandler writes every thread's stack to stack-RANK
@@ -182,6 +208,8 @@ def _diagnosis(procs, directory, returned: set) -> str:
                                                if name == "SIGABRT" else "")
         elif r in returned and records[r] is not None:  # (it may still be alive, in launch's closing barrier)
             records[r]["exit"] = "it is in no collective: it returned from its function"
+        elif r in raised and records[r] is not None:
+            records[r]["exit"] = "it is in no collective: its function raised"
         elif not p.is_alive() and records[r] is not None:
             records[r]["exit"] = f"it is in no collective: it has exited (code {p.exitcode})"
     try:
@@ -230,7 +258,8 @@ def _run_rank(rank, world_size, store_path, backend, timeout, fn, args, kwargs, 
         if backend == "nccl":
             torch.cuda.set_device(rank)
         dist.init_process_group(backend, store=dist.FileStore(store_path, world_size), rank=rank,
-                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout),
+                                **_eager(backend, rank))
         payload = pickle.dumps(("ok", fn(*args, **kwargs)))
         ok = True
     except BaseException:
@@ -260,7 +289,7 @@ def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
     backend = backend or default_backend(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    limit = datetime.timedelta(seconds=timeout)
+    limit, eager = datetime.timedelta(seconds=timeout), _eager(backend, int(os.environ.get("LOCAL_RANK", 0)))
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun shares its rendezvous store with the workers and keeps it across restarts: a restarted worker can
         # read the address a dead peer published in the attempt before ("Connection refused", pytorch issue 135712).
@@ -268,9 +297,16 @@ def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
         shared = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, False, limit)
         store = attempt_store(shared, int(os.environ["RANK"]), world_size, timeout)
         dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size,
-                                timeout=limit)
+                                timeout=limit, **eager)
     else:
-        dist.init_process_group(backend, timeout=limit)
+        dist.init_process_group(backend, timeout=limit, **eager)
+
+
+def _eager(backend: str, local_rank: int) -> dict:
+    """NCCL: bind the group to this rank's GPU, which creates its communicator now (and its subgroups' by splitting).
+    minidist posts every message as a batch (comm/p2p.py), and a batch that is a group's first operation must
+    involve all its ranks (torch.distributed.batch_isend_irecv): a pipeline's first send involves two."""
+    return {"device_id": torch.device("cuda", local_rank)} if backend == "nccl" else {}
 
 
 def run_under_torchrun(fn, *args, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT, **kwargs):

@@ -53,12 +53,11 @@ def _start(ops: list, entries: list) -> list[Work]:
     if strict.active():
         futures = strict.each(strict.post(ops), [op.tensor for op in ops])
         return [Work(future=f, entry=entry) for f, entry in zip(futures, entries)]
-    if len(ops) == 1:   # an unbatched message
-        op = ops[0]
-        works = [(dist.isend if op.op is dist.isend else dist.irecv)(op.tensor, op.peer, group=op.group, tag=op.tag)]
-    else:
-        works = dist.batch_isend_irecv(ops)
-        works = works if len(works) == len(ops) else works[-1:] * len(ops)   # NCCL: one Work for the whole batch
+    # Even a single message goes as a batch: NCCL runs a lone isend/irecv on a communicator of its own for the pair,
+    # and a batch on the group's, so a message posted alone on one side and in a batch on the other never matches
+    # (all_to_all with an empty message to skip, at 3 ranks or more). Through one path, every message is on the group's.
+    works = dist.batch_isend_irecv(ops)
+    works = works if len(works) == len(ops) else works[-1:] * len(ops)   # NCCL: one Work for the whole batch
     return [Work(op.tensor, torch_work=w, entry=entry) for op, w, entry in zip(ops, works, entries)]
 
 

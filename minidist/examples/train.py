@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from minidist import comm, launch, run_under_torchrun
 from minidist.args import nonnegative_float, positive_float, positive_int
-from minidist.data import random_batches, token_ids, train_val_split
+from minidist.data import random_batches, token_ids, train_val_split, vocab_size_of
 from minidist.data_parallel import DataParallel
 from minidist.examples import fault_tolerance as ft
 from minidist.examples import preflight, tradeoffs
@@ -138,7 +138,8 @@ def train(args) -> dict:
     opt = tradeoffs.optimizer(model, args) or \
         OPTIMIZERS.get(args.strategy, lambda m, a: torch.optim.AdamW(m.parameters(), lr=a.lr))(model, args)
     train_ids, val_ids = train_val_split(token_ids())
-    batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed)
+    batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed,
+                             vocab_size=vocab_size_of(model))  # every id checked once, on the host
     state = ft.resume(args, model, opt)  # step 0, or the newest checkpoint's
     progress, losses = progress_bar(args, f"{args.strategy} on {n} ranks", state["step"]), state["losses"]
     monitor = Monitor(enabled=args.monitor is not None)  # --monitor PATH: per-rank step telemetry (minidist.monitor)
@@ -187,7 +188,8 @@ def train_pp(args) -> dict:
     state = ft.resume(args, stages, opt)
     progress, losses = progress_bar(args, f"pp {args.schedule} on {p} ranks", state["step"]), state["losses"]
     monitor = Monitor(enabled=args.monitor is not None)
-    batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed)
+    batches = random_batches(train_ids, args.batch_size, args.block_size, args.steps, seed=args.seed,
+                             vocab_size=vocab_size_of(model))  # every id checked once, on the host
     for step, (x, y) in enumerate(batches[state["step"]:], start=state["step"]):
         ft.inject(args, step)
         monitor.begin(tokens=x.numel())
