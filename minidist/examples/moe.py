@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from minidist import comm
 from minidist.args import positive_int
-from minidist.data import random_batches, token_ids, train_val_split
+from minidist.data import random_batches, token_ids, train_val_split, vocab_size_of
 from minidist.launch import device
 from minidist.mesh import Mesh
 
@@ -57,7 +57,7 @@ def train_ep(args) -> dict:
     train_ids, val_ids = train_val_split(token_ids())
     progress, losses = progress_bar(args, f"ep {ep} x replicas {world // ep}"), []
     for step, (x, y) in enumerate(random_batches(train_ids, args.batch_size, args.block_size, args.steps,
-                                                 seed=args.seed)):
+                                                 seed=args.seed, vocab_size=vocab_size_of(model))):
         x, y = x.chunk(world)[rank].to(dev), y.chunk(world)[rank].to(dev)   # this rank's slice
         loss = lm_step(model, layers, x, y)
         loss.backward()
