@@ -42,9 +42,9 @@ def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor
 
     out_*: (..., T, d) each part's softmax-weighted values; lse_*: (..., T) each part's log-sum-exp of scores, -inf
     for a row that saw no key in that part (its out is then 0). Returns (out, lse) of the union, new tensors.
-    Graded: out and lse each within 1e-6 of softmax attention (and the log-sum-exp) over the union of random key
-    sets, in either order; rows with no key in one part take the other part unchanged; rows with no key in either
-    stay 0 with lse -inf (no NaN); the inputs are left unmodified.
+    Graded: out and lse within 1e-6 of attention (and log-sum-exp) over the union of random key sets, either order;
+    a row with no key in one part takes the other's; with none in either, 0 and lse -inf (no NaN); fp32 lses of 100
+    and 99, -200 and -201 (where exp overflows, underflows) to 1e-5; the inputs left unmodified.
     """
     # ---- exercise merge_partials (3 points) --------------------------------------------------------
     # hint: the union's log-sum-exp combines the two parts' in log space (torch has a function for it).

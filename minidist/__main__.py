@@ -105,7 +105,7 @@ def _grade(args) -> int:
     from .exercises import ROOT
     from .grading import format_grades, grade
     path = ROOT / "solutions" if args.solutions else (args.path or ROOT / "exercises")
-    report = grade(path, args.only, args.extra_tests, args.timeout)
+    report = grade(path, args.only, args.extra_tests, args.timeout, args.first_failure)
     print(format_grades(report))
     _write_json(args.json, report)
     return 0
@@ -218,6 +218,8 @@ def main(argv=None) -> int:
     grade.add_argument("--only", nargs="+", metavar="NAME", help="grade only these exercises")
     grade.add_argument("--extra-tests", metavar="DIR", help="also run an instructor's private tests from DIR")
     grade.add_argument("--timeout", type=positive_int, default=60, help="seconds per test before it counts as failed")
+    grade.add_argument("--first-failure", action="store_true",
+                       help="stop grading an exercise at its first failed test (the rest count as failed)")
     grade.add_argument("--json", metavar="PATH")
     grade.set_defaults(run=_grade)
 

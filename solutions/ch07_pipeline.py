@@ -8,17 +8,18 @@ from minidist.pipeline.schedule import Action, _check, _check_complete, shape, w
 
 
 def one_f_one_b(p: int, m: int) -> list[list[Action]]:
-    """1F1B: rank r runs min(p - r - 1, m) warm-up forwards, then pairs (forward of the next micro-batch, backward
-    of the oldest one) until every forward is done, then the remaining backwards.
+    """1F1B (PipeDream-Flush) as data: for each rank r, its F and B actions for m micro-batches on p ranks.
 
-    Graded: the exact list of every rank for any p >= 1 and m >= 1, including m < p (the warm-up is then cut to m
-    forwards and there is no steady state on the first ranks), and that the schedule validates.
+    Every rank runs F0 .. F(m-1) and B0 .. B(m-1), each kind in micro-batch order. 1F1B is about memory: a
+    micro-batch is *in flight* on a rank from its forward to its backward; rank r holds at most min(p - r, m) in
+    flight, runs its next forward whenever that bound allows, and a backward only when the bound (or having no forward
+    left) stops it. Graded: the exact list of every rank for any p, m >= 1 (m < p too), and that it validates.
     """
     _check(p=p, m=m)
     schedule = []
     # ---- exercise one_f_one_b (3 points) -----------------------------------------------------------
-    # hint: the last rank (r = p - 1) warms up with no forward at all: F0 B0 F1 B1 ...
-    # hint: in the steady state the forward comes first; micro-batches go in order 0, 1, ..., m - 1 in both kinds.
+    # hint: draw a rank x step grid for p = 4, m = 6: when does the first backward reach rank r, and how many of its
+    #       forwards have run by then? The list then has three phases; find where each one starts and ends.
     for r in range(p):
         warmup = min(p - r - 1, m)
         actions = [Action("F", i) for i in range(warmup)]
