@@ -39,6 +39,7 @@ CHAPTERS = {  # generated file -> package modules whose exercises it holds, in o
     "ch10_compression": ["compression.hooks", "compression.powersgd"],
     "ch11_checkpoints": ["checkpoint.layout", "checkpoint.save_load", "checkpoint.file_format"],
     "ch12_inference": ["serving.inference", "serving.balancer", "monitor"],
+    "ch13_moe": ["moe.layer", "moe.parallel"],
 }
 BEGIN = re.compile(r"^(\s*)# <exercise (\w+) points=(\d+)>\s*$")
 END = re.compile(r"^\s*# </exercise>\s*$")
