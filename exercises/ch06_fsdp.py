@@ -17,12 +17,12 @@ from minidist import comm
 
 def unshard_(full: torch.Tensor, shard: torch.Tensor, group=None) -> comm.Work:
     """Start gathering every rank's `shard` into `full` (N * shard.numel() elements, in shard's dtype), whose storage
-    reshard_ emptied: give `full` its storage back, start the all-gather asynchronously, return its Work. Graded: on 3
-    ranks, the gathered values, also as seen through a view of `full` taken before its storage was freed."""
+    reshard_ emptied: give `full` its storage back, start the all-gather asynchronously, return its Work. Graded on 3
+    ranks: the values, also through a view taken before the free; a second call issued while the first still runs."""
     # ---- exercise fsdp_unshard (2 points) ----------------------------------------------------------
-    # hint: a storage can be resized in place (t.untyped_storage().resize_(nbytes)); every view sees the new memory.
-    # hint: then start the all-gather into `full` with comm.all_gather_into_(out, x, group, async_op=True)
-    #       (from minidist import comm); it returns the Work.
+    # hint: the parameters are views that autograd saved: refill the memory they all share, never replace `full`.
+    # hint: return before the gather is done (the prefetch depends on it): an asynchronous minidist.comm collective
+    #       that writes into a tensor you give it.
     raise NotImplementedError("exercise fsdp_unshard: write this part")
     # ---- end of exercise fsdp_unshard -----------------------------------------------------------------
 
@@ -44,7 +44,7 @@ def reduce_scatter_grads(grads: list, numels: list[int], chunk: int, dtype, grou
     reduce-scattered; the Work's wait() gives this rank's `chunk` elements (in `dtype`). Graded: on 3 ranks, with a
     None gradient and padding: the dtype and the values, exactly."""
     # ---- exercise fsdp_post_backward (2 points) ----------------------------------------------------
-    # hint: comm.reduce_scatter_into_(out, x, group, async_op=True) starts it (from minidist import comm).
+    # hint: a None gradient still owns its slot (zeros); divide before the 16-bit sum; return without waiting.
     raise NotImplementedError("exercise fsdp_post_backward: write this part")
     # ---- end of exercise fsdp_post_backward -----------------------------------------------------------
 
@@ -54,6 +54,6 @@ def prefetch_target(order: list, current):
     ran forward; backward: the reverse of the order they finished forward), or None when current is last or not in
     the order (a unit the first step never saw). Graded: by hand, both ends and an unknown unit included."""
     # ---- exercise fsdp_prefetch (1 point) ---------------------------------------------------------
-    # hint: list.index finds current; mind the ends.
+    # hint: the orders come from the first step: a unit outside it, and the last unit, have nothing to prefetch.
     raise NotImplementedError("exercise fsdp_prefetch: write this part")
     # ---- end of exercise fsdp_prefetch ----------------------------------------------------------------

@@ -38,6 +38,15 @@ def _memory(args) -> int:
 def _plan(args) -> int:
     from dataclasses import replace
     from .planner import SHAPES, Cluster, as_json, format_plans, plan, shape_for
+    if args.experts or args.top_k or args.model in ("mixtral-8x7b", "deepseek-v3"):
+        from dataclasses import asdict
+        from .moe.planning import run_plan
+        plans, text = run_plan(args, Cluster(args.gpus, args.gpu_memory_gb, args.gpus_per_node, args.tflops, args.mfu,
+                                             args.intra_node_gbps, args.inter_node_gbps, args.alpha_us,
+                                             args.reserve_gb))
+        print(text)
+        _write_json(args.json, {"plans": [asdict(p) for p in plans]})
+        return 0
     if args.params is None and args.model is None:
         raise ValueError("give --params P, or --model NAME (or both: --params overrides the model's count)")
     shape = SHAPES[args.model] if args.model else shape_for(args.params, args.seq or 2048)
@@ -85,7 +94,7 @@ class _BenchNames:
         return name in self.names()
 
 
-OTHER_BENCHES = ("buckets", "serve", "flight")  # no GPT against a reference: no shape flags, not in `bench all`
+OTHER_BENCHES = ("buckets", "serve", "flight", "moe")  # no GPT against a reference: no shape flags, not in `bench all`
 SHAPE_FLAGS = {"n_layer": "--n-layer", "n_embd": "--n-embd", "seq": "--seq", "batch_size": "--batch-size"}
 
 
@@ -113,6 +122,7 @@ def _bench(args) -> int:
             "flight": lambda: bench.bench_flight(args.world_size, args.steps, args.warmup, args.bucket_cap_mb),
             "serve": lambda: bench.bench_serve(args.world_size, args.requests, args.utilization, args.slots,
                                                args.pattern, args.repeats, rate=args.rate),
+            "moe": lambda: bench.bench_moe(args.world_size, args.steps, args.warmup, args.tokens),
         }
         result = runs[args.what]()
         print(getattr(bench, f"format_{args.what}")(result))
@@ -124,7 +134,7 @@ def _grade(args) -> int:
     from .exercises import ROOT
     from .grading import format_grades, grade
     path = ROOT / "solutions" if args.solutions else (args.path or ROOT / "exercises")
-    report = grade(path, args.only, args.extra_tests, args.timeout)
+    report = grade(path, args.only, args.extra_tests, args.timeout, args.first_failure)
     print(format_grades(report))
     _write_json(args.json, report)
     return 0
@@ -172,9 +182,14 @@ def main(argv=None) -> int:
                         epilog=PLAN_COLUMNS, formatter_class=_PlanHelp)
     pl.add_argument("--params", type=positive_float,
                     help="number of parameters, e.g. 175e9 (with --model: replaces the count of its shape)")
-    pl.add_argument("--model", choices=["gpt3-175b", "llama3-8b", "llama3-70b", "llama3-405b"],
+    pl.add_argument("--model", choices=["gpt3-175b", "llama3-8b", "llama3-70b", "llama3-405b", "mixtral-8x7b",
+                                        "deepseek-v3"],
                     help="the model's shape (layers, hidden, heads, vocabulary, sequence); without it a GPT-3-like "
-                         "shape for --params")
+                         "shape for --params. mixtral-8x7b and deepseek-v3 are mixtures of experts (an ep axis "
+                         "inside dp; minidist/moe/planning.py)")
+    pl.add_argument("--experts", type=positive_int, help="a mixture of experts: experts per layer (with --model: "
+                                                          "a dense model's MLP becomes E experts)")
+    pl.add_argument("--top-k", type=positive_int, help="a mixture of experts: experts per token (default 2)")
     pl.add_argument("--gpus", type=positive_int, required=True, help="GPUs in all (whole nodes)")
     pl.add_argument("--gpu-memory-gb", type=positive_float, required=True,
                     help="memory per GPU in GB of 1e9 bytes (an '80 GB' H100 holds about 85.5)")
@@ -194,14 +209,16 @@ def main(argv=None) -> int:
     pl.set_defaults(run=_plan)
 
     bench = sub.add_parser("bench", help="time a technique side by side with its reference")
-    bench.add_argument("what", choices=_BenchNames(), metavar="{all,ddp,tp,pp,zero,fsdp,...,buckets,serve,flight}",
+    bench.add_argument("what", choices=_BenchNames(), metavar="{all,ddp,tp,pp,zero,fsdp,...,buckets,serve,flight,moe}",
                        help="all: every benchmark of a GPT against its reference (ddp, tp, pp, zero, fsdp and any "
-                            "registered in minidist/bench/suite.py), one row each; ddp: DataParallel against torch DDP; buckets: step time across bucket sizes over a "
+                            "registered in minidist/bench/suite.py), one row each; ddp: DataParallel against torch "
+                            "DDP; buckets: step time across bucket sizes over a "
                             "simulated link, measured and predicted by the cost model; tp: parallelize against DTensor "
                             "tensor parallel; pp: the 1F1B pipeline against torch's Schedule1F1B; zero: ZeroOptimizer "
                             "against DDP + ZeroRedundancyOptimizer; fsdp: fully_shard against FSDP2's; serve: "
                             "round-robin against least-outstanding-tokens routing over --world-size replicas; "
-                            "flight: the flight recorder's cost per data-parallel step")
+                            "flight: the flight recorder's cost per data-parallel step; moe: expert_parallel against "
+                            "DeepSpeed's MoE layer and the same layer without EP")
     bench.add_argument("--world-size", type=positive_int, default=2)
     bench.add_argument("--steps", type=positive_int, default=30, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=nonnegative_int, default=5)
@@ -218,6 +235,9 @@ def main(argv=None) -> int:
     bench.add_argument("--bandwidth", type=positive_float, default=50e6, help="buckets: simulated bandwidth (bytes/s)")
     bench.add_argument("--sequence-parallel", action="store_true", help="tp: with sequence parallelism")
     bench.add_argument("--microbatches", type=positive_int, default=4, help="pp: micro-batches per step")
+    bench.add_argument("--schedule", choices=["1f1b", "zbv", "dualpipev"], default="1f1b",
+                       help="pp: the schedule, against torch's Schedule1F1B, ScheduleZBVZeroBubble, ScheduleDualPipeV")
+    bench.add_argument("--tokens", type=positive_int, default=512, help="moe: tokens per rank and step")
     bench.add_argument("--requests", type=positive_int, default=160, help="serve: requests in the load")
     bench.add_argument("--utilization", type=positive_float, default=0.9,
                        help="serve: the load as a share of the measured capacity (sets the arrival rate)")
@@ -236,6 +256,8 @@ def main(argv=None) -> int:
     grade.add_argument("--only", nargs="+", metavar="NAME", help="grade only these exercises")
     grade.add_argument("--extra-tests", metavar="DIR", help="also run an instructor's private tests from DIR")
     grade.add_argument("--timeout", type=positive_int, default=60, help="seconds per test before it counts as failed")
+    grade.add_argument("--first-failure", action="store_true",
+                       help="stop grading an exercise at its first failed test (the rest count as failed)")
     grade.add_argument("--json", metavar="PATH")
     grade.set_defaults(run=_grade)
 

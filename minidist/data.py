@@ -53,9 +53,24 @@ def train_val_split(ids: torch.Tensor, val_fraction: float = 0.1) -> tuple[torch
     return ids[:cut], ids[cut:]
 
 
+def vocab_size_of(model: torch.nn.Module) -> int:
+    """The vocabulary a model embeds: its first embedding's num_embeddings (nn.Embedding, a vocabulary-parallel one
+    holding the global size, a Hugging Face model's), through any wrapper."""
+    for m in model.modules():
+        if isinstance(getattr(m, "num_embeddings", None), int):
+            return m.num_embeddings
+    raise ValueError(f"{type(model).__name__} has no embedding with num_embeddings: cannot tell its vocabulary")
+
+
 def random_batches(ids: torch.Tensor, batch_size: int, block_size: int, steps: int,
-                   seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`steps` batches of random windows: inputs (B, T) and next-token targets (B, T); the same on every rank."""
+                   seed: int = 0, vocab_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`steps` batches of random windows: inputs (B, T) and next-token targets (B, T); the same on every rank.
+
+    With `vocab_size` (the model's), every id is checked here, once, on the host: an id outside the vocabulary that
+    reached a GPU would stop the run with a device-side assert that names nothing."""
+    if vocab_size is not None:
+        from .tensor_parallel.vocab import check_ids
+        check_ids(ids, vocab_size, f"token id (the corpus against the model's vocabulary of {vocab_size})")
     if batch_size < 1 or block_size < 1 or steps < 0:
         raise ValueError(f"need batch_size >= 1, block_size >= 1 and steps >= 0, got {batch_size}, {block_size}, "
                          f"{steps}")

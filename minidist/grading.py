@@ -1,6 +1,6 @@
 """Grading: the tests that check minidist also grade the learners' exercises, through one adapter seam.
 
-    python -m minidist grade [PATH] [--solutions] [--only NAME ...] [--extra-tests DIR] [--json PATH]
+    python -m minidist grade [PATH] [--solutions] [--only NAME ...] [--extra-tests DIR] [--first-failure] [--json PATH]
 
 A test that grades exercise X is marked `@pytest.mark.exercise("X")` and gets the function under test from
 `implementation("X")`: minidist's own function normally, or, when MINIDIST_EXERCISES names a folder, the learner's
@@ -8,7 +8,8 @@ function from that folder's chNN_*.py. The grader runs those tests once in a pyt
 plugin, and scores each exercise by the share of its tests that pass.
 
 A hang costs one exercise, not the run: each test has a time limit (pytest-timeout), collectives give up sooner
-(MINIDIST_TIMEOUT), and after one test of an exercise times out its remaining tests are skipped as failed.
+(MINIDIST_TIMEOUT), and after one test of an exercise times out (either way) its remaining tests are skipped as
+failed.
 """
 import functools
 import importlib
@@ -73,7 +74,11 @@ def implementation(name: str):
 
 # The pytest plugin (loaded by the grader with `-p minidist.grading`).
 
-_results: dict[str, dict] = {}   # exercise -> {"passed", "done", "total", "timed_out"}
+# A test that ran out of time: pytest-timeout's "Failed: Timeout (>5.0s)", a collective that waited MINIDIST_TIMEOUT
+# for a peer (gloo's "Timed out waiting 5000ms for recv operation"), a rank stuck after the others returned (launch).
+# The exercise's remaining tests would most likely wait as long again: they are skipped as failed.
+TIMEOUT_SIGNS = ("Timeout (>", "Timed out waiting", "stuck outside any collective?")
+_results: dict[str, dict] = {}   # exercise -> {"passed", "done", "total", "timed_out", "failed"}
 _owner: dict[str, str] = {}      # test node id -> exercise
 _report_path: list[str] = []     # where to write _results after every test (so a crash loses only what is running)
 
@@ -87,6 +92,8 @@ def pytest_addoption(parser):
     group = parser.getgroup("minidist grading")
     group.addoption("--exercise", action="append", default=[], help="run only the tests of this exercise")
     group.addoption("--grade-report", default=None, help="write per-exercise results to this JSON file")
+    group.addoption("--first-failure", action="store_true",
+                    help="skip an exercise's remaining tests after its first failure (they count as failed)")
 
 
 def pytest_configure(config):
@@ -102,14 +109,19 @@ def pytest_collection_modifyitems(config, items):
     items[:] = keep
     for item in keep:
         _owner[item.nodeid] = _exercise_of(item)
-        _results.setdefault(_exercise_of(item), {"passed": 0, "done": 0, "total": 0, "timed_out": False})["total"] += 1
+        _results.setdefault(_exercise_of(item), {"passed": 0, "done": 0, "total": 0, "timed_out": False,
+                                                 "failed": False})["total"] += 1
     _write_report()
 
 
 def pytest_runtest_setup(item):
-    if _results.get(_exercise_of(item), {}).get("timed_out"):
+    result = _results.get(_exercise_of(item), {})
+    if result.get("timed_out"):
         import pytest
         pytest.skip("an earlier test of this exercise timed out")
+    if result.get("failed") and item.config.getoption("--first-failure"):
+        import pytest
+        pytest.skip("an earlier test of this exercise failed (--first-failure)")
 
 
 def pytest_runtest_logreport(report):
@@ -118,7 +130,9 @@ def pytest_runtest_logreport(report):
         return
     if report.when == "call" and report.passed:
         _results[exercise]["passed"] += 1
-    if report.failed and "Timeout (>" in str(report.longrepr):  # pytest-timeout's "Failed: Timeout (>5.0s) ..."
+    if report.failed:
+        _results[exercise]["failed"] = True
+    if report.failed and any(sign in str(report.longrepr) for sign in TIMEOUT_SIGNS):
         _results[exercise]["timed_out"] = True
     if report.when == "teardown":
         _results[exercise]["done"] += 1
@@ -132,7 +146,7 @@ def _write_report():
 
 # The grader.
 
-def _run_pytest(names, test_files, directory, timeout, deadline, problems: list) -> dict:
+def _run_pytest(names, test_files, directory, timeout, deadline, problems: list, first_failure=False) -> dict:
     """One pytest run over the exercises `names`: the results of every exercise whose tests all finished.
 
     A crash or an overrun keeps what had finished; pytest's own output is added to `problems` when it went wrong.
@@ -141,7 +155,7 @@ def _run_pytest(names, test_files, directory, timeout, deadline, problems: list)
         report, log = Path(tmp) / "report.json", Path(tmp) / "pytest.log"
         cmd = [sys.executable, "-m", "pytest", "-p", "minidist.grading", "-p", "no:cacheprovider", "-o", "addopts=",
                "-q", f"--timeout={timeout}", f"--grade-report={report}", *[f"--exercise={n}" for n in names],
-               *map(str, test_files)]
+               *["--first-failure"] * first_failure, *map(str, test_files)]
         env = dict(os.environ, **{ENV: str(directory), "MINIDIST_TIMEOUT": str(max(5, timeout // 4))})
         with open(log, "w") as out:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -159,8 +173,11 @@ def _run_pytest(names, test_files, directory, timeout, deadline, problems: list)
         return finished
 
 
-def grade(directory, only=None, extra_tests=None, timeout: int = 60) -> dict:
-    """Grade the exercises in `directory`; returns {"total", "max", "exercises": [...], "problems": [...]}."""
+def grade(directory, only=None, extra_tests=None, timeout: int = 60, first_failure: bool = False) -> dict:
+    """Grade the exercises in `directory`; returns {"total", "max", "exercises": [...], "problems": [...]}.
+
+    With `first_failure`, an exercise's tests stop at its first failure (the rest count as failed): whether an
+    answer loses points, found quickly (tests/test_wrong_answers.py grades its catalogue so)."""
     missing = [m for m in ("pytest", "pytest_timeout") if importlib.util.find_spec(m) is None]
     if missing:
         raise ValueError(f"grading needs {' and '.join(missing)}: pip install pytest pytest-timeout")
@@ -181,9 +198,9 @@ def grade(directory, only=None, extra_tests=None, timeout: int = 60) -> dict:
              if any(f'exercise("{e.name}")' in f.read_text() for e in exercises)]
     files += [Path(extra_tests).resolve()] if extra_tests else []
     names, problems = [e.name for e in exercises], []
-    results = _run_pytest(names, files, directory, timeout, timeout * (len(names) + 2) + 600, problems)
+    results = _run_pytest(names, files, directory, timeout, timeout * (len(names) + 2) + 600, problems, first_failure)
     for name in [n for n in names if n not in results]:  # a crash or an overrun: grade the rest one by one
-        results.update(_run_pytest([name], files, directory, timeout, 3 * timeout + 300, problems))
+        results.update(_run_pytest([name], files, directory, timeout, 3 * timeout + 300, problems, first_failure))
     rows = []
     for e in exercises:
         r = results.get(e.name, {"passed": 0, "total": 0, "timed_out": False})

@@ -45,9 +45,10 @@ import torch
 import torch.distributed as dist
 
 from .comm import flight
-from .comm.diagnose import diagnose
+from .comm.diagnose import diagnose_ranks
 from .elastic import attempt_store, report_failure
 
+ERROR_GRACE = 0.2  # seconds the others get to report once a rank has raised, before their stacks are taken
 DEFAULT_TIMEOUT = float(os.environ.get("MINIDIST_TIMEOUT", 120))  # seconds a collective may wait for its peers
 
 
@@ -145,7 +146,7 @@ def _collect(procs, conns, directory, timeout: float) -> list:
             first = min(pending)
             raise RankError(first, f"the rank had not returned {timeout:g} s after rank "
                                    f"{min(set(range(len(procs))) - set(pending))} had (stuck outside any collective?)"
-                            + _diagnosis(procs, directory, set(range(len(procs))) - set(pending)))
+                            + diagnose_ranks(procs, directory, set(range(len(procs))) - set(pending)))
         for rank, conn in list(pending.items()):
             if conn in ready or procs[rank].sentinel in ready:
                 try:
@@ -154,9 +155,14 @@ def _collect(procs, conns, directory, timeout: float) -> list:
                     procs[rank].join()
                     raise RankError(rank, f"the process exited with code {procs[rank].exitcode} before returning"
                                           " (a negative code is the signal that killed it)"
-                                    + _diagnosis(procs, directory, set(range(len(procs))) - set(pending))) from None
+                                    + diagnose_ranks(procs, directory, set(range(len(procs))) - set(pending))) from None
                 if status == "error":
-                    raise RankError(rank, value + _diagnosis(procs, directory, set(range(len(procs))) - set(pending)))
+                    del pending[rank]
+                    late = _reports_within(pending, ERROR_GRACE)
+                    raised = {rank} | {r for r, status in late.items() if status == "error"}
+                    returned = {r for r, v in enumerate(results) if r not in pending and r != rank and r not in late}
+                    returned |= {r for r, status in late.items() if status == "ok"}
+                    raise RankError(rank, value + diagnose_ranks(procs, directory, returned, raised))
                 results[rank] = value
                 del pending[rank]
     for p in procs:  # every result is in: the ranks are only tearing down now
@@ -164,33 +170,20 @@ def _collect(procs, conns, directory, timeout: float) -> list:
     return results
 
 
-def _diagnosis(procs, directory, returned: set) -> str:
-    """Every rank's flight record (ranks still running are asked for their stacks first), analysed. `returned`: the
-    ranks whose function returned a result."""
-    alive = [r for r, p in enumerate(procs) if p.is_alive() and r not in returned]  # a returned rank's stack: teardown
-    for r in alive:
-        try:
-            os.kill(procs[r].pid, signal.SIGUSR1)  # faulthandler writes every thread's stack to stack-RANK
-        except ProcessLookupError:
-            pass
-    time.sleep(0.3 if alive else 0)
-    deaths, records = {}, {r: flight.read_rank(directory, r) for r in range(len(procs))}
-    for r, p in enumerate(procs):
-        if not p.is_alive() and p.exitcode is not None and p.exitcode < 0:
-            name = signal.Signals(-p.exitcode).name
-            deaths[r] = f"died from {name}" + (" (gloo aborts a rank that receives a message of the wrong size)"
-                                               if name == "SIGABRT" else "")
-        elif r in returned and records[r] is not None:  # (it may still be alive, in launch's closing barrier)
-            records[r]["exit"] = "it is in no collective: it returned from its function"
-        elif not p.is_alive() and records[r] is not None:
-            records[r]["exit"] = f"it is in no collective: it has exited (code {p.exitcode})"
-    try:
-        text = diagnose(records, len(procs), deaths)
-    except Exception as e:  # a diagnosis must never hide the error it explains
-        text = f"(no diagnosis: {type(e).__name__}: {e})"
-    if text.startswith("the flight records agree") and not deaths:
-        return ""  # nothing went wrong between the ranks: the traceback above says it all
-    return "\n\nDiagnosis from every rank's flight recorder:\n" + text
+def _reports_within(pending: dict, seconds: float) -> dict:
+    """{rank: "ok" | "error" | "exited"} of the `pending` ranks that report within `seconds` (taken out of `pending`).
+    The others often raise the same error a moment after the first (every rank runs the same code); their stacks are
+    not needed, and taking them costs 0.3 s a launch, which a suite of failing tests pays hundreds of times."""
+    reported, deadline = {}, time.monotonic() + seconds
+    while pending and (left := deadline - time.monotonic()) > 0:
+        for conn in wait(list(pending.values()), timeout=left):
+            rank = next(r for r, c in pending.items() if c is conn)
+            try:
+                reported[rank] = pickle.loads(conn.recv_bytes())[0]
+            except (EOFError, OSError):
+                reported[rank] = "exited"
+            del pending[rank]
+    return reported
 
 
 def _end(procs):
@@ -230,7 +223,8 @@ def _run_rank(rank, world_size, store_path, backend, timeout, fn, args, kwargs, 
         if backend == "nccl":
             torch.cuda.set_device(rank)
         dist.init_process_group(backend, store=dist.FileStore(store_path, world_size), rank=rank,
-                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout),
+                                **_eager(backend, rank))
         payload = pickle.dumps(("ok", fn(*args, **kwargs)))
         ok = True
     except BaseException:
@@ -260,7 +254,7 @@ def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
     backend = backend or default_backend(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    limit = datetime.timedelta(seconds=timeout)
+    limit, eager = datetime.timedelta(seconds=timeout), _eager(backend, int(os.environ.get("LOCAL_RANK", 0)))
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun shares its rendezvous store with the workers and keeps it across restarts: a restarted worker can
         # read the address a dead peer published in the attempt before ("Connection refused", pytorch issue 135712).
@@ -268,9 +262,15 @@ def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
         shared = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, False, limit)
         store = attempt_store(shared, int(os.environ["RANK"]), world_size, timeout)
         dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size,
-                                timeout=limit)
+                                timeout=limit, **eager)
     else:
-        dist.init_process_group(backend, timeout=limit)
+        dist.init_process_group(backend, timeout=limit, **eager)
+
+
+def _eager(backend: str, local_rank: int) -> dict:
+    """NCCL: bind the group to this rank's GPU, which creates its communicator now (and its subgroups' by splitting):
+    minidist posts every message as a batch (comm/p2p.py), and a group's first batch must involve all its ranks."""
+    return {"device_id": torch.device("cuda", local_rank)} if backend == "nccl" else {}
 
 
 def run_under_torchrun(fn, *args, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT, **kwargs):

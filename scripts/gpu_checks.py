@@ -7,10 +7,12 @@
           NCCL's future, which completes at enqueue: the flight entry stays open until the device has run it;
   offload ZeRO-2 with its masters and AdamW moments offloaded to the host: a step runs (gradients moved to the
           masters' device, updated shards back to the GPU before the all-gather), the masters stay on the host,
-          the model on its GPU, and every rank holds the same updated weights.
+          the model on its GPU, and every rank holds the same updated weights; with a loss scaler and clipping, whose
+          host scalars (the inf count, the squared norm) are summed through the GPU, NCCL taking no host tensors.
 
     python scripts/gpu_checks.py RANKS    # RANKS GPUs; ring needs 2 (it is skipped at 1)
 """
+import math
 import sys
 import time
 
@@ -55,19 +57,24 @@ def completion_time() -> dict:
 
 def offload_step() -> dict:
     from minidist.memory.offload import offload_optimizer
+    from minidist.mixed_precision import LossScaler
     from minidist.zero import ZeroOptimizer
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 8)).to(device())
     before = [p.detach().clone() for p in model.parameters()]
-    opt = ZeroOptimizer(model.parameters(), torch.optim.AdamW, stage=2, lr=1e-2)
+    scaler = LossScaler(init_scale=2.0 ** 10)
+    opt = ZeroOptimizer(model.parameters(), torch.optim.AdamW, stage=2, lr=1e-2, scaler=scaler)
     offload_optimizer(opt, "cpu")
-    model(torch.randn(4, 256, device=device()) * (dist.get_rank() + 1)).square().mean().backward()
+    loss = model(torch.randn(4, 256, device=device()) * (dist.get_rank() + 1)).square().mean()
+    scaler.scale_loss(loss).backward()
+    norm = opt.clip_grad_norm_(1.0)  # host scalars summed over NCCL: through the GPU and back (comm.all_reduce_sum)
     opt.step()
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gathered = comm.all_gather_cat(flat.unsqueeze(0), None)
     return {"master": opt.master.device.type, "params": {p.device.type for p in model.parameters()},
             "moved": all(not torch.equal(a, p) for a, p in zip(before, model.parameters())),
-            "ranks_agree": bool((gathered == gathered[0]).all())}
+            "ranks_agree": bool((gathered == gathered[0]).all()), "norm_finite": math.isfinite(norm),
+            "skipped": opt.skipped}
 
 
 def main(ranks: int) -> None:
@@ -85,7 +92,8 @@ def main(ranks: int) -> None:
             failures.append(f"completion rank {r}")
     for r, out in enumerate(launch(offload_step, ranks, backend="nccl", timeout=120)):
         print(f"ZeRO-Offload, rank {r}: {out}")
-        if not (out["master"] == "cpu" and out["params"] == {"cuda"} and out["moved"] and out["ranks_agree"]):
+        if not (out["master"] == "cpu" and out["params"] == {"cuda"} and out["moved"] and out["ranks_agree"]
+                and out["norm_finite"] and out["skipped"] == 0):
             failures.append(f"offload rank {r}")
     if failures:
         sys.exit(f"gpu checks failed: {', '.join(failures)}")

@@ -42,12 +42,15 @@ def reduce_scatter_gradients(flat_grads: list[torch.Tensor], group=None) -> list
 
     Start every reduce-scatter asynchronously, in bucket order (every rank issues the same collectives in the same
     order), then wait for them. Divide by N *before* summing, as DDP does (a 16-bit sum of N gradients could
-    overflow where their mean would not). The inputs are left as they were. Graded: on 3 ranks, an fp32 and a bf16
-    bucket: the averaged chunks, their dtypes, the inputs untouched.
+    overflow where their mean would not). The inputs are left as they were. Communicate through minidist.comm.
+    Graded on 3 ranks: an fp32 and a bf16 bucket: the averaged chunks, their dtypes, the inputs untouched; under a
+    slow simulated link, that every bucket's collective was started while the ones before it were still running;
+    and gradients of 2e38 in fp32 and in bf16 averaged to 2e38 (their sum is past both types' largest value).
     """
     # ---- exercise zero_reduce_scatter (2 points) ---------------------------------------------------
-    # hint: comm.reduce_scatter_into_(out, x, group, async_op=True) returns a Work; wait() on it gives out
-    #       (from minidist import comm).
+    # hint: the collectives of minidist.comm whose name ends in `_` write into a tensor you give them, and take
+    #       async_op=True: then they return at once a handle whose wait() gives the result. Issue them all first.
+    # hint: where can the division go so that no intermediate value is ever larger than one rank's gradient?
     n = dist.get_world_size(group)
     works = [comm.reduce_scatter_into_(g.new_empty(g.numel() // n), g / n, group, async_op=True) for g in flat_grads]
     return [w.wait() for w in works]
@@ -56,11 +59,12 @@ def reduce_scatter_gradients(flat_grads: list[torch.Tensor], group=None) -> list
 
 def all_gather_parameters(shards: list[torch.Tensor], group=None) -> list[torch.Tensor]:
     """Phase 3: for each bucket, every rank's chunk concatenated in rank order (N * len elements, the shard's dtype).
-    Start every all-gather asynchronously, in bucket order, then wait for them. Graded: on 3 ranks, an fp32 and a
-    bf16 bucket, exactly."""
+    Start every all-gather asynchronously, in bucket order, then wait for them (communicate through minidist.comm).
+    Graded on 3 ranks: an fp32 and a bf16 bucket, exactly, in the shard's dtype; and, under a slow simulated link,
+    that every bucket's all-gather was started while the ones before it were still running."""
     # ---- exercise zero_all_gather (1 point) -------------------------------------------------------
-    # hint: comm.all_gather_into_(out, shard, group, async_op=True) is the in-place, asynchronous all-gather
-    #       (from minidist import comm).
+    # hint: phase 1 in reverse: the same pattern as reduce_scatter_gradients, with the collective that concatenates
+    #       every rank's piece in rank order (each output is N times as long as its shard).
     n = dist.get_world_size(group)
     works = [comm.all_gather_into_(s.new_empty(n * s.numel()), s, group, async_op=True) for s in shards]
     return [w.wait() for w in works]

@@ -143,3 +143,18 @@ def test_all_gather_backward_sums_every_ranks_slice(world_size):
         for err, untouched, shape in per_dim:
             assert err == 0.0 and untouched
         assert per_dim[0][2] == (2, 3) and per_dim[1][2] == (3, 2)
+
+
+def test_a_host_tensor_on_an_nccl_group_is_summed_through_the_gpu(monkeypatch):
+    # ZeRO-Offload's norm and inf check sum host scalars; NCCL refuses host tensors. Without a GPU here, the decision
+    # is checked with the backend faked (scripts/gpu_checks.py runs the real path: offload_step clips and unscales).
+    from minidist.comm import collectives
+    x = torch.ones(())
+    monkeypatch.setattr(collectives.dist, "get_backend", lambda group=None: "gloo")
+    assert collectives.collective_device(x) == torch.device("cpu")
+    monkeypatch.setattr(collectives.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(collectives.torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(collectives.torch.accelerator, "current_device_index", lambda: 3)
+    assert collectives.collective_device(x) == torch.device("cuda", 3)
+    with pytest.raises(ValueError, match="cpu tensor on a nccl group cannot be asynchronous"):
+        comm.all_reduce_sum(x, async_op=True)

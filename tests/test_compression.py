@@ -86,6 +86,33 @@ def test_allreduce_hook_trains_as_data_parallel_without_a_hook():
     assert per_rank[0]["buckets"] > 1 and sum(r["bytes"] for r in per_rank) / 2 == per_rank[0]["formula"]
 
 
+class _Bucket:
+    def __init__(self, buf):
+        self._buf = buf
+
+    def buffer(self):
+        return self._buf
+
+
+def hook_returns_before_the_sum():
+    """The hook on one bucket under a slow link, then one more collective: was the hook's still running?"""
+    from minidist.testing import issue_log
+    rank = dist.get_rank()
+    with comm.ring_backend(comm.SimulatedLink(alpha=0.05, bandwidth=1e9)), issue_log() as pending:
+        future = implementation("allreduce_hook")(None, _Bucket(torch.full((4,), 2.0 * (rank + 1))))
+        marker = comm.all_reduce_(torch.zeros(1), None, async_op=True)
+        value = future.wait()
+        marker.wait()
+    return pending, value
+
+
+@pytest.mark.exercise("allreduce_hook")
+def test_allreduce_hook_returns_while_its_all_reduce_runs():
+    for pending, value in launch(hook_returns_before_the_sum, 2):
+        assert pending == [0, 1], f"collectives still running when each was issued: {pending} (the hook waited)"
+        assert torch.equal(value, torch.full((4,), 3.0))  # the mean of 2 and 4
+
+
 @pytest.mark.exercise("topk_compress")
 def test_topk_compress():
     topk = implementation("topk_compress")

@@ -91,6 +91,19 @@ def test_rows_without_keys_in_one_or_both_parts():
     assert out[2].tolist() == [0.0, 0.0] and lse[2].item() == -math.inf  # neither
 
 
+@pytest.mark.exercise("merge_partials")
+def test_merge_is_stable_at_extreme_log_sum_exps():
+    # fp32: exp(100) overflows (above 3.4e38) and exp(-200) underflows to 0, yet their logs are ordinary numbers.
+    lse_a, lse_b = torch.tensor([100.0, -200.0, 100.0]), torch.tensor([99.0, -201.0, -math.inf])
+    out_a, out_b = torch.tensor([[1.0], [1.0], [1.0]]), torch.tensor([[0.0], [0.0], [0.0]])
+    out, lse = implementation("merge_partials")(out_a, lse_a, out_b, lse_b)
+    share = 1 / (1 + math.exp(-1))             # part a's weight when its lse is 1 above part b's: e / (e + 1)
+    expected = [100 + math.log1p(math.exp(-1)), -200 + math.log1p(math.exp(-1)), 100.0]
+    assert torch.allclose(lse.double(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-5), lse
+    assert torch.allclose(out.squeeze(-1).double(), torch.tensor([share, share, 1.0], dtype=torch.float64),
+                          atol=1e-6), out
+
+
 # Ring attention on ranks.
 
 @pytest.mark.parametrize("n", [2, 3, 4])

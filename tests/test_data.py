@@ -55,3 +55,17 @@ def test_the_tiny_gpt_learns_the_corpus():
         val_loss = lm_loss(model(x), y).item()
     assert losses[0] == pytest.approx(math.log(512), abs=0.3)
     assert sum(losses[-10:]) / 10 < 4.6 and val_loss < 4.8  # from 6.2: visibly learning
+
+
+def test_ids_outside_the_models_vocabulary_are_refused_on_the_host():
+    # On a GPU such an id would end the run in a device-side assert naming nothing; here it is named before any step.
+    from minidist.data import vocab_size_of
+    from minidist.models import GPTConfig
+    model = GPT(GPTConfig(vocab_size=300))
+    assert vocab_size_of(torch.nn.Sequential(model)) == 300  # through a wrapper
+    ids = torch.arange(400)
+    with pytest.raises(ValueError, match=r"token id .*vocabulary of 300.* 300 is outside the vocabulary \[0, 300\)"):
+        random_batches(ids, 2, 8, 1, vocab_size=vocab_size_of(model))
+    assert len(random_batches(ids % 300, 2, 8, 1, vocab_size=300)) == 1
+    with pytest.raises(ValueError, match="Linear has no embedding"):
+        vocab_size_of(torch.nn.Linear(2, 2))

@@ -144,7 +144,9 @@ def test_a_deadlocked_collective_fails_the_exercise_and_the_run_goes_on(tmp_path
     folder = submission(tmp_path, ["ch01_collectives"], {"ch01_collectives": deadlock})
     report = grade_json(tmp_path, str(folder), "--only", "ring_all_gather", "ring_all_reduce", "--timeout", "8")
     scores = {r["name"]: r for r in report["exercises"]}
-    assert scores["ring_all_gather"]["points"] < scores["ring_all_gather"]["max"]
+    assert scores["ring_all_gather"]["points"] < scores["ring_all_gather"]["max"]  # (one rank alone has no ring)
+    # The first collective time-out skips the exercise's other tests, instead of waiting out each of them in turn.
+    assert scores["ring_all_gather"]["note"] == "timed out"
     assert scores["ring_all_reduce"]["passed"]  # graded with the package's all-gather, so unaffected
 
 

@@ -39,6 +39,31 @@ def test_unshard_gathers_into_the_freed_tensor():
         assert torch.equal(view, torch.tensor([10.0, 11]))  # every view sees the gathered memory
 
 
+def unshard_two_units():
+    """Two units unsharded back to back under a slow link (a unit and the one prefetched after it)."""
+    from minidist import comm
+    from minidist.testing import issue_log
+    n, rank = dist.get_world_size(), dist.get_rank()
+    fulls = [torch.empty(2 * n), torch.empty(n, dtype=torch.bfloat16)]
+    for full in fulls:
+        reshard_(full)
+    with comm.ring_backend(comm.SimulatedLink(alpha=0.02, bandwidth=1e9)), issue_log() as pending:
+        unshard = implementation("fsdp_unshard")
+        works = [unshard(fulls[0], torch.tensor([rank, 10.0 + rank]), None),
+                 unshard(fulls[1], torch.tensor([rank], dtype=torch.bfloat16), None)]
+        for w in works:
+            w.wait()
+    return pending, [f.clone() for f in fulls]
+
+
+@pytest.mark.exercise("fsdp_unshard")
+def test_unshard_returns_while_its_all_gather_runs():
+    for pending, (first, second) in launch(unshard_two_units, 3):
+        assert pending == [0, 1], f"collectives still running when each was issued: {pending} (unshard waited)"
+        assert torch.equal(first, torch.tensor([0.0, 10, 1, 11, 2, 12]))
+        assert torch.equal(second, torch.tensor([0, 1, 2], dtype=torch.bfloat16))
+
+
 def reshard_by_hand():
     full = torch.empty(2 * dist.get_world_size())
     view = full[2:4]
@@ -61,15 +86,18 @@ def reduce_scatter_by_hand():
     rank = dist.get_rank()
     grads = [torch.full((2, 2), float(rank + 1)), None, torch.arange(3.0) * (rank + 1)]
     work = implementation("fsdp_post_backward")(grads, [4, 3, 3], 4, torch.float32, None)
-    return work.wait()
+    huge = [torch.full((2, 2), 2e38), None, torch.full((3,), 2e38)]  # 3 x 2e38 is past fp32's largest, 3.4e38
+    return work.wait(), implementation("fsdp_post_backward")(huge, [4, 3, 3], 4, torch.float32, None).wait()
 
 
 @pytest.mark.exercise("fsdp_post_backward")
 def test_post_backward_reduce_scatter_by_hand():
     # 4 + 3 + 3 = 10 elements padded to 12 on 3 ranks: [g0 g0 g0 g0 | 0 0 0 g2 | g2 g2 pad pad], averaged over ranks
     expected = torch.tensor([2.0, 2, 2, 2, 0, 0, 0, 0, 2, 4, 0, 0]).chunk(3)
-    for rank, shard in enumerate(launch(reduce_scatter_by_hand, 3)):
+    huge = torch.tensor([2e38] * 4 + [0.0] * 3 + [2e38] * 3 + [0.0] * 2).chunk(3)
+    for rank, (shard, averaged) in enumerate(launch(reduce_scatter_by_hand, 3)):
         assert shard.dtype == torch.float32 and torch.equal(shard, expected[rank])
+        assert torch.allclose(averaged, huge[rank], rtol=1e-5), "the sum overflowed: divide by N before summing"
 
 
 @pytest.mark.exercise("fsdp_prefetch")

@@ -1,6 +1,7 @@
 """The launcher: results in rank order, failures surfaced with rank and traceback, nothing left running."""
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -54,6 +55,26 @@ def test_a_raising_rank_is_named_with_its_traceback():
     message = str(info.value)
     assert "rank 2 failed" in message and "ValueError: boom on purpose" in message
     assert "in failing_rank" in message  # the rank's own traceback, not the parent's
+
+
+def raise_or_sleep():
+    if dist.get_rank() == 2:
+        raise ValueError("boom on purpose")
+    time.sleep(30)
+
+
+def test_ranks_that_all_raise_are_not_asked_for_their_stacks(monkeypatch):
+    # Every rank raises the same error (a learner's stub, say): the others' errors arrive within launch's grace, so
+    # none of them is signalled for a stack dump, which would cost 0.3 s a launch. A rank still busy would be.
+    signalled, kill = [], os.kill
+    monkeypatch.setattr(sys.modules["minidist.launch"].os, "kill",
+                        lambda pid, sig: signalled.append(pid) if sig == signal.SIGUSR1 else kill(pid, sig))
+    with pytest.raises(RankError, match="NotImplementedError: same on every rank"):
+        launch(lambda: (_ for _ in ()).throw(NotImplementedError("same on every rank")), 3)
+    assert signalled == []
+    with pytest.raises(RankError, match="boom on purpose"):
+        launch(raise_or_sleep, 3)  # ranks 0 and 1 are busy outside any collective: their stacks are taken
+    assert len(signalled) == 2
 
 
 def skips_the_collective():

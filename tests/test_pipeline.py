@@ -186,6 +186,10 @@ def test_bench_pp_and_the_example_script(tmp_path, capsys):
                  str(tmp_path / "pp.json")]) == 0
     result = json.loads((tmp_path / "pp.json").read_text())
     assert result["minidist_s"] > 0 and result["reference_s"] > 0 and result["microbatches"] == 4
+    assert main(["bench", "pp", "--world-size", "2", "--schedule", "dualpipev", "--steps", "1", "--warmup", "0",
+                 "--json", str(tmp_path / "v.json")]) == 0     # against torch's ScheduleDualPipeV
+    result = json.loads((tmp_path / "v.json").read_text())
+    assert result["schedule"] == "dualpipev" and result["minidist_s"] > 0 and result["reference_s"] > 0
     assert train_main(["--strategy", "pp", "--schedule", "zb", "--microbatches", "4", "--steps", "30",
                        "--world-size", "2", "--quiet"]) == 0
     first, last, val, divergence = map(float, re.search(

@@ -110,6 +110,25 @@ def test_ring_and_p2p_post_every_message_through_the_strict_layer():
         assert not direct, f"{name} calls dist.{sorted(direct)} directly; post through strict.py"
 
 
+BATCHES = []
+
+
+def lone_messages():
+    x = torch.ones(4)
+    comm.send(x, 1) if dist.get_rank() == 0 else comm.recv(x, 0)
+    return list(BATCHES)
+
+
+@pytest.mark.usefixtures("no_leftover_processes")
+def test_every_message_is_posted_as_a_batch_even_alone(monkeypatch):
+    """On NCCL a lone isend/irecv runs on the pair's own communicator and a batch on the group's: a message posted
+    alone on one side and batched on the other never matches (an all-to-all that skips an empty message, at 3 ranks
+    or more). So minidist posts every message through batch_isend_irecv, a single one as a batch of one."""
+    real = dist.batch_isend_irecv
+    monkeypatch.setattr(p2p.dist, "batch_isend_irecv", lambda ops: BATCHES.append(len(ops)) or real(ops))
+    assert launch(lone_messages, 2) == [[1], [1]]  # forked ranks inherit the patch
+
+
 @pytest.mark.usefixtures("no_leftover_processes", "strict")
 def test_a_receive_left_pending_across_an_all_to_all_deadlocks_under_strict_rules():
     """test_comm_counted's gloo-only pattern: gloo's tags separate the messages, NCCL's posting order does not."""

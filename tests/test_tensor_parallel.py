@@ -131,6 +131,27 @@ def test_vocab_parallel_loss_equals_the_full_vocabulary(world_size, vocab, scale
         assert torch.allclose(softmax, ref_softmax, atol=1e-6)
 
 
+def vocab_loss_bytes(vocab: int):
+    """Bytes this rank sends computing the loss of 12 tokens, under the ring backend (every byte counted)."""
+    from minidist import comm
+    from minidist.testing import bytes_sent
+    n, r = dist.get_world_size(), dist.get_rank()
+    g = torch.Generator().manual_seed(1)
+    logits, targets = torch.randn(12, vocab, generator=g), torch.randint(vocab, (12,), generator=g)
+    with comm.ring_backend(), bytes_sent() as sent:
+        loss, _ = implementation("vocab_parallel_loss")(logits.chunk(n, dim=1)[r].contiguous(), targets, None)
+    return sent["bytes"], loss, F.cross_entropy(logits, targets, reduction="none")
+
+
+@pytest.mark.exercise("vocab_parallel_loss")
+def test_vocab_parallel_loss_sends_a_few_floats_per_token_not_the_logits():
+    # A vocabulary of 256 on 2 ranks: gathering the logits sends 128 floats a token; the loss needs a handful (a
+    # maximum, a sum of exponentials and a target logit per token: the package sends 3 x 4 bytes).
+    for sent, loss, ref in launch(vocab_loss_bytes, 2, 256):
+        assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-5)
+        assert 0 < sent <= 12 * 4 * 4, f"{sent} bytes sent for 12 tokens: more than 4 floats a token"
+
+
 # The layers and the loss on their own.
 
 def layers_alone():

@@ -25,11 +25,12 @@ from tests.test_reducer import SkipWhenEmpty  # its output for an empty input is
 @pytest.mark.exercise("zero_shard_pieces")
 def test_shard_pieces_by_hand():
     shard_pieces = implementation("zero_shard_pieces")
-    # tensors of 5, 0, 4 elements: 9 in all, padded to 12 on 4 ranks, chunks of 3: [t0 t0 t0][t0 t0 t2][t2 t2 t2][pad]
-    assert shard_pieces([5, 0, 4], 0, 4) == (3, [(0, 0, 3, 0)])
-    assert shard_pieces([5, 0, 4], 1, 4) == (3, [(0, 3, 5, 0), (2, 0, 1, 2)])
-    assert shard_pieces([5, 0, 4], 2, 4) == (3, [(2, 1, 4, 0)])
-    assert shard_pieces([5, 0, 4], 3, 4) == (3, [])  # only padding
+    # (not chapter 05's example) tensors of 2, 0, 7 elements: 9, padded to 12 on 4 ranks, chunks of 3:
+    # [t0 t0 t2][t2 t2 t2][t2 t2 t2][pad pad pad]
+    assert shard_pieces([2, 0, 7], 0, 4) == (3, [(0, 0, 2, 0), (2, 0, 1, 2)])
+    assert shard_pieces([2, 0, 7], 1, 4) == (3, [(2, 1, 4, 0)])
+    assert shard_pieces([2, 0, 7], 2, 4) == (3, [(2, 4, 7, 0)])
+    assert shard_pieces([2, 0, 7], 3, 4) == (3, [])  # only padding
     assert shard_pieces([6], 0, 1) == (6, [(0, 0, 6, 0)])
     assert shard_pieces([], 0, 3) == (0, [])
 
@@ -73,6 +74,28 @@ def test_reduce_scatter_gradients_average_each_bucket():
         assert second.shape == (1,) and second.item() == pytest.approx((n - 1) / 2, abs=1e-2)
 
 
+def reduce_scatter_structure():
+    """Three buckets under a slow simulated link: when was each started, and are huge fp32 / bf16 gradients averaged
+    without overflow (2e38 on each of 3 ranks: their sum is past fp32's and bf16's largest, 3.4e38; their mean is
+    not)."""
+    from minidist import comm
+    from minidist.testing import issue_log
+    n = dist.get_world_size()
+    flats = [torch.full((2 * n,), 2e38), torch.full((n,), 2e38, dtype=torch.bfloat16), torch.ones(n)]
+    with comm.ring_backend(comm.SimulatedLink(alpha=0.02, bandwidth=1e9)), issue_log() as pending:
+        out = implementation("zero_reduce_scatter")(flats, None)
+    return pending, out
+
+
+@pytest.mark.exercise("zero_reduce_scatter")
+def test_reduce_scatter_gradients_start_all_buckets_then_divide_before_summing():
+    for pending, (big, big16, ones) in launch(reduce_scatter_structure, 3):
+        assert pending == [0, 1, 2], f"asynchronous collectives still running when each bucket started: {pending}"
+        assert torch.isfinite(big).all() and torch.isfinite(big16).all(), "the sum overflowed: divide by N first"
+        assert torch.allclose(big, torch.full((2,), 2e38), rtol=1e-5) and torch.equal(ones, torch.ones(1))
+        assert big16.dtype == torch.bfloat16 and abs(big16.float().item() / 2e38 - 1) < 1e-2
+
+
 def all_gather_by_hand():
     rank = dist.get_rank()
     shards = [torch.tensor([rank, 10.0 + rank]), torch.tensor([rank], dtype=torch.bfloat16)]
@@ -84,6 +107,24 @@ def test_all_gather_parameters_concatenates_in_rank_order():
     for first, second in launch(all_gather_by_hand, 3):
         assert torch.equal(first, torch.tensor([0.0, 10.0, 1.0, 11.0, 2.0, 12.0]))
         assert torch.equal(second, torch.tensor([0, 1, 2], dtype=torch.bfloat16))
+
+
+def all_gather_structure():
+    from minidist import comm
+    from minidist.testing import issue_log
+    rank = dist.get_rank()
+    shards = [torch.tensor([rank, 10.0 + rank]), torch.tensor([rank], dtype=torch.bfloat16), torch.ones(3)]
+    with comm.ring_backend(comm.SimulatedLink(alpha=0.02, bandwidth=1e9)), issue_log() as pending:
+        out = implementation("zero_all_gather")(shards, None)
+    return pending, out
+
+
+@pytest.mark.exercise("zero_all_gather")
+def test_all_gather_parameters_start_every_bucket_before_waiting():
+    for pending, (first, second, third) in launch(all_gather_structure, 3):
+        assert pending == [0, 1, 2], f"asynchronous collectives still running when each bucket started: {pending}"
+        assert torch.equal(first, torch.tensor([0.0, 10.0, 1.0, 11.0, 2.0, 12.0])) and torch.equal(third, torch.ones(9))
+        assert second.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])

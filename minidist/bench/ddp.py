@@ -82,7 +82,8 @@ def bench_ddp(world_size: int = 2, steps: int = 30, warmup: int = 5, bucket_cap_
 
 def format_ddp(result: dict) -> str:
     return "\n".join([
-        f"{result['model']}, {result['world_size']} ranks, bucket {result['bucket_cap_mb']} MiB, median of {result['steps']} "
+        f"{result['model']}, {result['world_size']} ranks, bucket {result['bucket_cap_mb']} MiB, median of "
+        f"{result['steps']} "
         f"steps (after {result['warmup']} warm-up), AdamW",
         f"  torch DDP                       {result['reference_s'] * 1e3:8.2f} ms/step",
         f"  minidist overlapped             {result['minidist_s'] * 1e3:8.2f} ms/step   "

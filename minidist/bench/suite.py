@@ -36,7 +36,7 @@ class Bench:
 BENCHES = {
     "ddp": Bench("ddp", "DataParallel, overlapped", "torch DDP", ("bucket_cap_mb",)),
     "tp": Bench("tp", "parallelize (tensor parallel)", "DTensor parallelize_module", ("sequence_parallel",)),
-    "pp": Bench("pp", "PipelineRuntime 1F1B", "torch Schedule1F1B", ("microbatches",)),
+    "pp": Bench("pp", "PipelineRuntime 1F1B", "torch Schedule1F1B", ("microbatches", "schedule")),
     "zero": Bench("sharded", "ZeroOptimizer stage 1", "DDP + ZeroRedundancyOptimizer"),
     "fsdp": Bench("sharded", "fully_shard, per block", "torch FSDP2 fully_shard, per block"),
 }

@@ -94,7 +94,8 @@ def bench_tp(world_size: int = 2, steps: int = 30, warmup: int = 5, batch_size: 
 def format_tp(result: dict) -> str:
     sp = " + sequence parallel" if result["sequence_parallel"] else ""
     return "\n".join([
-        f"{result['model']}, tensor parallel{sp} on {result['world_size']} ranks, batch {result['batch_size']}, median of "
+        f"{result['model']}, tensor parallel{sp} on {result['world_size']} ranks, batch {result['batch_size']}, "
+        f"median of "
         f"{result['steps']} steps (after {result['warmup']} warm-up), AdamW",
         f"  DTensor parallelize_module      {result['reference_s'] * 1e3:8.2f} ms/step",
         f"  minidist parallelize            {result['minidist_s'] * 1e3:8.2f} ms/step   "

@@ -118,8 +118,24 @@ def _check_shapes(full: torch.Tensor, shard: torch.Tensor, n: int) -> None:
 # Out-of-place collectives (never modify their input).
 
 def all_reduce_sum(x: torch.Tensor, group=None, async_op: bool = False):
-    """Sum of x over the group, in a new tensor."""
-    return all_reduce_(x.detach().clone(memory_format=torch.contiguous_format), group, async_op)
+    """Sum of x over the group, in a new tensor on x's device.
+
+    A host tensor on an NCCL group (ZeRO-Offload's gradient norm and inf check: the master gradients live on the host)
+    goes through the rank's GPU and back, since NCCL takes no host tensors; these are scalars, once a step."""
+    device = collective_device(x, group)
+    if device == x.device:
+        return all_reduce_(x.detach().clone(memory_format=torch.contiguous_format), group, async_op)
+    if async_op:
+        raise ValueError(f"all_reduce_sum of a {x.device.type} tensor on a {dist.get_backend(group)} group cannot be "
+                         "asynchronous: it goes through the GPU and back")
+    return all_reduce_(x.detach().to(device, copy=True), group).to(x.device)
+
+
+def collective_device(x: torch.Tensor, group=None) -> torch.device:
+    """Where a collective on x can run: x's own device, except a host tensor on an NCCL group (the rank's GPU)."""
+    if x.device.type == "cpu" and "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device(torch.accelerator.current_accelerator().type, torch.accelerator.current_device_index())
+    return x.device
 
 
 def all_gather_cat(x: torch.Tensor, group=None, dim: int = 0, async_op: bool = False):

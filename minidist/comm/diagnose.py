@@ -11,8 +11,12 @@ For point-to-point messages, each (source, destination) pair is lined up the sam
 send is named, with where the would-be sender is; so are two ranks that each wait in a send to the other and posted
 their receive from it after that send, not in the same batch (NCCL's rules, strict.py: batch_isend_irecv them). A rank that is in no collective at all is located by its stack.
 """
+import os
 import re
+import signal
+import time
 
+from . import flight
 from .flight import read_directory
 
 
@@ -175,3 +179,36 @@ def diagnose_directory(directory) -> str:
     if not records:
         raise ValueError(f"no flight records (flight-RANK files) in {directory}")
     return diagnose(records, max(records) + 1)
+
+
+def diagnose_ranks(procs, directory, returned: set, raised: set = frozenset()) -> str:
+    """launch's diagnosis of its failed ranks (processes `procs`, flight records in `directory`): every rank's flight
+    record (ranks still running are asked for their stacks first), analysed. `returned`: the
+    ranks whose function returned a result; `raised`: those whose function raised."""
+    alive = [r for r, p in enumerate(procs)  # a returned or raised rank's stack is only its teardown
+             if p.is_alive() and r not in returned and r not in raised]
+    for r in alive:
+        try:
+            os.kill(procs[r].pid, signal.SIGUSR1)  # faulthandler writes every thread's stack to stack-RANK
+        except ProcessLookupError:
+            pass
+    time.sleep(0.3 if alive else 0)
+    deaths, records = {}, {r: flight.read_rank(directory, r) for r in range(len(procs))}
+    for r, p in enumerate(procs):
+        if not p.is_alive() and p.exitcode is not None and p.exitcode < 0:
+            name = signal.Signals(-p.exitcode).name
+            deaths[r] = f"died from {name}" + (" (gloo aborts a rank that receives a message of the wrong size)"
+                                               if name == "SIGABRT" else "")
+        elif r in returned and records[r] is not None:  # (it may still be alive, in launch's closing barrier)
+            records[r]["exit"] = "it is in no collective: it returned from its function"
+        elif r in raised and records[r] is not None:
+            records[r]["exit"] = "it is in no collective: its function raised"
+        elif not p.is_alive() and records[r] is not None:
+            records[r]["exit"] = f"it is in no collective: it has exited (code {p.exitcode})"
+    try:
+        text = diagnose(records, len(procs), deaths)
+    except Exception as e:  # a diagnosis must never hide the error it explains
+        text = f"(no diagnosis: {type(e).__name__}: {e})"
+    if text.startswith("the flight records agree") and not deaths:
+        return ""  # nothing went wrong between the ranks: the traceback above says it all
+    return "\n\nDiagnosis from every rank's flight recorder:\n" + text

@@ -50,7 +50,8 @@ def allreduce_hook(group, bucket) -> torch.futures.Future[torch.Tensor]:
 
     Graded: it returns a torch.futures.Future; registered on DataParallel on 2 ranks, three SGD steps give weights
     bit-identical to DataParallel without a hook, the replicas agree, and the bytes counted under the ring backend
-    equal one fp32 ring all-reduce of every bucket.
+    equal one fp32 ring all-reduce of every bucket; and, under a slow simulated link, that the hook returned while
+    its all-reduce was still running.
     """
     # <exercise allreduce_hook points=1>
     # hint: bucket.buffer() is the flat gradient of this rank; comm.group_size(group) is N (from minidist import comm).

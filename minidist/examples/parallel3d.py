@@ -60,7 +60,7 @@ def train_3d(args) -> dict:
     shape = "x".join(f"{a}{s}" for a, s in mesh.shape.items() if s > 1) or "1 rank"
     progress, losses = progress_bar(args, f"3d {shape}"), []
     for step, (x, y) in enumerate(random_batches(train_ids, args.batch_size, args.block_size, args.steps,
-                                                 seed=args.seed)):
+                                                 seed=args.seed, vocab_size=cfg.vocab_size)):
         losses.append(mean_loss(run.step(x.to(dev), y.to(dev)), mesh))
         log_step(progress, args, step, losses[-1])
     divergence = run.replica_divergence()

@@ -35,7 +35,7 @@ requires.
 """
 from typing import NamedTuple
 
-from .schedule import Action, shape, simulate
+from .schedule import Action, is_v, place, shape, simulate, stage_of
 
 
 class Message(NamedTuple):
@@ -60,39 +60,40 @@ class Batch(NamedTuple):
     delivered: list   # Messages this rank sent earlier, to wait for (and free) before issuing `ops`
 
 
-def sent_by(action: Action, rank: int, p: int, stages: int) -> Message | None:
+def sent_by(action: Action, rank: int, p: int, stages: int, v_shape: bool = False) -> Message | None:
     """The message `action` of `rank` sends: F of stage s its output to s + 1, B of stage s its input's gradient to
-    s - 1 (None for the last forward, the first backward and W)."""
-    s = action.chunk * p + rank
+    s - 1 (None for the last forward, the first backward and W). v_shape: the V placement (actions.py)."""
+    s = stage_of(rank, action.chunk, p, v_shape)
     if action.kind == "F" and s < stages - 1:
-        return Message("act", action.microbatch, s + 1, rank, (s + 1) % p)
+        return Message("act", action.microbatch, s + 1, rank, place(s + 1, p, v_shape)[0])
     if action.kind == "B" and s > 0:
-        return Message("grad", action.microbatch, s - 1, rank, (s - 1) % p)
+        return Message("grad", action.microbatch, s - 1, rank, place(s - 1, p, v_shape)[0])
     return None
 
 
-def received_by(action: Action, rank: int, p: int, stages: int) -> Message | None:
+def received_by(action: Action, rank: int, p: int, stages: int, v_shape: bool = False) -> Message | None:
     """The message `action` of `rank` needs before it can run (None for the first forward, the last backward, W)."""
-    s = action.chunk * p + rank
+    s = stage_of(rank, action.chunk, p, v_shape)
     if action.kind == "F" and s > 0:
-        return Message("act", action.microbatch, s, (s - 1) % p, rank)
+        return Message("act", action.microbatch, s, place(s - 1, p, v_shape)[0], rank)
     if action.kind == "B" and s < stages - 1:
-        return Message("grad", action.microbatch, s, (s + 1) % p, rank)
+        return Message("grad", action.microbatch, s, place(s + 1, p, v_shape)[0], rank)
     return None
 
 
 def plan(schedule) -> list[list[Batch]]:
     """Per rank, len(actions) + 1 Batches: batch k is issued before action k, the last one after the last action
     (sends still undelivered then are waited for at the end of the step). Messages between two chunks of one rank
-    (p = 1) are no messages: they are left out."""
+    (p = 1, or the V's turn on the last rank) are no messages: they are left out."""
     p, _, v = shape(schedule)
+    vee = is_v(schedule)
     timeline = simulate(schedule, 1, 1, 1).timeline
     starts = [[start for _, start, _ in events] for events in timeline]
     batches = [[Batch([], []) for _ in range(len(actions) + 1)] for actions in schedule]
     needed_at = {msg: start for r, events in enumerate(timeline) for a, start, _ in events
-                 if (msg := received_by(a, r, p, p * v)) is not None}
+                 if (msg := received_by(a, r, p, p * v, vee)) is not None}
     leaving = sorted((end, r, k, msg) for r, events in enumerate(timeline) for k, (a, _, end) in enumerate(events)
-                     if (msg := sent_by(a, r, p, p * v)) is not None and msg.src != msg.dst)
+                     if (msg := sent_by(a, r, p, p * v, vee)) is not None and msg.src != msg.dst)
     for end, r, k, msg in leaving:
         batches[r][k + 1].ops.append(Op(True, msg))
         batches[msg.dst][_first(starts[msg.dst], end)].ops.append(Op(False, msg))

@@ -44,7 +44,7 @@ from ..memory import SavedActivations
 from ..models import lm_loss
 from .backward import backward_input
 from .messages import plan, received_by, sent_by
-from .schedule import Action, shape, splits_backward, validate
+from .schedule import Action, is_v, shape, splits_backward, stage_of, validate
 
 
 class ActivationMemory:
@@ -139,7 +139,7 @@ class PipelineRuntime:
         if len(stages) != self.v:
             raise ValueError(f"the schedule runs {self.v} chunk(s) per rank, but this rank was given {len(stages)}")
         self.stages, self.actions, self.n_stages = list(stages), schedule[self.rank], p * self.v
-        self.split = splits_backward(schedule)
+        self.split, self.v_shape = splits_backward(schedule), is_v(schedule)
         self.batches = plan(schedule)[self.rank]  # batches[k]: the messages to issue before action k
         self.hidden_size, self.dtype, self.loss_fn, self.action_seconds = hidden_size, dtype, loss_fn, action_seconds
         self.track_memory = track_memory  # the saved-tensor hooks cost time: off for benchmarks
@@ -182,7 +182,7 @@ class PipelineRuntime:
         return sum(losses) if losses else None
 
     def _forward(self, a: Action) -> list:
-        s, key = a.chunk * self.p + self.rank, (a.microbatch, a.chunk)
+        s, key = stage_of(self.rank, a.chunk, self.p, self.v_shape), (a.microbatch, a.chunk)
         x = self._x[a.microbatch] if s == 0 else self._receive(a)
         x = x if s == 0 else x.requires_grad_()                                 # (b, T) ids or (b, T, C)
         tracker = LiveActivations(self.stages[a.chunk], self.memory, key) if self.track_memory else nullcontext()
@@ -199,7 +199,7 @@ class PipelineRuntime:
         return [y.detach()]
 
     def _backward(self, a: Action) -> None:
-        s, key = a.chunk * self.p + self.rank, (a.microbatch, a.chunk)
+        s, key = stage_of(self.rank, a.chunk, self.p, self.v_shape), (a.microbatch, a.chunk)
         grad = None if s == self.n_stages - 1 else self._receive(a)
         x, y = self._graphs[key] if self.split else self._graphs.pop(key)
         with self._timed(a):
@@ -230,13 +230,13 @@ class PipelineRuntime:
 
     def _send(self, t: torch.Tensor, a: Action) -> None:
         """Leave what `a` produced for the next batch (or, between two chunks of this rank, for its next chunk)."""
-        message = sent_by(a, self.rank, self.p, self.n_stages)
+        message = sent_by(a, self.rank, self.p, self.n_stages, self.v_shape)
         self._outbox[message] = t.detach().contiguous()
 
     def _receive(self, a: Action) -> torch.Tensor:
         """The input of `a`: its receive was posted in this or an earlier batch; wait for it now."""
-        message = received_by(a, self.rank, self.p, self.n_stages)
-        if message.src == self.rank:  # consecutive chunks on one rank (p = 1): no message
+        message = received_by(a, self.rank, self.p, self.n_stages, self.v_shape)
+        if message.src == self.rank:  # consecutive stages on one rank (p = 1, the V's turn): no message
             return self._outbox.pop(message)
         return self._inbox.pop(message).wait()
 
@@ -264,7 +264,8 @@ class PipelineRuntime:
             release()
 
     def sync_tied_grads(self) -> None:
-        sync_tied_grads(self.tied, self.group)
+        if not self.v_shape:   # in the V the first and the last stage are both on rank 0: autograd added them
+            sync_tied_grads(self.tied, self.group)
 
 
 def tied_parameters(stages) -> list:

@@ -26,6 +26,10 @@ takes 1/v of it):
   ZB-H1 (Qi et al. 2023)         B computes only the input gradient (what the previous stage waits for), W the
                                  weights' later: in slot x rank r runs F(x), B(x-(p-1-r)), W(x-(p-1)). The Ws fill
                                  the drain: bubble (p-1)(t_f + t_b - t_w), at 1F1B's peak memory (p micro-batches).
+  ZB-V (Qi et al. 2024),         2 chunks per rank placed in a V (chunk 0 of rank r is stage r, chunk 1 stage
+  DualPipeV (DeepSeek-V3)        2p - 1 - r: actions.py): at t_f = t_b = t_w no idle time inside a rank's span,
+                                 the fill of p - 1 chunk forwards per step, 2p chunks held (DualPipeV 2p + 1) and
+                                 4 m (p - 1) messages. Built in vshape.py, in torch's action order; a VSchedule.
 
 `validate` assumes asynchronous messages (a send never waits for its receive): a schedule then deadlocks only if
 its ranks wait on each other in a cycle. Under NCCL sends can wait and the order of messages matters too:
@@ -34,31 +38,9 @@ pipeline/messages.py orders them so that every schedule that validates runs ther
 from dataclasses import dataclass
 from fractions import Fraction
 
-KINDS = ("F", "B", "W")
-
-
-@dataclass(frozen=True)
-class Action:
-    kind: str         # "F", "B" or "W"
-    microbatch: int
-    chunk: int = 0    # which of the rank's v model chunks (interleaving); 0 otherwise
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"an action's kind is one of {KINDS}, got {self.kind!r}")
-        for name in ("microbatch", "chunk"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"an action's {name} must be a non-negative integer, got {value!r}")
-
-    def __str__(self):
-        return f"{self.kind}{self.microbatch}" + (f".{self.chunk}" if self.chunk else "")
-
-
-def _check(**sizes) -> None:
-    for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+from .actions import KINDS, Action, VSchedule, is_v, place, stage_of  # noqa: F401 (re-exported)
+from .actions import check_sizes as _check
+from .vshape import dualpipe_v, zero_bubble_v  # noqa: F401 (re-exported: every schedule is found here)
 
 
 def gpipe(p: int, m: int) -> list[list[Action]]:
@@ -68,17 +50,18 @@ def gpipe(p: int, m: int) -> list[list[Action]]:
 
 
 def one_f_one_b(p: int, m: int) -> list[list[Action]]:
-    """1F1B: rank r runs min(p - r - 1, m) warm-up forwards, then pairs (forward of the next micro-batch, backward
-    of the oldest one) until every forward is done, then the remaining backwards.
+    """1F1B (PipeDream-Flush) as data: for each rank r, its F and B actions for m micro-batches on p ranks.
 
-    Graded: the exact list of every rank for any p >= 1 and m >= 1, including m < p (the warm-up is then cut to m
-    forwards and there is no steady state on the first ranks), and that the schedule validates.
+    Every rank runs F0 .. F(m-1) and B0 .. B(m-1), each kind in micro-batch order. 1F1B is about memory: a
+    micro-batch is *in flight* on a rank from its forward to its backward; rank r holds at most min(p - r, m) in
+    flight, runs its next forward whenever that bound allows, and a backward only when the bound (or having no forward
+    left) stops it. Graded: the exact list of every rank for any p, m >= 1 (m < p too), and that it validates.
     """
     _check(p=p, m=m)
     schedule = []
     # <exercise one_f_one_b points=3>
-    # hint: the last rank (r = p - 1) warms up with no forward at all: F0 B0 F1 B1 ...
-    # hint: in the steady state the forward comes first; micro-batches go in order 0, 1, ..., m - 1 in both kinds.
+    # hint: draw a rank x step grid for p = 4, m = 6: when does the first backward reach rank r, and how many of its
+    #       forwards have run by then? The list then has three phases; find where each one starts and ends.
     for r in range(p):
         warmup = min(p - r - 1, m)
         actions = [Action("F", i) for i in range(warmup)]
@@ -133,11 +116,14 @@ SCHEDULES = {  # the names the example script, the benchmark and the tour use
     "1f1b": lambda p, m, v: one_f_one_b(p, m),
     "interleaved": interleaved_1f1b,
     "zb": lambda p, m, v: zero_bubble_h1(p, m),
+    "zbv": lambda p, m, v: zero_bubble_v(p, m),
+    "dualpipev": lambda p, m, v: dualpipe_v(p, m),
 }
 
 
 def build(name: str, p: int, m: int, v: int = 2) -> list[list[Action]]:
-    """The schedule called `name` (see SCHEDULES); `v` chunks per rank counts only for "interleaved"."""
+    """The schedule called `name` (see SCHEDULES); `v` chunks per rank counts only for "interleaved" (the V
+    schedules always have 2)."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
     return SCHEDULES[name](p, m, v)
@@ -159,17 +145,17 @@ def splits_backward(schedule) -> bool:
     return any(a.kind == "W" for rank in schedule for a in rank)
 
 
-def waits_for(action: Action, rank: int, p: int, stages: int) -> tuple[int, Action] | None:
-    """The (rank, action) on another stage that `action` of `rank` needs first, or None.
+def waits_for(action: Action, rank: int, p: int, stages: int, v_shape: bool = False):  # (rank, Action) or None
+    """The (rank, action) on another stage that `action` of `rank` needs first, or None (v_shape: the V placement).
 
     F of virtual stage s needs the forward of stage s - 1 (its input); B of stage s needs the backward of stage
     s + 1 (the gradient of its output). W and the first forward / last backward need nothing from elsewhere.
     """
-    stage = action.chunk * p + rank
+    stage = stage_of(rank, action.chunk, p, v_shape)
     if action.kind == "F" and stage > 0:
-        return (stage - 1) % p, Action("F", action.microbatch, (stage - 1) // p)
+        return place(stage - 1, p, v_shape)[0], Action("F", action.microbatch, place(stage - 1, p, v_shape)[1])
     if action.kind == "B" and stage < stages - 1:
-        return (stage + 1) % p, Action("B", action.microbatch, (stage + 1) // p)
+        return place(stage + 1, p, v_shape)[0], Action("B", action.microbatch, place(stage + 1, p, v_shape)[1])
     return None
 
 
@@ -191,8 +177,9 @@ def validate(schedule) -> list[tuple[int, Action]]:
     """Check that `schedule` can run; return all its actions as (rank, action) in an order that runs them.
 
     A rank that runs some action twice or never runs one is refused before your part (_check_complete, given).
-    minidist.pipeline.schedule.waits_for(action, rank, p, p * v) (import it) gives the (rank, Action) an action needs
-    first, or None; sends are asynchronous: only receives wait. Graded, messages exactly (str(Action): "F0", "B1.1"):
+    minidist.pipeline.schedule.waits_for(action, rank, p, p * v, is_v(schedule)) (import both) gives the (rank,
+    Action) an action needs first, or None (is_v: the V placement of ZB-V and DualPipeV); sends are asynchronous:
+    only receives wait. Graded, messages exactly (str(Action): "F0", "B1.1"):
       - ValueError(f"rank {r} runs {a} before {b}") for a B before the F of its (micro-batch, chunk), or a W before
         its B, on rank r;
       - when ranks wait on each other in a cycle, ValueError("deadlock: " + "; ".join(f"rank {r} waits at {a} for
@@ -219,7 +206,7 @@ def validate(schedule) -> list[tuple[int, Action]]:
         for r in range(p):
             while next_[r] < len(schedule[r]):
                 a = schedule[r][next_[r]]
-                needed = waits_for(a, r, p, p * v)
+                needed = waits_for(a, r, p, p * v, is_v(schedule))
                 if needed is not None and needed not in done:
                     break
                 done.add((r, a))
@@ -228,8 +215,8 @@ def validate(schedule) -> list[tuple[int, Action]]:
                 progress = True
     stuck = [(r, schedule[r][next_[r]]) for r in range(p) if next_[r] < len(schedule[r])]
     if stuck:
-        raise ValueError("deadlock: " + "; ".join(f"rank {r} waits at {a} for rank %d's %s" % waits_for(a, r, p, p * v)
-                                                  for r, a in stuck))
+        raise ValueError("deadlock: " + "; ".join(
+            f"rank {r} waits at {a} for rank %d's %s" % waits_for(a, r, p, p * v, is_v(schedule)) for r, a in stuck))
     # </exercise>
     return order
 
@@ -255,7 +242,7 @@ def _play(schedule, cost: dict) -> Simulation:
     p, _, v = shape(schedule)
     timeline, end, free = [[] for _ in range(p)], {}, [Fraction(0)] * p
     for r, a in validate(schedule):
-        needed = waits_for(a, r, p, p * v)
+        needed = waits_for(a, r, p, p * v, is_v(schedule))
         start = max(free[r], end[needed] if needed else Fraction(0))
         end[(r, a)] = free[r] = start + cost[a.kind]
         timeline[r].append((a, start, free[r]))

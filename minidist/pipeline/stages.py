@@ -125,10 +125,13 @@ def split_gpt(model, n_stages: int) -> list[Stage]:
             for s, (start, stop) in enumerate(partition(len(blocks_of(model)), n_stages))]
 
 
-def rank_stages(model, p: int, rank: int, v: int = 1) -> list[Stage]:
-    """The v chunks of pipeline rank `rank` of p: chunk c is virtual stage c * p + rank (Megatron's layout)."""
+def rank_stages(model, p: int, rank: int, v: int = 1, v_shape: bool = False) -> list[Stage]:
+    """The v chunks of pipeline rank `rank` of p: chunk c is virtual stage c * p + rank (Megatron's layout), or
+    with v_shape (v = 2, ZB-V and DualPipeV) stages rank and 2p - 1 - rank."""
+    if v_shape and v != 2:
+        raise ValueError(f"the V placement puts exactly 2 chunks on each rank, got v={v}")
     stages = split_gpt(model, p * v)
-    return [stages[c * p + rank] for c in range(v)]
+    return [stages[2 * p - 1 - rank if v_shape and c else c * p + rank] for c in range(v)]
 
 
 def parameter_names(model) -> dict[int, str]:

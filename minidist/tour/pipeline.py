@@ -20,7 +20,7 @@ from ..data import random_batches
 from ..launch import launch
 from ..models import GPT, GPTConfig, lm_loss
 from ..pipeline.runtime import PipelineRuntime, sync_tied_grads, tied_parameters
-from ..pipeline.schedule import build
+from ..pipeline.schedule import build, is_v
 from ..pipeline.stages import parameter_names, rank_stages
 from ..testing import sgd
 from .rows import covers, make_row
@@ -81,7 +81,7 @@ def pipeline_vs_one_process(configs, steps: int = 5, optimizer=sgd(0.1)) -> list
         ref_loss, ref_grads, ref_weights = references[m]
         torch.manual_seed(0)
         model = GPT(CFG)
-        pipe = PipelineRuntime(rank_stages(model, p, rank, v), build(name, p, m, v), CFG.n_embd)
+        pipe = PipelineRuntime(*placed(model, name, p, rank, m, v), CFG.n_embd)
         opt, names = optimizer(pipe.parameters()), parameter_names(model)
         r = {"schedule": name, "m": m, "v": v}
         for step, (x, y) in enumerate(batches(m, steps)):
@@ -107,11 +107,23 @@ def pipeline_vs_one_process(configs, steps: int = 5, optimizer=sgd(0.1)) -> list
     return out
 
 
+def placed(model, name: str, p: int, rank: int, m: int, v: int):
+    """(this rank's stages, the schedule): the stages where the schedule's placement (looped or V) puts them."""
+    schedule = build(name, p, m, v)
+    return rank_stages(model, p, rank, 2 if is_v(schedule) else v, is_v(schedule)), schedule
+
+
 def _torch_schedule(name: str, stages, m: int):
-    from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
-                                              ScheduleInterleavedZeroBubble)
+    from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleGPipe,
+                                              ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble,
+                                              ScheduleZBVZeroBubble)
     p, rank, v = dist.get_world_size(), dist.get_rank(), len(stages)
-    wrapped = [PipelineStage(s, c * p + rank, p * v, torch.device("cpu")) for c, s in enumerate(stages)]
+    index = [c * p + rank if name not in ("zbv", "dualpipev") else (2 * p - 1 - rank if c else rank) for c in range(v)]
+    wrapped = [PipelineStage(s, i, p * v, torch.device("cpu")) for i, s in zip(index, stages)]
+    if name in ("zbv", "dualpipev"):  # the tied embedding is in two stages of rank 0: torch's 1/m scaling of each
+        # stage's gradients would divide it twice, so the loss is divided instead (as minidist does), and summed
+        return {"zbv": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV}[name](
+            wrapped, m, loss_fn=lambda out, y: lm_loss(out, y) / m, scale_grads=False)
     if name in ("gpipe", "1f1b"):
         return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[name](wrapped[0], m, loss_fn=lm_loss)
     # torch's zero-bubble schedule for one stage per rank (ZB1P) stands for ZB-H1: the same B/W split
@@ -128,18 +140,20 @@ def pipeline_vs_torch(configs) -> list[dict]:
         torch.manual_seed(0)
         ours_model = GPT(CFG)
         theirs_model = copy.deepcopy(ours_model)
-        pipe = PipelineRuntime(rank_stages(ours_model, p, rank, v), build(name, p, m, v), CFG.n_embd)
+        pipe = PipelineRuntime(*placed(ours_model, name, p, rank, m, v), CFG.n_embd)
         loss = pipe.step(x, y)
-        theirs_stages, losses = rank_stages(theirs_model, p, rank, v), []
+        (theirs_stages, _), losses, last = placed(theirs_model, name, p, rank, m, v), [], 0 if pipe.v_shape else p - 1
         schedule = _torch_schedule(name, theirs_stages, m)
-        schedule.step(*([x] if rank == 0 else []), **(dict(target=y, losses=losses) if rank == p - 1 else {}))
-        sync_tied_grads(tied_parameters(theirs_stages))   # torch leaves tied weights alone: the same exchange
+        schedule.step(*([x] if rank == 0 else []), **(dict(target=y, losses=losses) if rank == last else {}))
+        if not pipe.v_shape:   # torch leaves tied weights alone: the same exchange (in the V both are on rank 0)
+            sync_tied_grads(tied_parameters(theirs_stages))
         ours, theirs = parameter_names(ours_model), parameter_names(theirs_model)
         mine = {ours[id(q)]: q.grad for q in pipe.parameters()}
         grads = {theirs[id(q)]: q.grad for s in theirs_stages for q in s.parameters()}
         out.append({"schedule": name, "m": m, "v": v,
                     "grad_diff": max((mine[n] - grads[n]).abs().max().item() for n in mine),
-                    "loss_diff": abs(1 - loss.item() / torch.stack(losses).mean().item()) if losses else 0.0})
+                    "loss_diff": abs(1 - loss.item() / (torch.stack(losses).sum() if pipe.v_shape else torch.stack(
+                        losses).mean()).item()) if losses else 0.0})
     return out
 
 
@@ -155,8 +169,7 @@ def calibrated_timelines(configs, seconds=SECONDS, repeats: int = 1) -> list[lis
     p, rank, out = dist.get_world_size(), dist.get_rank(), []
     for name, m, v in configs:
         torch.manual_seed(0)
-        pipe = PipelineRuntime(rank_stages(GPT(CFG), p, rank, v), build(name, p, m, v), CFG.n_embd,
-                               track_memory=False)
+        pipe = PipelineRuntime(*placed(GPT(CFG), name, p, rank, m, v), CFG.n_embd, track_memory=False)
         x, y = batches(m, 1)[0]
         pipe.run_schedule(x, y)
         pipe.action_seconds, timelines = seconds, []

@@ -1,0 +1,136 @@
+"""The V-shaped schedules (ZB-V, DualPipeV): as data against torch's own action order and the papers' closed forms
+(no processes), the placement exercise, then executed on ranks against one process and against torch's schedules."""
+from fractions import Fraction
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minidist import launch
+from minidist.grading import implementation
+from minidist.models import GPT, GPTConfig
+from minidist.pipeline.messages import plan, play, sent_by
+from minidist.pipeline.schedule import (Action, build, dualpipe_v, grid, is_v, one_f_one_b, peak_in_flight,
+                                        simulate, stage_of, validate, zero_bubble_v)
+from minidist.pipeline.stages import rank_stages
+from minidist.tour.pipeline import GRAD_TOL, SGD_TOL
+from minidist.tour.vpipeline import v_bubble, v_configs, v_equivalence, v_in_flight, v_message_bytes
+
+
+def torch_order(name: str, p: int, m: int) -> list[list[Action]]:
+    """torch's own action lists for its ZB-V / DualPipeV (computed by the schedule class's per-rank method, no
+    processes), as minidist Actions: stage r is chunk 0, stage 2p-1-r chunk 1; a full backward is B then W; an
+    overlapped pair its forward then its backward."""
+    from torch.distributed.pipelining import ScheduleDualPipeV, ScheduleZBVZeroBubble
+    from torch.distributed.pipelining.schedules import _ComputationType as T
+    cls = {"zbv": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV}[name]
+    kinds = {T.FORWARD: "F", T.BACKWARD_INPUT: "B", T.BACKWARD_WEIGHT: "W", T.FULL_BACKWARD: "BW"}
+    fake = SimpleNamespace(pp_group_size=p, num_stages=2 * p, _n_microbatches=m)
+    return [[Action(k, s.microbatch_index, int(s.stage_index != r))
+             for a in cls._calculate_single_rank_operations(fake, r) if a is not None
+             for s in (a.sub_actions or (a,)) for k in kinds[s.computation_type]] for r in range(p)]
+
+
+def test_zero_bubble_v_by_hand():
+    # p = 2, m = 2, laid out for n = 2p - 1 = 3 micro-batches, micro-batch 2 then left out. Rank 0: 2(p - r) - 1 = 3
+    # forwards of chunk 0 (F0 F1 [F2]), then (F1 B1 W1) p - r = 2 times, then (B0 W0 [F1 B1 W1]) once, (B0 W0) twice
+    # ([B2 W2] left out). Rank 1: one F0, then (F1 F0) once (F0.1 F1: the V turns here), (F1 B1 W1) once, one steady
+    # (F0 B0 W0 F1 B1 W1) with its F0 and F1 of micro-batch 2 left out, (B0 B1) once ([B2.1] out), (B0 W0) ([B2] out).
+    words = lambda text: [Action(w[0], int(w[1]), int(w[3:] or 0)) for w in text.split()]  # noqa: E731
+    assert zero_bubble_v(2, 2) == [words("F0 F1 F0.1 B0.1 W0.1 F1.1 B1.1 W1.1 B0 W0 B1 W1"),
+                                   words("F0 F0.1 F1 F1.1 B0.1 W0.1 B0 W0 B1.1 W1.1 B1 W1")]
+    assert is_v(zero_bubble_v(2, 2)) and not is_v(one_f_one_b(2, 2))
+
+
+@pytest.mark.parametrize("name", ["zbv", "dualpipev"])
+def test_the_v_schedules_are_torchs_action_order(name):
+    for p in range(1, 6):
+        for m in range(2 * p if name == "dualpipev" else 1, 3 * p + 2):
+            assert build(name, p, m) == torch_order(name, p, m), (p, m)
+
+
+@given(p=st.integers(1, 5), extra=st.integers(0, 6), t=st.integers(1, 4))
+@settings(max_examples=20, deadline=None)
+def test_closed_forms_at_equal_times(p, extra, t):
+    m = 2 * p + extra
+    for name in ("zbv", "dualpipev"):
+        schedule = build(name, p, m)
+        validate(schedule)
+        sim = simulate(schedule, t, t, t)
+        # one step between a common start and end: the V's fill, (p - 1) chunk forwards on every rank
+        assert sim.makespan == 3 * m * t + Fraction((p - 1) * t, 2)
+        assert sim.bubble == Fraction(p - 1, 6 * m + p - 1) == Fraction(v_bubble(p, m)).limit_denominator(10**6)
+        assert peak_in_flight(schedule) == [v_in_flight(name, p)] * p      # ZB: 2p chunks; DualPipe: PP + 1
+        assert play(plan(schedule)) == 4 * m * (p - 1)                      # twice 1F1B's 2 m (p - 1)
+    gaps = lambda sim: [sum(s - e for (_, _, e), (_, s, _) in zip(ev, ev[1:])) for ev in sim.timeline]  # noqa: E731
+    # ZB-V: no idle time inside any rank's span (the paper's zero bubble, in the parallelogram of a step); DualPipeV,
+    # whose overlapped pairs run one after the other here, keeps (p - 1 - r) chunk forwards inside rank r's span
+    assert gaps(simulate(zero_bubble_v(p, m), t, t, t)) == [0] * p
+    assert gaps(simulate(dualpipe_v(p, m), t, t, t)) == [Fraction((p - 1 - r) * t, 2) for r in range(p)]
+
+
+def test_bubble_below_the_other_schedules_at_the_same_m():
+    p, m = 4, 8
+    bubbles = {n: simulate(build(n, p, m, 2), 1, 1, 1).bubble for n in ("1f1b", "interleaved", "zb", "zbv")}
+    assert bubbles["zbv"] < bubbles["zb"] < bubbles["interleaved"] < bubbles["1f1b"]
+
+
+def test_dualpipe_v_needs_two_micro_batches_per_rank_and_the_v_two_chunks():
+    with pytest.raises(ValueError, match=r"DualPipeV needs at least as many micro-batches as stages: m=5 < 2p = 6"):
+        dualpipe_v(3, 5)
+    with pytest.raises(ValueError, match="m must be a positive integer"):
+        zero_bubble_v(2, 0)
+    with pytest.raises(ValueError, match="the V placement puts exactly 2 chunks on each rank, got v=3"):
+        rank_stages(GPT(GPTConfig(n_layer=6, n_embd=32, block_size=16)), 1, 0, 3, v_shape=True)
+
+
+@pytest.mark.exercise("validate")
+def test_validate_follows_the_v_placement():
+    assert len(implementation("validate")(zero_bubble_v(3, 5))) == 3 * 6 * 5
+    broken = zero_bubble_v(2, 2)
+    broken[1] = [broken[1][1], broken[1][0], *broken[1][2:]]      # rank 1: F0.1 before F0, its own input
+    with pytest.raises(ValueError, match=r"deadlock: rank 0 waits at F0.1 for rank 1's F0.1; rank 1 waits at F0.1 "
+                                         r"for rank 1's F0"):
+        implementation("validate")(broken)
+
+
+@pytest.mark.exercise("place")
+def test_place_by_hand_and_the_v_message_pattern():
+    place = implementation("place")
+    for p in range(1, 6):
+        for v in (1, 2, 3):
+            assert [place(s, p) for s in range(v * p)] == [(s % p, s // p) for s in range(v * p)]
+        v_pairs = [place(s, p, True) for s in range(2 * p)]
+        assert v_pairs == [(r, 0) for r in range(p)] + [(r, 1) for r in reversed(range(p))]
+        assert all(stage_of(r, c, p, True) == s for s, (r, c) in enumerate(v_pairs))
+        path = [place(s, p, True)[0] for s in range(2 * p)]
+        assert path == list(range(p)) + list(reversed(range(p)))
+        assert sum(a == b for a, b in zip(path, path[1:])) == 1 and path[p - 1] == path[p] == p - 1
+
+
+def test_the_turn_of_the_v_is_no_message():
+    # rank p - 1 passes stage p - 1's output to its own stage p: sent_by names itself, and the plan leaves it out
+    assert sent_by(Action("F", 0, 0), 2, 3, 6, True).dst == 2
+    assert all(op.message.src != op.message.dst for rank in plan(zero_bubble_v(3, 6)) for b in rank for op in b.ops)
+    assert grid(zero_bubble_v(2, 4)).splitlines()[3].split() == ["2", "F2", "F0.1"]   # rank 1 turns at step 2
+
+
+def test_the_runtime_equals_one_process_and_torch_at_2_ranks():
+    p, per_rank = 2, launch(v_equivalence, 2)
+    for ours, theirs in per_rank:
+        for r, (name, m, _) in zip(ours, v_configs(p)):
+            assert max(r["loss_diff"], r["grad_diff"], r["weight_diff"]) < SGD_TOL, r
+            assert r["counted"] and r["tied_messages"] == 0 and r["peak_in_flight"] == v_in_flight(name, p)
+        for r in theirs:
+            assert r["grad_diff"] < GRAD_TOL and r["loss_diff"] < GRAD_TOL, r
+    for k, (_, m, _) in enumerate(v_configs(p)):
+        assert sum(ours[k]["bytes"] for ours, _ in per_rank) == v_message_bytes(m, p)
+
+
+def test_bench_pp_refuses_a_v_schedule_on_too_few_layers():
+    from minidist.bench.pp import bench_pp   # the run itself: tests/test_pipeline.py's bench test (one tokenizer)
+    with pytest.raises(ValueError, match="a V schedule cuts the model into 2p = 6 stages: 4 layers are too few"):
+        bench_pp(3, schedule="zbv", microbatches=6, batch_size=12)
+    with pytest.raises(ValueError, match=r"bench pp compares the schedules \['1f1b', 'dualpipev', 'zbv'\]"):
+        bench_pp(2, schedule="zb")
