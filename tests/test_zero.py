@@ -235,6 +235,40 @@ def test_gradient_accumulation_over_micro_steps(stage):
     assert max(launch(accumulation, 2, stage)) < 1e-7
 
 
+@pytest.mark.exercise("zero2_pack_bucket")
+def test_pack_bucket_by_hand():
+    from minidist.data_parallel.buckets import layout
+    pack = implementation("zero2_pack_bucket")
+    a, b, c = nn.Parameter(torch.zeros(5)), nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2, 2))
+    params = [a, b, c]
+    # Reverse order, buckets of 6 elements: c at [0, 4), b at [4, 7), a at [7, 12): bucket 0 = c, b[:2];
+    # bucket 1 = b[2:], a. b is cut by the boundary.
+    buckets, offsets = layout(params, 6 * 4)
+    bucket_of = {0: [buckets[1]], 1: [buckets[0], buckets[1]], 2: [buckets[0]]}
+    a.grad, b.grad, c.grad = torch.arange(1.0, 6.0), torch.tensor([7.0, 8.0, 9.0]), torch.tensor([[10.0, 20.0],
+                                                                                                [30.0, 40.0]])
+    first = pack(buckets[0], params, offsets, bucket_of, 4)     # padded to 8 on 4 ranks
+    assert torch.equal(first, torch.tensor([10.0, 20.0, 30.0, 40.0, 7.0, 8.0, 0.0, 0.0]))
+    assert c.grad is None and b.grad is not None and a.grad is not None  # b still has a piece to give
+    second = pack(buckets[1], params, offsets, bucket_of, 4)
+    assert torch.equal(second, torch.tensor([9.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0]))
+    assert a.grad is None and b.grad is None
+    b.grad = torch.tensor([1.0, 2.0, 3.0])                     # a has no gradient: zeros in its place
+    third = pack(buckets[1], params, offsets, bucket_of, 3)     # 6 elements on 3 ranks: no padding
+    assert torch.equal(third, torch.tensor([3.0, 0.0, 0.0, 0.0, 0.0, 0.0])) and third.dtype == torch.float32
+
+
+def accumulation_with_learners_packing():
+    import minidist.zero.phases as phases
+    phases.pack_bucket = implementation("zero2_pack_bucket")   # what the reducer calls, in this process only
+    return accumulation(2)
+
+
+@pytest.mark.exercise("zero2_pack_bucket")
+def test_zero2_accumulates_shards_not_full_gradients():
+    assert max(launch(accumulation_with_learners_packing, 2)) < 1e-7
+
+
 def mixed_precision(stage, steps=4):
     """bf16 model + fp32 master shards against DataParallel on the same bf16 model with MixedPrecisionOptimizer (fp32
     masters), on the same slices, SGD: the same bf16 gradients averaged, the same fp32 arithmetic on the masters."""

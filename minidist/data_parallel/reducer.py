@@ -197,10 +197,6 @@ class GradReducer:
             if not self.fired[i]:
                 self._adopt(i)  # no gradient in this backward: what it holds (no_sync), or zeros
         buf = self._bucket_buffer(bucket)
-        if self.op == "reduce_scatter":  # the bucket holds a copy: drop gradients whose last piece is in it
-            for i in bucket.params:
-                if self.bucket_of[i][-1] is bucket:
-                    self.params[i].grad = None
         if self.comm_hook is not None and self.op == "all_reduce":  # the hook reduces (and averages) the bucket
             state, hook = self.comm_hook
             work = _HookWork(hook(state, GradBucket(self, bucket, buf)), buf)
@@ -261,15 +257,8 @@ class GradReducer:
     def _bucket_buffer(self, bucket: Bucket) -> torch.Tensor:
         if self.op == "all_reduce":
             return self.flat[bucket.dtype][bucket.start:bucket.stop]
-        size = bucket.stop - bucket.start
-        buf = torch.zeros(-(-size // self.world) * self.world, dtype=bucket.dtype, device=self._device())
-        for i in bucket.params:  # copy each parameter's piece that falls in this bucket
-            dtype, offset = self.offsets[i]
-            p = self.params[i]
-            lo, hi = max(offset, bucket.start), min(offset + p.numel(), bucket.stop)
-            if p.grad is not None:
-                buf[lo - bucket.start:hi - bucket.start].copy_(p.grad.reshape(-1)[lo - offset:hi - offset])
-        return buf
+        from ..zero.phases import pack_bucket  # ZeRO-2's packing, with ZeRO's phases (zero imports this module)
+        return pack_bucket(bucket, self.params, self.offsets, self.bucket_of, self.world)
 
     def _device(self):
         return self.params[0].device
