@@ -57,3 +57,22 @@ def prefetch_target(order: list, current):
     # hint: list.index finds current; mind the ends.
     raise NotImplementedError("exercise fsdp_prefetch: write this part")
     # ---- end of exercise fsdp_prefetch ----------------------------------------------------------------
+
+
+def backward_reached(unit, use: int) -> bool:
+    """Pre-backward detection: called from the hook on every output tensor of `unit` that needs a gradient, when
+    backward reaches that tensor; `use` numbers the forward (in grad mode) that produced it. True when the unit's
+    backward work starts now (gather it again, prefetch, ...), with unit.training_state set to PRE_BACKWARD; False
+    for a hook that finds that work already started or done in this backward (a unit with several outputs; outputs
+    recomputed by activation checkpointing, possibly after the unit's gradients were reduce-scattered).
+
+    unit.backward_use is None until the first hook of this backward, then the `use` it carried: a hook carrying
+    another use means the unit ran forward twice for one backward (a module applied twice, two forwards summed into
+    one loss), which units cannot do (one gather and one reduce-scatter per backward): raise a RuntimeError
+    containing "ran forward more than once for one backward" and the unit's name (unit.name). Graded: by hand in
+    every state, and FSDP with reentrant recomputation and with a unit used twice, on 2 ranks.
+    """
+    # ---- exercise fsdp_pre_backward (2 points) -----------------------------------------------------
+    # hint: which of the four training states mean "this backward has already reached me"?
+    raise NotImplementedError("exercise fsdp_pre_backward: write this part")
+    # ---- end of exercise fsdp_pre_backward ------------------------------------------------------------

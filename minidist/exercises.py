@@ -32,7 +32,7 @@ CHAPTERS = {  # generated file -> package modules whose exercises it holds, in o
     "ch03_data_loading": ["samplers"],
     "ch04_tensor_parallel": ["tensor_parallel.layers", "tensor_parallel.vocab"],
     "ch05_zero": ["zero.phases"],
-    "ch06_fsdp": ["fsdp.units"],
+    "ch06_fsdp": ["fsdp.units", "fsdp.state"],
     "ch07_pipeline": ["pipeline.schedule", "pipeline.stages"],
     "ch08_3d_parallel": ["parallel3d", "context_parallel"],  # the notebook's order of the exercises
     "ch09_memory": ["memory.recompute", "memory.offload"],

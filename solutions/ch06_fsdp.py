@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from minidist import comm
+from minidist.fsdp.state import TrainingState
 
 
 def unshard_(full: torch.Tensor, shard: torch.Tensor, group=None) -> comm.Work:
@@ -62,3 +63,30 @@ def prefetch_target(order: list, current):
         return None
     return order[order.index(current) + 1]
     # ---- end of exercise fsdp_prefetch ----------------------------------------------------------------
+
+
+def backward_reached(unit, use: int) -> bool:
+    """Pre-backward detection: called from the hook on every output tensor of `unit` that needs a gradient, when
+    backward reaches that tensor; `use` numbers the forward (in grad mode) that produced it. True when the unit's
+    backward work starts now (gather it again, prefetch, ...), with unit.training_state set to PRE_BACKWARD; False
+    for a hook that finds that work already started or done in this backward (a unit with several outputs; outputs
+    recomputed by activation checkpointing, possibly after the unit's gradients were reduce-scattered).
+
+    unit.backward_use is None until the first hook of this backward, then the `use` it carried: a hook carrying
+    another use means the unit ran forward twice for one backward (a module applied twice, two forwards summed into
+    one loss), which units cannot do (one gather and one reduce-scatter per backward): raise a RuntimeError
+    containing "ran forward more than once for one backward" and the unit's name (unit.name). Graded: by hand in
+    every state, and FSDP with reentrant recomputation and with a unit used twice, on 2 ranks.
+    """
+    # ---- exercise fsdp_pre_backward (2 points) -----------------------------------------------------
+    # hint: which of the four training states mean "this backward has already reached me"?
+    if unit.backward_use not in (None, use):
+        raise RuntimeError(f"fully_shard unit {unit.name!r} ran forward more than once for one backward (a module "
+                           f"applied twice, or two forwards summed into one loss): minidist's units run once per "
+                           f"backward; give each use its own unit, or call backward after each forward")
+    unit.backward_use = use
+    if unit.training_state in (TrainingState.PRE_BACKWARD, TrainingState.POST_BACKWARD):
+        return False
+    unit.training_state = TrainingState.PRE_BACKWARD
+    return True
+    # ---- end of exercise fsdp_pre_backward ------------------------------------------------------------

@@ -322,6 +322,36 @@ def test_recomputation_in_backward_trains_as_one_process(how, world_size):
         assert out["diff"] < SGD_TOL and out["held"] == 0
 
 
+@pytest.mark.exercise("fsdp_pre_backward")
+def test_pre_backward_detection_by_hand():
+    from types import SimpleNamespace
+    from minidist.fsdp.state import TrainingState as S
+    reached = implementation("fsdp_pre_backward")
+    unit = SimpleNamespace(name="blocks.1", training_state=S.IDLE, backward_use=None)
+    assert reached(unit, 4) is True and unit.training_state is S.PRE_BACKWARD and unit.backward_use == 4
+    assert reached(unit, 4) is False and unit.training_state is S.PRE_BACKWARD     # a second output
+    unit.training_state = S.POST_BACKWARD                                           # gradients already sent:
+    assert reached(unit, 4) is False and unit.training_state is S.POST_BACKWARD     # a recomputed output
+    with pytest.raises(RuntimeError, match=r"'blocks.1' ran forward more than once for one backward"):
+        reached(unit, 5)
+    fresh = SimpleNamespace(name="root", training_state=S.IDLE, backward_use=None)
+    with pytest.raises(RuntimeError, match="more than once"):
+        reached(fresh, 1), reached(fresh, 2)
+
+
+def recomputation_with_learners_detection():
+    import minidist.fsdp.units as units
+    units.backward_reached = implementation("fsdp_pre_backward")   # what pre_backward calls, in this process only
+    return recomputed_against_one_process("reentrant"), used_twice("two forwards, one backward")
+
+
+@pytest.mark.exercise("fsdp_pre_backward")
+def test_pre_backward_detection_under_recomputation_and_a_unit_used_twice():
+    for out, message in launch(recomputation_with_learners_detection, 2):
+        assert out["block 0 moved"] > 1e-3 and out["diff"] < SGD_TOL and out["held"] == 0
+        assert "ran forward more than once for one backward" in message
+
+
 class Mixed(nn.Module):
     """A tied embedding / output layer (one unit), a frozen layer, LayerNorms (1-D), and a layer 2 rows deep (fewer
     rows than ranks: some ranks hold none of it)."""

@@ -31,6 +31,33 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def backward_reached(unit, use: int) -> bool:
+    """Pre-backward detection: called from the hook on every output tensor of `unit` that needs a gradient, when
+    backward reaches that tensor; `use` numbers the forward (in grad mode) that produced it. True when the unit's
+    backward work starts now (gather it again, prefetch, ...), with unit.training_state set to PRE_BACKWARD; False
+    for a hook that finds that work already started or done in this backward (a unit with several outputs; outputs
+    recomputed by activation checkpointing, possibly after the unit's gradients were reduce-scattered).
+
+    unit.backward_use is None until the first hook of this backward, then the `use` it carried: a hook carrying
+    another use means the unit ran forward twice for one backward (a module applied twice, two forwards summed into
+    one loss), which units cannot do (one gather and one reduce-scatter per backward): raise a RuntimeError
+    containing "ran forward more than once for one backward" and the unit's name (unit.name). Graded: by hand in
+    every state, and FSDP with reentrant recomputation and with a unit used twice, on 2 ranks.
+    """
+    # <exercise fsdp_pre_backward points=2>
+    # hint: which of the four training states mean "this backward has already reached me"?
+    if unit.backward_use not in (None, use):
+        raise RuntimeError(f"fully_shard unit {unit.name!r} ran forward more than once for one backward (a module "
+                           f"applied twice, or two forwards summed into one loss): minidist's units run once per "
+                           f"backward; give each use its own unit, or call backward after each forward")
+    unit.backward_use = use
+    if unit.training_state in (TrainingState.PRE_BACKWARD, TrainingState.POST_BACKWARD):
+        return False
+    unit.training_state = TrainingState.PRE_BACKWARD
+    return True
+    # </exercise>
+
+
 class PostBackward(torch.autograd.Function):
     """Identity on a unit's inputs; its backward runs once gradients reach them: the unit's backward is complete."""
 
