@@ -90,3 +90,26 @@ def backward_reached(unit, use: int) -> bool:
     unit.training_state = TrainingState.PRE_BACKWARD
     return True
     # ---- end of exercise fsdp_pre_backward ------------------------------------------------------------
+
+
+def copy_out(gathered: torch.Tensor, unit, into=None) -> list[torch.Tensor]:
+    """Copy-out: a unit's all-gathered flat buffer (N * chunk elements, rank-major: rank r's slots of every parameter
+    end to end) split into each parameter's full tensor (its N slots of rows, one after another, padding dropped),
+    written into `into` (each parameter's padded buffer of N * rows rows) or new tensors.
+
+    The layout (shard_parameters): unit.n ranks; parameter i of shape unit.shapes[i] gets a slot of unit.pads[i] =
+    ceil(d0 / N) rows, unit.sizes[i] elements, at unit.offsets[i] of every rank's chunk of unit.chunk elements; rank
+    r's slot holds rows [r * pads[i], (r + 1) * pads[i]) (padding where they run past d0). Returns, per parameter, a
+    tensor of its shape: a view of into[i] (whose first d0 rows it is) when `into` is given. Graded: by hand on 3
+    ranks (a parameter with fewer rows than ranks, 1-D and 2-D ones), into given buffers, and FSDP on 2 ranks.
+    """
+    # ---- exercise fsdp_copy_out (2 points) ---------------------------------------------------------
+    # hint: viewed as (N, chunk), the gathered buffer has one row per rank; a parameter's slot is the same columns
+    #       of every row, and the ranks' slots stacked in rank order are its padded rows.
+    out, g = [], gathered.view(unit.n, unit.chunk)
+    for i, (shape, o, z, k) in enumerate(zip(unit.shapes, unit.offsets, unit.sizes, unit.pads)):
+        dst = into[i] if into is not None else gathered.new_empty((unit.n * k, *shape[1:]))
+        dst.view(unit.n, z).copy_(g[:, o:o + z])  # (N, rows * row elements): every rank's rows of parameter i
+        out.append(dst[:shape[0]])
+    return out
+    # ---- end of exercise fsdp_copy_out ----------------------------------------------------------------

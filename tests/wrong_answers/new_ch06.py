@@ -31,3 +31,28 @@ def backward_reached__every_hook_starts(unit, use):
     unit.backward_use = use
     unit.training_state = TrainingState.PRE_BACKWARD
     return True
+
+
+def copy_out__rank_major_reshape(gathered, unit, into=None):
+    """Reads each parameter as one contiguous run of the gathered buffer (as if it were parameter-major), ignoring
+    that rank r's slots of every parameter come together."""
+    out = []
+    for i, (shape, o, z, k) in enumerate(zip(unit.shapes, unit.offsets, unit.sizes, unit.pads)):
+        flat = gathered[unit.n * o:unit.n * (o + z)]
+        dst = into[i] if into is not None else gathered.new_empty((unit.n * k, *shape[1:]))
+        dst.view(-1).copy_(flat)
+        out.append(dst[:shape[0]])
+    return out
+
+
+def copy_out__rows_dealt_round_robin(gathered, unit, into=None):
+    """Takes rank r's slot to hold rows r, r + N, r + 2N... (rows dealt out like cards) instead of the contiguous
+    block [r * ceil(d0/N), (r + 1) * ceil(d0/N))."""
+    out, g = [], gathered.view(unit.n, unit.chunk)
+    for i, (shape, o, z, k) in enumerate(zip(unit.shapes, unit.offsets, unit.sizes, unit.pads)):
+        slots = g[:, o:o + z].reshape(unit.n, k, -1)          # (N, rows per slot, row elements)
+        padded = slots.transpose(0, 1).reshape(unit.n * k, *shape[1:])
+        dst = into[i] if into is not None else gathered.new_empty((unit.n * k, *shape[1:]))
+        dst.copy_(padded)
+        out.append(dst[:shape[0]])
+    return out
