@@ -86,6 +86,27 @@ def test_all_gather_parameters_concatenates_in_rank_order():
         assert torch.equal(second, torch.tensor([0, 1, 2], dtype=torch.bfloat16))
 
 
+def used_by_hand():
+    from minidist import comm
+    rank = dist.get_rank()
+    params = [torch.zeros(3, requires_grad=True) for _ in range(4)]
+    for i, p in enumerate(params):   # 0 everywhere, 1 on rank 1 only, 2 nowhere, 3 on rank 0 only
+        if i == 0 or (i == 1 and rank == 1) or (i == 3 and rank != 1):
+            p.grad = torch.ones(3)
+    with comm.ring_backend(), comm.ByteLedger() as ledger:
+        used = implementation("zero_used_on_some_rank")(params, None)
+    return used, ledger.count(), ledger.count("all_reduce"), ledger.total_bytes(), ledger.counted
+
+
+@pytest.mark.exercise("zero_used_on_some_rank")
+def test_used_on_some_rank_agrees_with_one_small_all_reduce():
+    n = 2
+    results = launch(used_by_hand, n)
+    assert all(used == [True, True, False, True] for used, *_ in results)
+    assert all(count == 1 and reduces == 1 and counted for _, count, reduces, _, counted in results)
+    assert sum(r[3] for r in results) == 2 * (n - 1) * 4 * 4   # a ring all-reduce of 4 int32 flags, summed over ranks
+
+
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_every_stage_trains_the_weights_ddp_trains(world_size):
     results = launch(cross_stage, world_size)

@@ -38,3 +38,16 @@ def pack_bucket__piece_from_the_start(bucket, params, offsets, bucket_of, world)
         if bucket_of[i][-1] is bucket:
             params[i].grad = None
     return buf
+
+
+def used_on_some_rank__local_flags_only(params, group=None):
+    """Asks only this rank: a parameter another rank used is skipped here, and the replicas drift apart."""
+    return [p.grad is not None for p in params]
+
+
+def used_on_some_rank__one_all_reduce_per_tensor(params, group=None):
+    """Agrees tensor by tensor: the right answer, but one collective per parameter (hundreds per step, each paying
+    the latency) where one small all-reduce does."""
+    from minidist import comm
+    return [comm.all_reduce_sum(torch.tensor([int(p.grad is not None)], dtype=torch.int32), group).item() > 0
+            for p in params]
