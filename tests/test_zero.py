@@ -280,8 +280,8 @@ def test_pack_bucket_by_hand():
 
 
 def accumulation_with_learners_packing():
-    import minidist.zero.phases as phases
-    phases.pack_bucket = implementation("zero2_pack_bucket")   # what the reducer calls, in this process only
+    import minidist.data_parallel.reducer as reducer
+    reducer.pack_bucket = implementation("zero2_pack_bucket")   # what the reducer calls, in this process only
     return accumulation(2)
 
 

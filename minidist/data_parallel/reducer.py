@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import comm
 from .buckets import MiB, Bucket, assign_buckets, launch_ready_buckets, layout  # noqa: F401
+from .shards import pack_bucket
 
 
 class GradBucket:
@@ -257,7 +258,6 @@ class GradReducer:
     def _bucket_buffer(self, bucket: Bucket) -> torch.Tensor:
         if self.op == "all_reduce":
             return self.flat[bucket.dtype][bucket.start:bucket.stop]
-        from ..zero.phases import pack_bucket  # ZeRO-2's packing, with ZeRO's phases (zero imports this module)
         return pack_bucket(bucket, self.params, self.offsets, self.bucket_of, self.world)
 
     def _device(self):

@@ -4,7 +4,6 @@ optimizer.py runs them; its state dicts in state.py gather with all_gather_param
     shard_pieces               which elements of tensors laid end to end fall in rank r's chunk of the padded buffer
     reduce_scatter_gradients   phase 1: each rank receives the average of its chunk of every bucket
     all_gather_parameters      phase 3: every rank receives everybody's updated chunks
-    pack_bucket               stage 2: a bucket's gradient pieces, packed when its hook launches it
     used_on_some_rank          which parameters had a gradient on some rank (one int32 flag per tensor, all-reduced)
 
 A ring reduce-scatter plus a ring all-gather send what one ring all-reduce sends: 2(N-1)/N * S bytes per rank.
@@ -69,39 +68,6 @@ def all_gather_parameters(shards: list[torch.Tensor], group=None) -> list[torch.
     n = dist.get_world_size(group)
     works = [comm.all_gather_into_(s.new_empty(n * s.numel()), s, group, async_op=True) for s in shards]
     return [w.wait() for w in works]
-    # </exercise>
-
-
-def pack_bucket(bucket, params: list, offsets: dict, bucket_of: dict, world: int) -> torch.Tensor:
-    """ZeRO-2's bucket, when its hook launches it: a new zero-padded flat buffer (bucket.dtype, N * ceil(size / N)
-    elements for the bucket's size = bucket.stop - bucket.start, on the parameters' device) holding, at its own
-    place, every piece of a gradient that falls in the bucket; then the full-size gradients the bucket finished.
-
-    Parameter i (params[i], index listed in bucket.params) lies at [offset, offset + numel) of its dtype's flat
-    layout, offsets[i] = (dtype, offset); the bucket covers [bucket.start, bucket.stop) of it, so a parameter may be
-    cut between buckets; bucket_of[i] lists, in launch order, the buckets holding a piece of parameter i. A
-    parameter without a gradient contributes zeros. Once its *last* bucket has its copy, set the parameter's .grad
-    to None: ZeRO-2 keeps no full-size gradient longer than it must (its memory saving; dropped while a later bucket
-    still needs a piece, that piece is lost). Under gradient accumulation what adds up is the reduce-scattered
-    shards, one per micro-step. Graded: by hand (parameters cut by bucket boundaries, padding, a missing gradient,
-    which gradients are dropped when), and ZeRO-2 with 2 micro-steps of accumulation and small buckets that cut
-    parameters, on 2 ranks, against one process.
-    """
-    # <exercise zero2_pack_bucket points=3>
-    # hint: intersect each parameter's range with the bucket's; both are positions in the same flat layout.
-    # hint: a parameter cut in two lies in two buckets: only the later one may let its gradient go.
-    size = bucket.stop - bucket.start
-    buf = torch.zeros(-(-size // world) * world, dtype=bucket.dtype, device=params[bucket.params[0]].device)
-    for i in bucket.params:  # copy each parameter's piece that falls in this bucket
-        _, offset = offsets[i]
-        p = params[i]
-        lo, hi = max(offset, bucket.start), min(offset + p.numel(), bucket.stop)
-        if p.grad is not None:
-            buf[lo - bucket.start:hi - bucket.start].copy_(p.grad.reshape(-1)[lo - offset:hi - offset])
-    for i in bucket.params:  # the bucket holds a copy: drop the gradients whose last piece is in it
-        if bucket_of[i][-1] is bucket:
-            params[i].grad = None
-    return buf
     # </exercise>
 
 
