@@ -58,6 +58,7 @@ def regathered_input(source) -> torch.Tensor:
     """
     # ---- exercise sp_regather (2 points) -----------------------------------------------------------
     # hint: the shard is a sequence slice: which dimension do the ranks' chunks join along, and in what order?
+    #       (minidist.comm has the collectives; no gradient flows through this one.)
     # hint: two backwards in a row (two training steps) must each communicate once: leave the source as you found it.
     raise NotImplementedError("exercise sp_regather: write this part")
     # ---- end of exercise sp_regather ------------------------------------------------------------------

@@ -67,6 +67,7 @@ def used_on_some_rank(params: list[torch.Tensor], group=None) -> list[bool]:
     """
     # ---- exercise zero_used_on_some_rank (1 point) ------------------------------------------------
     # hint: one small tensor of flags carries the whole question; which reduction turns "some rank" into a number?
+    #       (minidist.comm has the collectives.)
     raise NotImplementedError("exercise zero_used_on_some_rank: write this part")
     # ---- end of exercise zero_used_on_some_rank -------------------------------------------------------
 

@@ -73,7 +73,8 @@ def backward_reached(unit, use: int) -> bool:
     every state, and FSDP with reentrant recomputation and with a unit used twice, on 2 ranks.
     """
     # ---- exercise fsdp_pre_backward (2 points) -----------------------------------------------------
-    # hint: which of the four training states mean "this backward has already reached me"?
+    # hint: which of the four training states (TrainingState, in minidist.fsdp.state) mean "this backward has
+    #       already reached me"?
     raise NotImplementedError("exercise fsdp_pre_backward: write this part")
     # ---- end of exercise fsdp_pre_backward ------------------------------------------------------------
 

@@ -110,6 +110,6 @@ def initial_qs(ms: list[torch.Tensor], state: PowerSGDState) -> list[torch.Tenso
     """
     # ---- exercise initial_qs (2 points) ------------------------------------------------------------
     # hint: the global random stream differs from rank to rank as soon as anything draws from it; a generator of
-    #       your own, seeded from what every rank shares, does not.
+    #       your own, seeded from what every rank shares, does not. (orthogonalize_: minidist.compression.powersgd.)
     raise NotImplementedError("exercise initial_qs: write this part")
     # ---- end of exercise initial_qs -------------------------------------------------------------------

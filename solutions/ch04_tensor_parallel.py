@@ -61,6 +61,7 @@ def regathered_input(source) -> torch.Tensor:
     """
     # ---- exercise sp_regather (2 points) -----------------------------------------------------------
     # hint: the shard is a sequence slice: which dimension do the ranks' chunks join along, and in what order?
+    #       (minidist.comm has the collectives; no gradient flows through this one.)
     # hint: two backwards in a row (two training steps) must each communicate once: leave the source as you found it.
     if source._full is None:
         source._full = comm.all_gather_cat(source.shard.detach(), source.group, dim=1)  # (B, T, C)

@@ -79,7 +79,8 @@ def backward_reached(unit, use: int) -> bool:
     every state, and FSDP with reentrant recomputation and with a unit used twice, on 2 ranks.
     """
     # ---- exercise fsdp_pre_backward (2 points) -----------------------------------------------------
-    # hint: which of the four training states mean "this backward has already reached me"?
+    # hint: which of the four training states (TrainingState, in minidist.fsdp.state) mean "this backward has
+    #       already reached me"?
     if unit.backward_use not in (None, use):
         raise RuntimeError(f"fully_shard unit {unit.name!r} ran forward more than once for one backward (a module "
                            f"applied twice, or two forwards summed into one loss): minidist's units run once per "

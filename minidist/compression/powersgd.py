@@ -168,7 +168,7 @@ def initial_qs(ms: list[torch.Tensor], state: PowerSGDState) -> list[torch.Tenso
     """
     # <exercise initial_qs points=2>
     # hint: the global random stream differs from rank to rank as soon as anything draws from it; a generator of
-    #       your own, seeded from what every rank shares, does not.
+    #       your own, seeded from what every rank shares, does not. (orthogonalize_: minidist.compression.powersgd.)
     generator = torch.Generator().manual_seed(int(state.rng.randint(1_000_000_000)))
     qs = []
     for m in ms:

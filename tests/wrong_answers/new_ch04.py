@@ -9,8 +9,7 @@ def regathered_input__gathers_for_every_user(source):
 
 
 def regathered_input__keeps_the_gathered_copy(source):
-    """Caches the gathered input and never lets it go: the full activation stays in memory (what sequence
-    parallelism was to save), and the next step's backward reads the previous step's values."""
+    """Never lets the gathered input go: the memory SP saves is held, and the next backward reads stale values."""
     if source._full is None:
         source._full = comm.all_gather_cat(source.shard.detach(), source.group, dim=1)
     source.users -= 1

@@ -1,4 +1,5 @@
-"""Plausible wrong answers to chapter 05's new exercise (zero2_pack_bucket): each must score below full marks."""
+"""Plausible wrong answers to chapter 05's new exercises (zero2_pack_bucket, zero_used_on_some_rank): each must score
+below full marks."""
 import torch
 
 
@@ -16,8 +17,7 @@ def _pack(bucket, params, offsets, world, from_start=False):
 
 
 def pack_bucket__drops_every_gradient_in_the_bucket(bucket, params, offsets, bucket_of, world):
-    """Drops the gradient of every parameter in the bucket, though a parameter cut by the bucket's end still owes
-    its next piece to the next bucket (which then packs zeros)."""
+    """Drops every gradient in the bucket: a parameter cut by its end loses the piece the next bucket needs."""
     buf = _pack(bucket, params, offsets, world)
     for i in bucket.params:
         params[i].grad = None
@@ -25,14 +25,12 @@ def pack_bucket__drops_every_gradient_in_the_bucket(bucket, params, offsets, buc
 
 
 def pack_bucket__keeps_full_gradients(bucket, params, offsets, bucket_of, world):
-    """Never drops the full-size gradients: no memory saved, and under accumulation each micro-step's gradient adds
-    to the previous one's while the shards accumulate too (earlier micro-steps counted twice)."""
+    """Never drops the full-size gradients: ZeRO-2's memory saving is lost until the end of backward."""
     return _pack(bucket, params, offsets, world)
 
 
 def pack_bucket__piece_from_the_start(bucket, params, offsets, bucket_of, world):
-    """Copies the first elements of a cut parameter's gradient into every bucket instead of the part that falls in
-    this bucket."""
+    """Copies a cut parameter's first elements into every bucket instead of the part in this bucket."""
     buf = _pack(bucket, params, offsets, world, from_start=True)
     for i in bucket.params:
         if bucket_of[i][-1] is bucket:
@@ -46,8 +44,7 @@ def used_on_some_rank__local_flags_only(params, group=None):
 
 
 def used_on_some_rank__one_all_reduce_per_tensor(params, group=None):
-    """Agrees tensor by tensor: the right answer, but one collective per parameter (hundreds per step, each paying
-    the latency) where one small all-reduce does."""
+    """Agrees tensor by tensor: right, but one collective per parameter where one small all-reduce does."""
     from minidist import comm
     return [comm.all_reduce_sum(torch.tensor([int(p.grad is not None)], dtype=torch.int32), group).item() > 0
             for p in params]

@@ -4,8 +4,7 @@ from minidist.fsdp.state import TrainingState
 
 
 def backward_reached__only_pre_backward_counts(unit, use):
-    """Treats only PRE_BACKWARD as "already reached": an output recomputed after the unit's reduce-scatter starts its
-    backward again (a second gather, a unit left waiting for a post-backward that never comes)."""
+    """Only PRE_BACKWARD counts as reached: an output recomputed after the reduce-scatter restarts the unit."""
     if unit.backward_use not in (None, use):
         raise RuntimeError(f"fully_shard unit {unit.name!r} ran forward more than once for one backward")
     unit.backward_use = use
@@ -16,8 +15,7 @@ def backward_reached__only_pre_backward_counts(unit, use):
 
 
 def backward_reached__no_use_check(unit, use):
-    """Never compares the uses: a unit run twice for one backward is silently gathered and reduced once, with the
-    gradients of both uses mixed (the error the chapter asks for never comes)."""
+    """Never compares the uses: a unit run twice for one backward mixes both uses' gradients silently."""
     if unit.training_state in (TrainingState.PRE_BACKWARD, TrainingState.POST_BACKWARD):
         return False
     unit.training_state = TrainingState.PRE_BACKWARD
@@ -34,8 +32,7 @@ def backward_reached__every_hook_starts(unit, use):
 
 
 def copy_out__rank_major_reshape(gathered, unit, into=None):
-    """Reads each parameter as one contiguous run of the gathered buffer (as if it were parameter-major), ignoring
-    that rank r's slots of every parameter come together."""
+    """Reads each parameter as one contiguous run, as if the gathered buffer were parameter-major."""
     out = []
     for i, (shape, o, z, k) in enumerate(zip(unit.shapes, unit.offsets, unit.sizes, unit.pads)):
         flat = gathered[unit.n * o:unit.n * (o + z)]
@@ -46,8 +43,7 @@ def copy_out__rank_major_reshape(gathered, unit, into=None):
 
 
 def copy_out__rows_dealt_round_robin(gathered, unit, into=None):
-    """Takes rank r's slot to hold rows r, r + N, r + 2N... (rows dealt out like cards) instead of the contiguous
-    block [r * ceil(d0/N), (r + 1) * ceil(d0/N))."""
+    """Takes rank r's slot to hold rows r, r + N, ... instead of a contiguous block of ceil(d0/N) rows."""
     out, g = [], gathered.view(unit.n, unit.chunk)
     for i, (shape, o, z, k) in enumerate(zip(unit.shapes, unit.offsets, unit.sizes, unit.pads)):
         slots = g[:, o:o + z].reshape(unit.n, k, -1)          # (N, rows per slot, row elements)

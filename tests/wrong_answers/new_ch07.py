@@ -24,8 +24,7 @@ def _interleaved(p, m, v, warmup_of, backward_chunk):
 
 
 def interleaved_1f1b__one_f_one_b_warmup(p, m, v=2):
-    """1F1B's warm-up of p - r - 1 forwards kept under interleaving (the chapter's common mistake: Megatron's
-    interleaved warm-up is 2 (p - r - 1) + (v - 1) p)."""
+    """1F1B's warm-up of p - r - 1 kept under interleaving (common mistakes: Megatron's is 2(p-r-1) + (v-1)p)."""
     return _interleaved(p, m, v, lambda p, r, v: p - r - 1, lambda c, v: v - 1 - c)
 
 

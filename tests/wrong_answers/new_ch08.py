@@ -2,8 +2,7 @@
 
 
 def causal_pairs__by_piece_number(q_pos, k_pos):
-    """Skips by piece index (key piece j <= query piece i), as if pieces were in sequence order: wrong for the
-    load-balanced layout, whose second piece on rank 0 comes after every piece of rank 1."""
+    """Skips by piece index (j <= i), as if pieces were in sequence order: wrong for the load-balanced layout."""
     return [[j for j in range(len(k_pos)) if j <= i] for i in range(len(q_pos))]
 
 

@@ -5,15 +5,13 @@ from minidist.compression.powersgd import orthogonalize_
 
 
 def initial_qs__global_random_stream(ms, state):
-    """Draws from the global generator: each rank's Q depends on what its own stream drew before (the chapter's
-    common mistake, a different random Q on every rank), and training's random stream moves."""
+    """Draws from the global stream (common mistakes: a different random Q on every rank)."""
     return [orthogonalize_(torch.randn(m.shape[1], min(*m.shape, state.matrix_approximation_rank), dtype=m.dtype),
                            state.orthogonalization_epsilon) for m in ms]
 
 
 def initial_qs__reseeds_the_global_generator(ms, state):
-    """Seeds the global generator from the shared seed (the same Q's as torch's hook, which does this): every later
-    draw of the training (dropout) is reset to PowerSGD's seed."""
+    """Reseeds the global generator (torch's Q's, but every later draw of training restarts from it)."""
     torch.manual_seed(int(state.rng.randint(1_000_000_000)))
     return [orthogonalize_(torch.randn(m.shape[1], min(*m.shape, state.matrix_approximation_rank), dtype=m.dtype),
                            state.orthogonalization_epsilon) for m in ms]

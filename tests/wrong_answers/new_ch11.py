@@ -2,8 +2,7 @@
 
 
 def column_rows__one_contiguous_block(out_features, local_out, chunks, rank, valid_out):
-    """The shard taken as one contiguous block of the global rows, as if q|k|v were cut in N contiguous pieces
-    (chapter 04's common mistake, now in the checkpoint: q, k and v saved at each other's places)."""
+    """One contiguous block of global rows (chapter 04's common mistake, cutting q|k|v contiguously)."""
     return [(rank * local_out, 0, valid_out if chunks == 1 else local_out)]
 
 

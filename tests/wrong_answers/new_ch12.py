@@ -2,8 +2,7 @@
 
 
 def busy_seconds__sum_of_durations(intervals):
-    """Adds every interval's length: two collectives in flight at once count twice (the mistake the monitor
-    exists to avoid)."""
+    """Adds every interval's length: two collectives in flight at once count twice."""
     return sum(end - start for start, end in intervals)
 
 
