@@ -46,8 +46,8 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import comm
-from .state import (PostBackward, TrainingState, claim, clip_grad_norm_, copy_out, full_state_dict,  # noqa: F401
-                    in_backward, shard_parameters, unit_parameters)
+from .state import (PostBackward, TrainingState, backward_reached, claim, clip_grad_norm_, copy_out,  # noqa: F401
+                    full_state_dict, in_backward, shard_parameters, unit_parameters)
 
 
 def unshard_(full: torch.Tensor, shard: torch.Tensor, group=None) -> comm.Work:
@@ -195,14 +195,9 @@ class FSDPUnit:
         return output
 
     def pre_backward(self, use: int) -> None:
-        if self.backward_use not in (None, use):
-            raise RuntimeError(f"fully_shard unit {self.name!r} ran forward more than once for one backward (a module "
-                               f"applied twice, or two forwards summed into one loss): minidist's units run once per "
-                               f"backward; give each use its own unit, or call backward after each forward")
-        self.backward_use = use
-        if self.training_state in (TrainingState.PRE_BACKWARD, TrainingState.POST_BACKWARD):
+        if not backward_reached(self, use):
             return  # another output of mine, or a recomputed one: done once per backward
-        self.training_state, root = TrainingState.PRE_BACKWARD, self.root
+        root = self.root
         if not root.queued:  # the first unit backward reaches: the root finishes everything at the end
             torch.autograd.Variable._execution_engine.queue_callback(root._finish_backward)
             root.queued = True
