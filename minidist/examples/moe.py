@@ -61,7 +61,7 @@ def train_ep(args) -> dict:
         x, y = x.chunk(world)[rank].to(dev), y.chunk(world)[rank].to(dev)   # this rank's slice
         loss = lm_step(model, layers, x, y)
         loss.backward()
-        reduce_gradients(model, None, replicate)
+        reduce_gradients(model)   # the experts over the replicate group expert_parallel recorded
         opt.step()
         opt.zero_grad()
         losses.append(comm.all_reduce_sum(loss.detach()).item() / world)
@@ -71,7 +71,17 @@ def train_ep(args) -> dict:
         logits = model(x.to(dev)).logits
         val = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.to(dev).flatten()).item()
     return {"first_loss": losses[0], "last_loss": losses[-1], "val_loss": val, "losses": losses,
-            "replica_divergence": None, "dropped": sum(m.dropped for m in layers)}
+            "replica_divergence": _divergence(model, replicate), "dropped": sum(m.dropped for m in layers)}
+
+
+def _divergence(model, replicate) -> float:
+    """How far the copies of each weight drifted apart: the replicated parameters over every rank, the experts over
+    their replicas (0.0 when the gradients were reduced over the right groups)."""
+    from minidist.testing import replica_divergence
+    expert = [getattr(p, "expert_parallel", False) for p in model.parameters()]
+    dense = torch.nn.ParameterList(p for p, e in zip(model.parameters(), expert) if not e)
+    experts = torch.nn.ParameterList(p for p, e in zip(model.parameters(), expert) if e)
+    return max(replica_divergence(dense), replica_divergence(experts, replicate) if replicate is not None else 0.0)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,8 @@ def loss_of(moe: MoE, x, y) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def held(moe: MoE) -> dict:
-    """name -> parameter, for the parameters this rank holds, experts under their global index."""
-    out = {f"router.{k}": v for k, v in moe.router.named_parameters()}
-    for e, expert in zip(moe.expert_ids, moe.experts):
-        out |= {f"experts.{e}.{k}": v for k, v in expert.named_parameters()}
-    return out
+    """name -> parameter, for the parameters this rank holds (experts are named by their global id)."""
+    return dict(moe.named_parameters())
 
 
 def ep_against_one_process(n_experts: int, replicas: int = 1, capacity_factor=None, mistake: bool = False) -> dict:
@@ -74,7 +71,10 @@ def ep_against_one_process(n_experts: int, replicas: int = 1, capacity_factor=No
             ep_out, loss = loss_of(moe, xr, yr)
             loss.backward()
         out["forward"] = max(out["forward"], (ep_out - expected).abs().max().item())
-        reduce_gradients(moe, None, mesh.group("ep") if mistake else replicate)
+        if mistake:   # the experts "averaged" over the ep group, as if its ranks held replicas
+            for p in moe.experts.parameters():
+                comm.all_reduce_(p.grad, mesh.group("ep"))
+        reduce_gradients(moe)
         if step == 0:
             group = mesh.members["ep"]   # the ranks whose tokens this rank's experts serve
             chosen = [route(reference.router(chunks[g][0].reshape(-1, D_MODEL)), TOP_K)[2] for g in group]
@@ -120,6 +120,19 @@ def planted_capacity(capacity_factor: float = 0.5, tokens: int = 16, n_experts: 
             "same_kept": bool((keep_within_capacity(chosen, n_experts, cap) == kept).all()),
             "none_kept": int(none_kept.sum()),
             "dropped_tokens_output": out[none_kept].abs().max().item() if none_kept.any() else 0.0}
+
+
+def router_gradient(top_k: int = 2, tokens: int = 16, n_experts: int = 4, seed: int = 0) -> dict:
+    """The task loss's gradient on the router logits (no aux loss): the largest on a logit the token did not choose,
+    and the mean size of those on the chosen ones. With renormalized top-k the weights are a softmax over the chosen logits only,
+    so the first is exactly 0 (only the load-balancing loss reaches the unchosen logits)."""
+    torch.manual_seed(seed)
+    moe = MoE(D_MODEL, D_FF, n_experts, top_k)
+    logits = []
+    moe.router.register_forward_hook(lambda module, args, out: logits.append(out) or out.retain_grad())
+    moe(torch.randn(1, tokens, D_MODEL)).square().sum().backward()
+    grad, chosen = logits[0].grad, torch.nn.functional.one_hot(logits[0].topk(top_k, -1).indices, n_experts).sum(1)
+    return {"unchosen": grad[chosen == 0].abs().max().item(), "chosen": grad[chosen == 1].abs().mean().item()}
 
 
 def _timed(fn, world_size, *args):
