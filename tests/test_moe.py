@@ -376,3 +376,12 @@ def test_top_1_is_refused_renormalized_and_gives_the_router_a_gradient_with_raw_
     x = torch.randn(1, 6, 8)
     moe(x).square().sum().backward()
     assert moe.router.weight.grad.abs().max() > 1e-3
+
+
+# layout_costs' TP row against a tensor-parallel expert run and counted.
+
+def test_layout_costs_tp_row_is_what_a_tensor_parallel_expert_sends():
+    from minidist.tour.moe import tp_expert_bytes
+    for r in launch(tp_expert_bytes, 3):
+        assert r["forward"] <= FWD_TOL and r["input_grad"] <= FWD_TOL, r
+        assert r["counted"] and r["bytes"] == r["bytes_theory"], r      # 4 (N-1) S d b, not EP's k (N-1)/N share

@@ -135,6 +135,32 @@ def router_gradient(top_k: int = 2, tokens: int = 16, n_experts: int = 4, seed: 
     return {"unchosen": grad[chosen == 0].abs().max().item(), "chosen": grad[chosen == 1].abs().mean().item()}
 
 
+def tp_expert_bytes(tokens: int = 6) -> dict:
+    """One expert cut over the world in Megatron's way (gate and up by rows of F, down by columns), each rank with its
+    own `tokens` tokens: all-gather the inputs, run this rank's slice on all of them, reduce-scatter the partial
+    outputs back to their owners; then backward. The largest output and input-gradient difference against the whole
+    expert on this rank's tokens, and the bytes this rank sent (counted, minidist's ring) against layout_costs' TP."""
+    from ..moe import Expert, layout_costs
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(0)
+    whole = Expert(D_MODEL, D_FF * world)
+    mine = Expert(D_MODEL, D_FF)
+    with torch.no_grad():
+        for name in ("gate", "up"):
+            getattr(mine, name).weight.copy_(getattr(whole, name).weight.chunk(world, 0)[rank])
+        mine.down.weight.copy_(whole.down.weight.chunk(world, 1)[rank])
+    x = torch.randn(world, tokens, D_MODEL, generator=torch.Generator().manual_seed(1))[rank].requires_grad_()
+    with comm.ByteLedger() as ledger, comm.ring_backend():
+        out = comm.reduce_scatter(mine(comm.all_gather(x)))        # (N S, d) partial sums -> (S, d) this rank's
+        out.square().sum().backward()
+    ref_x = x.detach().clone().requires_grad_()
+    expected = whole(ref_x)
+    expected.square().sum().backward()
+    theory = layout_costs(tokens, D_MODEL, D_FF * world, 1, 1, world, element=4)["TP"][1]
+    return {"forward": (out - expected).abs().max().item(), "input_grad": (x.grad - ref_x.grad).abs().max().item(),
+            "bytes": ledger.total_bytes(), "bytes_theory": theory, "counted": ledger.counted}
+
+
 def _timed(fn, world_size, *args):
     start = time.perf_counter()
     return launch(fn, world_size, *args), time.perf_counter() - start
