@@ -50,9 +50,9 @@ def train_ep(args) -> dict:
     mesh = Mesh.from_axes([("replicate", world // ep), ("ep", ep)])
     replicate = mesh.group("replicate") if world > ep else None
     model, layers = mixtral(args.seed)
-    model.to(dev)
-    for layer in layers:
+    for layer in layers:   # shard first, then move: only this rank's experts go to the device
         expert_parallel(layer, mesh.group("ep"), replicate)
+    model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     train_ids, val_ids = train_val_split(token_ids())
     progress, losses = progress_bar(args, f"ep {ep} x replicas {world // ep}"), []

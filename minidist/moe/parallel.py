@@ -18,6 +18,9 @@ gradient is the *sum* over ranks of their losses' gradients — no all-reduce ov
 different experts, there is nothing to average with), only the 1/N of the mean. The router and everything else that
 is replicated gets an all-reduce, as in data parallelism. With ep inside a larger dp group, experts are replicated over
 the ranks holding the same block, and their gradients are all-reduced over those replicas only (`reduce_gradients`).
+
+With a capacity factor, each rank applies it to its own tokens (C from its own S), before the exchange: an expert
+may then receive up to N x C rows in a step. `alltoall_bytes` is the dropless formula.
 """
 import torch
 import torch.distributed as dist

@@ -94,13 +94,15 @@ def ep_against_one_process(n_experts: int, replicas: int = 1, capacity_factor=No
 
 
 def planted_capacity(capacity_factor: float = 0.5, tokens: int = 16, n_experts: int = 4) -> dict:
-    """A routing planted through the router (token s: first choice s % 2, second choice 2 + s % 3 % 2: every expert
-    overloaded), capacity C = ceil(c * S * k / E): the assignments dropped (MoE.dropped) against the formula
-    sum_e max(0, n_e - C); which ones were kept against a plain queue (first choices before second choices, tokens in
-    order), per expert; the largest output of a token none of whose assignments was kept (must be 0)."""
+    """A routing planted through the router (E = 4 experts, token s: first choice s % 2, second choice 3 if s % 6 == 1
+    else 2: experts 0, 1 and 2 overloaded, expert 3 under capacity), C = ceil(c * S * k / E): the assignments dropped
+    (MoE.dropped) against the formula sum_e max(0, n_e - C); how many assignments the layer kept differently from a
+    plain queue (first choices before second choices, tokens in order: GShard); the largest output of a token none of
+    whose assignments was kept (must be 0)."""
     torch.manual_seed(0)
     moe = MoE(n_experts, 8, n_experts, TOP_K, capacity_factor=capacity_factor)
-    chosen = torch.stack([torch.arange(tokens) % 2, 2 + torch.arange(tokens) % 3 % (n_experts - 2)], 1)   # (S, k)
+    s = torch.arange(tokens)
+    chosen = torch.stack([s % 2, torch.where(s % 6 == 1, 3, 2)], 1)   # (S, k)
     with torch.no_grad():
         moe.router.weight.copy_(torch.eye(n_experts))   # logits = x, and x scores the first choice highest
     x = 4 * torch.nn.functional.one_hot(chosen[:, 0], n_experts) + 2 * torch.nn.functional.one_hot(chosen[:, 1],
@@ -117,9 +119,19 @@ def planted_capacity(capacity_factor: float = 0.5, tokens: int = 16, n_experts: 
     return {"dropped": moe.dropped, "formula": int((per_expert - cap).clamp(min=0).sum()), "capacity": cap,
             "assignments": tokens * TOP_K, "kept": moe.tokens_per_expert.tolist(),
             "kept_formula": per_expert.clamp(max=cap).tolist(),
-            "same_kept": bool((keep_within_capacity(chosen, n_experts, cap) == kept).all()),
+            "kept_differently": int((keep_within_capacity(chosen, n_experts, cap) != kept).sum()),
             "none_kept": int(none_kept.sum()),
             "dropped_tokens_output": out[none_kept].abs().max().item() if none_kept.any() else 0.0}
+
+
+def all_to_all_demo() -> dict:
+    """All-to-all, even and uneven, on this rank (for the chapter's primer): rank r holds the values 10 r + j, j the
+    destination; even: one value to each rank; uneven: r + 1 copies of 10 r + j to rank j."""
+    n, r = dist.get_world_size(), dist.get_rank()
+    even = comm.all_to_all(torch.tensor([10 * r + j for j in range(n)]))
+    rows = torch.tensor([10 * r + j for j in range(n) for _ in range(r + 1)])
+    uneven = comm.all_to_all_uneven(rows, [r + 1] * n, [i + 1 for i in range(n)])
+    return {"sent": [10 * r + j for j in range(n)], "even": even.tolist(), "uneven": uneven.tolist()}
 
 
 def router_gradient(top_k: int = 2, tokens: int = 16, n_experts: int = 4, seed: int = 0) -> dict:
@@ -187,7 +199,7 @@ def check_expert_parallel(world_size: int) -> list[dict]:
 def check_capacity(world_size: int) -> list[dict]:
     start = time.perf_counter()
     r = planted_capacity()
-    ok_kept = r["kept"] == r["kept_formula"] and r["same_kept"] and r["none_kept"] > 0
+    ok_kept = r["kept"] == r["kept_formula"] and r["kept_differently"] == 0 and r["none_kept"] > 0
     return [make_row(f"capacity 0.5: {r['dropped']} of {r['assignments']} assignments dropped (C={r['capacity']})",
                      "sum_e max(0, n_e - C), planted",
                      max_abs_diff=abs(r["dropped"] - r["formula"]) + (0 if ok_kept else 1) + r["dropped_tokens_output"],
