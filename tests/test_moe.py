@@ -261,8 +261,14 @@ def test_the_planner_cli_shows_deepseek_v3s_published_mesh_and_refuses_bad_moe_f
     out = capsys.readouterr().out
     assert "published (DeepSeek-V3 Technical Report" in out and "  128  64  16   1    1" in out
     with pytest.raises(SystemExit):
-        main(["plan", "--params", "7e9", "--experts", "8", "--gpus", "8", "--gpu-memory-gb", "80"])
+        main(["plan", "--experts", "8", "--gpus", "8", "--gpu-memory-gb", "80"])
     assert "--experts needs --model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plan", "--params", "7e9", "--top-k", "2", "--gpus", "8", "--gpu-memory-gb", "80"])
+    assert "--params does nothing for a mixture of experts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plan", "--model", "llama3-8b", "--top-k", "2", "--gpus", "8", "--gpu-memory-gb", "80"])
+    assert "--top-k needs --experts E" in capsys.readouterr().err
 
 
 def test_a_tiny_mixtral_trains_with_ep_x_tp_as_one_process():

@@ -51,7 +51,7 @@ class ExpertDispatch:
         n = comm.group_size(self.group)
         per_rank = counts.numel() // n
         received = exchange_counts(counts, self.group)                    # (N, L)
-        both = torch.cat([counts, received.flatten()]).tolist()          # the layer's one host sync: both sizes
+        both = torch.cat([counts, received.flatten()]).tolist()          # one host sync for both sets of sizes
         counts, received = both[:n * per_rank], [both[n * per_rank + i * per_rank:][:per_rank] for i in range(n)]
         send = [sum(counts[j * per_rank:(j + 1) * per_rank]) for j in range(n)]
         recv = [sum(r) for r in received]
