@@ -366,6 +366,28 @@ def test_reduce_gradients_refuses_a_replicate_group_other_than_the_one_expert_pa
         assert message and "differs from the one expert_parallel recorded" in message
 
 
+def _replicas_holding_different_experts():
+    from minidist.mesh import Mesh
+    mesh = Mesh.from_axes([("replicate", 2), ("ep", 2)])
+    try:
+        expert_parallel(MoE(8, 16, 4, 2), mesh.group("ep"), mesh.group("ep"))   # the ep group given as replicas
+        return None
+    except ValueError as e:
+        return str(e)
+
+
+def test_expert_parallel_refuses_a_replicate_group_whose_ranks_hold_different_experts():
+    for message in launch(_replicas_holding_different_experts, 4):
+        assert message and "replicate_group holds ranks with different blocks of experts" in message
+
+
+def test_expert_parallel_with_a_capacity_equals_one_process_applying_it_per_rank():
+    per_rank = launch(ep_against_one_process, 2, 8, 1, 0.5)   # C from each rank's own tokens, as the reference does
+    assert all(r["dropped"] > 0 for r in per_rank)
+    for r in per_rank:
+        assert r["forward"] <= FWD_TOL and r["grads"] <= FWD_TOL and r["weights"] <= ADAM_TOL, r
+
+
 # The router's gradient, and top_k = 1.
 
 def test_the_task_loss_reaches_only_the_chosen_logits_with_renormalized_top_k():

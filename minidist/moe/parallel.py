@@ -66,8 +66,8 @@ class ExpertDispatch:
 
 def expert_parallel(moe: MoE, group=None, replicate_group=None) -> MoE:
     """Shard `moe`'s experts over `group` in place: this rank keeps its contiguous block (`moe.expert_ids`), the
-    router stays replicated. `replicate_group`: the ranks holding the same block (ep inside dp), for
-    `reduce_gradients`. Returns the module."""
+    router stays replicated. `replicate_group`: the ranks holding the same block (ep inside dp), recorded for
+    `reduce_gradients`, and checked here (collectively) to hold one block. Returns the module."""
     if not isinstance(moe, MoE):
         raise TypeError(f"expert_parallel takes a minidist.moe.MoE, got {type(moe).__name__}")
     if moe.dispatch is not None:
@@ -76,6 +76,11 @@ def expert_parallel(moe: MoE, group=None, replicate_group=None) -> MoE:
     if moe.n_experts % n:
         raise ValueError(f"{moe.n_experts} experts not divisible by the expert-parallel size {n}")
     per_rank = moe.n_experts // n
+    if replicate_group is not None:   # collective: every rank reaches the same verdict, so none is left waiting
+        blocks = comm.all_gather_cat(torch.tensor([rank]), replicate_group).tolist()
+        if len(set(blocks)) > 1:
+            raise ValueError(f"replicate_group holds ranks with different blocks of experts (expert-parallel ranks "
+                             f"{blocks}): a replica group must hold the same experts")
     moe.expert_ids = list(range(rank * per_rank, (rank + 1) * per_rank))
     # keyed by the global id: this rank's state_dict says experts.5.gate.weight for expert 5, so a checkpoint keeps
     # each expert under its own name (checkpoint.save writes every rank's distinct names; a load reshards)

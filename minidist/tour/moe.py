@@ -89,7 +89,7 @@ def ep_against_one_process(n_experts: int, replicas: int = 1, capacity_factor=No
             opt.zero_grad()
     ref = held(reference)
     out["weights"] = max((p - ref[k]).abs().max().item() for k, p in held(moe).items())
-    out["expert_ids"] = moe.expert_ids
+    out["expert_ids"], out["dropped"] = moe.expert_ids, moe.dropped
     return out
 
 
