@@ -15,9 +15,9 @@ def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tens
     experts each token chose, `chosen` (S, k): f_e is the fraction of the S tokens that have e among their k choices
     (a count: no gradient flows through it), P_e the mean probability of e over the tokens. A scalar; k when every
     expert gets the same share. Graded: values against planted routings, its gradient (through P only)."""
-    # ---- exercise load_balancing_loss (2 points) ---------------------------------------------------
-    # hint: f comes from counting, not from probs: one_hot(chosen, E) summed over the k choices, mean over tokens.
-    # hint: the gradient must reach the router only through P (the mean of probs over tokens).
+    # ---- exercise load_balancing_loss (1 point) ---------------------------------------------------
+    # hint: f is a fraction of tokens, so it comes from `chosen`, not from `probs`; a token counts once for each
+    #       of its k choices.
     n_experts = probs.shape[-1]
     f = F.one_hot(chosen, n_experts).sum(1).float().mean(0)   # (E,)
     p = probs.mean(0)                                          # (E,)
@@ -32,8 +32,7 @@ def keep_within_capacity(chosen: torch.Tensor, n_experts: int, cap: int | None) 
     if cap is None:
         return torch.ones_like(chosen, dtype=torch.bool)
     # ---- exercise keep_within_capacity (2 points) --------------------------------------------------
-    # hint: walk the assignments choice-major (chosen.T, flattened) and number each expert's assignments 0, 1, 2...
-    #       in that order (a cumulative sum of one-hot rows); keep those numbered below cap.
+    # hint: the queue is choice-major: all first choices (in token order), then all second choices, ...
     onehot = F.one_hot(chosen.t().reshape(-1), n_experts)          # (k*S, E), choice-major
     position = (onehot.cumsum(0) * onehot).sum(-1) - 1             # each assignment's place in its expert's queue
     return (position < cap).view(chosen.shape[1], chosen.shape[0]).t()
@@ -43,10 +42,12 @@ def keep_within_capacity(chosen: torch.Tensor, n_experts: int, cap: int | None) 
 def permute(x: torch.Tensor, chosen: torch.Tensor, keep: torch.Tensor, n_experts: int):
     """Sort the kept assignments by expert: x (S, d), chosen and keep (S, k) -> (rows (M, d): the tokens, grouped by
     expert in expert order; order (M,): the flat index s*k + j of each row's assignment; counts (E,): rows per expert).
-    The dispatch permutation; `unpermute` is its inverse. Graded: against planted routings, rows, order and counts."""
+    Within an expert, rows are in token order (increasing s*k + j): a convention that makes the layout deterministic
+    (unpermute would invert any order). The dispatch permutation; `unpermute` is its inverse. Graded: against planted
+    routings, rows, order and counts."""
     # ---- exercise permute (3 points) ---------------------------------------------------------------
-    # hint: flat assignment a = s * k + j belongs to token a // k. Keep the kept ones, sort them by expert with a
-    #       *stable* sort (tokens of one expert stay in token order), and count rows per expert with bincount.
+    # hint: flat assignment a = s * k + j belongs to token a // k. Keep only the kept ones; the convention on the
+    #       order within an expert decides which sort you need.
     k = chosen.shape[1]
     experts = chosen.reshape(-1)
     kept = keep.reshape(-1).nonzero().squeeze(1)
@@ -61,8 +62,8 @@ def exchange_counts(counts: torch.Tensor, group=None) -> torch.Tensor:
     per rank. Returns (N, L): row i = the rows rank i sends to each of *this* rank's experts. Through comm (counted).
     Graded: at 2, 3 and 4 ranks against planted counts, and the bytes it sends."""
     # ---- exercise exchange_counts (2 points) -------------------------------------------------------
-    # hint: rank j must receive the block of counts meant for its experts: that is exactly comm.all_to_all's contract
-    #       (chunk j goes to rank j). The exercise file does not import comm for you: from minidist import comm.
+    # hint: rank j needs block j of every rank's counts. One of minidist.comm's collectives does exactly that (the
+    #       exercise file does not import comm for you: from minidist import comm).
     n = comm.group_size(group)
     return comm.all_to_all(counts.view(n, -1), group).view(n, -1)
     # ---- end of exercise exchange_counts --------------------------------------------------------------

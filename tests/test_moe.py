@@ -2,6 +2,8 @@
 3 AdamW steps, counted all-to-all bytes against the routing's formula), dp x ep on 4 ranks, capacity against a
 planted routing, the exercises (load-balancing loss, capacity, the dispatch permutation, the count exchange), the
 Hugging Face Mixtral block as reference, and bad input refused by name."""
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -41,8 +43,8 @@ def test_dp_x_ep_on_four_ranks_equals_one_process():
 
 def test_capacity_drops_what_the_formula_says_for_a_planted_routing():
     r = planted_capacity()
-    assert r["capacity"] == 4 and r["dropped"] == r["formula"] == 16
-    assert r["kept"] == r["kept_formula"] and r["same_kept"]
+    assert r["capacity"] == 4 and r["dropped"] == r["formula"] == 17
+    assert r["kept"] == r["kept_formula"] == [4, 4, 4, 3] and r["kept_differently"] == 0   # expert 3 under capacity
     assert r["none_kept"] > 0 and r["dropped_tokens_output"] == 0
 
 
@@ -58,7 +60,7 @@ def test_dropless_layer_renormalizes_top_k_and_gives_the_weighted_average_of_exp
     flat = x.view(-1, 8)
     probs = moe.router(flat).softmax(-1)
     top, chosen = probs.topk(2, -1)
-    expected = torch.stack([sum(top[s, j] / top[s].sum() * moe.experts[int(chosen[s, j])](flat[s]) for j in range(2))
+    expected = torch.stack([sum(top[s, j] / top[s].sum() * moe.experts[str(int(chosen[s, j]))](flat[s]) for j in range(2))
                             for s in range(6)])
     assert (moe(x).view(-1, 8) - expected).abs().max() < 1e-6
     assert moe.dropped == 0 and int(moe.tokens_per_expert.sum()) == 12
@@ -223,7 +225,7 @@ def test_the_example_trains_a_tiny_mixtral_with_dp_x_ep(capsys):
     from minidist.examples.train import main
     assert main(["--strategy", "ep", "--ep", "2", "--world-size", "4", "--steps", "2", "--batch-size", "8",
                  "--block-size", "16", "--quiet"]) == 0
-    assert "weights sharded over the ranks" in capsys.readouterr().out
+    assert "replicas differ by 0\n" in capsys.readouterr().out   # dense weights over 4 ranks, experts over 2
 
 
 # The planner for MoE models: an ep axis inside dp.
@@ -259,8 +261,14 @@ def test_the_planner_cli_shows_deepseek_v3s_published_mesh_and_refuses_bad_moe_f
     out = capsys.readouterr().out
     assert "published (DeepSeek-V3 Technical Report" in out and "  128  64  16   1    1" in out
     with pytest.raises(SystemExit):
-        main(["plan", "--params", "7e9", "--experts", "8", "--gpus", "8", "--gpu-memory-gb", "80"])
+        main(["plan", "--experts", "8", "--gpus", "8", "--gpu-memory-gb", "80"])
     assert "--experts needs --model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plan", "--params", "7e9", "--top-k", "2", "--gpus", "8", "--gpu-memory-gb", "80"])
+    assert "--params does nothing for a mixture of experts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plan", "--model", "llama3-8b", "--top-k", "2", "--gpus", "8", "--gpu-memory-gb", "80"])
+    assert "--top-k needs --experts E" in capsys.readouterr().err
 
 
 def test_a_tiny_mixtral_trains_with_ep_x_tp_as_one_process():
@@ -269,3 +277,139 @@ def test_a_tiny_mixtral_trains_with_ep_x_tp_as_one_process():
     for r in launch(mixtral_ep_against_one_process, 4, 2, 8, 16, 2):   # ep 2 x tp 2 (the attention), 2 AdamW steps
         assert r["weights"] <= ADAM_TOL and r["alltoall_bytes"] > 0, r
         assert max(abs(a - b) for a, b in zip(r["losses"], r["reference_losses"])) <= 1e-5, r
+
+
+# Review fixes: checkpoints keep global expert names, a rank with no tokens, empty messages, reduce_gradients' group.
+
+def _save_and_load(path):
+    from minidist import checkpoint
+    torch.manual_seed(0)
+    full = MoE(8, 16, 4, 2)
+    checkpoint.save(path, expert_parallel(copy.deepcopy(full)))
+    torch.manual_seed(1)
+    fresh = expert_parallel(MoE(8, 16, 4, 2))
+    checkpoint.load(path, fresh)
+    names = sorted(k for k in fresh.state_dict() if k.startswith("experts."))
+    loaded = all(torch.equal(p, full.state_dict()[k]) for k, p in fresh.state_dict().items())
+    return names, loaded
+
+
+def test_an_expert_parallel_checkpoint_keeps_global_expert_names_and_loads_at_ep_2_and_into_one_process(tmp_path):
+    from minidist import checkpoint
+    path = str(tmp_path / "ckpt")
+    per_rank = launch(_save_and_load, 2, path)
+    assert [names[0].split(".")[1] for names, _ in per_rank] == ["0", "2"]   # experts.0.*, experts.2.*: global ids
+    assert all(loaded for _, loaded in per_rank)
+    torch.manual_seed(0)
+    full = MoE(8, 16, 4, 2)
+    torch.manual_seed(1)
+    one = MoE(8, 16, 4, 2)
+    checkpoint.load(path, one)
+    assert all(torch.equal(p, full.state_dict()[k]) for k, p in one.state_dict().items())
+
+
+def _planted_ep(tokens_per_rank):
+    """Every token routed to experts 0 and 1 (rank 0's block; router = the first input feature, x0 > 0), the last rank
+    with no tokens: messages between most pairs are empty. Outputs, gradients and the aux loss against one process."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n_experts = 2 * world
+    torch.manual_seed(0)
+    reference = MoE(n_experts, 8, n_experts, 2)
+    with torch.no_grad():
+        reference.router.weight.zero_()
+        reference.router.weight[0, 0], reference.router.weight[1, 0] = 3.0, 2.0
+    moe = expert_parallel(copy.deepcopy(reference))
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(1, tokens_per_rank if r < world - 1 else 0, n_experts, generator=g) for r in range(world)]
+    for x in xs:
+        x[..., 0] = x[..., 0].abs() + 1
+    ref_out = [reference(x.clone().requires_grad_()) for x in xs]
+    sum(o.square().sum() for o in ref_out).div(world).backward()
+    out = moe(xs[rank])
+    aux = moe.aux_loss
+    (out.square().sum() + 0 * aux).backward()
+    from minidist.moe import reduce_gradients
+    reduce_gradients(moe)
+    ref = dict(reference.named_parameters())
+    grads = max((p.grad - ref[k].grad).abs().max().item() for k, p in moe.named_parameters())
+    return {"forward": (out - ref_out[rank]).abs().max().item() if out.numel() else 0.0, "grads": grads,
+            "aux_finite": bool(torch.isfinite(aux)), "tokens": out.shape[1], "kept": moe.tokens_per_expert.tolist()}
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_planted_routing_with_empty_messages_and_a_rank_with_no_tokens_equals_one_process(world, monkeypatch):
+    monkeypatch.setenv("MINIDIST_STRICT_P2P", "1")   # NCCL's point-to-point rules, emulated
+    per_rank = launch(_planted_ep, world, 5)
+    assert [r["tokens"] for r in per_rank] == [5] * (world - 1) + [0]
+    for rank, r in enumerate(per_rank):
+        assert r["aux_finite"] and r["forward"] <= FWD_TOL and r["grads"] <= FWD_TOL, r
+        assert r["kept"][2:] == [0] * (2 * world - 2), r                  # nothing for the other ranks' experts
+
+
+def _wrong_replicate_group():
+    from minidist.mesh import Mesh
+    from minidist.moe import reduce_gradients
+    mesh = Mesh.from_axes([("replicate", 2), ("ep", 2)])
+    moe = expert_parallel(MoE(8, 16, 4, 2), mesh.group("ep"), mesh.group("replicate"))
+    moe(torch.randn(1, 3, 8)).sum().backward()
+    try:
+        reduce_gradients(moe, None, None)
+        message = None
+    except ValueError as e:
+        message = str(e)
+    dist.barrier()
+    return message
+
+
+def test_reduce_gradients_refuses_a_replicate_group_other_than_the_one_expert_parallel_recorded():
+    for message in launch(_wrong_replicate_group, 4):
+        assert message and "differs from the one expert_parallel recorded" in message
+
+
+def _replicas_holding_different_experts():
+    from minidist.mesh import Mesh
+    mesh = Mesh.from_axes([("replicate", 2), ("ep", 2)])
+    try:
+        expert_parallel(MoE(8, 16, 4, 2), mesh.group("ep"), mesh.group("ep"))   # the ep group given as replicas
+        return None
+    except ValueError as e:
+        return str(e)
+
+
+def test_expert_parallel_refuses_a_replicate_group_whose_ranks_hold_different_experts():
+    for message in launch(_replicas_holding_different_experts, 4):
+        assert message and "replicate_group holds ranks with different blocks of experts" in message
+
+
+def test_expert_parallel_with_a_capacity_equals_one_process_applying_it_per_rank():
+    per_rank = launch(ep_against_one_process, 2, 8, 1, 0.5)   # C from each rank's own tokens, as the reference does
+    assert all(r["dropped"] > 0 for r in per_rank)
+    for r in per_rank:
+        assert r["forward"] <= FWD_TOL and r["grads"] <= FWD_TOL and r["weights"] <= ADAM_TOL, r
+
+
+# The router's gradient, and top_k = 1.
+
+def test_the_task_loss_reaches_only_the_chosen_logits_with_renormalized_top_k():
+    from minidist.tour.moe import router_gradient
+    r = router_gradient()
+    assert r["unchosen"] < 1e-6 and r["chosen"] > 1e-3, r
+
+
+def test_top_1_is_refused_renormalized_and_gives_the_router_a_gradient_with_raw_probabilities():
+    with pytest.raises(ValueError, match="top_k=1 with renormalized weights gives every token weight 1"):
+        MoE(8, 16, 4, top_k=1)
+    torch.manual_seed(0)
+    moe = MoE(8, 16, 4, top_k=1, normalize=False)
+    x = torch.randn(1, 6, 8)
+    moe(x).square().sum().backward()
+    assert moe.router.weight.grad.abs().max() > 1e-3
+
+
+# layout_costs' TP row against a tensor-parallel expert run and counted.
+
+def test_layout_costs_tp_row_is_what_a_tensor_parallel_expert_sends():
+    from minidist.tour.moe import tp_expert_bytes
+    for r in launch(tp_expert_bytes, 3):
+        assert r["forward"] <= FWD_TOL and r["input_grad"] <= FWD_TOL, r
+        assert r["counted"] and r["bytes"] == r["bytes_theory"], r      # 4 (N-1) S d b, not EP's k (N-1)/N share

@@ -50,9 +50,9 @@ def train_ep(args) -> dict:
     mesh = Mesh.from_axes([("replicate", world // ep), ("ep", ep)])
     replicate = mesh.group("replicate") if world > ep else None
     model, layers = mixtral(args.seed)
-    model.to(dev)
-    for layer in layers:
+    for layer in layers:   # shard first, then move: only this rank's experts go to the device
         expert_parallel(layer, mesh.group("ep"), replicate)
+    model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     train_ids, val_ids = train_val_split(token_ids())
     progress, losses = progress_bar(args, f"ep {ep} x replicas {world // ep}"), []
@@ -61,7 +61,7 @@ def train_ep(args) -> dict:
         x, y = x.chunk(world)[rank].to(dev), y.chunk(world)[rank].to(dev)   # this rank's slice
         loss = lm_step(model, layers, x, y)
         loss.backward()
-        reduce_gradients(model, None, replicate)
+        reduce_gradients(model)   # the experts over the replicate group expert_parallel recorded
         opt.step()
         opt.zero_grad()
         losses.append(comm.all_reduce_sum(loss.detach()).item() / world)
@@ -71,7 +71,17 @@ def train_ep(args) -> dict:
         logits = model(x.to(dev)).logits
         val = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.to(dev).flatten()).item()
     return {"first_loss": losses[0], "last_loss": losses[-1], "val_loss": val, "losses": losses,
-            "replica_divergence": None, "dropped": sum(m.dropped for m in layers)}
+            "replica_divergence": _divergence(model, replicate), "dropped": sum(m.dropped for m in layers)}
+
+
+def _divergence(model, replicate) -> float:
+    """How far the copies of each weight drifted apart: the replicated parameters over every rank, the experts over
+    their replicas (0.0 when the gradients were reduced over the right groups)."""
+    from minidist.testing import replica_divergence
+    expert = [getattr(p, "expert_parallel", False) for p in model.parameters()]
+    dense = torch.nn.ParameterList(p for p, e in zip(model.parameters(), expert) if not e)
+    experts = torch.nn.ParameterList(p for p, e in zip(model.parameters(), expert) if e)
+    return max(replica_divergence(dense), replica_divergence(experts, replicate) if replicate is not None else 0.0)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A token x (d_model) is scored by a linear router (n_experts logits), the softmax turns the scores into probabilities,
 the k largest are kept and renormalized to sum to 1 (Mixtral's rule: the output is a weighted *average* of the
-chosen experts), and
+chosen experts; `normalize=False` keeps the raw probabilities instead, Switch Transformer's rule), and
 
     y = sum_j  w_j * expert_{e_j}(x)          (j = 1..k; each expert a SwiGLU MLP, as in Mixtral)
 
@@ -19,8 +19,17 @@ tokens that chose expert e among their k and P_e the mean router probability of 
 
     aux_loss = E * sum_e f_e * P_e          (= k when routing is uniform; larger when it collapses)
 
-f is a count (no gradient); the gradient reaches the router through P, pushing probability away from the experts
-that get more than their share.
+(it equals k under uniform routing; it is not a minimum there: a confident router whose probability sits on the
+experts that few tokens chose scores less). f is a count (no gradient); with f held fixed, the gradient reaches the
+router through P and pushes probability down where f is high.
+
+The router's gradient: with renormalized top-k, the task loss reaches only the k chosen logits (the weights are a
+softmax over the chosen ones); the unchosen logits get gradient from the auxiliary loss alone. At k = 1 the weight is
+always 1 and the task gives the router no gradient at all: MoE refuses top_k=1 unless normalize=False (Switch).
+
+Host syncs per layer (a GPU waits for the CPU there): `nonzero` in permute and `bincount` (its output size), and one
+`.tolist()` of the counts (split sizes are decided at run time); under expert parallelism the received counts travel
+in that same `.tolist()`.
 """
 import math
 
@@ -47,11 +56,12 @@ def _positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Router logits (S, E) -> (probs (S, E) in fp32, weights (S, k) renormalized to sum to 1, chosen (S, k) ids)."""
+def route(logits: torch.Tensor, top_k: int, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router logits (S, E) -> (probs (S, E) in fp32, weights (S, k), chosen (S, k) ids). The weights are the chosen
+    probabilities renormalized to sum to 1 (Mixtral), or as they are with normalize=False (Switch)."""
     probs = logits.float().softmax(-1)
     top, chosen = probs.topk(top_k, dim=-1)
-    return probs, top / top.sum(-1, keepdim=True), chosen
+    return probs, top / top.sum(-1, keepdim=True) if normalize else top, chosen
 
 
 def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -59,9 +69,9 @@ def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tens
     experts each token chose, `chosen` (S, k): f_e is the fraction of the S tokens that have e among their k choices
     (a count: no gradient flows through it), P_e the mean probability of e over the tokens. A scalar; k when every
     expert gets the same share. Graded: values against planted routings, its gradient (through P only)."""
-    # <exercise load_balancing_loss points=2>
-    # hint: f comes from counting, not from probs: one_hot(chosen, E) summed over the k choices, mean over tokens.
-    # hint: the gradient must reach the router only through P (the mean of probs over tokens).
+    # <exercise load_balancing_loss points=1>
+    # hint: f is a fraction of tokens, so it comes from `chosen`, not from `probs`; a token counts once for each
+    #       of its k choices.
     n_experts = probs.shape[-1]
     f = F.one_hot(chosen, n_experts).sum(1).float().mean(0)   # (E,)
     p = probs.mean(0)                                          # (E,)
@@ -81,8 +91,7 @@ def keep_within_capacity(chosen: torch.Tensor, n_experts: int, cap: int | None) 
     if cap is None:
         return torch.ones_like(chosen, dtype=torch.bool)
     # <exercise keep_within_capacity points=2>
-    # hint: walk the assignments choice-major (chosen.T, flattened) and number each expert's assignments 0, 1, 2...
-    #       in that order (a cumulative sum of one-hot rows); keep those numbered below cap.
+    # hint: the queue is choice-major: all first choices (in token order), then all second choices, ...
     onehot = F.one_hot(chosen.t().reshape(-1), n_experts)          # (k*S, E), choice-major
     position = (onehot.cumsum(0) * onehot).sum(-1) - 1             # each assignment's place in its expert's queue
     return (position < cap).view(chosen.shape[1], chosen.shape[0]).t()
@@ -92,10 +101,12 @@ def keep_within_capacity(chosen: torch.Tensor, n_experts: int, cap: int | None) 
 def permute(x: torch.Tensor, chosen: torch.Tensor, keep: torch.Tensor, n_experts: int):
     """Sort the kept assignments by expert: x (S, d), chosen and keep (S, k) -> (rows (M, d): the tokens, grouped by
     expert in expert order; order (M,): the flat index s*k + j of each row's assignment; counts (E,): rows per expert).
-    The dispatch permutation; `unpermute` is its inverse. Graded: against planted routings, rows, order and counts."""
+    Within an expert, rows are in token order (increasing s*k + j): a convention that makes the layout deterministic
+    (unpermute would invert any order). The dispatch permutation; `unpermute` is its inverse. Graded: against planted
+    routings, rows, order and counts."""
     # <exercise permute points=3>
-    # hint: flat assignment a = s * k + j belongs to token a // k. Keep the kept ones, sort them by expert with a
-    #       *stable* sort (tokens of one expert stay in token order), and count rows per expert with bincount.
+    # hint: flat assignment a = s * k + j belongs to token a // k. Keep only the kept ones; the convention on the
+    #       order within an expert decides which sort you need.
     k = chosen.shape[1]
     experts = chosen.reshape(-1)
     kept = keep.reshape(-1).nonzero().squeeze(1)
@@ -110,24 +121,26 @@ def unpermute(rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) ->
     returns (S, d) with out[s] = sum_j weights[s, j] * the output of assignment (s, j) (0 if it was dropped)."""
     S, k = weights.shape
     per_assignment = rows.new_zeros(S * k, rows.shape[-1]).index_copy(0, order, rows)   # (S*k, d)
-    return (per_assignment.view(S, k, -1) * weights.unsqueeze(-1).to(rows.dtype)).sum(1)
+    return (per_assignment.view(S, k, rows.shape[-1]) * weights.unsqueeze(-1).to(rows.dtype)).sum(1)
 
 
-def run_experts(experts: nn.ModuleList, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Each expert on its block of rows (counts[i] rows for experts[i], in order): one matmul per expert."""
+def run_experts(experts, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Each expert on its block of rows (counts[i] rows for the i-th of `experts`, in order): one matmul per expert."""
     return torch.cat([expert(block) for expert, block in zip(experts, rows.split(counts))])
 
 
 class MoE(nn.Module):
-    """A mixture-of-experts layer, (B, T, d_model) -> (B, T, d_model): router, top-k, experts (`self.experts`).
+    """A mixture-of-experts layer, (B, T, d_model) -> (B, T, d_model): router, top-k, experts (`self.experts`, an
+    nn.ModuleDict keyed by the global expert id, so a sharded layer's state_dict keeps the global names).
 
     After each forward: `aux_loss` (the load-balancing loss of that forward's tokens: add a multiple of it to the
     loss), `dropped` (assignments over capacity), `tokens_per_expert` (kept assignments per expert, (E,)).
     `expert_parallel(moe, group)` shards the experts; this module holds no parallelism itself: `dispatch`, when set,
-    takes (rows, counts per global expert) and returns the experts' outputs for those rows, wherever they ran.
+    takes (rows, counts per global expert (E,) tensor) and returns the experts' outputs for those rows, wherever they ran.
     """
 
-    def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int = 2, *, capacity_factor=None):
+    def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int = 2, *, capacity_factor=None,
+                 normalize: bool = True):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_ff", d_ff), ("n_experts", n_experts), ("top_k", top_k)):
             _positive_int(name, value)
@@ -135,9 +148,13 @@ class MoE(nn.Module):
             raise ValueError(f"top_k {top_k} is more than the {n_experts} experts")
         if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
             raise ValueError(f"capacity_factor must be a positive number or None (dropless), got {capacity_factor!r}")
+        if top_k == 1 and normalize:
+            raise ValueError("top_k=1 with renormalized weights gives every token weight 1: the router would get no "
+                             "gradient from the task; pass normalize=False (Switch: the raw probability)")
         self.d_model, self.n_experts, self.top_k, self.capacity_factor = d_model, n_experts, top_k, capacity_factor
+        self.normalize = normalize
         self.router = nn.Linear(d_model, n_experts, bias=False)
-        self.experts = nn.ModuleList(Expert(d_model, d_ff) for _ in range(n_experts))
+        self.experts = nn.ModuleDict({str(e): Expert(d_model, d_ff) for e in range(n_experts)})
         self.expert_ids = list(range(n_experts))
         self.dispatch = None
         self.aux_loss = self.tokens_per_expert = None
@@ -147,12 +164,13 @@ class MoE(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"MoE takes (B, T, {self.d_model}) inputs, got {tuple(x.shape)}")
         flat = x.reshape(-1, self.d_model)                                   # (S, d)
-        probs, weights, chosen = route(self.router(flat), self.top_k)        # (S, E), (S, k), (S, k)
-        self.aux_loss = load_balancing_loss(probs, chosen)
+        probs, weights, chosen = route(self.router(flat), self.top_k, self.normalize)   # (S, E), (S, k), (S, k)
+        # a rank with no tokens this step (possible under EP) still joins the all-to-alls; its aux loss is 0, not NaN
+        self.aux_loss = load_balancing_loss(probs, chosen) if flat.shape[0] else probs.sum() * 0
         keep = keep_within_capacity(chosen, self.n_experts,
                                     capacity(flat.shape[0], self.top_k, self.n_experts, self.capacity_factor))
         rows, order, counts = permute(flat, chosen, keep, self.n_experts)   # (M, d), (M,), (E,)
         self.tokens_per_expert, self.dropped = counts, chosen.numel() - rows.shape[0]
-        counts = counts.tolist()   # one host sync per layer: split sizes are decided at run time
-        out = run_experts(self.experts, rows, counts) if self.dispatch is None else self.dispatch(rows, counts)
+        out = (run_experts(self.experts.values(), rows, counts.tolist()) if self.dispatch is None   # a host sync
+               else self.dispatch(rows, counts))
         return unpermute(out, order, weights).view_as(x)

@@ -18,6 +18,9 @@ gradient is the *sum* over ranks of their losses' gradients — no all-reduce ov
 different experts, there is nothing to average with), only the 1/N of the mean. The router and everything else that
 is replicated gets an all-reduce, as in data parallelism. With ep inside a larger dp group, experts are replicated over
 the ranks holding the same block, and their gradients are all-reduced over those replicas only (`reduce_gradients`).
+
+With a capacity factor, each rank applies it to its own tokens (C from its own S), before the exchange: an expert
+may then receive up to N x C rows in a step. `alltoall_bytes` is the dropless formula.
 """
 import torch
 import torch.distributed as dist
@@ -31,8 +34,8 @@ def exchange_counts(counts: torch.Tensor, group=None) -> torch.Tensor:
     per rank. Returns (N, L): row i = the rows rank i sends to each of *this* rank's experts. Through comm (counted).
     Graded: at 2, 3 and 4 ranks against planted counts, and the bytes it sends."""
     # <exercise exchange_counts points=2>
-    # hint: rank j must receive the block of counts meant for its experts: that is exactly comm.all_to_all's contract
-    #       (chunk j goes to rank j). The exercise file does not import comm for you: from minidist import comm.
+    # hint: rank j needs block j of every rank's counts. One of minidist.comm's collectives does exactly that (the
+    #       exercise file does not import comm for you: from minidist import comm).
     n = comm.group_size(group)
     return comm.all_to_all(counts.view(n, -1), group).view(n, -1)
     # </exercise>
@@ -44,11 +47,12 @@ class ExpertDispatch:
     def __init__(self, experts, group):
         self.experts, self.group = experts, group
 
-    def __call__(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         n = comm.group_size(self.group)
-        per_rank = len(counts) // n
-        sending = torch.tensor(counts, dtype=torch.int64, device=rows.device)
-        received = exchange_counts(sending, self.group).tolist()     # (N, L) as lists: received[i][l]
+        per_rank = counts.numel() // n
+        received = exchange_counts(counts, self.group)                    # (N, L)
+        both = torch.cat([counts, received.flatten()]).tolist()          # one host sync for both sets of sizes
+        counts, received = both[:n * per_rank], [both[n * per_rank + i * per_rank:][:per_rank] for i in range(n)]
         send = [sum(counts[j * per_rank:(j + 1) * per_rank]) for j in range(n)]
         recv = [sum(r) for r in received]
         arrived = comm.DifferentiableAllToAll.apply(rows, send, recv, self.group)   # source-major, expert-minor
@@ -62,8 +66,8 @@ class ExpertDispatch:
 
 def expert_parallel(moe: MoE, group=None, replicate_group=None) -> MoE:
     """Shard `moe`'s experts over `group` in place: this rank keeps its contiguous block (`moe.expert_ids`), the
-    router stays replicated. `replicate_group`: the ranks holding the same block (ep inside dp), for
-    `reduce_gradients`. Returns the module."""
+    router stays replicated. `replicate_group`: the ranks holding the same block (ep inside dp), recorded for
+    `reduce_gradients`, and checked here (collectively) to hold one block. Returns the module."""
     if not isinstance(moe, MoE):
         raise TypeError(f"expert_parallel takes a minidist.moe.MoE, got {type(moe).__name__}")
     if moe.dispatch is not None:
@@ -72,29 +76,49 @@ def expert_parallel(moe: MoE, group=None, replicate_group=None) -> MoE:
     if moe.n_experts % n:
         raise ValueError(f"{moe.n_experts} experts not divisible by the expert-parallel size {n}")
     per_rank = moe.n_experts // n
+    if replicate_group is not None:   # collective: every rank reaches the same verdict, so none is left waiting
+        blocks = comm.all_gather_cat(torch.tensor([rank]), replicate_group).tolist()
+        if len(set(blocks)) > 1:
+            raise ValueError(f"replicate_group holds ranks with different blocks of experts (expert-parallel ranks "
+                             f"{blocks}): a replica group must hold the same experts")
     moe.expert_ids = list(range(rank * per_rank, (rank + 1) * per_rank))
-    moe.experts = torch.nn.ModuleList(moe.experts[e] for e in moe.expert_ids)
+    # keyed by the global id: this rank's state_dict says experts.5.gate.weight for expert 5, so a checkpoint keeps
+    # each expert under its own name (checkpoint.save writes every rank's distinct names; a load reshards)
+    moe.experts = torch.nn.ModuleDict({str(e): moe.experts[str(e)] for e in moe.expert_ids})
     for p in moe.experts.parameters():
         p.expert_parallel = True   # reduce_gradients: all-reduced over the replicas only
     moe.ep_group, moe.replicate_group = group, replicate_group
-    moe.dispatch = ExpertDispatch(moe.experts, group)
+    moe.dispatch = ExpertDispatch(list(moe.experts.values()), group)
     return moe
 
 
-def reduce_gradients(model: torch.nn.Module, dp_group=None, replicate_group=None) -> None:
+_RECORDED = object()
+
+
+def reduce_gradients(model: torch.nn.Module, dp_group=None, replicate_group=_RECORDED) -> None:
     """After backward, with each rank's loss the mean over its own tokens: make every gradient the one of the mean
     over the `dp_group` (every rank that holds different tokens, the ep ranks included). Replicated parameters (the
-    router, attention, ...): all-reduce over dp_group, / its size. Expert parameters: all-reduce over
-    `replicate_group` only (None: no replicas), / the dp size."""
+    router, attention, ...): all-reduce over dp_group, / its size. Expert parameters: all-reduce over their replicas
+    only, / the dp size. The replicas are the group `expert_parallel` recorded on each MoE; a `replicate_group`
+    passed here must be that one (it is refused otherwise), and is used for expert parameters outside a minidist MoE
+    (tagged `p.expert_parallel`, as reference.deepspeed_moe does)."""
+    recorded = {}
+    for m in model.modules():
+        if isinstance(m, MoE) and m.dispatch is not None:
+            if replicate_group is not _RECORDED and replicate_group is not m.replicate_group:
+                raise ValueError("reduce_gradients: replicate_group differs from the one expert_parallel recorded for "
+                                 "this MoE (expert_parallel(moe, group, replicate_group) decides it)")
+            recorded |= {id(p): m.replicate_group for p in m.experts.parameters()}
     n = comm.group_size(dp_group)
     for p in model.parameters():
         if p.grad is None:
             continue
-        expert = getattr(p, "expert_parallel", False)
-        if not expert:
+        if not getattr(p, "expert_parallel", False):
             comm.all_reduce_(p.grad, dp_group)
-        elif replicate_group is not None:
-            comm.all_reduce_(p.grad, replicate_group)
+        else:
+            group = recorded.get(id(p), None if replicate_group is _RECORDED else replicate_group)
+            if group is not None:
+                comm.all_reduce_(p.grad, group)
         p.grad.div_(n)
 
 
@@ -119,13 +143,14 @@ def layout_costs(tokens: int, d_model: int, d_ff: int, n_experts: int, top_k: in
         DP  every rank holds every expert; the gradients are all-reduced: 2 (N-1)/N x E x 3 d F x element
         EP  E / N experts per rank; all-to-all of the rows (there and back, forward and backward), a share (N-1)/N
             of them to other ranks: 4 (N-1)/N x tokens x k x d x element
-        TP  every expert cut in N (Megatron column/row): an all-reduce of the layer's output forward and of its input
-            gradient backward: 2 x 2 (N-1)/N x tokens x k x d x element (the other ranks' tokens gathered first
-            would add more; not counted)
+        TP  every expert cut in N (Megatron column/row); each rank holds 1/N of every expert, so it must see all N
+            ranks' tokens: all-gather the inputs and reduce-scatter the outputs forward (the k chosen experts'
+            partial outputs are summed locally first, one d-row per token), the duals backward; each moves
+            (N-1)/N of N x tokens rows: 4 (N-1) x tokens x d x element, N/k times EP's
     And, for scale, a dense MLP with the same FLOPs per token (hidden k F) under DP: its gradients' all-reduce."""
     expert = 3 * d_model * d_ff
     share = (world - 1) / world
     return {"DP": (n_experts * expert, 2 * share * n_experts * expert * element),
             "EP": (n_experts * expert // world, 4 * share * tokens * top_k * d_model * element),
-            "TP": (n_experts * expert // world, 4 * share * tokens * top_k * d_model * element),
+            "TP": (n_experts * expert // world, 4 * (world - 1) * tokens * d_model * element),
             "dense, same FLOPs (DP)": (top_k * expert, 2 * share * top_k * expert * element)}

@@ -41,11 +41,8 @@ def loss_of(moe: MoE, x, y) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def held(moe: MoE) -> dict:
-    """name -> parameter, for the parameters this rank holds, experts under their global index."""
-    out = {f"router.{k}": v for k, v in moe.router.named_parameters()}
-    for e, expert in zip(moe.expert_ids, moe.experts):
-        out |= {f"experts.{e}.{k}": v for k, v in expert.named_parameters()}
-    return out
+    """name -> parameter, for the parameters this rank holds (experts are named by their global id)."""
+    return dict(moe.named_parameters())
 
 
 def ep_against_one_process(n_experts: int, replicas: int = 1, capacity_factor=None, mistake: bool = False) -> dict:
@@ -74,7 +71,10 @@ def ep_against_one_process(n_experts: int, replicas: int = 1, capacity_factor=No
             ep_out, loss = loss_of(moe, xr, yr)
             loss.backward()
         out["forward"] = max(out["forward"], (ep_out - expected).abs().max().item())
-        reduce_gradients(moe, None, mesh.group("ep") if mistake else replicate)
+        if mistake:   # the experts "averaged" over the ep group, as if its ranks held replicas
+            for p in moe.experts.parameters():
+                comm.all_reduce_(p.grad, mesh.group("ep"))
+        reduce_gradients(moe)
         if step == 0:
             group = mesh.members["ep"]   # the ranks whose tokens this rank's experts serve
             chosen = [route(reference.router(chunks[g][0].reshape(-1, D_MODEL)), TOP_K)[2] for g in group]
@@ -89,18 +89,20 @@ def ep_against_one_process(n_experts: int, replicas: int = 1, capacity_factor=No
             opt.zero_grad()
     ref = held(reference)
     out["weights"] = max((p - ref[k]).abs().max().item() for k, p in held(moe).items())
-    out["expert_ids"] = moe.expert_ids
+    out["expert_ids"], out["dropped"] = moe.expert_ids, moe.dropped
     return out
 
 
 def planted_capacity(capacity_factor: float = 0.5, tokens: int = 16, n_experts: int = 4) -> dict:
-    """A routing planted through the router (token s: first choice s % 2, second choice 2 + s % 3 % 2: every expert
-    overloaded), capacity C = ceil(c * S * k / E): the assignments dropped (MoE.dropped) against the formula
-    sum_e max(0, n_e - C); which ones were kept against a plain queue (first choices before second choices, tokens in
-    order), per expert; the largest output of a token none of whose assignments was kept (must be 0)."""
+    """A routing planted through the router (E = 4 experts, token s: first choice s % 2, second choice 3 if s % 6 == 1
+    else 2: experts 0, 1 and 2 overloaded, expert 3 under capacity), C = ceil(c * S * k / E): the assignments dropped
+    (MoE.dropped) against the formula sum_e max(0, n_e - C); how many assignments the layer kept differently from a
+    plain queue (first choices before second choices, tokens in order: GShard); the largest output of a token none of
+    whose assignments was kept (must be 0)."""
     torch.manual_seed(0)
     moe = MoE(n_experts, 8, n_experts, TOP_K, capacity_factor=capacity_factor)
-    chosen = torch.stack([torch.arange(tokens) % 2, 2 + torch.arange(tokens) % 3 % (n_experts - 2)], 1)   # (S, k)
+    s = torch.arange(tokens)
+    chosen = torch.stack([s % 2, torch.where(s % 6 == 1, 3, 2)], 1)   # (S, k)
     with torch.no_grad():
         moe.router.weight.copy_(torch.eye(n_experts))   # logits = x, and x scores the first choice highest
     x = 4 * torch.nn.functional.one_hot(chosen[:, 0], n_experts) + 2 * torch.nn.functional.one_hot(chosen[:, 1],
@@ -117,9 +119,58 @@ def planted_capacity(capacity_factor: float = 0.5, tokens: int = 16, n_experts: 
     return {"dropped": moe.dropped, "formula": int((per_expert - cap).clamp(min=0).sum()), "capacity": cap,
             "assignments": tokens * TOP_K, "kept": moe.tokens_per_expert.tolist(),
             "kept_formula": per_expert.clamp(max=cap).tolist(),
-            "same_kept": bool((keep_within_capacity(chosen, n_experts, cap) == kept).all()),
+            "kept_differently": int((keep_within_capacity(chosen, n_experts, cap) != kept).sum()),
             "none_kept": int(none_kept.sum()),
             "dropped_tokens_output": out[none_kept].abs().max().item() if none_kept.any() else 0.0}
+
+
+def all_to_all_demo() -> dict:
+    """All-to-all, even and uneven, on this rank (for the chapter's primer): rank r holds the values 10 r + j, j the
+    destination; even: one value to each rank; uneven: r + 1 copies of 10 r + j to rank j."""
+    n, r = dist.get_world_size(), dist.get_rank()
+    even = comm.all_to_all(torch.tensor([10 * r + j for j in range(n)]))
+    rows = torch.tensor([10 * r + j for j in range(n) for _ in range(r + 1)])
+    uneven = comm.all_to_all_uneven(rows, [r + 1] * n, [i + 1 for i in range(n)])
+    return {"sent": [10 * r + j for j in range(n)], "even": even.tolist(), "uneven": uneven.tolist()}
+
+
+def router_gradient(top_k: int = 2, tokens: int = 16, n_experts: int = 4, seed: int = 0) -> dict:
+    """The task loss's gradient on the router logits (no aux loss): the largest on a logit the token did not choose,
+    and the mean size of those on the chosen ones. With renormalized top-k the weights are a softmax over the chosen logits only,
+    so the first is exactly 0 (only the load-balancing loss reaches the unchosen logits)."""
+    torch.manual_seed(seed)
+    moe = MoE(D_MODEL, D_FF, n_experts, top_k)
+    logits = []
+    moe.router.register_forward_hook(lambda module, args, out: logits.append(out) or out.retain_grad())
+    moe(torch.randn(1, tokens, D_MODEL)).square().sum().backward()
+    grad, chosen = logits[0].grad, torch.nn.functional.one_hot(logits[0].topk(top_k, -1).indices, n_experts).sum(1)
+    return {"unchosen": grad[chosen == 0].abs().max().item(), "chosen": grad[chosen == 1].abs().mean().item()}
+
+
+def tp_expert_bytes(tokens: int = 6) -> dict:
+    """One expert cut over the world in Megatron's way (gate and up by rows of F, down by columns), each rank with its
+    own `tokens` tokens: all-gather the inputs, run this rank's slice on all of them, reduce-scatter the partial
+    outputs back to their owners; then backward. The largest output and input-gradient difference against the whole
+    expert on this rank's tokens, and the bytes this rank sent (counted, minidist's ring) against layout_costs' TP."""
+    from ..moe import Expert, layout_costs
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(0)
+    whole = Expert(D_MODEL, D_FF * world)
+    mine = Expert(D_MODEL, D_FF)
+    with torch.no_grad():
+        for name in ("gate", "up"):
+            getattr(mine, name).weight.copy_(getattr(whole, name).weight.chunk(world, 0)[rank])
+        mine.down.weight.copy_(whole.down.weight.chunk(world, 1)[rank])
+    x = torch.randn(world, tokens, D_MODEL, generator=torch.Generator().manual_seed(1))[rank].requires_grad_()
+    with comm.ByteLedger() as ledger, comm.ring_backend():
+        out = comm.reduce_scatter(mine(comm.all_gather(x)))        # (N S, d) partial sums -> (S, d) this rank's
+        out.square().sum().backward()
+    ref_x = x.detach().clone().requires_grad_()
+    expected = whole(ref_x)
+    expected.square().sum().backward()
+    theory = layout_costs(tokens, D_MODEL, D_FF * world, 1, 1, world, element=4)["TP"][1]
+    return {"forward": (out - expected).abs().max().item(), "input_grad": (x.grad - ref_x.grad).abs().max().item(),
+            "bytes": ledger.total_bytes(), "bytes_theory": theory, "counted": ledger.counted}
 
 
 def _timed(fn, world_size, *args):
@@ -148,7 +199,7 @@ def check_expert_parallel(world_size: int) -> list[dict]:
 def check_capacity(world_size: int) -> list[dict]:
     start = time.perf_counter()
     r = planted_capacity()
-    ok_kept = r["kept"] == r["kept_formula"] and r["same_kept"] and r["none_kept"] > 0
+    ok_kept = r["kept"] == r["kept_formula"] and r["kept_differently"] == 0 and r["none_kept"] > 0
     return [make_row(f"capacity 0.5: {r['dropped']} of {r['assignments']} assignments dropped (C={r['capacity']})",
                      "sum_e max(0, n_e - C), planted",
                      max_abs_diff=abs(r["dropped"] - r["formula"]) + (0 if ok_kept else 1) + r["dropped_tokens_output"],

@@ -91,10 +91,7 @@ def mixtral_ep_against_one_process(steps: int = 4, rows: int = 8, block: int = 1
     ref_params = dict(reference.named_parameters())
     diff = 0.0
     for name, p in model.named_parameters():
-        dense = name
-        if ".experts." in name:   # experts.<local index>.<...>: the global expert of this rank's block
-            layer_name, local, rest = name.split(".experts.")[0], *name.split(".experts.")[1].split(".", 1)
-            dense = f"{layer_name}.experts.{model.get_submodule(layer_name).expert_ids[int(local)]}.{rest}"
+        dense = name   # experts keep their global names (experts.<global id>.<...>) when sharded
         expected = local_shard(model, name, ref_params[dense].detach(), mesh.group("tp")) if tp > 1 \
             else ref_params[dense]
         diff = max(diff, (p - expected).abs().max().item())

@@ -49,7 +49,8 @@ def keep_within_capacity__per_choice_capacity(chosen, n_experts, cap):
 
 
 def permute__unstable_sort(x, chosen, keep, n_experts):
-    """Sorts by expert without stability (descending-token tie order): tokens of one expert come out of order."""
+    """Sorts by expert without stability (descending-token tie order): the output is still right (unpermute inverts
+    any order), but it breaks permute's stated convention, rows of one expert in token order."""
     k = chosen.shape[1]
     experts = chosen.reshape(-1)
     kept = keep.reshape(-1).nonzero().squeeze(1).flip(0)
