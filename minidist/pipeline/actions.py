@@ -34,8 +34,16 @@ class Action:
 
 
 class VSchedule(list):
-    """A schedule (one list of Actions per rank) whose two chunks per rank sit in a V (see the module docstring)."""
+    """A schedule (one list of Actions per rank) whose two chunks per rank sit in a V (see the module docstring).
+    A slice or copy() stays a VSchedule; list(s) does not (PipelineRuntime then takes v_shape=True)."""
     v_shape = True
+
+    def __getitem__(self, i):
+        got = super().__getitem__(i)
+        return VSchedule(got) if isinstance(i, slice) else got
+
+    def copy(self):
+        return VSchedule(self)
 
 
 def is_v(schedule) -> bool:
