@@ -130,12 +130,21 @@ def test_the_runtime_equals_one_process_and_torch_at_2_ranks():
         assert sum(ours[k]["bytes"] for ours, _ in per_rank) == v_message_bytes(m, p)
 
 
-def test_bench_pp_refuses_a_v_schedule_on_too_few_layers():
-    from minidist.bench.pp import bench_pp   # the run itself: tests/test_pipeline.py's bench test (one tokenizer)
+def test_bench_pp_refuses_on_the_host_what_it_cannot_run():
+    from minidist.bench.pp import bench_pp, check_pp   # the run itself: tests/test_pipeline.py's bench test
     with pytest.raises(ValueError, match="a V schedule cuts the model into 2p = 6 stages: 4 layers are too few"):
-        bench_pp(3, schedule="zbv", microbatches=6, batch_size=12)
+        bench_pp(3, schedule="zbv", microbatches=6, batch_size=12, n_layer=4)
     with pytest.raises(ValueError, match=r"bench pp compares the schedules \['1f1b', 'dualpipev', 'zbv'\]"):
         bench_pp(2, schedule="zb")
+    with pytest.raises(ValueError, match=r"DualPipeV needs at least as many micro-batches as stages: m=4 < 2p = 6"):
+        bench_pp(3, schedule="dualpipev")                  # refused before any rank starts
+    with pytest.raises(ValueError, match="torch's Schedule1F1B needs micro-batches >= ranks: got 2 micro-batches"):
+        check_pp(3, 2, 12, None, "1f1b")
+    with pytest.raises(ValueError, match="5 micro-batches do not divide the batch of 16"):
+        check_pp(2, 5, 16, None, "zbv")
+    # layers: 4 by default, 2p for a V at p > 2; ZB-V takes m < p
+    assert [check_pp(3, 1, 12, None, "zbv"), check_pp(3, 6, 12, None, "dualpipev"), check_pp(8, 8, 16, None, "1f1b"),
+            check_pp(2, 4, 16, None, "dualpipev")] == [6, 6, 4, 4]
 
 
 def p3_runs_and_refusals() -> tuple[list[dict], list[str], bool]:

@@ -53,24 +53,36 @@ def pp_step_times(microbatches: int, steps: int, warmup: int, batch_size: int, n
 
 
 def bench_pp(world_size: int = 2, steps: int = 20, warmup: int = 3, microbatches: int = 4,
-             batch_size: int = 16, n_layer: int = 4, schedule: str = "1f1b") -> dict:
+             batch_size: int = 16, n_layer: int | None = None, schedule: str = "1f1b") -> dict:
     """minidist's pipeline against torch's schedule of the same name (1f1b, zbv, dualpipev): median step times and
-    their ratio."""
+    their ratio. n_layer: default 4, and at least 2p for a V schedule (2 chunks per rank)."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    if schedule not in TORCH:
-        raise ValueError(f"bench pp compares the schedules {sorted(TORCH)} with torch's, got {schedule!r}")
-    if schedule != "1f1b" and n_layer < 2 * world_size:
-        raise ValueError(f"a V schedule cuts the model into 2p = {2 * world_size} stages: {n_layer} layers are too few")
-    if microbatches < world_size or batch_size % microbatches:
-        raise ValueError(f"need micro-batches >= ranks (torch's Schedule1F1B requires it) dividing the batch: got "
-                         f"{microbatches} micro-batches, {world_size} ranks, batch {batch_size}")
+    n_layer = check_pp(world_size, microbatches, batch_size, n_layer, schedule)
     per_rank = launch(pp_step_times, world_size, microbatches, steps, warmup, batch_size, n_layer, schedule)
     medians = {name: max(r[name] for r in per_rank) for name in per_rank[0]}  # the slowest rank sets the pace
     return {"world_size": world_size, "model": f"tiny-gpt, {n_layer} layers", "schedule": schedule, "steps": steps,
             "warmup": warmup, "microbatches": microbatches, "batch_size": batch_size,
             "minidist_s": medians["minidist"], "reference_s": medians["reference"],
             "ratio": medians["minidist"] / medians["reference"]}
+
+
+def check_pp(world_size: int, microbatches: int, batch_size: int, n_layer: int | None, schedule: str) -> int:
+    """Refuse, on the host before any rank starts, what the bench cannot run; return the number of layers."""
+    from ..pipeline.schedule import build
+    if schedule not in TORCH:
+        raise ValueError(f"bench pp compares the schedules {sorted(TORCH)} with torch's, got {schedule!r}")
+    v_shape = schedule != "1f1b"
+    n_layer = n_layer or (max(4, 2 * world_size) if v_shape else 4)
+    if v_shape and n_layer < 2 * world_size:
+        raise ValueError(f"a V schedule cuts the model into 2p = {2 * world_size} stages: {n_layer} layers are too few")
+    if batch_size % microbatches:
+        raise ValueError(f"{microbatches} micro-batches do not divide the batch of {batch_size}")
+    if not v_shape and microbatches < world_size:
+        raise ValueError(f"torch's Schedule1F1B needs micro-batches >= ranks: got {microbatches} micro-batches, "
+                         f"{world_size} ranks")
+    build(schedule, world_size, microbatches)   # the schedule's own refusals (DualPipeV: m >= 2p); ZB-V takes any m
+    return n_layer
 
 
 def format_pp(result: dict) -> str:
