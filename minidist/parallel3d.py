@@ -36,7 +36,8 @@ from .launch import device
 from .mesh import AXES
 from .models import lm_loss
 from .pipeline.runtime import PipelineRuntime
-from .pipeline.schedule import build, shape
+from .pipeline.schedule import build
+from .pipeline.schedule import shape as schedule_shape
 from .pipeline.stages import parameter_names, rank_stages, split_gpt
 from .tensor_parallel.plans import GPT_PLAN, full_parameters, local_shard, parallelize
 from .tensor_parallel.vocab import vocab_parallel_cross_entropy
@@ -139,7 +140,7 @@ class ParallelRun:
             raise ValueError(f"ParallelRun needs a mesh with the axes {AXES} (Mesh.build(dp=.., pp=.., cp=.., tp=..)), "
                              f"got {tuple(mesh.shape)}")
         plan = build(schedule, mesh.pp, microbatches)     # refused before the model is changed
-        if (v := shape(plan)[2]) > 1:                     # interleaved, and the V schedules (zbv, dualpipev)
+        if (v := schedule_shape(plan)[2]) > 1:            # interleaved, and the V schedules (zbv, dualpipev)
             raise ValueError(f"ParallelRun runs one pipeline stage per rank: schedule {schedule!r} runs {v} chunks "
                              f"per rank, not supported; use 'gpipe', '1f1b' or 'zb'")
         self.mesh, self.cfg = mesh, model.cfg

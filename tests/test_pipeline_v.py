@@ -202,3 +202,19 @@ def test_a_b_right_before_its_w_runs_as_one_fused_backward():
     # DualPipeV, p = 2, m = 4 (grid above): rank 0 runs each of its 8 B right before its W, rank 1 all but B3.1 and
     # B3 (B3.1 B3 W3.1 W3): only those two are cut into B and W. Their gradients: the equivalence test above.
     assert launch(split_backwards, 2, "dualpipev", 4) == [0, 2]
+
+
+def test_place_and_stage_of_refuse_what_the_placement_lacks():
+    from minidist.pipeline.schedule import place
+    for call, message in ((lambda: place(4, 2, True), "stage 4 is not a stage of the V on 2 ranks (0 .. 3)"),
+                          (lambda: place(-1, 2), "stage -1 is not a stage of the looped placement on 2 ranks"),
+                          (lambda: place(0, 0), "p must be a positive integer, got 0"),
+                          (lambda: stage_of(2, 0, 2), "rank 2, chunk 0 is not a place of the looped placement on 2 "
+                                                      "ranks (ranks 0 .. 1"),
+                          (lambda: stage_of(0, 2, 2, True), "rank 0, chunk 2 is not a place of the V placement on 2 "
+                                                            "ranks (ranks 0 .. 1, chunks 0 and 1)"),
+                          (lambda: stage_of(0, -1, 3), "rank 0, chunk -1 is not a place of the looped")):
+        with pytest.raises(ValueError) as error:
+            call()
+        assert str(error.value).startswith(message), error.value
+    assert place(5, 2) == (1, 2) and stage_of(1, 2, 2) == 5      # looped: any number of chunks
