@@ -12,8 +12,8 @@ V: r for chunk 0, 2p - 1 - r for chunk 1, pipeline/actions.py):
      the mean loss), send the output (b, T, C) to stage s + 1. Its activations stay saved for the backward.
   B  receive d loss / d output from stage s + 1 (the last stage starts from its loss), run the backward, send
      d loss / d input to stage s - 1. When the schedule has W, B computes only the input gradient (backward.py),
-     unless its W comes right after it on this rank: then B runs the whole backward at once (as cheap as one
-     backward; split, it costs about twice that) and that W does nothing.
+     unless its W comes right after it on this rank: then B runs the whole backward at once (one pass over the
+     graph; split into B and W it walks it twice) and that W does nothing.
   W  compute the weight gradients B left for later; only then are the micro-batch's activations freed.
 
 Messages follow a plan made before the step (pipeline/messages.py): between two actions a rank issues one batch
