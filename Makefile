@@ -44,7 +44,7 @@ clean:
 # runs in `make test`).
 STRICT_TESTS := tests/test_strict_p2p.py tests/test_comm.py tests/test_collectives.py tests/test_comm_counted.py \
 	tests/test_flight.py tests/test_context_parallel.py tests/test_pipeline.py tests/test_pipeline_schedule.py \
-	tests/test_parallel3d.py
+	tests/test_parallel3d.py tests/test_moe.py
 strict-p2p: $(STAMP)               ## the tour at 2 ranks and the p2p-heavy tests under MINIDIST_STRICT_P2P=1
 	MINIDIST_STRICT_P2P=1 $(BIN)/python -m minidist tour --world-size 2 --quiet
 	MINIDIST_STRICT_P2P=1 $(BIN)/python -m pytest $(STRICT_TESTS) -k "not calibrated_bubbles" $(PYTEST_ARGS)

@@ -58,3 +58,41 @@ def all_gather_parameters(shards: list[torch.Tensor], group=None) -> list[torch.
     #       every rank's piece in rank order (each output is N times as long as its shard).
     raise NotImplementedError("exercise zero_all_gather: write this part")
     # ---- end of exercise zero_all_gather --------------------------------------------------------------
+
+
+def used_on_some_rank(params: list[torch.Tensor], group=None) -> list[bool]:
+    """Which parameters hold a gradient on at least one rank of `group`: a list of bools, the same on every rank.
+
+    A parameter none of whose ranks used it this step must be skipped by the optimizer, as one process skips it
+    (Adam would still move it through its momentum); one that only another rank used must be stepped here too, from
+    the zero gradient this rank contributed. Agree with one all-reduce of one int32 flag per tensor (a handful of
+    bytes, whatever the sizes), on the parameters' device. Graded on 2 ranks: the answer, and the collectives and
+    bytes counted.
+    """
+    # ---- exercise zero_used_on_some_rank (1 point) ------------------------------------------------
+    # hint: one small tensor of flags carries the whole question; which reduction turns "some rank" into a number?
+    #       (minidist.comm has the collectives.)
+    raise NotImplementedError("exercise zero_used_on_some_rank: write this part")
+    # ---- end of exercise zero_used_on_some_rank -------------------------------------------------------
+
+
+def pack_bucket(bucket, params: list, offsets: dict, bucket_of: dict, world: int) -> torch.Tensor:
+    """ZeRO-2's bucket, when its hook launches it: a new zero-padded flat buffer (bucket.dtype, N * ceil(size / N)
+    elements for the bucket's size = bucket.stop - bucket.start, on the parameters' device) holding, at its own
+    place, every piece of a gradient that falls in the bucket; then the full-size gradients the bucket finished.
+
+    Parameter i (params[i], index listed in bucket.params) lies at [offset, offset + numel) of its dtype's flat
+    layout, offsets[i] = (dtype, offset); the bucket covers [bucket.start, bucket.stop) of it, so a parameter may be
+    cut between buckets; bucket_of[i] lists, in launch order, the buckets holding a piece of parameter i. A
+    parameter without a gradient contributes zeros. Once its *last* bucket has its copy, set the parameter's .grad
+    to None: ZeRO-2 keeps no full-size gradient longer than it must (its memory saving; dropped while a later bucket
+    still needs a piece, that piece is lost). Under gradient accumulation what adds up is the reduce-scattered
+    shards, one per micro-step. Graded: by hand (parameters cut by bucket boundaries, padding, a missing gradient,
+    which gradients are dropped when), and ZeRO-2 with 2 micro-steps of accumulation and small buckets that cut
+    parameters, on 2 ranks, against one process.
+    """
+    # ---- exercise zero2_pack_bucket (3 points) -----------------------------------------------------
+    # hint: intersect each parameter's range with the bucket's; both are positions in the same flat layout.
+    # hint: a parameter cut in two lies in two buckets: only the later one may let its gradient go.
+    raise NotImplementedError("exercise zero2_pack_bucket: write this part")
+    # ---- end of exercise zero2_pack_bucket ------------------------------------------------------------

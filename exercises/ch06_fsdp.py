@@ -57,3 +57,41 @@ def prefetch_target(order: list, current):
     # hint: the orders come from the first step: a unit outside it, and the last unit, have nothing to prefetch.
     raise NotImplementedError("exercise fsdp_prefetch: write this part")
     # ---- end of exercise fsdp_prefetch ----------------------------------------------------------------
+
+
+def backward_reached(unit, use: int) -> bool:
+    """Pre-backward detection: called from the hook on every output tensor of `unit` that needs a gradient, when
+    backward reaches that tensor; `use` numbers the forward (in grad mode) that produced it. True when the unit's
+    backward work starts now (gather it again, prefetch, ...), with unit.training_state set to PRE_BACKWARD; False
+    for a hook that finds that work already started or done in this backward (a unit with several outputs; outputs
+    recomputed by activation checkpointing, possibly after the unit's gradients were reduce-scattered).
+
+    unit.backward_use is None until the first hook of this backward, then the `use` it carried: a hook carrying
+    another use means the unit ran forward twice for one backward (a module applied twice, two forwards summed into
+    one loss), which units cannot do (one gather and one reduce-scatter per backward): raise a RuntimeError
+    containing "ran forward more than once for one backward" and the unit's name (unit.name). Graded: by hand in
+    every state, and FSDP with reentrant recomputation and with a unit used twice, on 2 ranks.
+    """
+    # ---- exercise fsdp_pre_backward (2 points) -----------------------------------------------------
+    # hint: which of the four training states (TrainingState, in minidist.fsdp.state) mean "this backward has
+    #       already reached me"?
+    raise NotImplementedError("exercise fsdp_pre_backward: write this part")
+    # ---- end of exercise fsdp_pre_backward ------------------------------------------------------------
+
+
+def copy_out(gathered: torch.Tensor, unit, into=None) -> list[torch.Tensor]:
+    """Copy-out: a unit's all-gathered flat buffer (N * chunk elements, rank-major: rank r's slots of every parameter
+    end to end) split into each parameter's full tensor (its N slots of rows, one after another, padding dropped),
+    written into `into` (each parameter's padded buffer of N * rows rows) or new tensors.
+
+    The layout (shard_parameters): unit.n ranks; parameter i of shape unit.shapes[i] gets a slot of unit.pads[i] =
+    ceil(d0 / N) rows, unit.sizes[i] elements, at unit.offsets[i] of every rank's chunk of unit.chunk elements; rank
+    r's slot holds rows [r * pads[i], (r + 1) * pads[i]) (padding where they run past d0). Returns, per parameter, a
+    tensor of its shape: a view of into[i] (whose first d0 rows it is) when `into` is given. Graded: by hand on 3
+    ranks (a parameter with fewer rows than ranks, 1-D and 2-D ones), into given buffers, and FSDP on 2 ranks.
+    """
+    # ---- exercise fsdp_copy_out (2 points) ---------------------------------------------------------
+    # hint: viewed as (N, chunk), the gathered buffer has one row per rank; a parameter's slot is the same columns
+    #       of every row, and the ranks' slots stacked in rank order are its padded rows.
+    raise NotImplementedError("exercise fsdp_copy_out: write this part")
+    # ---- end of exercise fsdp_copy_out ----------------------------------------------------------------

@@ -29,6 +29,45 @@ def one_f_one_b(p: int, m: int) -> list[list[Action]]:
     return schedule
 
 
+def interleaved_1f1b(p: int, m: int, v: int = 2) -> list[list[Action]]:
+    """Megatron-LM's interleaved 1F1B: v chunks per rank, micro-batches in groups of p through each chunk in turn.
+
+    The k-th forward of a rank is micro-batch (k // (p v)) p + k % p on chunk (k // p) % v; its k-th backward the
+    same micro-batch on chunk v - 1 - (k // p) % v. Rank r warms up with 2 (p - r - 1) + (v - 1) p forwards.
+    """
+    # Then, as in 1F1B: one forward and one backward in turn, then the drain; a warm-up longer than the m v forwards
+    # is cut to them. Graded: exact lists by hand, that they validate, the bubble (p - 1)/(v m + p - 1) simulated.
+    _check(p=p, m=m, v=v)
+    if m % p:
+        raise ValueError(f"interleaved 1F1B sends micro-batches through the chunks in groups of p: the number of "
+                         f"micro-batches m={m} must be divisible by the number of ranks p={p}")
+    if v == 1:  # one chunk is plain 1F1B (Megatron's interleaved warm-up assumes v > 1)
+        return one_f_one_b(p, m)
+    schedule = []
+    # ---- exercise interleaved_1f1b (3 points) ------------------------------------------------------
+    # hint: a rank's forwards, numbered k = 0 .. m v - 1, sweep p micro-batches through chunk 0, the same p through
+    #       chunk 1, ..., then the next p micro-batches; its backwards sweep the same groups, chunks last to first.
+    # hint: a warm-up longer than the forwards there are is cut, as 1F1B's is (p = m = 4, v = 2: rank 0).
+    raise NotImplementedError("exercise interleaved_1f1b: write this part")
+    # ---- end of exercise interleaved_1f1b -------------------------------------------------------------
+    return schedule
+
+
+def waits_for(action: Action, rank: int, p: int, stages: int, v_shape: bool = False):  # (rank, Action) or None
+    """The (rank, action) on another stage that `action` of `rank` needs first, or None (v_shape: the V placement).
+
+    F of virtual stage s needs the forward of stage s - 1 (its input); B of stage s needs the backward of stage
+    s + 1 (the gradient of its output). W and the first forward / last backward need nothing from elsewhere.
+    Chunk c of rank r is virtual stage c p + r; with v_shape, rank r holds stages r and 2p - 1 - r. Graded: every
+    action of interleaved schedules (p = 2, 3; v = 1, 2, 3) against the stages worked out by hand.
+    """
+    # ---- exercise waits_for (2 points) -------------------------------------------------------------
+    # hint: go from (rank, chunk) to the stage, step one stage along the pipeline, and come back to (rank, chunk);
+    #       for the V placement, this module already maps both ways between (rank, chunk) and stages.
+    raise NotImplementedError("exercise waits_for: write this part")
+    # ---- end of exercise waits_for --------------------------------------------------------------------
+
+
 def validate(schedule) -> list[tuple[int, Action]]:
     """Check that `schedule` can run; return all its actions as (rank, action) in an order that runs them.
 

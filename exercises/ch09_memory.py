@@ -13,6 +13,20 @@ from minidist.memory.accounting import activation_bytes_per_layer
 from minidist.memory.recompute import POLICIES
 
 
+def capture_state(tensors) -> dict:
+    """What the recomputation must replay, taken when a checkpointed segment's forward starts: a dict
+        "cpu":      the CPU's random-number state (a snapshot: later draws must not change it)
+        "devices":  {device: its random-number state} for every non-CPU device holding one of `tensors` (CPU: {})
+        "autocast": (device type, enabled, dtype): autocast's setting for the type of those devices ("cpu" if none)
+    as replayed(state) restores it. Graded: a dropout block recomputed with it gives bit-identical gradients, also
+    under CPU autocast in bf16; the snapshot unchanged by later draws; the autocast entry in and out of autocast."""
+    # ---- exercise capture_state (2 points) ---------------------------------------------------------
+    # hint: each device type has its own module for its generator (torch.get_device_module), and its own autocast
+    #       switch: ask about the device type the segment runs on, not the default one.
+    raise NotImplementedError("exercise capture_state: write this part")
+    # ---- end of exercise capture_state ----------------------------------------------------------------
+
+
 def recompute_gradients(fn, inputs: list, state: dict, grad_outputs: tuple) -> list:
     """The backward of a checkpointed segment: gradients of `inputs` (None where an input is not a tensor or needs
     no gradient), given the gradients of the segment's outputs; the parameters used by `fn` get theirs accumulated

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from minidist.compression.powersgd import PowerSGDState
+
 
 def allreduce_hook(group, bucket) -> torch.futures.Future[torch.Tensor]:
     """The plain hook, DataParallel's own reduction (and torch's default_hooks.allreduce_hook): divide the bucket by
@@ -95,3 +97,20 @@ def power_iteration(ms: list[torch.Tensor], qs: list[torch.Tensor], group=None, 
     #       views of the given shapes.
     raise NotImplementedError("exercise power_iteration: write this part")
     # ---- end of exercise power_iteration --------------------------------------------------------------
+
+
+def initial_qs(ms: list[torch.Tensor], state: PowerSGDState) -> list[torch.Tensor]:
+    """PowerSGD's first Q for each matrix M of `ms` (n x m): an m x r matrix, r = min(n, m,
+    state.matrix_approximation_rank), with orthonormal columns (orthogonalize_, with state.orthogonalization_epsilon),
+    in M's dtype and on its device; random, and *the same on every rank*: P = M Q is all-reduced, which averages
+    the M's only if every rank multiplied by the same Q. Draw them as torch's PowerSGD does, so both hooks give the
+    same weights: one seed per call, state.rng.randint(1_000_000_000) (a NumPy generator every rank seeded alike),
+    for a CPU torch generator; then each matrix's Q in order, standard normal, drawn from it in M's dtype. Graded: by
+    hand (shapes, orthonormal, the same under different global seeds, a new draw at each call), and minidist's
+    PowerSGD hook with it against torch's, weights bit for bit, on 2 ranks.
+    """
+    # ---- exercise initial_qs (2 points) ------------------------------------------------------------
+    # hint: the global random stream differs from rank to rank as soon as anything draws from it; a generator of
+    #       your own, seeded from what every rank shares, does not. (orthogonalize_: minidist.compression.powersgd.)
+    raise NotImplementedError("exercise initial_qs: write this part")
+    # ---- end of exercise initial_qs -------------------------------------------------------------------

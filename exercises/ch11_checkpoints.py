@@ -29,6 +29,25 @@ def flat_boxes(shape, start: int, stop: int) -> list[tuple[tuple[int, ...], tupl
     # ---- end of exercise flat_boxes -------------------------------------------------------------------
 
 
+def column_rows(out_features: int, local_out: int, chunks: int, rank: int, valid_out: int) -> list[tuple]:
+    """Which rows of a column-parallel weight (out_features x in, or its bias) rank `rank` holds, for a checkpoint
+    that stores the *global* tensor: a list of (global first row, first row in the local shard, number of rows).
+
+    The local shard has local_out rows. A fused layer (chunks = 3: q|k|v) is `chunks` blocks of out_features /
+    chunks rows, each split evenly over the ranks; the shard holds the rank's slice of each block, in block order
+    (tensor_parallel.shard_output_features). Otherwise (chunks = 1) the rows are padded to local_out * N, a
+    vocabulary that N does not divide, and only the first valid_out rows of the shard are real (0 on a rank holding
+    only padding): the padding is nobody's data and must not be saved. Graded: by hand (q|k|v on 2 and 3 ranks, a
+    509-token vocabulary on 2 and 3 ranks, a rank of padding only), and the boxes of a tensor-parallel GPT on 2 ranks
+    tiling each global tensor once with its values.
+    """
+    # ---- exercise column_rows (2 points) -----------------------------------------------------------
+    # hint: where does block c begin in the global tensor, and where does this rank's slice of it begin within
+    #       the block? And in the shard?
+    raise NotImplementedError("exercise column_rows: write this part")
+    # ---- end of exercise column_rows ------------------------------------------------------------------
+
+
 def read_plan(chunks, offsets, lengths) -> list[tuple[int, tuple, tuple]]:
     """Which parts of which saved chunks fill the box (offsets, lengths) of a global tensor.
 

@@ -59,3 +59,16 @@ def find_stragglers(times: list[float], factor: float = 2.0) -> list[int]:
     # hint: compare each rank with the others, not with a median that includes itself (think of two ranks).
     raise NotImplementedError("exercise find_stragglers: write this part")
     # ---- end of exercise find_stragglers --------------------------------------------------------------
+
+
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals (start <= end), in any order: time covered by several counts once.
+
+    The monitor's communication time: collectives started asynchronously overlap each other and the compute, and a
+    second of waiting on two at once is one second. Graded: by hand (none, disjoint, overlapping, one inside another,
+    touching, unsorted, empty intervals) and against a count of covered unit cells on random integer intervals.
+    """
+    # ---- exercise busy_seconds (2 points) ----------------------------------------------------------
+    # hint: in order of start, an interval adds only the part of it past everything seen so far.
+    raise NotImplementedError("exercise busy_seconds: write this part")
+    # ---- end of exercise busy_seconds -----------------------------------------------------------------

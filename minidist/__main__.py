@@ -38,6 +38,15 @@ def _memory(args) -> int:
 def _plan(args) -> int:
     from dataclasses import replace
     from .planner import SHAPES, Cluster, as_json, format_plans, plan, shape_for
+    if args.experts or args.top_k or args.model in ("mixtral-8x7b", "deepseek-v3"):
+        from dataclasses import asdict
+        from .moe.planning import run_plan
+        plans, text = run_plan(args, Cluster(args.gpus, args.gpu_memory_gb, args.gpus_per_node, args.tflops, args.mfu,
+                                             args.intra_node_gbps, args.inter_node_gbps, args.alpha_us,
+                                             args.reserve_gb))
+        print(text)
+        _write_json(args.json, {"plans": [asdict(p) for p in plans]})
+        return 0
     if args.params is None and args.model is None:
         raise ValueError("give --params P, or --model NAME (or both: --params overrides the model's count)")
     shape = SHAPES[args.model] if args.model else shape_for(args.params, args.seq or 2048)
@@ -70,24 +79,53 @@ class _PlanHelp(argparse.RawDescriptionHelpFormatter):
         return f"{action.help} (default: %(default)s)"
 
 
+class _BenchNames:
+    """bench's choices: "all", the GPT benchmarks registered in bench/suite.py, and the others. Read when a bench
+    command is parsed, not when the parser is built: the registry's package imports the techniques."""
+
+    def names(self) -> list[str]:
+        from .bench.suite import BENCHES
+        return ["all", *BENCHES, *OTHER_BENCHES]
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __contains__(self, name) -> bool:
+        return name in self.names()
+
+
+OTHER_BENCHES = ("buckets", "serve", "flight", "moe")  # no GPT against a reference: no shape flags, not in `bench all`
+SHAPE_FLAGS = {"n_layer": "--n-layer", "n_embd": "--n-embd", "seq": "--seq", "batch_size": "--batch-size"}
+
+
 def _bench(args) -> int:
     from . import bench
-    runs = {  # one benchmark per chapter, each side by side with its PyTorch reference
-        "ddp": lambda: bench.bench_ddp(args.world_size, args.steps, args.warmup, args.bucket_cap_mb),
-        "buckets": lambda: bench.bench_buckets(args.world_size, tuple(args.caps), args.alpha, args.bandwidth,
-                                               args.steps),
-        "tp": lambda: bench.bench_tp(args.world_size, args.steps, args.warmup,
-                                     sequence_parallel=args.sequence_parallel),
-        "pp": lambda: bench.bench_pp(args.world_size, args.steps, args.warmup, args.microbatches,
-                                     schedule=args.schedule),
-        "zero": lambda: bench.bench_zero(args.world_size, args.steps, args.warmup),
-        "fsdp": lambda: bench.bench_fsdp(args.world_size, args.steps, args.warmup),
-        "flight": lambda: bench.bench_flight(args.world_size, args.steps, args.warmup, args.bucket_cap_mb),
-        "serve": lambda: bench.bench_serve(args.world_size, args.requests, args.utilization, args.slots,
-                                           args.pattern, args.repeats, rate=args.rate),
-    }
-    result = runs[args.what]()
-    print(getattr(bench, f"format_{args.what}")(result))
+    from .bench.suite import BENCHES, bench_all, format_all, functions
+    shape = {key: getattr(args, key) for key in SHAPE_FLAGS}
+    if args.what == "all":
+        result = bench_all(args.world_size, args.steps, args.warmup, **shape,
+                           progress=lambda name: print(f"bench all: {name} ...", file=sys.stderr, flush=True))
+        print(format_all(result))
+    elif args.what in BENCHES:
+        run, fmt, _ = functions(args.what)
+        result = run(args.world_size, args.steps, args.warmup, **shape,
+                     **{option: getattr(args, option) for option in BENCHES[args.what].options})
+        print(fmt(result))
+    else:
+        given = [flag for key, flag in SHAPE_FLAGS.items() if shape[key] is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} sets the GPT of the benchmarks {', '.join(['all', *BENCHES])}; "
+                             f"bench {args.what} does not train one")
+        runs = {
+            "buckets": lambda: bench.bench_buckets(args.world_size, tuple(args.caps), args.alpha, args.bandwidth,
+                                                   args.steps),
+            "flight": lambda: bench.bench_flight(args.world_size, args.steps, args.warmup, args.bucket_cap_mb),
+            "serve": lambda: bench.bench_serve(args.world_size, args.requests, args.utilization, args.slots,
+                                               args.pattern, args.repeats, rate=args.rate),
+            "moe": lambda: bench.bench_moe(args.world_size, args.steps, args.warmup, args.tokens),
+        }
+        result = runs[args.what]()
+        print(getattr(bench, f"format_{args.what}")(result))
     _write_json(args.json, result)
     return 0
 
@@ -144,9 +182,14 @@ def main(argv=None) -> int:
                         epilog=PLAN_COLUMNS, formatter_class=_PlanHelp)
     pl.add_argument("--params", type=positive_float,
                     help="number of parameters, e.g. 175e9 (with --model: replaces the count of its shape)")
-    pl.add_argument("--model", choices=["gpt3-175b", "llama3-8b", "llama3-70b", "llama3-405b"],
+    pl.add_argument("--model", choices=["gpt3-175b", "llama3-8b", "llama3-70b", "llama3-405b", "mixtral-8x7b",
+                                        "deepseek-v3"],
                     help="the model's shape (layers, hidden, heads, vocabulary, sequence); without it a GPT-3-like "
-                         "shape for --params")
+                         "shape for --params. mixtral-8x7b and deepseek-v3 are mixtures of experts (an ep axis "
+                         "inside dp; minidist/moe/planning.py)")
+    pl.add_argument("--experts", type=positive_int, help="a mixture of experts: experts per layer (with --model: "
+                                                          "a dense model's MLP becomes E experts)")
+    pl.add_argument("--top-k", type=positive_int, help="a mixture of experts: experts per token (default 2)")
     pl.add_argument("--gpus", type=positive_int, required=True, help="GPUs in all (whole nodes)")
     pl.add_argument("--gpu-memory-gb", type=positive_float, required=True,
                     help="memory per GPU in GB of 1e9 bytes (an '80 GB' H100 holds about 85.5)")
@@ -166,16 +209,24 @@ def main(argv=None) -> int:
     pl.set_defaults(run=_plan)
 
     bench = sub.add_parser("bench", help="time a technique side by side with its reference")
-    bench.add_argument("what", choices=["ddp", "buckets", "tp", "pp", "zero", "fsdp", "serve", "flight"],
-                       help="ddp: DataParallel against torch DDP; buckets: step time across bucket sizes over a "
+    bench.add_argument("what", choices=_BenchNames(), metavar="{all,ddp,tp,pp,zero,fsdp,...,buckets,serve,flight,moe}",
+                       help="all: every benchmark of a GPT against its reference (ddp, tp, pp, zero, fsdp and any "
+                            "registered in minidist/bench/suite.py), one row each; ddp: DataParallel against torch "
+                            "DDP; buckets: step time across bucket sizes over a "
                             "simulated link, measured and predicted by the cost model; tp: parallelize against DTensor "
                             "tensor parallel; pp: the 1F1B pipeline against torch's Schedule1F1B; zero: ZeroOptimizer "
                             "against DDP + ZeroRedundancyOptimizer; fsdp: fully_shard against FSDP2's; serve: "
                             "round-robin against least-outstanding-tokens routing over --world-size replicas; "
-                            "flight: the flight recorder's cost per data-parallel step")
+                            "flight: the flight recorder's cost per data-parallel step; moe: expert_parallel against "
+                            "DeepSpeed's MoE layer and the same layer without EP")
     bench.add_argument("--world-size", type=positive_int, default=2)
     bench.add_argument("--steps", type=positive_int, default=30, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=nonnegative_int, default=5)
+    bench.add_argument("--n-layer", type=positive_int, help="the GPT's blocks (default: the tiny GPT's 2; pp: 4)")
+    bench.add_argument("--n-embd", type=positive_int, help="the GPT's width, a multiple of its 4 heads (default 64)")
+    bench.add_argument("--seq", type=positive_int, help="the GPT's sequence length (default 64)")
+    bench.add_argument("--batch-size", type=positive_int,
+                       help="sequences per rank (ddp, zero, fsdp: default 16) or per step (tp: 8, pp: 16)")
     bench.add_argument("--bucket-cap-mb", type=positive_float, default=0.25, help="ddp, flight: the bucket size")
     bench.add_argument("--caps", type=positive_float, nargs="+", default=[0.02, 0.1, 0.3, 1.0],
                        help="buckets: bucket sizes to sweep (MiB)")
@@ -186,6 +237,7 @@ def main(argv=None) -> int:
     bench.add_argument("--microbatches", type=positive_int, default=4, help="pp: micro-batches per step")
     bench.add_argument("--schedule", choices=["1f1b", "zbv", "dualpipev"], default="1f1b",
                        help="pp: the schedule, against torch's Schedule1F1B, ScheduleZBVZeroBubble, ScheduleDualPipeV")
+    bench.add_argument("--tokens", type=positive_int, default=512, help="moe: tokens per rank and step")
     bench.add_argument("--requests", type=positive_int, default=160, help="serve: requests in the load")
     bench.add_argument("--utilization", type=positive_float, default=0.9,
                        help="serve: the load as a share of the measured capacity (sets the arrival rate)")
@@ -194,7 +246,7 @@ def main(argv=None) -> int:
     bench.add_argument("--pattern", choices=["alternating", "iid"], default="alternating",
                        help="serve: short and long requests in turn, or lengths drawn at random")
     bench.add_argument("--repeats", type=positive_int, default=3, help="serve: rounds per balancer (medians)")
-    bench.add_argument("--json", metavar="PATH")
+    bench.add_argument("--json", metavar="PATH", help='also write the result as JSON (all: {"rows": [...]})')
     bench.set_defaults(run=_bench)
 
     grade = sub.add_parser("grade", help="grade exercises with the tests that check minidist")

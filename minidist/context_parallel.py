@@ -1,9 +1,9 @@
 """Context parallelism: the sequence split across the ranks of a group, attention computed as a ring (ring attention).
 
-Everything in a transformer but attention treats positions independently, so a rank holding T/N of the sequence can
-run it alone. Attention needs every earlier key and value. Ring attention (Liu et al. 2023; the blockwise softmax of
-Milakov & Gimelshein 2018 and FlashAttention) never gathers them: the N ranks form a ring, and each passes its
-key/value block to its right neighbour while it attends to the block it holds.
+Everything in a transformer but attention treats positions independently: a rank holding T/N of the sequence runs
+it alone. Attention needs every earlier key and value. Ring attention (Liu et al. 2023; the blockwise softmax of
+Milakov & Gimelshein 2018, FlashAttention) never gathers them: the N ranks form a ring, each passing its key/value
+block to its right neighbour while it attends to the block it holds.
 
     step s = 0 .. N-1: rank r holds the K/V block of rank (r - s) mod N
         post isend(block, right) + irecv(next block, left): one batch  # the transfer runs ...
@@ -11,26 +11,20 @@ key/value block to its right neighbour while it attends to the block it holds.
         (out, lse) = merge(out, lse, out_s, lse_s)                      # online softmax
         wait for the next block
 
-Online-softmax merge (its state kept in fp32 under bf16 inputs). A partial result over a set of keys is (out, lse):
-the softmax-weighted values over those keys and lse = log sum_j exp(score_j). Two disjoint parts combine exactly:
-lse = log(e^lse_a + e^lse_b) and out = e^(lse_a - lse) out_a + e^(lse_b - lse) out_b. So N partial results merged in
-any order give the attention over the whole sequence: the same numbers as one process, up to rounding.
+Online-softmax merge (its state in fp32 under bf16 inputs). A partial result over a set of keys is (out, lse): the
+softmax-weighted values over those keys and lse = log sum_j exp(score_j). Two disjoint parts combine exactly (see
+merge_partials), so N partial results merged in any order give one process's attention, up to rounding. Memory:
+two K/V blocks at a time (in use, arriving); the scores of one query chunk against one block (no tiling).
 
-Causal load balancing. With the sequence cut in N contiguous pieces, rank 0's queries see only their own keys while
-rank N-1's see everything: N times the work. Cut it into 2N chunks instead and give rank i chunks i and 2N-1-i (an
-early one and a late one, as Megatron-LM's context parallelism does): of the 4 (query chunk, key chunk) pairs of a
-block, every rank then computes 3 on its own block and 2 on each of the N-1 others, the same work everywhere. Pairs
-entirely in the future (every key after every query) are skipped; `stats` counts the score entries each rank really
-computes (per batch row and head).
-Memory: two K/V blocks at a time (the one in use, the one arriving), never the whole sequence's; the scores of one
-query chunk against one block at a time are materialized here (FlashAttention would tile them).
+Causal load balancing. Cut in N contiguous pieces, rank 0's queries see only their own keys, rank N-1's everything:
+N times the work. Cut in 2N chunks, rank i taking chunks i and 2N-1-i (Megatron-LM's context parallelism): of the 4
+(query chunk, key chunk) pairs of a block, every rank computes 3 on its own block and 2 on each of the N-1 others;
+pairs entirely in the future are skipped (causal_pairs). `stats` counts the score entries computed (per row, head).
 
 Backward (exact). Saved: q, k, v, out and the final lse (no scores). Each block's scores are recomputed,
 P = exp(S - lse), and with D = rowsum(dout * out): dV += P^T dout, dS = P * (dout V^T - D), dQ += dS K / sqrt(d),
 dK += dS^T Q / sqrt(d). The K/V blocks travel the ring again, and each block's dK/dV accumulator travels with it,
-one hop behind, until a last hop brings it home to the rank that owns the block.
-
-Bytes one rank sends per attention layer and training step, with a K/V block of KV = 2 b h (T/N) d values:
+one hop behind, until a last hop brings it home to its owner. Bytes a rank sends per layer and step (KV = 2bh(T/N)d):
     forward (N-1) KV;  backward (N-1) KV (the blocks again) + N KV (the accumulators): (3N-2) KV in all (0 at N = 1).
 """
 import math
@@ -108,11 +102,18 @@ def check_positions(positions, n: int, local_len: int) -> torch.Tensor:
     return cpu
 
 
-def _pairs(q_pos: torch.Tensor, k_pos: torch.Tensor):
-    """For each query piece, the key pieces it must see (skipping those entirely in its future). CPU positions:
-    deciding this on the device would wait for it once per pair."""
+def causal_pairs(q_pos: torch.Tensor, k_pos: torch.Tensor) -> list[list[int]]:
+    """For each query piece i (row i of q_pos: (P, c) positions, on the CPU), the key pieces j (rows of k_pos) some of
+    its queries may see, in increasing j: a piece whose every key comes after every query of piece i is skipped. Any
+    positions (unordered, gaps). Graded: by hand; ring attention on 3 ranks with it: results, score entries computed."""
+    # <exercise causal_pairs points=2>
+    # hint: compare positions, not piece numbers; which query of a piece sees most, which key is seen by most?
     q_last, k_first = q_pos.amax(1).tolist(), k_pos.amin(1).tolist()
     return [[j for j, first in enumerate(k_first) if first <= last] for last in q_last]
+    # </exercise>
+
+
+_pairs = causal_pairs  # RingAttention's name for it
 
 
 def _finite(lse: torch.Tensor) -> torch.Tensor:   # -inf (a row that sees no key) as 0: exp(score - lse) is 0, not nan
@@ -126,7 +127,7 @@ def _scores(q, k, q_pos, k_pos, scale):
 
 def block_forward(q, k, v, q_pos, k_pos, pairs, scale, stats=None):
     """(out, lse) of queries q (B, H, P*c, d) at positions q_pos (P, c) over the block k, v at k_pos (P', c);
-    pairs = _pairs(q_pos, k_pos). out and lse in at least fp32."""
+    pairs = causal_pairs(q_pos, k_pos). out and lse in at least fp32."""
     q, k, v = (t.to(torch.promote_types(q.dtype, torch.float32)) for t in (q, k, v))   # at least fp32
     out, lse = torch.zeros_like(q), q.new_full(q.shape[:-1], float("-inf"))
     qs, ks, vs = q.chunk(len(q_pos), 2), k.chunk(len(k_pos), 2), v.chunk(len(k_pos), 2)
@@ -233,7 +234,6 @@ class RingAttention(torch.autograd.Function):
 
 def ring_attention(q, k, v, group=None, positions: torch.Tensor | None = None, stats: dict | None = None):
     """Causal self-attention of this rank's slice of the sequence, exact, over every rank's keys and values.
-
     q, k, v: (B, H, T/N, d) at this rank's positions; `positions` (N, pieces, chunk), the same on every rank, says
     where every rank's tokens sit (default: the load-balanced layout); refused unless it holds each position once.
     `stats`, a dict, accumulates "score_entries" computed. Returns (B, H, T/N, d).

@@ -31,14 +31,15 @@ CHAPTERS = {  # generated file -> package modules whose exercises it holds, in o
     "ch02_data_parallel": ["data_parallel.wrapper", "data_parallel.buckets", "mixed_precision"],
     "ch03_data_loading": ["samplers"],
     "ch04_tensor_parallel": ["tensor_parallel.layers", "tensor_parallel.vocab"],
-    "ch05_zero": ["zero.phases"],
-    "ch06_fsdp": ["fsdp.units"],
+    "ch05_zero": ["zero.phases", "data_parallel.shards"],
+    "ch06_fsdp": ["fsdp.units", "fsdp.state"],
     "ch07_pipeline": ["pipeline.schedule", "pipeline.stages", "pipeline.actions"],
     "ch08_3d_parallel": ["parallel3d", "context_parallel", "ulysses"],  # the notebook's order of the exercises
     "ch09_memory": ["memory.recompute", "memory.offload"],
     "ch10_compression": ["compression.hooks", "compression.powersgd"],
     "ch11_checkpoints": ["checkpoint.layout", "checkpoint.save_load", "checkpoint.file_format"],
     "ch12_inference": ["serving.inference", "serving.balancer", "monitor"],
+    "ch13_moe": ["moe.layer", "moe.parallel"],
 }
 BEGIN = re.compile(r"^(\s*)# <exercise (\w+) points=(\d+)>\s*$")
 END = re.compile(r"^\s*# </exercise>\s*$")

@@ -154,6 +154,17 @@ def build_llama(**overrides) -> nn.Module:
     return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides}))
 
 
+TINY_MIXTRAL = dict(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                    router_jitter_noise=0.0)
+
+
+def build_mixtral(**overrides) -> nn.Module:
+    """A `transformers` MixtralForCausalLM (Mixtral-style sparse MoE blocks) from TINY_MIXTRAL updated with `overrides`."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    return MixtralForCausalLM(MixtralConfig(**{**TINY_MIXTRAL, **overrides}))
+
+
 def build_gpt2(**overrides) -> nn.Module:
     """A `transformers` GPT2LMHeadModel from TINY_GPT2 updated with `overrides`."""
     from transformers import GPT2Config, GPT2LMHeadModel

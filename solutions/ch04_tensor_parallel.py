@@ -46,6 +46,33 @@ def leave_parallel_region(y: torch.Tensor, group=None, sequence_parallel: bool =
     # ---- end of exercise leave_parallel_region --------------------------------------------------------
 
 
+def regathered_input(source) -> torch.Tensor:
+    """Sequence parallelism's re-gather in backward: the full input (B, T, C) of a column-parallel layer, rebuilt
+    from what forward kept of it: source.shard, this rank's (B, T/N, C) sequence chunk, over the ranks of
+    source.group (every rank calls it at the same point of backward).
+
+    Several layers (q, k and v) read the same gathered input, and each calls this once in its backward;
+    source.users is the number of calls still to come, this one included. Communicate once per backward, for the
+    first caller; keep the result in source._full (None when there is none) for the next ones; count the call; and
+    when it was the last, let go of the gathered tensor. Returned without an autograd history (the gradient of the
+    input flows through the forward's all-gather, not this one). Graded on 3 ranks: values, the bytes counted (one
+    all-gather for three users), nothing held after the last user, and an SP column-parallel layer's weight
+    gradients against one process.
+    """
+    # ---- exercise sp_regather (2 points) -----------------------------------------------------------
+    # hint: the shard is a sequence slice: which dimension do the ranks' chunks join along, and in what order?
+    #       (minidist.comm has the collectives; no gradient flows through this one.)
+    # hint: two backwards in a row (two training steps) must each communicate once: leave the source as you found it.
+    if source._full is None:
+        source._full = comm.all_gather_cat(source.shard.detach(), source.group, dim=1)  # (B, T, C)
+    full = source._full
+    source.users -= 1
+    if source.users <= 0:  # the last layer that kept this shard: let the gathered copy go
+        source._full = None
+    return full
+    # ---- end of exercise sp_regather ------------------------------------------------------------------
+
+
 def shard_output_features(weight: torch.Tensor, rank: int, n: int, chunks: int = 1) -> torch.Tensor:
     """Rank `rank`'s rows of `weight` (out x in, or a bias of out) for a column-parallel layer on n ranks.
 

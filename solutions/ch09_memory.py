@@ -11,6 +11,24 @@ from minidist.memory.offload import storage_bytes
 from minidist.memory.recompute import POLICIES, replayed
 
 
+def capture_state(tensors) -> dict:
+    """What the recomputation must replay, taken when a checkpointed segment's forward starts: a dict
+        "cpu":      the CPU's random-number state (a snapshot: later draws must not change it)
+        "devices":  {device: its random-number state} for every non-CPU device holding one of `tensors` (CPU: {})
+        "autocast": (device type, enabled, dtype): autocast's setting for the type of those devices ("cpu" if none)
+    as replayed(state) restores it. Graded: a dropout block recomputed with it gives bit-identical gradients, also
+    under CPU autocast in bf16; the snapshot unchanged by later draws; the autocast entry in and out of autocast."""
+    # ---- exercise capture_state (2 points) ---------------------------------------------------------
+    # hint: each device type has its own module for its generator (torch.get_device_module), and its own autocast
+    #       switch: ask about the device type the segment runs on, not the default one.
+    devices = sorted({t.device for t in tensors if torch.is_tensor(t) and t.device.type != "cpu"}, key=str)
+    kind = devices[0].type if devices else "cpu"
+    return {"cpu": torch.get_rng_state(),
+            "devices": {d: torch.get_device_module(d.type).get_rng_state(d) for d in devices},
+            "autocast": (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))}
+    # ---- end of exercise capture_state ----------------------------------------------------------------
+
+
 def recompute_gradients(fn, inputs: list, state: dict, grad_outputs: tuple) -> list:
     """The backward of a checkpointed segment: gradients of `inputs` (None where an input is not a tensor or needs
     no gradient), given the gradients of the segment's outputs; the parameters used by `fn` get theirs accumulated

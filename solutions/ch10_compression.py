@@ -10,7 +10,7 @@ import torch
 
 from minidist import comm
 from minidist.compression.futures import then
-from minidist.compression.powersgd import orthogonalize_, split_flat
+from minidist.compression.powersgd import PowerSGDState, orthogonalize_, split_flat
 
 
 def allreduce_hook(group, bucket) -> torch.futures.Future[torch.Tensor]:
@@ -117,3 +117,26 @@ def power_iteration(ms: list[torch.Tensor], qs: list[torch.Tensor], group=None, 
     q_flat = comm.all_reduce_(torch.cat([(m.t() @ p).flatten() for m, p in zip(ms, ps)]), group).div_(n)
     return ps, split_flat(q_flat, [q.shape for q in qs])
     # ---- end of exercise power_iteration --------------------------------------------------------------
+
+
+def initial_qs(ms: list[torch.Tensor], state: PowerSGDState) -> list[torch.Tensor]:
+    """PowerSGD's first Q for each matrix M of `ms` (n x m): an m x r matrix, r = min(n, m,
+    state.matrix_approximation_rank), with orthonormal columns (orthogonalize_, with state.orthogonalization_epsilon),
+    in M's dtype and on its device; random, and *the same on every rank*: P = M Q is all-reduced, which averages
+    the M's only if every rank multiplied by the same Q. Draw them as torch's PowerSGD does, so both hooks give the
+    same weights: one seed per call, state.rng.randint(1_000_000_000) (a NumPy generator every rank seeded alike),
+    for a CPU torch generator; then each matrix's Q in order, standard normal, drawn from it in M's dtype. Graded: by
+    hand (shapes, orthonormal, the same under different global seeds, a new draw at each call), and minidist's
+    PowerSGD hook with it against torch's, weights bit for bit, on 2 ranks.
+    """
+    # ---- exercise initial_qs (2 points) ------------------------------------------------------------
+    # hint: the global random stream differs from rank to rank as soon as anything draws from it; a generator of
+    #       your own, seeded from what every rank shares, does not. (orthogonalize_: minidist.compression.powersgd.)
+    generator = torch.Generator().manual_seed(int(state.rng.randint(1_000_000_000)))
+    qs = []
+    for m in ms:
+        q = torch.randn(m.shape[1], min(*m.shape, state.matrix_approximation_rank), generator=generator,
+                        dtype=m.dtype)
+        qs.append(orthogonalize_(q.to(m.device), state.orthogonalization_epsilon))
+    return qs
+    # ---- end of exercise initial_qs -------------------------------------------------------------------

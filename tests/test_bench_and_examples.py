@@ -78,3 +78,54 @@ def test_bench_buckets_refuses_nonsense():
         bench_buckets(caps_mb=(0.1, 0.0))
     with pytest.raises(ValueError, match="bandwidth must be positive"):
         bench_buckets(bandwidth=-1.0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tp", "--world-size", "3"], "blocks.0.attn: 4 heads are not divisible by tensor-parallel size 3"),
+    (["all", "--world-size", "3"], "blocks.0.attn: 4 heads are not divisible by tensor-parallel size 3"),
+    (["pp", "--n-layer", "1"], "cannot cut 1 blocks into 2 pipeline stages"),
+    (["all", "--n-layer", "1"], "cannot cut 1 blocks into 2 pipeline stages"),
+    (["zero", "--n-embd", "66"], "n_embd 66 is not divisible by n_head 4"),
+    (["pp", "--batch-size", "6"], "4 micro-batches, 2 ranks, batch 6"),
+    (["serve", "--seq", "32"], "--seq sets the GPT of the benchmarks all, ddp"),
+])
+def test_bench_refuses_a_shape_by_name_before_any_rank_starts(argv, message, capsys, monkeypatch):
+    from minidist.__main__ import main
+    for module in ("ddp", "tp", "pp", "sharded"):
+        monkeypatch.setattr(f"minidist.bench.{module}.launch", lambda *a, **k: pytest.fail("a rank was started"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", *argv, "--steps", "1"])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_all_writes_one_row_per_registered_benchmark_with_memory_for_zero_and_fsdp(tmp_path, capsys):
+    from minidist.__main__ import main
+    from minidist.bench.suite import BENCHES
+    path = tmp_path / "all.json"
+    assert main(["bench", "all", "--n-layer", "2", "--n-embd", "32", "--seq", "16", "--batch-size", "4",
+                 "--steps", "1", "--warmup", "0", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["bench"] for r in rows] == list(BENCHES)
+    for r in rows:
+        assert r["technique"] == BENCHES[r["bench"]].technique and r["world_size"] == 2
+        assert r["ratio"] == pytest.approx(r["minidist_ms"] / r["reference_ms"]) and r["ratio"] > 0
+        assert r["model"] == "GPT 2 x 32, sequence 16"
+        assert ("minidist_held_bytes" in r) == (r["bench"] in ("zero", "fsdp"))
+    assert rows[0]["params"] == 512 * 32 + 16 * 32 + 2 * (12 * 32 * 32 + 13 * 32) + 2 * 32  # tied head counted once
+    zero, fsdp = rows[3], rows[4]
+    psi = rows[0]["params"]  # fp32 AdamW: 4 bytes of parameter, 4 of gradient, 8 of moments per parameter
+    # ZeRO-1 keeps whole parameters and gradients and half the moments (torch's partition, by whole tensors, is a
+    # little uneven); FSDP shards all three, 16 psi / 2 (the dim-0 rows here split evenly: no padding)
+    assert 12 * psi <= zero["reference_held_bytes"] < 13 * psi
+    for held in (fsdp["minidist_held_bytes"], fsdp["reference_held_bytes"]):
+        assert 8 * psi <= held < 8.1 * psi
+    assert "ZeroOptimizer stage 1" in capsys.readouterr().out
+
+
+def test_bench_tp_json_at_a_chosen_size(tmp_path):
+    from minidist.__main__ import main
+    path = tmp_path / "tp.json"
+    assert main(["bench", "tp", "--world-size", "2", "--n-layer", "1", "--n-embd", "16", "--seq", "8",
+                 "--batch-size", "2", "--steps", "1", "--warmup", "0", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert (result["n_layer"], result["n_embd"], result["seq"]) == (1, 16, 8) and result["ratio"] > 0

@@ -85,6 +85,55 @@ def test_flat_boxes_list_the_range_in_order():
         assert len(boxes) <= 2 * len(shape) - 1
 
 
+@pytest.mark.exercise("column_rows")
+@pytest.mark.parametrize("args, expected", [
+    ((144, 72, 3, 0, 72), [(0, 0, 24), (48, 24, 24), (96, 48, 24)]),     # q|k|v of 48 each, 2 ranks
+    ((144, 72, 3, 1, 72), [(24, 0, 24), (72, 24, 24), (120, 48, 24)]),
+    ((144, 48, 3, 2, 48), [(32, 0, 16), (80, 16, 16), (128, 32, 16)]),   # 3 ranks
+    ((509, 255, 1, 0, 255), [(0, 0, 255)]), ((509, 255, 1, 1, 254), [(255, 0, 254)]),   # vocabulary padded to 510
+    ((509, 170, 1, 2, 169), [(340, 0, 169)]),                            # ... to 510 on 3 ranks
+    ((5, 2, 1, 3, 0), [(6, 0, 0)]),                                      # 5 rows on 4 ranks: rank 3 holds padding
+])
+def test_column_rows_by_hand(args, expected):
+    assert [tuple(r) for r in implementation("column_rows")(*args)] == expected
+
+
+def tp_boxes_against_the_dense_model():
+    """Each column/row-parallel tensor's boxes on this rank: the elements they cover, and whether every box's values
+    (taken from the local shard) are the dense model's at the box."""
+    import copy
+    import minidist.checkpoint.layout as layout
+    from minidist.models import GPT
+    from minidist.tensor_parallel.plans import GPT_PLAN, parallelize
+    from minidist.tour.checkpoint_runs import TP_CFG
+    layout.column_rows = implementation("column_rows")    # what tensor_parallel_placements calls, here only
+    torch.manual_seed(0)
+    model = GPT(TP_CFG)
+    dense = copy.deepcopy(model).state_dict()
+    parallelize(model, None, GPT_PLAN)
+    placements = layout.tensor_parallel_placements(model)
+    covered, wrong = {}, []
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in placements:
+            continue
+        place = placements[id(t)]
+        covered[name] = sum(math.prod(b.lengths) for b in place.boxes)
+        for b in place.boxes:
+            region = dense[name][tuple(slice(o, o + n) for o, n in zip(b.offsets, b.lengths))]
+            if region.shape != b.take(t.detach()).shape or not torch.equal(region, b.take(t.detach())):
+                wrong.append(name)
+    return covered, wrong, {n: dense[n].numel() for n in covered}
+
+
+@pytest.mark.exercise("column_rows")
+def test_tensor_parallel_boxes_tile_each_global_tensor_once():
+    results = launch(tp_boxes_against_the_dense_model, 2)
+    numels = results[0][2]
+    assert "wte.weight" in numels and "blocks.0.attn.qkv.weight" in numels
+    assert all(not wrong for _, wrong, _ in results)
+    assert {n: sum(r[0][n] for r in results) for n in numels} == numels   # every element saved by exactly one rank
+
+
 def _checkpoint_dir(path, value):
     os.makedirs(path)
     with open(os.path.join(path, "metadata.json"), "w") as f:

@@ -68,6 +68,54 @@ def test_recompute_gradients_with_inputs_that_need_no_gradient_and_an_unused_out
     assert bitwise([grads[0], lin.weight.grad], expected)
 
 
+def _block_gradients(block, x, checkpointed: bool, seed: int = 3):
+    """x's and every parameter's gradient after one backward through `block` (dropout drawn from `seed`)."""
+    import minidist.memory.recompute as recompute
+    block.zero_grad()
+    x = x.detach().requires_grad_()
+    torch.manual_seed(seed)
+    out = recompute.checkpoint(block, x) if checkpointed else block(x)
+    torch.manual_seed(99)  # the training's random stream moves on before backward
+    (out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+    return [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+
+
+@pytest.mark.exercise("capture_state")
+def test_capture_state_replays_dropout_bit_identically(monkeypatch):
+    import minidist.memory.recompute as recompute
+    monkeypatch.setattr(recompute, "capture_state", implementation("capture_state"))
+    torch.manual_seed(0)
+    block, x = Block(CFG), torch.randn(2, 8, CFG.n_embd)
+    assert bitwise(_block_gradients(block, x, True), _block_gradients(block, x, False))
+
+
+@pytest.mark.exercise("capture_state")
+def test_capture_state_replays_autocast(monkeypatch):
+    import minidist.memory.recompute as recompute
+    monkeypatch.setattr(recompute, "capture_state", implementation("capture_state"))
+    torch.manual_seed(0)
+    block, x = Block(CFG), torch.randn(2, 8, CFG.n_embd)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _block_gradients(block, x, False)
+        got = _block_gradients(block, x, True)
+    assert bitwise(got, expected)   # recomputed in fp32 instead of bf16, the gradients would differ
+
+
+@pytest.mark.exercise("capture_state")
+def test_capture_state_is_a_snapshot_with_the_autocast_setting():
+    capture = implementation("capture_state")
+    x = torch.randn(3)
+    torch.manual_seed(5)
+    state = capture([x, 2.0])
+    expected = torch.rand(4)
+    torch.rand(10)   # later draws
+    torch.set_rng_state(state["cpu"])
+    assert torch.equal(torch.rand(4), expected) and state["devices"] == {}
+    assert state["autocast"][:2] == ("cpu", False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert capture([x])["autocast"] == ("cpu", True, torch.bfloat16)
+
+
 @pytest.mark.parametrize("policy", ["full", "selective", "torch"])
 def test_policies_give_bit_identical_gradients_with_dropout(policy):
     torch.manual_seed(0)

@@ -176,6 +176,40 @@ def test_orthogonalize_gram_schmidt():
         assert torch.linalg.matrix_rank(torch.cat([ours[:, :j], m[:, :j]], 1), atol=1e-4) == j
 
 
+@pytest.mark.exercise("initial_qs")
+def test_initial_qs_by_hand():
+    initial_qs = implementation("initial_qs")
+    ms = [torch.randn(6, 4), torch.randn(5, 3), torch.randn(2, 9, dtype=torch.float64)]
+    draws = []
+    for global_seed in (1, 2):                    # two ranks whose global random streams differ
+        torch.manual_seed(global_seed)
+        state = PowerSGDState(None, 3, start_powerSGD_iter=2)
+        draws.append([initial_qs(ms, state), initial_qs(ms, state)])   # two calls: two buckets
+        after = torch.rand(3)
+        torch.manual_seed(global_seed)
+        assert torch.equal(after, torch.rand(3)), "the global random stream was used or reseeded"
+    (first, second), (first_elsewhere, second_elsewhere) = draws
+    assert [tuple(q.shape) for q in first] == [(4, 3), (3, 3), (9, 2)]    # r = min(n, m, 3)
+    assert [q.dtype for q in first] == [torch.float32, torch.float32, torch.float64]
+    for q in first + second:
+        assert torch.allclose(q.T @ q, torch.eye(q.shape[1], dtype=q.dtype), atol=1e-5)   # orthonormal columns
+    assert all(torch.equal(a, b) for a, b in zip(first + second, first_elsewhere + second_elsewhere))
+    assert not torch.equal(first[0], second[0])   # each call draws anew
+
+
+def powersgd_with_learners_qs():
+    import minidist.compression.powersgd as powersgd
+    from minidist.tour.compression import against_torch
+    powersgd._initial_qs = implementation("initial_qs")   # what the hook calls, in this process only
+    torch.manual_seed(10 + dist.get_rank())             # ranks whose global streams differ
+    return against_torch("powersgd")
+
+
+@pytest.mark.exercise("initial_qs")
+def test_powersgd_with_initial_qs_gives_torchs_weights():
+    assert launch(powersgd_with_learners_qs, 2) == [0.0, 0.0]
+
+
 @pytest.mark.exercise("breakeven_bandwidth")
 def test_breakeven_bandwidth():
     breakeven = implementation("breakeven_bandwidth")

@@ -237,3 +237,34 @@ def test_ring_attention_under_bf16_is_as_accurate_as_plain_bf16_attention(n):
     for ring_err, plain_err, dtype in launch(_bf16_errors, n):
         assert dtype == torch.bfloat16
         assert ring_err <= plain_err, (ring_err, plain_err)
+
+
+# The causal skip, block by block (exercise causal_pairs).
+
+@pytest.mark.exercise("causal_pairs")
+def test_causal_pairs_by_hand():
+    pairs = implementation("causal_pairs")
+    pos = layout(12, 3)                      # rank 0: [0 1][10 11], rank 1: [2 3][8 9], rank 2: [4 5][6 7]
+    assert pairs(pos[0], pos[1]) == [[], [0, 1]]        # 0-1 see nothing of rank 1; 10-11 see all of it
+    assert pairs(pos[1], pos[0]) == [[0], [0]]          # 2-3 and 8-9 see 0-1, never 10-11
+    assert pairs(pos[2], pos[2]) == [[0], [0, 1]]       # the diagonal: own pieces, the future one skipped
+    assert pairs(pos[1], pos[1]) == [[0], [0, 1]]
+    assert pairs(torch.tensor([[3, 0]]), torch.tensor([[1, 2], [3, 9], [4, 5]])) == [[0, 1]]  # unordered pieces
+    assert pairs(torch.tensor([[5, 6, 7]]), torch.tensor([[7, 8, 9]])) == [[0]]   # one key on the diagonal is enough
+    assert pairs(layout(8, 1)[0], layout(8, 1)[0]) == [[0], [0, 1]]                # one rank: 0-3, 4-7
+    assert pairs(layout(6, 2, False)[1], layout(6, 2, False)[0]) == [[0]]          # contiguous: the past, whole
+
+
+def _ring_with_learners_pairs(balanced: bool):
+    import minidist.context_parallel as cp
+    cp._pairs = implementation("causal_pairs")   # what RingAttention calls, in this rank's process only
+    return ring_vs_one_process(balanced)
+
+
+@pytest.mark.exercise("causal_pairs")
+def test_ring_attention_with_causal_pairs_is_exact_and_skips_exactly_the_future_blocks():
+    # 24 positions on 3 ranks: balanced, chunks of 4 and 16 scores per (query chunk, key chunk) pair: 3 pairs on the
+    # own block and 2 on each of the 2 others (module docstring), 7 x 16 per batch row and head on every rank.
+    per_rank = launch(_ring_with_learners_pairs, 3, True)
+    assert max(r["diff"] for r in per_rank) <= ATTN_TOL
+    assert [r["work"] for r in per_rank] == [7 * 16] * 3

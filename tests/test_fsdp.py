@@ -350,6 +350,90 @@ def test_recomputation_in_backward_trains_as_one_process(how, world_size):
         assert out["diff"] < SGD_TOL and out["held"] == 0
 
 
+@pytest.mark.exercise("fsdp_pre_backward")
+def test_pre_backward_detection_by_hand():
+    from types import SimpleNamespace
+    from minidist.fsdp.state import TrainingState as S
+    reached = implementation("fsdp_pre_backward")
+    unit = SimpleNamespace(name="blocks.1", training_state=S.IDLE, backward_use=None)
+    assert reached(unit, 4) is True and unit.training_state is S.PRE_BACKWARD and unit.backward_use == 4
+    assert reached(unit, 4) is False and unit.training_state is S.PRE_BACKWARD     # a second output
+    unit.training_state = S.POST_BACKWARD                                           # gradients already sent:
+    assert reached(unit, 4) is False and unit.training_state is S.POST_BACKWARD     # a recomputed output
+    with pytest.raises(RuntimeError, match=r"'blocks.1' ran forward more than once for one backward"):
+        reached(unit, 5)
+    fresh = SimpleNamespace(name="root", training_state=S.IDLE, backward_use=None)
+    with pytest.raises(RuntimeError, match="more than once"):
+        reached(fresh, 1), reached(fresh, 2)
+
+
+def recomputation_with_learners_detection():
+    import minidist.fsdp.units as units
+    units.backward_reached = implementation("fsdp_pre_backward")   # what pre_backward calls, in this process only
+    return recomputed_against_one_process("reentrant"), used_twice("two forwards, one backward")
+
+
+@pytest.mark.exercise("fsdp_pre_backward")
+def test_pre_backward_detection_under_recomputation_and_a_unit_used_twice():
+    for out, message in launch(recomputation_with_learners_detection, 2):
+        assert out["block 0 moved"] > 1e-3 and out["diff"] < SGD_TOL and out["held"] == 0
+        assert "ran forward more than once for one backward" in message
+
+
+def _layout_by_hand(n, shapes):
+    """A unit's layout worked out from the chapter's rule: ceil(d0 / N) rows per slot, slots end to end."""
+    from types import SimpleNamespace
+    pads = [-(-s[0] // n) for s in shapes]
+    sizes = [k * math.prod(s[1:]) for k, s in zip(pads, shapes)]
+    offsets = [sum(sizes[:i]) for i in range(len(shapes))]
+    return SimpleNamespace(n=n, shapes=shapes, pads=pads, sizes=sizes, offsets=offsets, chunk=sum(sizes))
+
+
+@pytest.mark.exercise("fsdp_copy_out")
+def test_copy_out_by_hand():
+    copy_out = implementation("fsdp_copy_out")
+    unit = _layout_by_hand(3, [(4, 2), (2,), (1, 3)])   # slots of 2, 1, 1 rows: 4 + 1 + 3 = 8 elements per rank
+    a, b, c = torch.arange(8.0).view(4, 2), torch.tensor([100.0, 101.0]), torch.tensor([[7.0, 8.0, 9.0]])
+    pad = -1.0
+    gathered = torch.tensor([0, 1, 2, 3, 100, 7, 8, 9,            # rank 0: a rows 0-1, b row 0, c row 0
+                             4, 5, 6, 7, 101, pad, pad, pad,       # rank 1: a rows 2-3, b row 1, c padding
+                             pad, pad, pad, pad, pad, pad, pad, pad])  # rank 2: padding only
+    out = copy_out(gathered, unit)
+    assert [t.shape for t in out] == [(4, 2), (2,), (1, 3)]
+    assert torch.equal(out[0], a) and torch.equal(out[1], b) and torch.equal(out[2], c)
+    into = [torch.zeros(3 * k, *s[1:]) for k, s in zip(unit.pads, unit.shapes)]
+    out = copy_out(gathered, unit, into)
+    assert all(o.data_ptr() == buf.data_ptr() for o, buf in zip(out, into))   # views of the given buffers
+    assert torch.equal(into[0][:4], a) and torch.equal(into[1][:2], b) and torch.equal(into[2][:1], c)
+
+
+def fsdp_with_learners_copy_out():
+    import minidist.fsdp.state as state
+    import minidist.fsdp.units as units
+    units.copy_out = state.copy_out = implementation("fsdp_copy_out")   # in this process only
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2), nn.Linear(2, 2))  # 7 rows: padded on 2
+    reference = copy.deepcopy(model)
+    for m in (model[0], model[2], model):
+        fully_shard(m)
+    n, rank = dist.get_world_size(), dist.get_rank()
+    opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(reference.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        x = torch.randn(6, 5, generator=g)
+        for m, o, xb in ((model, opt, x.chunk(n)[rank]), (reference, ref_opt, x)):
+            ((m(xb) - 1) ** 2).sum().div(len(xb)).backward()   # a mean: FSDP averages over ranks
+            o.step()
+            o.zero_grad()
+    full = full_state_dict(model)
+    return max((full[k] - v).abs().max().item() for k, v in reference.state_dict().items())
+
+
+@pytest.mark.exercise("fsdp_copy_out")
+def test_fsdp_with_copy_out_trains_as_one_process():
+    assert max(launch(fsdp_with_learners_copy_out, 2)) < SGD_TOL
+
+
 class Mixed(nn.Module):
     """A tied embedding / output layer (one unit), a frozen layer, LayerNorms (1-D), and a layer 2 rows deep (fewer
     rows than ranks: some ranks hold none of it)."""

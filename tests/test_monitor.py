@@ -45,6 +45,28 @@ def test_busy_seconds_counts_overlaps_once():
     assert busy_seconds([(2.0, 3.0), (0.0, 5.0)]) == 5.0
 
 
+@pytest.mark.exercise("busy_seconds")
+@pytest.mark.parametrize("intervals, expected", [
+    ([], 0.0), ([(1.0, 1.0)], 0.0), ([(0.0, 1.0), (2.0, 3.5)], 2.5),          # none, empty, disjoint
+    ([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)], 3.0),                               # two overlap, one apart
+    ([(0.0, 5.0), (1.0, 2.0), (3.0, 4.0), (4.5, 6.0)], 6.0),                    # nested inside a long one
+    ([(2.0, 3.0), (0.0, 5.0)], 5.0), ([(3.0, 4.0), (1.0, 2.0), (2.0, 3.0)], 3.0),  # unsorted, touching
+    ([(10.0, 10.25), (10.125, 10.5), (10.0, 10.5)], 0.5),                       # same start, different ends
+])
+def test_busy_seconds_by_hand(intervals, expected):
+    assert implementation("busy_seconds")(intervals) == expected
+
+
+@pytest.mark.exercise("busy_seconds")
+def test_busy_seconds_against_counting_covered_cells():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        ends = torch.randint(0, 30, (int(torch.randint(1, 8, (1,), generator=g)), 2), generator=g).sort(1).values
+        intervals = [(float(a), float(b)) for a, b in ends.tolist()]
+        covered = {t for a, b in ends.tolist() for t in range(a, b)}   # unit cell [t, t + 1) inside some interval
+        assert implementation("busy_seconds")(intervals) == len(covered), intervals
+
+
 def test_the_rank_slowed_inside_backward_is_named_and_the_bytes_are_counted():
     """The slow rank sleeps in its first block's backward, while the later buckets' all-reduces are in flight: part
     of its delay counts as communication time, and it must still be named."""

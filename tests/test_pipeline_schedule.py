@@ -238,3 +238,62 @@ def test_receives_posted_one_ahead_or_apart_from_their_sends_hang_under_nccl_rul
 def test_bad_arguments_are_refused_with_the_numbers(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+INTERLEAVED_BY_HAND = {  # derived on paper: rank r warms up with min(2 (p - r - 1) + (v - 1) p, m v) chunk forwards
+    (2, 4, 2): ["F0 F1 F0.1 F1.1 F2 B0.1 F3 B1.1 F2.1 B0 F3.1 B1 B2.1 B3.1 B2 B3",
+                "F0 F1 F0.1 B0.1 F1.1 B1.1 F2 B0 F3 B1 F2.1 B2.1 F3.1 B3.1 B2 B3"],
+    (4, 4, 2): ["F0 F1 F2 F3 F0.1 F1.1 F2.1 F3.1 B0.1 B1.1 B2.1 B3.1 B0 B1 B2 B3"] * 2 + [
+                "F0 F1 F2 F3 F0.1 F1.1 F2.1 B0.1 F3.1 B1.1 B2.1 B3.1 B0 B1 B2 B3",
+                "F0 F1 F2 F3 F0.1 B0.1 F1.1 B1.1 F2.1 B2.1 F3.1 B3.1 B0 B1 B2 B3"],
+    (2, 2, 3): ["F0 F1 F0.1 F1.1 F0.2 F1.2 B0.2 B1.2 B0.1 B1.1 B0 B1",
+                "F0 F1 F0.1 F1.1 F0.2 B0.2 F1.2 B1.2 B0.1 B1.1 B0 B1"],
+}
+
+
+@pytest.mark.exercise("interleaved_1f1b")
+@pytest.mark.parametrize("p, m, v", list(INTERLEAVED_BY_HAND))
+def test_interleaved_1f1b_by_hand(p, m, v):
+    assert implementation("interleaved_1f1b")(p, m, v) == [parse(r) for r in INTERLEAVED_BY_HAND[p, m, v]]
+
+
+@pytest.mark.exercise("interleaved_1f1b")
+@pytest.mark.parametrize("p, groups, v", [(2, 1, 2), (3, 2, 2), (4, 1, 3), (3, 3, 4), (5, 2, 2)])
+def test_interleaved_1f1b_runs_and_divides_the_bubble_by_v(p, groups, v):
+    m = p * groups
+    schedule = implementation("interleaved_1f1b")(p, m, v)
+    validate(schedule)                                   # complete, ordered, and free of deadlocks
+    assert shape(schedule) == (p, m, v)
+    assert simulate(schedule, 1, 2).bubble == Fraction(p - 1, v * m + p - 1)
+    assert peak_in_flight(schedule)[0] == min(v * p + p - 1, m * v)
+
+
+WAITS_BY_HAND = [  # (p, stages, rank, action, what it waits for), worked out from stage = chunk * p + rank
+    (2, 4, 0, "F0", None), (2, 4, 1, "F0", (0, "F0")), (2, 4, 0, "F3.1", (1, "F3")), (2, 4, 1, "F2.1", (0, "F2.1")),
+    (2, 4, 1, "B0.1", None), (2, 4, 0, "B0.1", (1, "B0.1")), (2, 4, 1, "B1", (0, "B1.1")), (2, 4, 0, "B2", (1, "B2")),
+    (2, 4, 0, "W1", None), (3, 9, 0, "F0.1", (2, "F0")), (3, 9, 2, "B4.2", None), (3, 9, 2, "B4.1", (0, "B4.2")),
+    (3, 9, 1, "F5.2", (0, "F5.2")), (3, 3, 1, "B5", (2, "B5")), (3, 3, 2, "F5", (1, "F5")), (3, 3, 0, "B5", (1, "B5")),
+    (1, 1, 0, "F0", None), (1, 1, 0, "B0", None),
+]
+
+
+@pytest.mark.exercise("waits_for")
+@pytest.mark.parametrize("p, stages, rank, action, expected", WAITS_BY_HAND)
+def test_waits_for_by_hand(p, stages, rank, action, expected):
+    got = implementation("waits_for")(parse(action)[0], rank, p, stages)
+    assert got == (None if expected is None else (expected[0], parse(expected[1])[0]))
+
+
+@pytest.mark.exercise("waits_for")
+def test_waits_for_links_each_interleaved_action_to_one_that_exists_upstream():
+    """Following what each action waits for from the last stage's B (or the first stage's F) walks the pipeline one
+    stage at a time and visits every stage once."""
+    waits = implementation("waits_for")
+    for p, v in [(2, 2), (3, 3), (4, 2)]:
+        stages = p * v
+        for kind, start, step in (("F", (p - 1, Action("F", 1, v - 1)), -1), ("B", (0, Action("B", 1, 0)), 1)):
+            seen, at = [], start
+            while at is not None and len(seen) <= stages:  # (a wrong answer may walk in a circle)
+                seen.append(at[1].chunk * p + at[0])
+                at = waits(at[1], at[0], p, stages)
+            assert seen == list(range(stages))[::step], (kind, p, v)

@@ -131,7 +131,7 @@ def test_the_runtime_equals_one_process_and_torch_at_2_ranks():
 
 
 def test_bench_pp_refuses_on_the_host_what_it_cannot_run():
-    from minidist.bench.pp import bench_pp, check_pp   # the run itself: tests/test_pipeline.py's bench test
+    from minidist.bench.pp import bench_pp, check_pp, pp_config   # the run itself: tests/test_pipeline.py's bench test
     with pytest.raises(ValueError, match="a V schedule cuts the model into 2p = 6 stages: 4 layers are too few"):
         bench_pp(3, schedule="zbv", microbatches=6, batch_size=12, n_layer=4)
     with pytest.raises(ValueError, match=r"bench pp compares the schedules \['1f1b', 'dualpipev', 'zbv'\]"):
@@ -139,12 +139,12 @@ def test_bench_pp_refuses_on_the_host_what_it_cannot_run():
     with pytest.raises(ValueError, match=r"DualPipeV needs at least as many micro-batches as stages: m=4 < 2p = 6"):
         bench_pp(3, schedule="dualpipev")                  # refused before any rank starts
     with pytest.raises(ValueError, match="torch's Schedule1F1B needs micro-batches >= ranks: got 2 micro-batches"):
-        check_pp(3, 2, 12, None, "1f1b")
+        check_pp(3, batch_size=12, microbatches=2)
     with pytest.raises(ValueError, match="5 micro-batches do not divide the batch of 16"):
-        check_pp(2, 5, 16, None, "zbv")
-    # layers: 4 by default, 2p for a V at p > 2; ZB-V takes m < p
-    assert [check_pp(3, 1, 12, None, "zbv"), check_pp(3, 6, 12, None, "dualpipev"), check_pp(8, 8, 16, None, "1f1b"),
-            check_pp(2, 4, 16, None, "dualpipev")] == [6, 6, 4, 4]
+        check_pp(2, microbatches=5, schedule="zbv")
+    check_pp(3, batch_size=12, microbatches=1, schedule="zbv")   # ZB-V takes m < p; a V at p = 3 gets 2p = 6 layers
+    assert [pp_config(3, None, None, None, s).n_layer for s in ("zbv", "dualpipev", "1f1b")] == [6, 6, 4]
+    assert pp_config(2, None, None, None, "zbv").n_layer == 4 and pp_config(3, 8, None, None, "zbv").n_layer == 8
 
 
 def p3_runs_and_refusals() -> tuple[list[dict], list[str], bool]:

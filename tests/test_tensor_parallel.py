@@ -82,6 +82,55 @@ def test_leave_parallel_region_refuses_a_sequence_it_cannot_split():
         assert error is not None and re.search(rf"\b{2 * n + 1}\b.*\b{n}\b", error), error
 
 
+def sp_regather_run():
+    """On each rank: the learner's regathered_input called directly by three users (twice: two backwards), then
+    inside three SP column-parallel layers sharing one input, against one process."""
+    import minidist.tensor_parallel.layers as layers
+    from minidist import comm
+    regather = implementation("sp_regather")
+    layers.regathered_input = regather     # what _Regather.full calls, in this rank's process only
+    n, r = dist.get_world_size(), dist.get_rank()
+    g = torch.Generator().manual_seed(0)
+    fulls = [torch.randn(2, 2 * n, 4, generator=g) for _ in range(2)]
+    source = layers._Regather(fulls[0][:, 2 * r:2 * r + 2].clone(), None)
+    direct = []
+    for full in fulls:                                  # two backwards, the shard updated in between
+        source.shard.copy_(full[:, 2 * r:2 * r + 2])
+        source.users = 3
+        with comm.ring_backend(), comm.ByteLedger() as ledger:
+            outs = [regather(source) for _ in range(3)]
+        direct.append((all(torch.equal(o, full) for o in outs), any(o.requires_grad for o in outs),
+                       ledger.count("all_gather"), ledger.total_bytes(), ledger.counted, source._full is None,
+                       source.users))
+    linears = [nn.Linear(4, 3 * n) for _ in range(3)]   # q, k, v of one process
+    x = fulls[0].clone().requires_grad_()
+    weights = torch.randn(3, 2, 2 * n, 3 * n, generator=g)
+    sum((lin(x) * w).sum() for lin, w in zip(linears, weights)).backward()
+    cols = [ColumnParallelLinear.from_linear(lin, None, input_ready=True, sequence_parallel=True) for lin in linears]
+    shard = x.detach()[:, 2 * r:2 * r + 2].clone().requires_grad_()
+    with comm.ring_backend(), comm.ByteLedger() as ledger:
+        inp = layers.prepare_input(shard, None, sequence_parallel=True)
+        mine = slice(3 * r, 3 * r + 3)
+        sum((c(inp) * w[..., mine]).sum() for c, w in zip(cols, weights)).backward()
+    diff = max([(c.weight.grad - lin.weight.grad[mine]).abs().max().item() for c, lin in zip(cols, linears)] +
+               [(shard.grad - x.grad[:, 2 * r:2 * r + 2]).abs().max().item()])
+    return direct, diff, ledger.count("all_gather"), ledger.count("reduce_scatter")
+
+
+@pytest.mark.exercise("sp_regather")
+def test_sp_regather_gathers_once_per_backward_and_lets_go():
+    n = 3
+    for direct, diff, gathers, scatters in launch(sp_regather_run, n):
+        full_bytes = 2 * 2 * n * 4 * 4                               # (2, T=2n, 4) fp32
+        for values, has_history, count, sent, counted, released, users in direct:
+            assert values and not has_history
+            assert count == 1 and counted and sent == full_bytes * (n - 1) // n   # one ring all-gather, 3 users
+            assert released and users == 0
+        assert diff < 1e-5
+        assert gathers == 2 and scatters == 1     # forward's all-gather, backward's one re-gather; the input's
+        #                                           gradient reduce-scattered once for q, k and v together
+
+
 @pytest.mark.exercise("shard_output_features")
 def test_shard_output_features_by_hand():
     shard = implementation("shard_output_features")

@@ -127,6 +127,27 @@ def test_all_gather_parameters_start_every_bucket_before_waiting():
         assert second.dtype == torch.bfloat16
 
 
+def used_by_hand():
+    from minidist import comm
+    rank = dist.get_rank()
+    params = [torch.zeros(3, requires_grad=True) for _ in range(4)]
+    for i, p in enumerate(params):   # 0 everywhere, 1 on rank 1 only, 2 nowhere, 3 on rank 0 only
+        if i == 0 or (i == 1 and rank == 1) or (i == 3 and rank != 1):
+            p.grad = torch.ones(3)
+    with comm.ring_backend(), comm.ByteLedger() as ledger:
+        used = implementation("zero_used_on_some_rank")(params, None)
+    return used, ledger.count(), ledger.count("all_reduce"), ledger.total_bytes(), ledger.counted
+
+
+@pytest.mark.exercise("zero_used_on_some_rank")
+def test_used_on_some_rank_agrees_with_one_small_all_reduce():
+    n = 2
+    results = launch(used_by_hand, n)
+    assert all(used == [True, True, False, True] for used, *_ in results)
+    assert all(count == 1 and reduces == 1 and counted for _, count, reduces, _, counted in results)
+    assert sum(r[3] for r in results) == 2 * (n - 1) * 4 * 4   # a ring all-reduce of 4 int32 flags, summed over ranks
+
+
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_every_stage_trains_the_weights_ddp_trains(world_size):
     results = launch(cross_stage, world_size)
@@ -276,6 +297,40 @@ def test_gradient_accumulation_over_micro_steps(stage):
     assert max(launch(accumulation, 2, stage)) < 1e-7
 
 
+@pytest.mark.exercise("zero2_pack_bucket")
+def test_pack_bucket_by_hand():
+    from minidist.data_parallel.buckets import layout
+    pack = implementation("zero2_pack_bucket")
+    a, b, c = nn.Parameter(torch.zeros(5)), nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2, 2))
+    params = [a, b, c]
+    # Reverse order, buckets of 6 elements: c at [0, 4), b at [4, 7), a at [7, 12): bucket 0 = c, b[:2];
+    # bucket 1 = b[2:], a. b is cut by the boundary.
+    buckets, offsets = layout(params, 6 * 4)
+    bucket_of = {0: [buckets[1]], 1: [buckets[0], buckets[1]], 2: [buckets[0]]}
+    a.grad, b.grad, c.grad = torch.arange(1.0, 6.0), torch.tensor([7.0, 8.0, 9.0]), torch.tensor([[10.0, 20.0],
+                                                                                                [30.0, 40.0]])
+    first = pack(buckets[0], params, offsets, bucket_of, 4)     # padded to 8 on 4 ranks
+    assert torch.equal(first, torch.tensor([10.0, 20.0, 30.0, 40.0, 7.0, 8.0, 0.0, 0.0]))
+    assert c.grad is None and b.grad is not None and a.grad is not None  # b still has a piece to give
+    second = pack(buckets[1], params, offsets, bucket_of, 4)
+    assert torch.equal(second, torch.tensor([9.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0]))
+    assert a.grad is None and b.grad is None
+    b.grad = torch.tensor([1.0, 2.0, 3.0])                     # a has no gradient: zeros in its place
+    third = pack(buckets[1], params, offsets, bucket_of, 3)     # 6 elements on 3 ranks: no padding
+    assert torch.equal(third, torch.tensor([3.0, 0.0, 0.0, 0.0, 0.0, 0.0])) and third.dtype == torch.float32
+
+
+def accumulation_with_learners_packing():
+    import minidist.data_parallel.reducer as reducer
+    reducer.pack_bucket = implementation("zero2_pack_bucket")   # what the reducer calls, in this process only
+    return accumulation(2)
+
+
+@pytest.mark.exercise("zero2_pack_bucket")
+def test_zero2_accumulates_shards_not_full_gradients():
+    assert max(launch(accumulation_with_learners_packing, 2)) < 1e-7
+
+
 def mixed_precision(stage, steps=4):
     """bf16 model + fp32 master shards against DataParallel on the same bf16 model with MixedPrecisionOptimizer (fp32
     masters), on the same slices, SGD: the same bf16 gradients averaged, the same fp32 arithmetic on the masters."""
@@ -363,6 +418,15 @@ def rebuilt_and_changed():
         model.load_state_dict(loaded)
         reference.load_state_dict(loaded)
         out[f"loaded, stage {stage}"] = train_against_one_process(model, opt, reference, ref_opt, 2, start=6)[0]
+    # changed between two steps of one optimizer (which skips reading back the weights its all-gather left as they
+    # were): loaded in place (their version counters move), then one replaced by new memory (p.data = ...)
+    loaded = {k: v - 0.5 for k, v in reference.state_dict().items()}
+    model.load_state_dict(loaded)
+    reference.load_state_dict(loaded)
+    out["loaded between steps"] = train_against_one_process(model, opt, reference, ref_opt, 2, start=8)[0]
+    (p, *_), (q, *_) = model.parameters(), reference.parameters()
+    p.data, q.data = q.detach() * 2, q.detach() * 2
+    out["replaced between steps"] = train_against_one_process(model, opt, reference, ref_opt, 2, start=10)[0]
     return out
 
 

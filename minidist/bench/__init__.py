@@ -7,6 +7,7 @@ variant's median over the steps is reported. Ratios (minidist / reference) are w
 from .buckets import _median_seconds, bench_buckets, bucket_sweep, format_buckets
 from .ddp import bench_ddp, ddp_step_times, ddp_variants, format_ddp, median_step_times
 from .flight import bench_flight, format_flight
+from .moe import bench_moe, format_moe
 from .pp import bench_pp, format_pp, pp_step_times
 from .sharded import bench_fsdp, bench_sharded, bench_zero, format_fsdp, format_sharded, format_zero
 from .serve import bench_serve, format_serve
@@ -16,4 +17,4 @@ __all__ = ["bench_ddp", "format_ddp", "ddp_step_times", "ddp_variants", "bench_b
            "bucket_sweep", "bench_tp", "format_tp", "tp_step_times", "_median_seconds", "median_step_times",
            "bench_pp", "format_pp", "pp_step_times", "bench_zero", "format_zero", "bench_fsdp", "format_fsdp",
            "bench_sharded", "format_sharded", "bench_serve", "format_serve",
-           "bench_flight", "format_flight"]
+           "bench_flight", "format_flight", "bench_moe", "format_moe"]

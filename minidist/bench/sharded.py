@@ -7,15 +7,18 @@ from ..data import random_batches, token_ids
 from ..launch import device, launch
 from ..models import GPT, lm_loss
 from .ddp import median_step_times
+from .suite import gpt_config, model_state_bytes, prepare, shape_fields
 
 
 def _zero_variants() -> dict:
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from ..zero import ZeroOptimizer
-    return {  # the reference broadcasts one bucket of parameters at a time, not one parameter (its default, slower)
+    return {  # the reference at its fastest: it broadcasts one bucket of parameters at a time, not one parameter (its
+        # default), and DDP reduces into views of the gradients and broadcasts no buffers (as bench ddp's)
         "minidist": lambda m: (m, ZeroOptimizer(m.parameters(), torch.optim.AdamW, stage=1, lr=1e-3)),
-        "reference": lambda m: (DDP(m), ZeroRedundancyOptimizer(m.parameters(), torch.optim.AdamW, lr=1e-3,
-                                                                parameters_as_bucket_view=True)),
+        "reference": lambda m: (DDP(m, gradient_as_bucket_view=True, forward_sync_buffers=False),
+                                ZeroRedundancyOptimizer(m.parameters(), torch.optim.AdamW, lr=1e-3,
+                                                        parameters_as_bucket_view=True)),
         "stage2": lambda m: (m, ZeroOptimizer(m.parameters(), torch.optim.AdamW, stage=2, lr=1e-3)),
     }
 
@@ -36,60 +39,75 @@ def _fsdp_variants() -> dict:
             "one_unit": lambda m: (fully_shard(m), torch.optim.AdamW(m.parameters(), lr=1e-3))}
 
 
-def sharded_step_times(what: str, steps: int, warmup: int, batch_size: int) -> dict[str, float]:
-    """On every rank: the median seconds per training step of each variant (median_step_times, as for ddp)."""
+def sharded_step_times(what: str, steps: int, warmup: int, batch_size: int, cfg=None) -> dict[str, float]:
+    """On every rank: the median seconds per training step of each variant (median_step_times, as for ddp), then
+    one more step each for the bytes it holds after its optimizer step (`<name>_held_bytes`)."""
     dev, rank, n = device(), dist.get_rank(), dist.get_world_size()
-    runs = {}
+    runs, models = {}, {}
     for name, build in (_zero_variants() if what == "zero" else _fsdp_variants()).items():
         torch.manual_seed(0)
-        model, opt = build(GPT().to(dev))
-        runs[name] = (lambda x, y, model=model: lm_loss(model(x), y).backward(), opt)
+        models[name], opt = build(GPT(cfg).to(dev))
+        runs[name] = (lambda x, y, model=models[name]: lm_loss(model(x), y).backward(), opt)
     batches = [(x.chunk(n)[rank].to(dev), y.chunk(n)[rank].to(dev)) for x, y in   # this rank's slices
-               random_batches(token_ids(), batch_size * n, GPT().cfg.block_size, steps + warmup)]
-    return median_step_times(runs, batches, warmup)
+               random_batches(token_ids(), batch_size * n, GPT(cfg).cfg.block_size, steps + warmup)]
+    result = median_step_times(runs, batches, warmup)
+    for name, (run, opt) in runs.items():
+        run(*batches[0])
+        opt.step()
+        result[f"{name}_held_bytes"] = model_state_bytes(models[name], opt)
+        opt.zero_grad()
+    return result
 
 
-def bench_sharded(what: str, world_size: int = 2, steps: int = 30, warmup: int = 5, batch_size: int = 16) -> dict:
+def bench_sharded(what: str, world_size: int = 2, steps: int = 30, warmup: int = 5, batch_size: int | None = None,
+                  *, n_layer: int | None = None, n_embd: int | None = None, seq: int | None = None) -> dict:
     """what="zero": ZeroOptimizer stage 1 against DDP + ZeroRedundancyOptimizer(parameters_as_bucket_view=True)
     (stage 2 too); what="fsdp": per-block fully_shard against FSDP2's per-block fully_shard (one unit too). AdamW, the
-    tiny GPT. Medians of interleaved steps; they still vary from run to run (shared cores), and on a model this small
-    Python overhead, not communication, sets the pace."""
+    tiny GPT unless n_layer, n_embd, seq say otherwise; batch_size: sequences per rank (default 16). Medians of
+    interleaved steps; they still vary from run to run (shared cores), and on the tiny GPT Python overhead, not
+    computation, sets the pace. Beside the times: the bytes each variant holds per rank (suite.model_state_bytes; the
+    largest over the ranks)."""
     if what not in ("zero", "fsdp"):
         raise ValueError(f"bench_sharded compares 'zero' or 'fsdp', got {what!r}")
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    import torch._dynamo  # noqa: F401  (imported by the first optimizer: once here, the forked ranks inherit it)
-    token_ids()           # tokenized once here, not on every rank
-    per_rank = launch(sharded_step_times, world_size, what, steps, warmup, batch_size)
-    medians = {name: max(r[name] for r in per_rank) for name in per_rank[0]}  # the slowest rank sets the pace
+    cfg, batch_size = gpt_config(n_layer, n_embd, seq), batch_size or 16
+    prepare()
+    per_rank = launch(sharded_step_times, world_size, what, steps, warmup, batch_size, cfg)
+    worst = {name: max(r[name] for r in per_rank) for name in per_rank[0]}  # the slowest (fullest) rank sets the pace
     extra = "stage2" if what == "zero" else "one_unit"
-    return {"what": what, "world_size": world_size, "model": "tiny-gpt", "steps": steps, "warmup": warmup,
-            "batch_size_per_rank": batch_size, "minidist_s": medians["minidist"],
-            "reference_s": medians["reference"], "ratio": medians["minidist"] / medians["reference"],
-            f"{extra}_s": medians[extra], f"{extra}_ratio": medians[extra] / medians["reference"]}
+    return {"what": what, "world_size": world_size, **shape_fields(cfg), "steps": steps, "warmup": warmup,
+            "batch_size_per_rank": batch_size, "minidist_s": worst["minidist"],
+            "reference_s": worst["reference"], "ratio": worst["minidist"] / worst["reference"],
+            f"{extra}_s": worst[extra], f"{extra}_ratio": worst[extra] / worst["reference"],
+            **{key: value for key, value in worst.items() if key.endswith("_held_bytes")}}
 
 
 def format_sharded(result: dict) -> str:
     names = (("torch DDP + ZeroRedundancyOptimizer (bucket view)", "minidist ZeroOptimizer, stage 1",
-              "minidist ZeroOptimizer, stage 2", "stage2", 1.15) if result["what"] == "zero" else
+              "minidist ZeroOptimizer, stage 2", "stage2", 1.05) if result["what"] == "zero" else
              ("torch FSDP2 fully_shard, per block", "minidist fully_shard, per block",
-              "minidist fully_shard, one unit", "one_unit", 1.25))
+              "minidist fully_shard, one unit", "one_unit", 1.05))
+    held = {key: f"   {result[key + '_held_bytes'] / 2**20:8.2f} MiB held" if key + "_held_bytes" in result else ""
+            for key in ("reference", "minidist", names[3])}
     return "\n".join([
-        f"tiny GPT, {result['world_size']} ranks, median of {result['steps']} steps (after {result['warmup']} warm-up),"
-        f" AdamW",
-        f"  {names[0]:<50}{result['reference_s'] * 1e3:8.2f} ms/step",
+        f"{result['model']}, {result['world_size']} ranks, median of {result['steps']} steps (after "
+        f"{result['warmup']} warm-up), AdamW; held: bytes per rank after the optimizer step (parameters, gradients, "
+        f"optimizer state)",
+        f"  {names[0]:<50}{result['reference_s'] * 1e3:8.2f} ms/step{' ' * 26}{held['reference']}",
         f"  {names[1]:<50}{result['minidist_s'] * 1e3:8.2f} ms/step   ratio {result['ratio']:.3f} "
-        f"(goal <= {names[4]})",
-        f"  {names[2]:<50}{result[names[3] + '_s'] * 1e3:8.2f} ms/step   ratio {result[names[3] + '_ratio']:.3f}",
+        f"(goal <= {names[4]}){held['minidist']}",
+        f"  {names[2]:<50}{result[names[3] + '_s'] * 1e3:8.2f} ms/step   ratio {result[names[3] + '_ratio']:.3f}"
+        f"{' ' * 14}{held[names[3]]}",
     ])
 
 
-def bench_zero(world_size: int = 2, steps: int = 30, warmup: int = 5, batch_size: int = 16) -> dict:
-    return bench_sharded("zero", world_size, steps, warmup, batch_size)
+def bench_zero(world_size: int = 2, steps: int = 30, warmup: int = 5, batch_size: int | None = None, **shape) -> dict:
+    return bench_sharded("zero", world_size, steps, warmup, batch_size, **shape)
 
 
-def bench_fsdp(world_size: int = 2, steps: int = 30, warmup: int = 5, batch_size: int = 16) -> dict:
-    return bench_sharded("fsdp", world_size, steps, warmup, batch_size)
+def bench_fsdp(world_size: int = 2, steps: int = 30, warmup: int = 5, batch_size: int | None = None, **shape) -> dict:
+    return bench_sharded("fsdp", world_size, steps, warmup, batch_size, **shape)
 
 
 format_zero = format_fsdp = format_sharded

@@ -1,7 +1,8 @@
 """The communication layer (chapter 01): every other technique in minidist stands on it, and it imports none of them.
 
     collectives.py  plain collectives (in-place, async) and the differentiable ones, each backward the forward's dual
-    p2p.py          point-to-point send/recv, batch_isend_irecv and all_to_all, in group ranks
+    p2p.py          point-to-point send/recv, batch_isend_irecv, all_to_all (also with uneven, run-time splits),
+                    in group ranks
     ring.py         ring reduce-scatter / all-gather / all-reduce and a chain broadcast from send/recv; the
                     alpha-beta-gamma cost model
     ledger.py       the byte ledger: every collective and message, its axis, bytes counted or modelled
@@ -21,7 +22,8 @@ from .collectives import (DifferentiableAllGather, DifferentiableAllReduceSum, D
                           reduce_scatter_into_, reduce_scatter_sum, split)
 from .flight import flight_recorder
 from .ledger import ByteLedger, CommRecord, group_name, name_group, record, ring_bytes
-from .p2p import P2POp, all_to_all, batch_isend_irecv, global_rank, group_size, irecv, isend, recv, send
+from .p2p import (DifferentiableAllToAll, P2POp, all_to_all, all_to_all_uneven, batch_isend_irecv, global_rank,
+                  group_size, irecv, isend, recv, send)
 from .ring import (AlphaBeta, chain_broadcast, cost_terms, fit_relative, ring_all_gather, ring_all_gather_,
                    ring_all_reduce, ring_exchange, ring_reduce_scatter, ring_reduce_scatter_, ring_step_time, time_op)
 
@@ -32,7 +34,8 @@ __all__ = [
     "reduce_scatter", "split", "gather", "DifferentiableIdentity", "DifferentiableAllReduceSum",
     "DifferentiableAllGather", "DifferentiableReduceScatterSum", "DifferentiableSplit", "DifferentiableGather",
     # p2p.py
-    "send", "recv", "isend", "irecv", "P2POp", "batch_isend_irecv", "all_to_all", "global_rank", "group_size",
+    "send", "recv", "isend", "irecv", "P2POp", "batch_isend_irecv", "all_to_all", "all_to_all_uneven",
+    "DifferentiableAllToAll", "global_rank", "group_size",
     # ring.py
     "ring_exchange", "ring_reduce_scatter_", "ring_all_gather_", "ring_all_reduce", "ring_reduce_scatter",
     "ring_all_gather", "chain_broadcast", "cost_terms", "fit_relative", "AlphaBeta", "time_op", "ring_step_time",

@@ -168,3 +168,55 @@ def all_to_all(x: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
                     w.wait()
         return torch.cat(out, dim)
     return backend.submit(exchange).wait() if backend.ring_active() else exchange()
+
+
+def all_to_all_uneven(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], group=None) -> torch.Tensor:
+    """The next send_counts[j] rows of x (dim 0) go to group rank j; returns the rows received, in rank order
+    (recv_counts[i] from rank i). torch's all_to_all_single with split sizes, decided at run time.
+
+    Every rank must know what it will receive before it posts the receives (NCCL needs the sizes), so the counts are
+    exchanged first (moe.exchange_counts). Both sides of an empty message know it is empty and skip it. Counted: the
+    rows sent to other ranks x row bytes.
+    """
+    n, me = group_size(group), dist.get_rank(group)
+    if len(send_counts) != n or len(recv_counts) != n:
+        raise ValueError(f"send_counts {list(send_counts)} and recv_counts {list(recv_counts)} need one count per "
+                         f"rank of the group ({n})")
+    if sum(send_counts) != x.shape[0]:
+        raise ValueError(f"send_counts add up to {sum(send_counts)} rows, x has {x.shape[0]}")
+    chunks = list(x.detach().contiguous().split(list(send_counts)))
+
+    def exchange():
+        out = [x.new_empty((c, *x.shape[1:])) for c in recv_counts]
+        out[me].copy_(chunks[me])
+        with counting("all_to_all", x, group, n):
+            for s in range(1, n):
+                to, frm, batch, ops, entries = (me + s) % n, (me - s) % n, flight.new_batch(), [], []
+                if chunks[to].numel():
+                    peer, entry = _enter_send(chunks[to], to, group, batch)
+                    ops.append(dist.P2POp(dist.isend, chunks[to], peer, group, ALL_TO_ALL_TAG))
+                    entries.append(entry)
+                if out[frm].numel():
+                    peer, entry = _enter_recv(out[frm], frm, group, batch)
+                    ops.append(dist.P2POp(dist.irecv, out[frm], peer, group, ALL_TO_ALL_TAG))
+                    entries.append(entry)
+                for w in _start(ops, entries) if ops else []:
+                    w.wait()
+        return torch.cat(out)
+    return backend.submit(exchange).wait() if backend.ring_active() else exchange()
+
+
+class DifferentiableAllToAll(torch.autograd.Function):
+    """Forward: all_to_all_uneven. Backward: the same exchange reversed (each row's gradient goes back to the rank
+    that sent the row). Assumes each rank has its own loss on the rows it received (expert parallelism): a sent row's
+    gradient is the one computed where it went, nothing is summed."""
+
+    @staticmethod
+    def forward(ctx, x, send_counts, recv_counts, group):
+        ctx.counts, ctx.group = (send_counts, recv_counts), group
+        return all_to_all_uneven(x, send_counts, recv_counts, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_counts, recv_counts = ctx.counts
+        return all_to_all_uneven(grad.contiguous(), recv_counts, send_counts, ctx.group), None, None, None

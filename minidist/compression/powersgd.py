@@ -156,8 +156,19 @@ def bucket_matrices(bucket, state: PowerSGDState) -> tuple[list[torch.Tensor], l
     return [m for group in by_shape.values() for m in group], rest
 
 
-def _initial_qs(ms: list[torch.Tensor], state: PowerSGDState) -> list[torch.Tensor]:
-    """Random Q's, the same on every rank (drawn on the CPU from a seed every rank draws alike), orthogonalized."""
+def initial_qs(ms: list[torch.Tensor], state: PowerSGDState) -> list[torch.Tensor]:
+    """PowerSGD's first Q for each matrix M of `ms` (n x m): an m x r matrix, r = min(n, m,
+    state.matrix_approximation_rank), with orthonormal columns (orthogonalize_, with state.orthogonalization_epsilon),
+    in M's dtype and on its device; random, and *the same on every rank*: P = M Q is all-reduced, which averages
+    the M's only if every rank multiplied by the same Q. Draw them as torch's PowerSGD does, so both hooks give the
+    same weights: one seed per call, state.rng.randint(1_000_000_000) (a NumPy generator every rank seeded alike),
+    for a CPU torch generator; then each matrix's Q in order, standard normal, drawn from it in M's dtype. Graded: by
+    hand (shapes, orthonormal, the same under different global seeds, a new draw at each call), and minidist's
+    PowerSGD hook with it against torch's, weights bit for bit, on 2 ranks.
+    """
+    # <exercise initial_qs points=2>
+    # hint: the global random stream differs from rank to rank as soon as anything draws from it; a generator of
+    #       your own, seeded from what every rank shares, does not. (orthogonalize_: minidist.compression.powersgd.)
     generator = torch.Generator().manual_seed(int(state.rng.randint(1_000_000_000)))
     qs = []
     for m in ms:
@@ -165,6 +176,10 @@ def _initial_qs(ms: list[torch.Tensor], state: PowerSGDState) -> list[torch.Tens
                         dtype=m.dtype)
         qs.append(orthogonalize_(q.to(m.device), state.orthogonalization_epsilon))
     return qs
+    # </exercise>
+
+
+_initial_qs = initial_qs  # the hook's name for it
 
 
 def powersgd_hook(state: PowerSGDState, bucket) -> torch.futures.Future[torch.Tensor]:

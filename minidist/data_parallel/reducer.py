@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import comm
 from .buckets import MiB, Bucket, assign_buckets, launch_ready_buckets, layout  # noqa: F401
+from .shards import pack_bucket
 
 
 class GradBucket:
@@ -197,10 +198,6 @@ class GradReducer:
             if not self.fired[i]:
                 self._adopt(i)  # no gradient in this backward: what it holds (no_sync), or zeros
         buf = self._bucket_buffer(bucket)
-        if self.op == "reduce_scatter":  # the bucket holds a copy: drop gradients whose last piece is in it
-            for i in bucket.params:
-                if self.bucket_of[i][-1] is bucket:
-                    self.params[i].grad = None
         if self.comm_hook is not None and self.op == "all_reduce":  # the hook reduces (and averages) the bucket
             state, hook = self.comm_hook
             work = _HookWork(hook(state, GradBucket(self, bucket, buf)), buf)
@@ -261,15 +258,7 @@ class GradReducer:
     def _bucket_buffer(self, bucket: Bucket) -> torch.Tensor:
         if self.op == "all_reduce":
             return self.flat[bucket.dtype][bucket.start:bucket.stop]
-        size = bucket.stop - bucket.start
-        buf = torch.zeros(-(-size // self.world) * self.world, dtype=bucket.dtype, device=self._device())
-        for i in bucket.params:  # copy each parameter's piece that falls in this bucket
-            dtype, offset = self.offsets[i]
-            p = self.params[i]
-            lo, hi = max(offset, bucket.start), min(offset + p.numel(), bucket.stop)
-            if p.grad is not None:
-                buf[lo - bucket.start:hi - bucket.start].copy_(p.grad.reshape(-1)[lo - offset:hi - offset])
-        return buf
+        return pack_bucket(bucket, self.params, self.offsets, self.bucket_of, self.world)
 
     def _device(self):
         return self.params[0].device

@@ -50,7 +50,8 @@ STEP_DIR = re.compile(r"^step-(\d{8})(\.old)?$")
 FLAGS = ("seed", "batch_size", "block_size", "lr")  # a resumed run must have the saving run's
 UNSUPPORTED = {"none": "its replicas differ, a checkpoint holds one model",
                "torch-fsdp": "its DTensor parameters are torch.distributed.checkpoint's to save",
-               "3d": "its loop (examples/parallel3d.py) does not checkpoint yet"}
+               "3d": "its loop (examples/parallel3d.py) does not checkpoint yet",
+               "ep": "its loop (examples/moe.py) does not checkpoint yet"}
 
 
 def add_arguments(p) -> None:

@@ -24,7 +24,8 @@ DATA_PARALLEL = ("ddp", "torch-ddp", "none", "zero1", "zero2", "zero3", "fsdp", 
 ACTS_IN = {  # flag: the strategies in which it does something
     "sequence_parallel": ("tp",),
     "schedule": ("pp", "3d"), "microbatches": ("pp", "3d"), "n_layer": ("pp", "3d"), "chunks": ("pp",),
-    "dp": ("3d",), "pp": ("3d",), "cp": ("3d",), "tp": ("3d",), "zero_stage": ("3d",),
+    "dp": ("3d",), "pp": ("3d",), "cp": ("3d",), "tp": ("3d",), "zero_stage": ("3d",), "ep": ("ep",),
+    "model": (*DATA_PARALLEL, "tp", "pp", "3d"),   # ep trains the tiny Mixtral, whatever --model says
     "bucket_cap_mb": ("ddp", "torch-ddp", "zero1", "zero2"),
     "dropout": (*DATA_PARALLEL, "tp", "pp"),
     "monitor": (*DATA_PARALLEL, "tp", "pp"),
@@ -105,6 +106,9 @@ def check_world(args, world: int, models: dict) -> str | None:
     if args.strategy == "3d":
         from minidist.examples import parallel3d
         return "; ".join(parallel3d.problems(args, world)) or None
+    if args.strategy == "ep":
+        from minidist.examples import moe
+        return "; ".join(moe.problems(args, world)) or None
     return None
 
 

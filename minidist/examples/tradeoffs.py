@@ -31,7 +31,7 @@ def check(args) -> str | None:
     for flag, allowed in STRATEGIES_FOR.items():
         if getattr(args, flag[2:]) and args.strategy not in allowed:
             return f"{flag} works with --strategy {' or '.join(allowed)}, not {args.strategy}"
-    if args.checkpointing and args.strategy in ("pp", "3d"):
+    if args.checkpointing and args.strategy in ("pp", "3d", "ep"):
         return f"--checkpointing is not wired into --strategy {args.strategy} (its own runtime)"
     if args.checkpointing == "selective" and args.model != "tiny-gpt":
         return "--checkpointing selective needs the tiny GPT's attend(q, k, v); use full for tiny-llama"

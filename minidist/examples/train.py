@@ -20,7 +20,8 @@ whole batch; --sequence-parallel adds sequence parallelism), pp (pipeline parall
 stage of the model, the global batch cut into --microbatches, run by --schedule gpipe|1f1b|interleaved|zb), zero1 /
 zero2 (minidist.zero.ZeroOptimizer, stage 1 or 2), zero3 (minidist's fully_shard on the whole model), fsdp
 (minidist's fully_shard on each block, then the root), torch-fsdp (PyTorch's FSDP2 fully_shard, per block), 3d
-(examples/parallel3d.py: a --dp x --pp x --cp x --tp mesh). Later chapters add theirs to STRATEGIES.
+(examples/parallel3d.py: a --dp x --pp x --cp x --tp mesh), ep (examples/moe.py: a tiny Mixtral, experts
+sharded over --ep ranks). Later chapters add theirs to STRATEGIES.
 --checkpointing, --offload and --compress (chapters 09-10, examples/tradeoffs.py) combine with the strategies that
 support them.
 
@@ -49,6 +50,7 @@ from minidist.monitor import Monitor
 from minidist.testing import replica_divergence
 from minidist.zero import ZeroOptimizer
 
+from . import moe as moe_example
 from . import parallel3d
 from .progress import log_step, progress_bar
 
@@ -123,6 +125,8 @@ def train(args) -> dict:
         return train_pp(args)
     if args.strategy == "3d":
         return parallel3d.train_3d(args)
+    if args.strategy == "ep":
+        return moe_example.train_ep(args)
     rank, n, dev = dist.get_rank(), dist.get_world_size(), device()
     split_batch = args.strategy != "tp"  # data parallel: a slice of the batch per rank; tensor parallel: all of it
     if split_batch and args.batch_size % n:
@@ -213,7 +217,7 @@ def train_pp(args) -> dict:
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m minidist.examples.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategy", choices=sorted([*STRATEGIES, "pp", "3d"]), default="ddp")
+    p.add_argument("--strategy", choices=sorted([*STRATEGIES, "pp", "3d", "ep"]), default="ddp")
     p.add_argument("--model", choices=sorted(MODELS), default="tiny-gpt")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="tp: norms and residual adds run on sequence shards too (models here use dropout 0)")
@@ -229,6 +233,7 @@ def parse(argv=None):
     p.add_argument("--n-layer", type=positive_int, default=None,
                    help="pp: transformer blocks (default: one per stage, >= 2)")
     parallel3d.add_arguments(p)
+    moe_example.add_arguments(p)
     p.add_argument("--log-every", type=positive_int, default=50)
     p.add_argument("--monitor", metavar="PATH", help="per-rank step telemetry: JSON lines to PATH, a Chrome trace "
                                                    "to PATH with suffix .trace.json, stragglers named")
@@ -257,6 +262,9 @@ def main(argv=None) -> int:
     else:
         if args.model == "tiny-llama":  # import transformers once here: the forked ranks inherit it
             import transformers.models.llama.modeling_llama  # noqa: F401
+        if args.strategy == "ep":  # a first Mixtral built here: transformers' lazy imports happen once, not per rank
+            from minidist.models import build_mixtral
+            build_mixtral()
         result, rank = launch(train, args.world_size, args)[0], 0
     if rank == 0:
         replicas = ("weights sharded over the ranks" if result["replica_divergence"] is None

@@ -46,8 +46,8 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import comm
-from .state import (PostBackward, TrainingState, claim, clip_grad_norm_, copy_out, full_state_dict,  # noqa: F401
-                    in_backward, shard_parameters, unit_parameters)
+from .state import (PostBackward, TrainingState, backward_reached, claim, clip_grad_norm_, copy_out,  # noqa: F401
+                    full_state_dict, in_backward, shard_parameters, unit_parameters)
 
 
 def unshard_(full: torch.Tensor, shard: torch.Tensor, group=None) -> comm.Work:
@@ -119,7 +119,7 @@ class FSDPUnit:
         claim(params, self.sharded + self.full)
         self.gathered, self.work, self.rs_work, self.queued, self.held = False, None, None, False, []
         self.training_state = TrainingState.IDLE
-        self.order_pre, self.order_post, self.events, self.frozen, self.peak = [], [], [], False, 0
+        self.order_pre, self.order_post, self.events, self.frozen, self.peak, self.units = [], [], [], False, 0, None
         self.uses, self.backward_use, self.in_backward = 0, None, True  # grad-mode forwards; the one backward runs
         for u in inner:
             u.parent = u.parent or self
@@ -195,14 +195,9 @@ class FSDPUnit:
         return output
 
     def pre_backward(self, use: int) -> None:
-        if self.backward_use not in (None, use):
-            raise RuntimeError(f"fully_shard unit {self.name!r} ran forward more than once for one backward (a module "
-                               f"applied twice, or two forwards summed into one loss): minidist's units run once per "
-                               f"backward; give each use its own unit, or call backward after each forward")
-        self.backward_use = use
-        if self.training_state in (TrainingState.PRE_BACKWARD, TrainingState.POST_BACKWARD):
+        if not backward_reached(self, use):
             return  # another output of mine, or a recomputed one: done once per backward
-        self.training_state, root = TrainingState.PRE_BACKWARD, self.root
+        root = self.root
         if not root.queued:  # the first unit backward reaches: the root finishes everything at the end
             torch.autograd.Variable._execution_engine.queue_callback(root._finish_backward)
             root.queued = True
@@ -272,9 +267,9 @@ class FSDPUnit:
                 p.grad = piece if p.grad is None else p.grad.add_(piece)
 
     def _note_memory(self) -> None:
-        """Root: remember the most bytes of gathered parameters held at once (walking every unit's storage)."""
-        units = [m.fsdp_unit for m in self.module.modules() if getattr(m, "fsdp_unit", None)]
-        held = [t for u in units for t in (u.full_flat, u.gather_buf)]
+        """Root: the most bytes of gathered parameters held at once (the units listed once the order is frozen)."""
+        units = self.units or [m.fsdp_unit for m in self.module.modules() if getattr(m, "fsdp_unit", None)]
+        self.units, held = units if self.frozen else None, [t for u in units for t in (u.full_flat, u.gather_buf)]
         self.peak = max(self.peak, sum(t.untyped_storage().nbytes() for t in held))
 
 

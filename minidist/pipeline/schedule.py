@@ -8,10 +8,9 @@ A model is cut into S consecutive *stages* placed on p ranks, and the global bat
     Action("F", 3, 1)   forward of micro-batch 3 through chunk 1 of this rank (interleaving: v chunks per rank,
                         chunk c of rank r is virtual stage c*p + r, as in Megatron-LM: S = v*p)
 
-A schedule can be printed (`grid`), checked (`validate`) and timed (`simulate`) with no processes at all; then
-pipeline/runtime.py executes the same lists on ranks. With t_f the forward and t_b + t_w the backward time of one
-micro-batch through one rank's whole share of the model (t_b the input gradient, t_w the weights'; a chunk's action
-takes 1/v of it):
+A schedule can be printed (`grid`), checked (`validate`) and timed (`simulate`) with no processes; pipeline/runtime.py
+runs it on ranks. t_f, t_b + t_w: forward, backward time of one micro-batch through one rank's share (t_b the input
+gradient, t_w the weights'; a chunk's action takes 1/v of it):
 
   GPipe (Huang et al. 2019)      all m forwards, then all m backwards. Step time (m + p - 1)(t_f + t_b + t_w): the
                                  p - 1 slots of fill and drain are the *bubble*, (p - 1)/(m + p - 1) of the step.
@@ -31,12 +30,12 @@ takes 1/v of it):
                                  the fill of p - 1 chunk forwards per step, 2p chunks held (DualPipeV 2p + 1) and
                                  4 m (p - 1) messages. Built in vshape.py, in torch's action order; a VSchedule.
 
-`validate` assumes asynchronous messages (a send never waits for its receive): a schedule then deadlocks only if
-its ranks wait on each other in a cycle. Under NCCL sends can wait and the order of messages matters too:
-pipeline/messages.py orders them so that every schedule that validates runs there as well.
+`validate` assumes asynchronous sends: a schedule deadlocks only if its ranks wait on each other in a cycle. Under
+NCCL sends can wait too: pipeline/messages.py orders the messages so that every schedule that validates runs there.
 """
 from dataclasses import dataclass
 from fractions import Fraction
+from itertools import accumulate
 
 from .actions import KINDS, Action, VSchedule, is_v, place, stage_of  # noqa: F401 (re-exported)
 from .actions import check_sizes as _check
@@ -79,24 +78,31 @@ def interleaved_1f1b(p: int, m: int, v: int = 2) -> list[list[Action]]:
     The k-th forward of a rank is micro-batch (k // (p v)) p + k % p on chunk (k // p) % v; its k-th backward the
     same micro-batch on chunk v - 1 - (k // p) % v. Rank r warms up with 2 (p - r - 1) + (v - 1) p forwards.
     """
+    # Then, as in 1F1B: one forward and one backward in turn, then the drain; a warm-up longer than the m v forwards
+    # is cut to them. Graded: exact lists by hand, that they validate, the bubble (p - 1)/(v m + p - 1) simulated.
     _check(p=p, m=m, v=v)
     if m % p:
         raise ValueError(f"interleaved 1F1B sends micro-batches through the chunks in groups of p: the number of "
                          f"micro-batches m={m} must be divisible by the number of ranks p={p}")
     if v == 1:  # one chunk is plain 1F1B (Megatron's interleaved warm-up assumes v > 1)
         return one_f_one_b(p, m)
-
+    schedule = []
+    # <exercise interleaved_1f1b points=3>
+    # hint: a rank's forwards, numbered k = 0 .. m v - 1, sweep p micro-batches through chunk 0, the same p through
+    #       chunk 1, ..., then the next p micro-batches; its backwards sweep the same groups, chunks last to first.
+    # hint: a warm-up longer than the forwards there are is cut, as 1F1B's is (p = m = 4, v = 2: rank 0).
     def nth(kind: str, k: int) -> Action:
         group, within = divmod(k, p * v)
         chunk = within // p
         return Action(kind, group * p + within % p, chunk if kind == "F" else v - 1 - chunk)
-    schedule, total = [], m * v
+    total = m * v
     for r in range(p):
         warmup = min(2 * (p - r - 1) + (v - 1) * p, total)
         actions = [nth("F", k) for k in range(warmup)]
         for k in range(total - warmup):
             actions += [nth("F", warmup + k), nth("B", k)]
         schedule.append(actions + [nth("B", k) for k in range(total - warmup, total)])
+    # </exercise>
     return schedule
 
 
@@ -134,8 +140,7 @@ def shape(schedule) -> tuple[int, int, int]:
     if not (isinstance(schedule, (list, tuple)) and schedule and all(isinstance(acts, (list, tuple)) and all(
             isinstance(a, Action) for a in acts) for acts in schedule)):
         raise ValueError("a schedule is a non-empty list with one list of Action per rank")
-    actions = [a for rank in schedule for a in rank]
-    if not actions:
+    if not (actions := [a for rank in schedule for a in rank]):
         raise ValueError("the schedule has no actions")
     return len(schedule), 1 + max(a.microbatch for a in actions), 1 + max(a.chunk for a in actions)
 
@@ -150,13 +155,19 @@ def waits_for(action: Action, rank: int, p: int, stages: int, v_shape: bool = Fa
 
     F of virtual stage s needs the forward of stage s - 1 (its input); B of stage s needs the backward of stage
     s + 1 (the gradient of its output). W and the first forward / last backward need nothing from elsewhere.
+    Chunk c of rank r is virtual stage c p + r; with v_shape, rank r holds stages r and 2p - 1 - r. Graded: every
+    action of interleaved schedules (p = 2, 3; v = 1, 2, 3) against the stages worked out by hand.
     """
+    # <exercise waits_for points=2>
+    # hint: go from (rank, chunk) to the stage, step one stage along the pipeline, and come back to (rank, chunk);
+    #       for the V placement, this module already maps both ways between (rank, chunk) and stages.
     stage = stage_of(rank, action.chunk, p, v_shape)
     if action.kind == "F" and stage > 0:
         return place(stage - 1, p, v_shape)[0], Action("F", action.microbatch, place(stage - 1, p, v_shape)[1])
     if action.kind == "B" and stage < stages - 1:
         return place(stage + 1, p, v_shape)[0], Action("B", action.microbatch, place(stage + 1, p, v_shape)[1])
     return None
+    # </exercise>
 
 
 def _check_complete(schedule, m: int, v: int) -> bool:
@@ -232,8 +243,7 @@ class Simulation:
         return [sum((end - start for _, start, end in events), Fraction(0)) for events in self.timeline]
 
     @property
-    def bubble(self) -> Fraction:
-        """The idle share of the step, over all ranks: 1 - busy time / (p * step time)."""
+    def bubble(self) -> Fraction:  # the idle share of the step, over all ranks: 1 - busy / (p * step time)
         return 1 - sum(self.busy) / (len(self.timeline) * self.makespan)
 
 
@@ -264,14 +274,8 @@ def simulate(schedule, t_f=1, t_b=1, t_w=0) -> Simulation:
 def peak_in_flight(schedule) -> list[int]:
     """Per rank, the most (micro-batch, chunk) pairs whose activations are alive at once: from an F until the
     backward that frees them (W when the schedule has W, else B)."""
-    split, peaks = splits_backward(schedule), []
-    for actions in schedule:
-        alive = peak = 0
-        for a in actions:
-            alive += 1 if a.kind == "F" else -1 if a.kind == ("W" if split else "B") else 0
-            peak = max(peak, alive)
-        peaks.append(peak)
-    return peaks
+    freed = "W" if splits_backward(schedule) else "B"
+    return [max([0, *accumulate(1 if a.kind == "F" else -(a.kind == freed) for a in actions)]) for actions in schedule]
 
 
 def grid(schedule) -> str:

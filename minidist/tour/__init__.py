@@ -5,14 +5,15 @@ result matches the reference within its tolerance and, where a formula exists, t
 """
 import os
 
-from . import (checkpoint, checkpointing, compression, data_parallel, foundation, fsdp, hsdp, inference,
-               monitoring, parallel3d, pipeline, tensor_parallel, ulysses, vpipeline, zero)
+from . import (checkpoint, checkpointing, compression, data_parallel, foundation, fsdp, hsdp, inference, moe,
+               moe_refs, monitoring, parallel3d, pipeline, tensor_parallel, ulysses, vpipeline, zero)
 from .foundation import comm_backward_errors
 from .rows import KEYS, covers, format_rows, make_row
 
 CHECKS = [*foundation.CHECKS, *data_parallel.CHECKS, *tensor_parallel.CHECKS, *zero.CHECKS, *fsdp.CHECKS,
-          *hsdp.CHECKS, *pipeline.CHECKS, *vpipeline.CHECKS, *parallel3d.CHECKS, *ulysses.CHECKS, *checkpointing.CHECKS,
-          *compression.CHECKS, *checkpoint.CHECKS, *inference.CHECKS, *monitoring.CHECKS]
+          *hsdp.CHECKS, *pipeline.CHECKS, *vpipeline.CHECKS, *parallel3d.CHECKS, *ulysses.CHECKS,
+          *checkpointing.CHECKS, *compression.CHECKS, *checkpoint.CHECKS, *inference.CHECKS, *monitoring.CHECKS,
+          *moe.CHECKS, *moe_refs.CHECKS]
 
 
 def run_tour(world_size: int = 4, progress: bool = True, backend: str = "gloo", only: str | None = None) -> dict:

@@ -147,6 +147,7 @@ class ZeroOptimizer(ZeroState, torch.optim.Optimizer):
         self.master = torch.zeros(sum(self.chunks), dtype=dtype, device=self.params[0].device if self.params else None)
         self.pieces = [self.master[self.starts[b] + offset:self.starts[b] + offset + hi - lo].copy_(
                        self.params[i].detach().reshape(-1)[lo:hi]) for i, lo, hi, b, offset in self.where]
+        self._seen = self._model_versions()  # the masters hold the model's weights as they are now
 
     @property
     def comm_device(self) -> torch.device:
@@ -205,12 +206,15 @@ class ZeroOptimizer(ZeroState, torch.optim.Optimizer):
         return reduce_scatter_gradients([self._pack(b) for b in range(len(self.buckets))], self.group), used
 
     def _pack(self, b: int) -> torch.Tensor:
-        """Bucket b's gradients in one zero-padded flat buffer of N * chunk elements."""
-        flat = torch.zeros(self.world * self.chunks[b], dtype=self.buckets[b].dtype, device=self.comm_device)
-        for i, lo, hi, at in self.segments[b]:
-            if self.params[i].grad is not None:
-                flat[at:at + hi - lo] = self.params[i].grad.reshape(-1)[lo:hi]
-        return flat
+        """Bucket b's gradients in one zero-padded flat buffer of N * chunk elements: one cat of views of the gradients
+        (no zero-fill, then a copy per parameter), zeros only where a gradient is missing and in the padding."""
+        parts = [self.params[i].grad.reshape(-1)[lo:hi] if self.params[i].grad is not None else
+                 torch.zeros(hi - lo, dtype=self.buckets[b].dtype, device=self.comm_device)
+                 for i, lo, hi, _ in self.segments[b]]
+        padding = self.world * self.chunks[b] - sum(hi - lo for _, lo, hi, _ in self.segments[b])
+        if padding:
+            parts.append(torch.zeros(padding, dtype=self.buckets[b].dtype, device=self.comm_device))
+        return torch.cat(parts)
 
     def local_update(self) -> None:
         """Phase 2: step the wrapped optimizer on this rank's pieces (their gradients set by phase 1)."""
@@ -223,8 +227,21 @@ class ZeroOptimizer(ZeroState, torch.optim.Optimizer):
         """Phase 3: every rank's updated chunks, cast to the model's dtype, gathered and copied into the model."""
         shards = [self.master[s:s + c].to(self.comm_device, b.dtype)   # offloaded: the updated shards come back
                   for s, c, b in zip(self.starts, self.chunks, self.buckets)]
-        for p, flat in zip(self.params, self._unbucket(all_gather_parameters(shards, self.group))):
-            p.copy_(flat.view(p.shape))
+        fulls = all_gather_parameters(shards, self.group)
+        into, values, strided = [], [], set()  # each segment of each bucket straight into its parameter: one copy
+        for segs, full in zip(self.segments, fulls):
+            for i, lo, hi, at in segs:
+                if self.params[i].is_contiguous():
+                    into.append(self.params[i].view(-1)[lo:hi])
+                    values.append(full[at:at + hi - lo])
+                else:
+                    strided.add(i)  # no flat view of it: gathered whole below
+        torch._foreach_copy_(into, values)
+        if strided:
+            for i, flat in enumerate(self._unbucket(fulls)):
+                if i in strided:
+                    self.params[i].copy_(flat.view(self.params[i].shape))
+        self._seen = self._model_versions()
 
     def _unbucket(self, fulls: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each parameter's flattened values from the full flat buckets (a parameter may span several)."""
@@ -232,12 +249,21 @@ class ZeroOptimizer(ZeroState, torch.optim.Optimizer):
                        for i, lo, hi, at in segs)  # by parameter, then by position within it
         return [torch.cat([t for j, _, t in parts if j == i]) for i in range(len(self.params))]
 
+    def _model_versions(self) -> list[tuple[int, int]]:
+        """What tells whether a parameter was changed since: its version counter (every in-place write bumps it) and
+        its memory (`p.data = ...` replaces it)."""
+        return [(p._version, p.data_ptr()) for p in self.params]
+
     def _sync_from_model(self) -> None:
         """Read back into my pieces the model weights changed outside this optimizer since its last all-gather (a
         model.load_state_dict, a manual edit): where the model differs from the master rounded to the model's dtype,
-        the model wins; elsewhere the master keeps the bits the model's dtype cannot hold."""
+        the model wins; elsewhere the master keeps the bits the model's dtype cannot hold. Parameters whose version
+        and memory are as the all-gather left them are skipped: most steps read nothing back."""
+        changed = [now != seen for now, seen in zip(self._model_versions(), self._seen)]
         with torch.no_grad():
             for (i, lo, hi, _, _), piece in zip(self.where, self.pieces):
+                if not changed[i]:
+                    continue
                 model = self.params[i].detach().reshape(-1)[lo:hi].to(piece.device)
                 if model.dtype == piece.dtype:  # the master holds nothing more than the model
                     piece.copy_(model)

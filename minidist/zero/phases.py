@@ -76,7 +76,18 @@ def all_gather_parameters(shards: list[torch.Tensor], group=None) -> list[torch.
 
 
 def used_on_some_rank(params: list[torch.Tensor], group=None) -> list[bool]:
-    """Which parameters hold a gradient on at least one rank (one all-reduce of an int32 flag per tensor)."""
+    """Which parameters hold a gradient on at least one rank of `group`: a list of bools, the same on every rank.
+
+    A parameter none of whose ranks used it this step must be skipped by the optimizer, as one process skips it
+    (Adam would still move it through its momentum); one that only another rank used must be stepped here too, from
+    the zero gradient this rank contributed. Agree with one all-reduce of one int32 flag per tensor (a handful of
+    bytes, whatever the sizes), on the parameters' device. Graded on 2 ranks: the answer, and the collectives and
+    bytes counted.
+    """
+    # <exercise zero_used_on_some_rank points=1>
+    # hint: one small tensor of flags carries the whole question; which reduction turns "some rank" into a number?
+    #       (minidist.comm has the collectives.)
     flags = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
     flags = flags.to(params[0].device) if params else flags
     return (comm.all_reduce_sum(flags, group) > 0).tolist()
+    # </exercise>

@@ -1,0 +1,158 @@
+"""The mixture-of-experts layer on one process: routing, top-k, the load-balancing loss, capacity, the permutation.
+
+A token x (d_model) is scored by a linear router (n_experts logits), the softmax turns the scores into probabilities,
+the k largest are kept and renormalized to sum to 1 (Mixtral's rule: the output is a weighted *average* of the
+chosen experts), and
+
+    y = sum_j  w_j * expert_{e_j}(x)          (j = 1..k; each expert a SwiGLU MLP, as in Mixtral)
+
+So each token costs k experts' FLOPs while the layer holds n_experts experts' parameters.
+
+Computing it: the (token, choice) pairs ("assignments") are sorted by expert (`permute`), so each expert runs one
+matmul on a contiguous block of rows, and `unpermute` puts the outputs back and takes the weighted sum. With
+capacity_factor c, an expert takes at most C = ceil(c * S * k / E) of a step's S tokens' assignments: the first
+choices of all tokens before any second choice, each in token order (GShard); the rest are dropped (they add 0; the
+residual connection around the layer carries the token on).
+
+Load balance (Switch Transformer, Fedus et al. 2021; top-k as in Hugging Face's Mixtral): with f_e the fraction of
+tokens that chose expert e among their k and P_e the mean router probability of e,
+
+    aux_loss = E * sum_e f_e * P_e          (= k when routing is uniform; larger when it collapses)
+
+f is a count (no gradient); the gradient reaches the router through P, pushing probability away from the experts
+that get more than their share.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Expert(nn.Module):
+    """One SwiGLU MLP (Mixtral's expert): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_ff, bias=False)
+        self.up = nn.Linear(d_model, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router logits (S, E) -> (probs (S, E) in fp32, weights (S, k) renormalized to sum to 1, chosen (S, k) ids)."""
+    probs = logits.float().softmax(-1)
+    top, chosen = probs.topk(top_k, dim=-1)
+    return probs, top / top.sum(-1, keepdim=True), chosen
+
+
+def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The Switch-Transformer auxiliary loss E * sum_e f_e * P_e for router probabilities `probs` (S, E) and the
+    experts each token chose, `chosen` (S, k): f_e is the fraction of the S tokens that have e among their k choices
+    (a count: no gradient flows through it), P_e the mean probability of e over the tokens. A scalar; k when every
+    expert gets the same share. Graded: values against planted routings, its gradient (through P only)."""
+    # <exercise load_balancing_loss points=2>
+    # hint: f comes from counting, not from probs: one_hot(chosen, E) summed over the k choices, mean over tokens.
+    # hint: the gradient must reach the router only through P (the mean of probs over tokens).
+    n_experts = probs.shape[-1]
+    f = F.one_hot(chosen, n_experts).sum(1).float().mean(0)   # (E,)
+    p = probs.mean(0)                                          # (E,)
+    return n_experts * (f * p).sum()
+    # </exercise>
+
+
+def capacity(tokens: int, top_k: int, n_experts: int, capacity_factor: float | None) -> int | None:
+    """How many assignments an expert takes in a step of `tokens` tokens: ceil(c * tokens * k / E); None: all."""
+    return None if capacity_factor is None else math.ceil(capacity_factor * tokens * top_k / n_experts)
+
+
+def keep_within_capacity(chosen: torch.Tensor, n_experts: int, cap: int | None) -> torch.Tensor:
+    """Which assignments (S, k) an expert of capacity `cap` keeps: for each expert, its first `cap` assignments, in
+    priority order: every token's first choice before any second choice, tokens in order (GShard). Returns a bool
+    (S, k) mask; all True when cap is None. Graded: planted routings (which ones are dropped), counts per expert."""
+    if cap is None:
+        return torch.ones_like(chosen, dtype=torch.bool)
+    # <exercise keep_within_capacity points=2>
+    # hint: walk the assignments choice-major (chosen.T, flattened) and number each expert's assignments 0, 1, 2...
+    #       in that order (a cumulative sum of one-hot rows); keep those numbered below cap.
+    onehot = F.one_hot(chosen.t().reshape(-1), n_experts)          # (k*S, E), choice-major
+    position = (onehot.cumsum(0) * onehot).sum(-1) - 1             # each assignment's place in its expert's queue
+    return (position < cap).view(chosen.shape[1], chosen.shape[0]).t()
+    # </exercise>
+
+
+def permute(x: torch.Tensor, chosen: torch.Tensor, keep: torch.Tensor, n_experts: int):
+    """Sort the kept assignments by expert: x (S, d), chosen and keep (S, k) -> (rows (M, d): the tokens, grouped by
+    expert in expert order; order (M,): the flat index s*k + j of each row's assignment; counts (E,): rows per expert).
+    The dispatch permutation; `unpermute` is its inverse. Graded: against planted routings, rows, order and counts."""
+    # <exercise permute points=3>
+    # hint: flat assignment a = s * k + j belongs to token a // k. Keep the kept ones, sort them by expert with a
+    #       *stable* sort (tokens of one expert stay in token order), and count rows per expert with bincount.
+    k = chosen.shape[1]
+    experts = chosen.reshape(-1)
+    kept = keep.reshape(-1).nonzero().squeeze(1)
+    order = kept[torch.argsort(experts[kept], stable=True)]
+    counts = torch.bincount(experts[kept], minlength=n_experts)
+    return x[order // k], order, counts
+    # </exercise>
+
+
+def unpermute(rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The inverse of `permute`, and the weighted sum: rows (M, d) are expert outputs in permuted order, weights (S, k);
+    returns (S, d) with out[s] = sum_j weights[s, j] * the output of assignment (s, j) (0 if it was dropped)."""
+    S, k = weights.shape
+    per_assignment = rows.new_zeros(S * k, rows.shape[-1]).index_copy(0, order, rows)   # (S*k, d)
+    return (per_assignment.view(S, k, -1) * weights.unsqueeze(-1).to(rows.dtype)).sum(1)
+
+
+def run_experts(experts: nn.ModuleList, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Each expert on its block of rows (counts[i] rows for experts[i], in order): one matmul per expert."""
+    return torch.cat([expert(block) for expert, block in zip(experts, rows.split(counts))])
+
+
+class MoE(nn.Module):
+    """A mixture-of-experts layer, (B, T, d_model) -> (B, T, d_model): router, top-k, experts (`self.experts`).
+
+    After each forward: `aux_loss` (the load-balancing loss of that forward's tokens: add a multiple of it to the
+    loss), `dropped` (assignments over capacity), `tokens_per_expert` (kept assignments per expert, (E,)).
+    `expert_parallel(moe, group)` shards the experts; this module holds no parallelism itself: `dispatch`, when set,
+    takes (rows, counts per global expert) and returns the experts' outputs for those rows, wherever they ran.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int = 2, *, capacity_factor=None):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_ff", d_ff), ("n_experts", n_experts), ("top_k", top_k)):
+            _positive_int(name, value)
+        if top_k > n_experts:
+            raise ValueError(f"top_k {top_k} is more than the {n_experts} experts")
+        if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
+            raise ValueError(f"capacity_factor must be a positive number or None (dropless), got {capacity_factor!r}")
+        self.d_model, self.n_experts, self.top_k, self.capacity_factor = d_model, n_experts, top_k, capacity_factor
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(d_model, d_ff) for _ in range(n_experts))
+        self.expert_ids = list(range(n_experts))
+        self.dispatch = None
+        self.aux_loss = self.tokens_per_expert = None
+        self.dropped = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"MoE takes (B, T, {self.d_model}) inputs, got {tuple(x.shape)}")
+        flat = x.reshape(-1, self.d_model)                                   # (S, d)
+        probs, weights, chosen = route(self.router(flat), self.top_k)        # (S, E), (S, k), (S, k)
+        self.aux_loss = load_balancing_loss(probs, chosen)
+        keep = keep_within_capacity(chosen, self.n_experts,
+                                    capacity(flat.shape[0], self.top_k, self.n_experts, self.capacity_factor))
+        rows, order, counts = permute(flat, chosen, keep, self.n_experts)   # (M, d), (M,), (E,)
+        self.tokens_per_expert, self.dropped = counts, chosen.numel() - rows.shape[0]
+        counts = counts.tolist()   # one host sync per layer: split sizes are decided at run time
+        out = run_experts(self.experts, rows, counts) if self.dispatch is None else self.dispatch(rows, counts)
+        return unpermute(out, order, weights).view_as(x)
