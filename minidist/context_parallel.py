@@ -34,7 +34,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import comm
-from .ulysses import ulysses_attention, ulysses_attention_bytes  # noqa: F401  the all-to-all form, ulysses.py
 
 
 def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):

@@ -37,6 +37,7 @@ from .mesh import AXES
 from .models import lm_loss
 from .pipeline.runtime import PipelineRuntime
 from .pipeline.schedule import build
+from .pipeline.schedule import shape as schedule_shape
 from .pipeline.stages import parameter_names, rank_stages, split_gpt
 from .tensor_parallel.plans import GPT_PLAN, full_parameters, local_shard, parallelize
 from .tensor_parallel.vocab import vocab_parallel_cross_entropy
@@ -130,7 +131,7 @@ class ParallelRun:
     model (same seed) and passes it in; the run keeps this rank's part.
 
     mesh: from Mesh.build (the axes dp, pp, cp, tp); schedule/microbatches: the pipeline's (chapter 07), one stage
-    per rank (not "interleaved"); zero_stage: 1 (ZeRO-1 over dp, or dp x cp) or 0.
+    per rank (not "interleaved", "zbv" or "dualpipev"); zero_stage: 1 (ZeRO-1 over dp, or dp x cp) or 0.
     """
 
     def __init__(self, model, mesh, *, lr: float = 1e-3, schedule: str = "1f1b", microbatches: int = 1,
@@ -138,9 +139,10 @@ class ParallelRun:
         if tuple(mesh.shape) != AXES:
             raise ValueError(f"ParallelRun needs a mesh with the axes {AXES} (Mesh.build(dp=.., pp=.., cp=.., tp=..)), "
                              f"got {tuple(mesh.shape)}")
-        if schedule == "interleaved":
-            raise ValueError("ParallelRun runs one pipeline stage per rank: schedule 'interleaved' (several chunks "
-                             "per rank) is not supported; use 'gpipe', '1f1b' or 'zb'")
+        plan = build(schedule, mesh.pp, microbatches)     # refused before the model is changed
+        if (v := schedule_shape(plan)[2]) > 1:            # interleaved, and the V schedules (zbv, dualpipev)
+            raise ValueError(f"ParallelRun runs one pipeline stage per rank: schedule {schedule!r} runs {v} chunks "
+                             f"per rank, not supported; use 'gpipe', '1f1b' or 'zb'")
         self.mesh, self.cfg = mesh, model.cfg
         if mesh.cp > 1:
             apply_context_parallel(model, mesh.group("cp"), balanced)
@@ -150,7 +152,7 @@ class ParallelRun:
         self.model, self.tp_group = model, tp_group
         loss_fn = (lambda logits, y: vocab_parallel_cross_entropy(logits, y, tp_group)) if tp_group else lm_loss
         stages = rank_stages(model, mesh.pp, mesh.coords["pp"])
-        self.pipe = PipelineRuntime(stages, build(schedule, mesh.pp, microbatches), model.cfg.n_embd,
+        self.pipe = PipelineRuntime(stages, plan, model.cfg.n_embd,
                                     group=mesh.group("pp"), loss_fn=loss_fn, track_memory=False)
         self.grad_group = flattened_group(mesh, grad_axes(mesh))
         self.optimizer = make_optimizer(self.pipe.parameters(), self.grad_group, zero_stage, lr, **optimizer_kwargs)

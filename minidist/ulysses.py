@@ -10,8 +10,11 @@ attention). Attention needs every position but treats heads independently, so Ul
 All-to-all 1 sends heads block j of this rank's positions to rank j (q, k and v in one message); all-to-all 2 sends
 this rank's heads at positions block j back to rank j. Each is a permutation of values across the ranks, so its
 gradient is the other one: the backward runs them in reverse order (dout: all-to-all 2 backwards, dq, dk, dv: 1).
-Rank r holds the contiguous positions r T/N .. (r+1) T/N - 1, so concatenating the blocks in rank order is the
+By default rank r holds the contiguous positions r T/N .. (r+1) T/N - 1, so the blocks in rank order are the
 sequence in order and the causal mask is the ordinary one (no load balancing needed: every rank sees all positions).
+Under another layout (`positions`, as ring attention takes, e.g. its load-balanced default) the gathered T axis holds
+the positions in the order positions.flatten(): it is sorted into position order before the attention and put back
+after, a permutation (exact; autograd carries its gradient back).
 
 The constraint: each rank gets H/N whole heads, so N must divide the head count (and with fewer K/V heads, as in
 GQA, those too; here q, k, v have the same heads). Ring attention has no such limit.
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import comm
+from .context_parallel import check_positions
 
 
 def seq_to_heads(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -103,17 +107,23 @@ class _HeadsToSeq(torch.autograd.Function):
         return seq_to_heads(grad.contiguous(), ctx.group), None
 
 
-def ulysses_attention(q, k, v, group=None, causal: bool = True) -> torch.Tensor:
-    """Self-attention of this rank's positions over the whole sequence, exact: q, k, v (B, H, T/N, d), rank r holding
-    positions r T/N .. (r+1) T/N - 1. Refuses a head count that the group size does not divide. Returns
-    (B, H, T/N, d)."""
+def ulysses_attention(q, k, v, group=None, causal: bool = True, *, positions: torch.Tensor | None = None):
+    """Self-attention of this rank's positions over the whole sequence, exact: q, k, v (B, H, T/N, d). `positions`
+    (N, pieces, chunk), the same on every rank, says where every rank's tokens sit (ring attention's argument, e.g.
+    context_parallel.layout(T, N)); default None: rank r holds r T/N .. (r+1) T/N - 1. Refuses a head count that
+    the group size does not divide. Returns (B, H, T/N, d)."""
     if not q.shape == k.shape == v.shape or q.dim() != 4:
         raise ValueError(f"q, k, v must share one (B, H, T/N, d) shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
-    check_heads(q.shape[1], comm.group_size(group))
-    B = q.shape[0]
+    n, B = comm.group_size(group), q.shape[0]
+    check_heads(q.shape[1], n)
     qkv = _SeqToHeads.apply(torch.cat([q, k, v]), group)                   # (3B, H/N, T, d): one all-to-all
+    if positions is not None:          # slot i of the gathered T axis holds position order[i]: sort, attend, unsort
+        order = check_positions(positions, n, q.shape[2]).flatten().to(q.device)
+        qkv = qkv[:, :, order.argsort()]                                    # (3B, H/N, T, d) in position order
     out = F.scaled_dot_product_attention(qkv[:B], qkv[B:2 * B], qkv[2 * B:], is_causal=causal)  # (B, H/N, T, d)
+    if positions is not None:
+        out = out[:, :, order]                                              # back to the gathered order
     return _HeadsToSeq.apply(out, group)                                   # (B, H, T/N, d)
 
 

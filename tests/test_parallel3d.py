@@ -87,7 +87,7 @@ def test_a_pipeline_with_context_parallelism_computes_one_process_gradients():
     assert max(launch(gradients_vs_one_process, 4, dict(pp=2, cp=2))) <= GRAD_TOL
 
 
-def test_a_batch_the_mesh_cannot_split_a_mesh_without_the_four_axes_and_interleaving_are_refused():
+def test_a_batch_the_mesh_cannot_split_a_mesh_without_the_four_axes_and_several_chunks_per_rank_are_refused():
     def run():
         import torch
         from minidist.mesh import Mesh
@@ -96,8 +96,10 @@ def test_a_batch_the_mesh_cannot_split_a_mesh_without_the_four_axes_and_interlea
         from minidist.tour.parallel3d import CFG
         with pytest.raises(ValueError, match=r"needs a mesh with the axes \('dp', 'pp', 'cp', 'tp'\).*got \('cp',\)"):
             ParallelRun(GPT(CFG), Mesh.from_axes([("cp", 2)]), zero_stage=0)
-        with pytest.raises(ValueError, match="one pipeline stage per rank: schedule 'interleaved'"):
-            ParallelRun(GPT(CFG), Mesh.build(pp=2), zero_stage=0, schedule="interleaved", microbatches=2)
+        for name, m in (("interleaved", 2), ("zbv", 2), ("dualpipev", 4)):
+            with pytest.raises(ValueError, match=f"one pipeline stage per rank: schedule '{name}' runs 2 chunks per "
+                                                 f"rank, not supported"):
+                ParallelRun(GPT(CFG), Mesh.build(pp=2), zero_stage=0, schedule=name, microbatches=m)
         run = ParallelRun(GPT(CFG), Mesh.build(dp=2), microbatches=2, zero_stage=0)
         with pytest.raises(ValueError, match="6 sequences does not split into dp=2 replicas x 2 micro-batches"):
             run.step(torch.zeros(6, 24, dtype=torch.long), torch.zeros(6, 24, dtype=torch.long))

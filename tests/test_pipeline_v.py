@@ -4,6 +4,7 @@ from fractions import Fraction
 from types import SimpleNamespace
 
 import pytest
+import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,8 +14,9 @@ from minidist.models import GPT, GPTConfig
 from minidist.pipeline.messages import plan, play, sent_by
 from minidist.pipeline.schedule import (Action, build, dualpipe_v, grid, is_v, one_f_one_b, peak_in_flight,
                                         simulate, stage_of, validate, zero_bubble_v)
+from minidist.pipeline.runtime import PipelineRuntime
 from minidist.pipeline.stages import rank_stages
-from minidist.tour.pipeline import GRAD_TOL, SGD_TOL
+from minidist.tour.pipeline import CFG, GRAD_TOL, SGD_TOL, pipeline_vs_one_process
 from minidist.tour.vpipeline import v_bubble, v_configs, v_equivalence, v_in_flight, v_message_bytes
 
 
@@ -128,9 +130,91 @@ def test_the_runtime_equals_one_process_and_torch_at_2_ranks():
         assert sum(ours[k]["bytes"] for ours, _ in per_rank) == v_message_bytes(m, p)
 
 
-def test_bench_pp_refuses_a_v_schedule_on_too_few_layers():
-    from minidist.bench.pp import bench_pp   # the run itself: tests/test_pipeline.py's bench test (one tokenizer)
+def test_bench_pp_refuses_on_the_host_what_it_cannot_run():
+    from minidist.bench.pp import bench_pp, check_pp, pp_config   # the run itself: tests/test_pipeline.py's bench test
     with pytest.raises(ValueError, match="a V schedule cuts the model into 2p = 6 stages: 4 layers are too few"):
-        bench_pp(3, schedule="zbv", microbatches=6, batch_size=12)
+        bench_pp(3, schedule="zbv", microbatches=6, batch_size=12, n_layer=4)
     with pytest.raises(ValueError, match=r"bench pp compares the schedules \['1f1b', 'dualpipev', 'zbv'\]"):
         bench_pp(2, schedule="zb")
+    with pytest.raises(ValueError, match=r"DualPipeV needs at least as many micro-batches as stages: m=4 < 2p = 6"):
+        bench_pp(3, schedule="dualpipev")                  # refused before any rank starts
+    with pytest.raises(ValueError, match="torch's Schedule1F1B needs micro-batches >= ranks: got 2 micro-batches"):
+        check_pp(3, batch_size=12, microbatches=2)
+    with pytest.raises(ValueError, match="5 micro-batches do not divide the batch of 16"):
+        check_pp(2, microbatches=5, schedule="zbv")
+    check_pp(3, batch_size=12, microbatches=1, schedule="zbv")   # ZB-V takes m < p; a V at p = 3 gets 2p = 6 layers
+    assert [pp_config(3, None, None, None, s).n_layer for s in ("zbv", "dualpipev", "1f1b")] == [6, 6, 4]
+    assert pp_config(2, None, None, None, "zbv").n_layer == 4 and pp_config(3, 8, None, None, "zbv").n_layer == 8
+
+
+def p3_runs_and_refusals() -> tuple[list[dict], list[str], bool]:
+    """On this rank of 3: pipeline_vs_one_process for m not a multiple of p (ZB-V below 2p - 1); the refusals of
+    stages the schedule's placement does not hold and of a list() copy of a V schedule; whether that copy, passed
+    with v_shape=True, gets the original's message plan."""
+    results = pipeline_vs_one_process([("zbv", 2, 2), ("dualpipev", 7, 2)], 1)
+    rank, errors, model = dist.get_rank(), [], GPT(CFG)
+    looped, v_stages = rank_stages(model, 3, rank, 2), rank_stages(model, 3, rank, 2, v_shape=True)
+    for stages, schedule in ((looped, zero_bubble_v(3, 4)), (v_stages, list(zero_bubble_v(3, 4)))):
+        try:
+            PipelineRuntime(stages, schedule, CFG.n_embd)
+        except ValueError as e:
+            errors.append(str(e))
+    copy = PipelineRuntime(v_stages, list(zero_bubble_v(3, 4)), CFG.n_embd, v_shape=True)
+    return results, errors, copy.v_shape and copy.batches == PipelineRuntime(v_stages, zero_bubble_v(3, 4), 32).batches
+
+
+def test_the_runtime_at_3_ranks_with_m_not_a_multiple_of_p_and_its_placement_refusals():
+    for rank, (results, errors, copy_runs_as_v) in enumerate(launch(p3_runs_and_refusals, 3)):
+        for r in results:
+            assert max(r["loss_diff"], r["grad_diff"], r["weight_diff"]) < SGD_TOL and r["counted"], r
+        assert copy_runs_as_v
+        # the list() copy: the looped placement deadlocks it, and the error says where it runs
+        assert errors[-1].startswith("deadlock: ") and errors[-1].endswith(
+            "; the schedule runs on the V placement: a copy of a VSchedule that lost its type? Pass "
+            "PipelineRuntime(..., v_shape=True)"), errors
+        if rank == 1:                                      # the middle rank holds stages 1 and 4 in both placements
+            assert len(errors) == 1
+        else:                                              # chunk 1: stage 3 + r looped, 5 - r in the V
+            assert errors[0].startswith(f"rank {rank}'s chunk 1 holds stage {3 + rank}, but the schedule's V "
+                                        f"placement puts stage {5 - rank} there: build the stages with "
+                                        f"rank_stages(model, p, rank, v, v_shape=True)"), errors
+
+
+def test_a_slice_or_copy_of_a_v_schedule_stays_v():
+    s = zero_bubble_v(2, 3)
+    assert is_v(s[:]) and is_v(s.copy()) and not is_v(list(s)) and s[0] == list(s)[0]
+
+
+def split_backwards(name: str, m: int) -> int:
+    """On this rank: how many input-only backwards (backward_input) one step of schedule `name` runs."""
+    from minidist.pipeline import runtime
+    from minidist.tour.pipeline import batches, placed
+    calls, original = [], runtime.backward_input
+    runtime.backward_input = lambda *args: calls.append(1) or original(*args)
+    try:
+        runtime.PipelineRuntime(*placed(GPT(CFG), name, 2, dist.get_rank(), m, 2), CFG.n_embd).step(*batches(m, 1)[0])
+    finally:
+        runtime.backward_input = original
+    return len(calls)
+
+
+def test_a_b_right_before_its_w_runs_as_one_fused_backward():
+    # DualPipeV, p = 2, m = 4 (grid above): rank 0 runs each of its 8 B right before its W, rank 1 all but B3.1 and
+    # B3 (B3.1 B3 W3.1 W3): only those two are cut into B and W. Their gradients: the equivalence test above.
+    assert launch(split_backwards, 2, "dualpipev", 4) == [0, 2]
+
+
+def test_place_and_stage_of_refuse_what_the_placement_lacks():
+    from minidist.pipeline.schedule import place
+    for call, message in ((lambda: place(4, 2, True), "stage 4 is not a stage of the V on 2 ranks (0 .. 3)"),
+                          (lambda: place(-1, 2), "stage -1 is not a stage of the looped placement on 2 ranks"),
+                          (lambda: place(0, 0), "p must be a positive integer, got 0"),
+                          (lambda: stage_of(2, 0, 2), "rank 2, chunk 0 is not a place of the looped placement on 2 "
+                                                      "ranks (ranks 0 .. 1"),
+                          (lambda: stage_of(0, 2, 2, True), "rank 0, chunk 2 is not a place of the V placement on 2 "
+                                                            "ranks (ranks 0 .. 1, chunks 0 and 1)"),
+                          (lambda: stage_of(0, -1, 3), "rank 0, chunk -1 is not a place of the looped")):
+        with pytest.raises(ValueError) as error:
+            call()
+        assert str(error.value).startswith(message), error.value
+    assert place(5, 2) == (1, 2) and stage_of(1, 2, 2) == 5      # looped: any number of chunks

@@ -51,34 +51,44 @@ def pp_step_times(microbatches: int, steps: int, warmup: int, batch_size: int, c
     return median_step_times(runs, [(x.to(dev), y.to(dev)) for x, y in batches], warmup)
 
 
+def pp_config(world_size: int, n_layer: int | None, n_embd: int | None, seq: int | None, schedule: str):
+    """The GPT: the tiny one with the sizes given; 4 layers by default, at least 2p for a V (2 chunks per rank)."""
+    return gpt_config(n_layer, n_embd, seq, default_layers=4 if schedule == "1f1b" else max(4, 2 * world_size))
+
+
 def check_pp(world_size: int, *, n_layer: int | None = None, n_embd: int | None = None, seq: int | None = None,
              batch_size: int | None = None, microbatches: int = 4, schedule: str = "1f1b") -> None:
-    """Refuse, naming the numbers, an unknown schedule, fewer layers than stages, or micro-batches that torch's
-    schedules cannot run."""
+    """Refuse, on the host before any rank starts and naming the numbers, an unknown schedule, fewer layers than
+    stages, or micro-batches that the schedules cannot run."""
+    from ..pipeline.schedule import build
     from ..pipeline.stages import partition
-    cfg, batch_size = gpt_config(n_layer, n_embd, seq, default_layers=4), batch_size or 16
     if schedule not in TORCH:
         raise ValueError(f"bench pp compares the schedules {sorted(TORCH)} with torch's, got {schedule!r}")
-    if schedule != "1f1b" and cfg.n_layer < 2 * world_size:
+    cfg, v_shape = pp_config(world_size, n_layer, n_embd, seq, schedule), schedule != "1f1b"
+    batch_size = batch_size or 16
+    if v_shape and cfg.n_layer < 2 * world_size:
         raise ValueError(f"a V schedule cuts the model into 2p = {2 * world_size} stages: {cfg.n_layer} layers are "
                          f"too few")
     partition(cfg.n_layer, world_size)  # "cannot cut 2 blocks into 4 pipeline stages: ..."
-    if microbatches < world_size or batch_size % microbatches:
-        raise ValueError(f"need micro-batches >= ranks (torch's Schedule1F1B requires it) dividing the batch: got "
-                         f"{microbatches} micro-batches, {world_size} ranks, batch {batch_size}")
+    if batch_size % microbatches:
+        raise ValueError(f"{microbatches} micro-batches do not divide the batch of {batch_size}")
+    if not v_shape and microbatches < world_size:
+        raise ValueError(f"torch's Schedule1F1B needs micro-batches >= ranks: got {microbatches} micro-batches, "
+                         f"{world_size} ranks")
+    build(schedule, world_size, microbatches)   # the schedule's own refusals (DualPipeV: m >= 2p); ZB-V takes any m
 
 
 def bench_pp(world_size: int = 2, steps: int = 20, warmup: int = 3, microbatches: int = 4,
              batch_size: int | None = None, schedule: str = "1f1b", *, n_layer: int | None = None,
              n_embd: int | None = None, seq: int | None = None) -> dict:
     """minidist's pipeline against torch's schedule of the same name (1f1b, zbv, dualpipev): median step times and
-    their ratio. The GPT: the tiny one with 4 layers unless n_layer, n_embd, seq say otherwise; batch_size: sequences
-    per step (default 16)."""
+    their ratio. The GPT: the tiny one with 4 layers (a V: max(4, 2p)) unless n_layer, n_embd, seq say otherwise;
+    batch_size: sequences per step (default 16)."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     check_pp(world_size, n_layer=n_layer, n_embd=n_embd, seq=seq, batch_size=batch_size, microbatches=microbatches,
              schedule=schedule)
-    cfg, batch_size = gpt_config(n_layer, n_embd, seq, default_layers=4), batch_size or 16
+    cfg, batch_size = pp_config(world_size, n_layer, n_embd, seq, schedule), batch_size or 16
     prepare()
     per_rank = launch(pp_step_times, world_size, microbatches, steps, warmup, batch_size, cfg, schedule)
     medians = {name: max(r[name] for r in per_rank) for name in per_rank[0]}  # the slowest rank sets the pace

@@ -34,8 +34,16 @@ class Action:
 
 
 class VSchedule(list):
-    """A schedule (one list of Actions per rank) whose two chunks per rank sit in a V (see the module docstring)."""
+    """A schedule (one list of Actions per rank) whose two chunks per rank sit in a V (see the module docstring).
+    A slice or copy() stays a VSchedule; list(s) does not (PipelineRuntime then takes v_shape=True)."""
     v_shape = True
+
+    def __getitem__(self, i):
+        got = super().__getitem__(i)
+        return VSchedule(got) if isinstance(i, slice) else got
+
+    def copy(self):
+        return VSchedule(self)
 
 
 def is_v(schedule) -> bool:
@@ -50,7 +58,13 @@ def check_sizes(**sizes) -> None:
 
 
 def stage_of(rank: int, chunk: int, p: int, v_shape: bool = False) -> int:
-    """The model stage that `chunk` of `rank` holds."""
+    """The model stage that `chunk` of `rank` holds; a rank outside 0 .. p-1, or a chunk the placement lacks, is
+    refused."""
+    check_sizes(p=p)
+    known = isinstance(chunk, int) and chunk >= 0 and (chunk < 2 or not v_shape)   # looped: any v
+    if not (isinstance(rank, int) and 0 <= rank < p and known):
+        raise ValueError(f"rank {rank!r}, chunk {chunk!r} is not a place of the {'V' if v_shape else 'looped'} "
+                         f"placement on {p} ranks (ranks 0 .. {p - 1}, chunks {'0 and 1' if v_shape else '0, 1, ..'})")
     return (2 * p - 1 - rank if chunk else rank) if v_shape else chunk * p + rank
 
 
@@ -61,7 +75,12 @@ def place(stage: int, p: int, v_shape: bool = False) -> tuple[int, int]:
     (gradients), so this decides the whole message pattern. Graded: the exact pairs for every stage of p = 1 to 5, in
     the looped placement (any v) and in the V (v = 2); and the V's pattern that follows from them: the forward path
     visits ranks 0, 1, .., p - 1, p - 1, .., 1, 0, its one step inside a rank being the turn at the last rank.
+    A stage outside 0 .. 2p-1 in the V (or negative) is refused before your part (given).
     """
+    check_sizes(p=p)
+    if not isinstance(stage, int) or isinstance(stage, bool) or stage < 0 or (v_shape and stage >= 2 * p):
+        raise ValueError(f"stage {stage!r} is not a stage of the {'V on' if v_shape else 'looped placement on'} {p} "
+                         f"ranks (0 .. {f'{2 * p - 1}' if v_shape else 'v p - 1'})")
     # <exercise place points=2>
     # hint: looped: stages go round the ranks v times, chunk c covering stages c p .. c p + p - 1.
     # hint: the V: chunk 0 is the way down (stage s on rank s), chunk 1 the way back up (stage 2p - 1 - r on rank r).

@@ -5,12 +5,15 @@
     loss = pipe.step(x, y)     # every rank passes the global batch; the loss on the last stage's rank, else None
     optimizer.step()           # over pipe.parameters(): the gradients are those of the mean loss over the batch
 
-What an action does on pipeline rank r, for its virtual stage s = chunk * p + r of S = v p:
+What an action does on pipeline rank r, for its stage s = stage_of(r, chunk) of S = v p (looped: chunk p + r; the
+V: r for chunk 0, 2p - 1 - r for chunk 1, pipeline/actions.py):
   F  take the input (token ids at s = 0, else the activation received from stage s - 1), run the stage under
      autograd (the last stage also computes loss / m, so the gradients summed over the m micro-batches are those of
      the mean loss), send the output (b, T, C) to stage s + 1. Its activations stay saved for the backward.
   B  receive d loss / d output from stage s + 1 (the last stage starts from its loss), run the backward, send
-     d loss / d input to stage s - 1. When the schedule has W, B computes only the input gradient (backward.py).
+     d loss / d input to stage s - 1. When the schedule has W, B computes only the input gradient (backward.py),
+     unless its W comes right after it on this rank: then B runs the whole backward at once (one pass over the
+     graph; split into B and W it walks it twice) and that W does nothing.
   W  compute the weight gradients B left for later; only then are the micro-batch's activations freed.
 
 Messages follow a plan made before the step (pipeline/messages.py): between two actions a rank issues one batch
@@ -20,10 +23,11 @@ waits only for the receive its next action needs; `validate` proves the schedule
 A sent tensor is held until the plan's clock says it has arrived (then its send is waited for, at no cost when the
 ranks keep pace) and counted meanwhile: `memory.peak_messages`.
 
-Bytes: every micro-batch crosses each of the S - 1 boundaries between consecutive stages twice (its activation
-forward, its gradient backward): 2 m (v p - 1) messages of b T C values per step, summed over the ranks, all
-through comm.batch_isend_irecv, so the ledger records every one. Tied embeddings add one exchange of their gradient
-between the first and the last rank (`sync_tied_grads`), not counted in 2 m (v p - 1).
+Bytes: every micro-batch crosses each of the S - 1 boundaries between consecutive stages twice (activation forward,
+gradient backward), each a message of b T C values through comm.batch_isend_irecv (the ledger records every one):
+2 m (v p - 1) per step over the ranks when looped; in the V, whose turn (stage p - 1 to p) stays inside the last
+rank, 2 m (2p - 2) = 4 m (p - 1). Tied embeddings add one exchange of their gradient between the first and the last
+rank (`sync_tied_grads`), not counted there; in the V both stages are on rank 0 and autograd adds them: none.
 
 Measured, not assumed: `timeline` holds each action's compute interval (after its input arrived), and `memory`
 follows every tensor autograd saves, from its forward until autograd frees it: its peak is the most activation bytes
@@ -44,7 +48,8 @@ from ..memory import SavedActivations
 from ..models import lm_loss
 from .backward import backward_input
 from .messages import plan, received_by, sent_by
-from .schedule import Action, is_v, shape, splits_backward, stage_of, validate
+from .schedule import Action, is_v, shape, splits_backward, stage_of
+from .stages import check_placement, checked_schedule
 
 
 class ActivationMemory:
@@ -130,9 +135,10 @@ class PipelineRuntime:
     """Runs `schedule` (one list of Actions per pipeline rank) on this rank's `stages` (chunk c = stages[c])."""
 
     def __init__(self, stages, schedule, hidden_size: int, group=None, loss_fn=lm_loss, action_seconds=None,
-                 dtype: torch.dtype = torch.float32, track_memory: bool = True, timeline: bool = False):
+                 dtype: torch.dtype = torch.float32, track_memory: bool = True, timeline: bool = False,
+                 v_shape: bool | None = None):
+        schedule = checked_schedule(schedule, v_shape)   # v_shape: say it of a copy that lost its VSchedule type
         p, self.m, self.v = shape(schedule)
-        validate(schedule)
         self.p, self.rank, self.group = comm.group_size(group), dist.get_rank(group), group
         if p != self.p:
             raise ValueError(f"the schedule is for {p} pipeline ranks, but the group has {self.p}")
@@ -140,7 +146,10 @@ class PipelineRuntime:
             raise ValueError(f"the schedule runs {self.v} chunk(s) per rank, but this rank was given {len(stages)}")
         self.stages, self.actions, self.n_stages = list(stages), schedule[self.rank], p * self.v
         self.split, self.v_shape = splits_backward(schedule), is_v(schedule)
+        check_placement(self.stages, self.rank, p, self.v_shape)
         self.batches = plan(schedule)[self.rank]  # batches[k]: the messages to issue before action k
+        self._fused = {(a.microbatch, a.chunk) for a, b in zip(self.actions, self.actions[1:])  # B then its W: one
+                       if a.kind == "B" and b == Action("W", a.microbatch, a.chunk)}         # fused backward
         self.hidden_size, self.dtype, self.loss_fn, self.action_seconds = hidden_size, dtype, loss_fn, action_seconds
         self.track_memory = track_memory  # the saved-tensor hooks cost time: off for benchmarks
         self.measure = timeline           # record self.timeline (so does action_seconds): a device sync per action
@@ -203,11 +212,12 @@ class PipelineRuntime:
         grad = None if s == self.n_stages - 1 else self._receive(a)
         x, y = self._graphs[key] if self.split else self._graphs.pop(key)
         with self._timed(a):
-            if self.split:
+            if self.split and key not in self._fused:
                 dx, self._weight_grads[key] = backward_input(y, grad, x, list(self.stages[a.chunk].parameters()))
             else:
                 torch.autograd.backward(y, grad)   # frees the saved activations as it goes
                 dx = None if x is None else x.grad
+                self._weight_grads[key] = lambda: None   # a fused backward's W (if any): already done
         if s > 0:
             self._send(dx, a)
 

@@ -22,6 +22,9 @@ and only the rank's own stages materialized.
 import torch
 import torch.nn as nn
 
+from .actions import VSchedule, is_v, stage_of
+from .schedule import shape, validate
+
 
 def partition(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
     """(start, stop) of the blocks of each stage: consecutive, covering range(n_layers) in order, sizes differing
@@ -132,6 +135,38 @@ def rank_stages(model, p: int, rank: int, v: int = 1, v_shape: bool = False) -> 
         raise ValueError(f"the V placement puts exactly 2 chunks on each rank, got v={v}")
     stages = split_gpt(model, p * v)
     return [stages[2 * p - 1 - rank if v_shape and c else c * p + rank] for c in range(v)]
+
+
+def checked_schedule(schedule, v_shape: bool | None = None):
+    """The schedule as the runtime runs it, validated: on the V placement if v_shape (None: if it is a VSchedule).
+    A deadlock that the V placement would not have is refused with that hint (a list() copy of a VSchedule)."""
+    if v_shape is not None and v_shape != is_v(schedule):
+        schedule = VSchedule(schedule) if v_shape else list(schedule)
+    try:
+        validate(schedule)
+    except ValueError as e:
+        if is_v(schedule) or shape(schedule)[2] != 2:
+            raise
+        try:
+            validate(VSchedule(schedule))
+        except ValueError:
+            raise e from None
+        raise ValueError(f"{e}; the schedule runs on the V placement: a copy of a VSchedule that lost its type? "
+                         f"Pass PipelineRuntime(..., v_shape=True)") from None
+    return schedule
+
+
+def check_placement(stages, rank: int, p: int, v_shape: bool) -> None:
+    """Refuse chunks that do not hold the stage a schedule's placement gives them (the runtime's check): their
+    messages would go to ranks that do not expect them (gloo aborts, NCCL hangs)."""
+    for c, stage in enumerate(stages):
+        want = stage_of(rank, c, p, v_shape)
+        if getattr(stage, "index", want) != want:
+            raise ValueError(
+                f"rank {rank}'s chunk {c} holds stage {stage.index}, but the schedule's "
+                f"{'V' if v_shape else 'looped'} placement puts stage {want} there: build the stages with "
+                f"rank_stages(model, p, rank, v, v_shape={v_shape}) (for a copy of a V schedule that lost its "
+                f"VSchedule type, pass PipelineRuntime(..., v_shape=True))")
 
 
 def parameter_names(model) -> dict[int, str]:

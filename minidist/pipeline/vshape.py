@@ -21,9 +21,12 @@ the runtime can cut it), and an overlapped pair F&b is the F then the b, back to
 pair's two computations on one device at once so that each one's communication (MoE all-to-all, pipeline messages)
 hides behind the other's compute. On CPU the runtime cannot run two computations at once: what overlaps is only
 what overlaps in every schedule here, the pair's messages in flight while a computation runs; its compute is serial.
-Bubble (DualPipe README, PP = 2p stages): (PP/2 - 1)(F&B + B - 3W), F, B, W one chunk's times, F&B the overlapped
-pair's (F + B with no overlap; the simulation here gives ZB-V's step at equal times, see tests/test_pipeline_v.py).
-Peak activations: PP + 1 = 2p + 1 chunks.
+Bubble: the DualPipe README (and DeepSeek-V3's table 2) gives (PP/2 - 1)(F&B + B - 3W) with PP = 2p stages, F one
+chunk's forward, B its *full* backward (input and weight gradients), W the weight part alone and F&B the time of an
+overlapped pair, less than F + B when the two really run at once on a GPU. It is not what runs here: with serial
+pairs (F&B = F + B) and equal times t for F, the input backward and W of a chunk, the formula says 2(p - 1) t of idle
+per rank, the simulation of this schedule (p - 1) t, ZB-V's (tests/test_pipeline_v.py). Peak activations: PP + 1 =
+2p + 1 chunks.
 """
 from .actions import Action, VSchedule, check_sizes
 

@@ -1,6 +1,6 @@
 """Tour check for Ulysses attention (chapter 08): exact against one process and against ring attention on the same
-contiguous layout, forward and backward, at cp = N; the bytes it sends against 8 (N-1)/N B H (T/N) d values, ring's
-against (3N-2) K/V blocks."""
+layout (contiguous; the tests also take ring attention's load-balanced default), forward and backward, at cp = N;
+the bytes it sends against 8 (N-1)/N B H (T/N) d values, ring's against (3N-2) K/V blocks."""
 import time
 
 import torch
@@ -16,18 +16,21 @@ from .rows import covers, make_row
 SHAPE = (2, 4, 24, 8)   # (B, H, T, d): 4 heads, so cp 1, 2 and 4 (3 does not divide them: refused, see the tests)
 
 
-def ulysses_vs_ring(shape=SHAPE) -> dict:
+def ulysses_vs_ring(shape=SHAPE, balanced: bool = False) -> dict:
     """On this rank: the largest difference of Ulysses' output and q, k, v gradients from one process's and from
-    ring attention's (same contiguous positions, same dout); the bytes each sent, counted, and their formulas."""
+    ring attention's (same positions, contiguous or load-balanced, same dout); the bytes each sent, counted, and
+    their formulas."""
     n, r = dist.get_world_size(), dist.get_rank()
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(*shape, generator=g) for _ in range(4))
     dense = [t.clone().requires_grad_() for t in (q, k, v)]
     causal_attention(*dense).backward(dout)
-    mine = slice(r * shape[2] // n, (r + 1) * shape[2] // n)
+    positions = layout(shape[2], n, balanced)
+    mine = positions[r].flatten()
+    given = {"positions": positions} if balanced else {}   # contiguous: the interface with no positions
     results = {}
-    for name, fn in (("ulysses", lambda *t: ulysses_attention(*t, None)),
-                     ("ring", lambda *t: ring_attention(*t, None, layout(shape[2], n, balanced=False)))):
+    for name, fn in (("ulysses", lambda *t: ulysses_attention(*t, None, **given)),
+                     ("ring", lambda *t: ring_attention(*t, None, positions))):
         local = [t[:, :, mine].clone().requires_grad_() for t in (q, k, v)]
         with comm.ByteLedger() as ledger:
             out = fn(*local)
