@@ -86,7 +86,8 @@ def test_bench_buckets_refuses_nonsense():
     (["pp", "--n-layer", "1"], "cannot cut 1 blocks into 2 pipeline stages"),
     (["all", "--n-layer", "1"], "cannot cut 1 blocks into 2 pipeline stages"),
     (["zero", "--n-embd", "66"], "n_embd 66 is not divisible by n_head 4"),
-    (["pp", "--batch-size", "6"], "4 micro-batches, 2 ranks, batch 6"),
+    (["pp", "--batch-size", "6"], "4 micro-batches do not divide the batch of 6"),
+    (["pp", "--microbatches", "1"], "needs micro-batches >= ranks: got 1 micro-batches, 2 ranks"),
     (["serve", "--seq", "32"], "--seq sets the GPT of the benchmarks all, ddp"),
 ])
 def test_bench_refuses_a_shape_by_name_before_any_rank_starts(argv, message, capsys, monkeypatch):
