@@ -47,17 +47,24 @@ def causal_attention(q, k, v):
     return s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf")).softmax(-1) @ v
 
 
-def ring_vs_one_process(balanced: bool = True, shape=(2, 3, 24, 8)) -> dict:
-    """Ring attention over all ranks and one process's attention on the same q, k, v, dout: the largest difference
-    of this rank's outputs and of its q, k, v gradients; the bytes it sent (counted: point-to-point messages) and
-    the formula's; the score entries it computed."""
-    n, r = dist.get_world_size(), dist.get_rank()
+def attention_problem(shape, balanced: bool):
+    """The same seeded q, k, v and dout (B, H, T, d) on every rank; `dense`, copies of q, k, v that one process's
+    causal attention ran backward on (their .grad is the reference); the layout's positions (contiguous or
+    load-balanced) and this rank's, flattened."""
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(*shape, generator=g) for _ in range(4))
     dense = [t.clone().requires_grad_() for t in (q, k, v)]
     causal_attention(*dense).backward(dout)
-    positions = layout(shape[2], n, balanced)
-    mine = positions[r].flatten()
+    positions = layout(shape[2], dist.get_world_size(), balanced)
+    return (q, k, v), dout, dense, positions, positions[dist.get_rank()].flatten()
+
+
+def ring_vs_one_process(balanced: bool = True, shape=(2, 3, 24, 8)) -> dict:
+    """Ring attention over all ranks and one process's attention on the same q, k, v, dout: the largest difference
+    of this rank's outputs and of its q, k, v gradients; the bytes it sent (counted: point-to-point messages) and
+    the formula's; the score entries it computed."""
+    n = dist.get_world_size()
+    (q, k, v), dout, dense, positions, mine = attention_problem(shape, balanced)
     local = [t[:, :, mine].clone().requires_grad_() for t in (q, k, v)]
     stats = {}
     with comm.ByteLedger() as ledger:

@@ -245,6 +245,18 @@ def _timed(fn, world_size, *args):
     return launch(fn, world_size, *args), time.perf_counter() - start
 
 
+def one_process_row(schedule: str, m: int, rs: list[dict], bytes_formula: int, seconds: float, **extra) -> dict:
+    """The row of one schedule against one process (rs: pipeline_vs_one_process's result on every rank): the largest
+    loss, gradient or weight difference, and the bytes per rank, counted, against the formula's sum over ranks / p."""
+    p = len(rs)
+    return make_row(f"pipeline {schedule}, m={m} ({sum(r['messages'] for r in rs)} messages/step)",
+                    "one process, global batch (SGD)",
+                    max_abs_diff=max(max(r["loss_diff"], r["grad_diff"], r["weight_diff"]) for r in rs),
+                    tolerance=SGD_TOL,
+                    comm_bytes=Fraction(sum(r["bytes"] for r in rs), p) if all(r["counted"] for r in rs) else None,
+                    comm_bytes_theory=Fraction(bytes_formula, p), seconds=seconds, **extra)
+
+
 def tour_configs(p: int) -> list[tuple[str, int, int]]:
     return [("gpipe", p + 1, 1), ("1f1b", p + 1, 1), ("interleaved", 2 * p, 2), ("zb", p + 1, 1)]
 
@@ -259,13 +271,8 @@ def check_pipeline(world_size: int) -> list[dict]:
     per_rank, seconds = _timed(pipeline_vs_one_process, p, configs)
     for k, (name, m, v) in enumerate(configs):
         rs = [r[k] for r in per_rank]
-        rows.append(make_row(
-            f"pipeline {NAMES[name]}, m={m} ({sum(r['messages'] for r in rs)} messages/step)",
-            "one process, global batch (SGD)", max_abs_diff=max(max(r["loss_diff"], r["grad_diff"],
-                                                                    r["weight_diff"]) for r in rs),
-            tolerance=SGD_TOL, replica_divergence=(rs[0]["tied"] - rs[-1]["tied"]).abs().max().item(),
-            comm_bytes=Fraction(sum(r["bytes"] for r in rs), p) if all(r["counted"] for r in rs) else None,
-            comm_bytes_theory=Fraction(message_bytes(m, p, v), p), seconds=seconds / len(configs)))
+        rows.append(one_process_row(NAMES[name], m, rs, message_bytes(m, p, v), seconds / len(configs),
+                                    replica_divergence=(rs[0]["tied"] - rs[-1]["tied"]).abs().max().item()))
         measured, expected = [r["peak_in_flight"] for r in rs], expected_in_flight(name, p, m, v)
         unit = "chunks of micro-batches" if v > 1 else "micro-batches"
         rows.append(make_row(f"  held by rank: {'/'.join(map(str, measured))} {unit}", HELD[name],

@@ -10,7 +10,7 @@ from .. import comm
 from ..context_parallel import layout, ring_attention, ring_attention_bytes
 from ..launch import launch
 from ..ulysses import ulysses_attention, ulysses_attention_bytes
-from .parallel3d import ATTN_TOL, causal_attention
+from .parallel3d import ATTN_TOL, attention_problem, causal_attention
 from .rows import covers, make_row
 
 SHAPE = (2, 4, 24, 8)   # (B, H, T, d): 4 heads, so cp 1, 2 and 4 (3 does not divide them: refused, see the tests)
@@ -20,13 +20,8 @@ def ulysses_vs_ring(shape=SHAPE, balanced: bool = False) -> dict:
     """On this rank: the largest difference of Ulysses' output and q, k, v gradients from one process's and from
     ring attention's (same positions, contiguous or load-balanced, same dout); the bytes each sent, counted, and
     their formulas."""
-    n, r = dist.get_world_size(), dist.get_rank()
-    g = torch.Generator().manual_seed(0)
-    q, k, v, dout = (torch.randn(*shape, generator=g) for _ in range(4))
-    dense = [t.clone().requires_grad_() for t in (q, k, v)]
-    causal_attention(*dense).backward(dout)
-    positions = layout(shape[2], n, balanced)
-    mine = positions[r].flatten()
+    n = dist.get_world_size()
+    (q, k, v), dout, dense, positions, mine = attention_problem(shape, balanced)
     given = {"positions": positions} if balanced else {}   # contiguous: the interface with no positions
     results = {}
     for name, fn in (("ulysses", lambda *t: ulysses_attention(*t, None, **given)),

@@ -12,12 +12,11 @@ The closed forms, for t_f = t_b = t_w = t per micro-batch through a rank's share
 Messages: every micro-batch crosses 2p - 1 stage boundaries each way, one of them (stages p - 1 -> p, the V's turn)
 inside the last rank: 4 m (p - 1) messages, twice 1F1B's 2 m (p - 1).
 """
-from fractions import Fraction
 
 import torch.distributed as dist
 
-from .pipeline import (CFG, MICRO, REPEATS, SECONDS, SGD_TOL, GRAD_TOL, _timed, calibrated_timelines,
-                       closed_form_bubble, median_bubble, pipeline_vs_one_process, pipeline_vs_torch)
+from .pipeline import (CFG, MICRO, REPEATS, SECONDS, GRAD_TOL, _timed, calibrated_timelines,
+                       closed_form_bubble, median_bubble, one_process_row, pipeline_vs_one_process, pipeline_vs_torch)
 from .rows import covers, make_row
 
 NAMES = {"zbv": "ZB-V", "dualpipev": "DualPipeV"}
@@ -61,13 +60,7 @@ def check_v_pipeline(world_size: int) -> list[dict]:
     per_rank, seconds = _timed(pipeline_vs_one_process, p, configs)
     for k, (name, m, v) in enumerate(configs):
         rs = [r[k] for r in per_rank]
-        rows.append(make_row(
-            f"pipeline {NAMES[name]}, m={m} ({sum(r['messages'] for r in rs)} messages/step)",
-            "one process, global batch (SGD)", max_abs_diff=max(max(r["loss_diff"], r["grad_diff"],
-                                                                    r["weight_diff"]) for r in rs),
-            tolerance=SGD_TOL, comm_bytes=Fraction(sum(r["bytes"] for r in rs), p) if all(
-                r["counted"] for r in rs) else None,
-            comm_bytes_theory=Fraction(v_message_bytes(m, p), p), seconds=seconds / len(configs)))
+        rows.append(one_process_row(NAMES[name], m, rs, v_message_bytes(m, p), seconds / len(configs)))
         measured = [r["peak_in_flight"] for r in rs]
         rows.append(make_row(f"  held by rank: {'/'.join(map(str, measured))} chunks",
                              f"{v_in_flight(name, p)} (= {'2p + 1, DualPipe' if name == 'dualpipev' else '2p, ZB'})",
