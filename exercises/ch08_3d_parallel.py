@@ -96,8 +96,7 @@ def seq_to_heads(x: torch.Tensor, group=None) -> torch.Tensor:
     check_heads(H, n)
     # ---- exercise seq_to_heads (2 points) ----------------------------------------------------------
     # hint: comm.all_to_all(parts, group) sends parts[j] (along dim 0) to rank j and returns what rank j sent in
-    #       slot j: give the N head blocks their own leading dimension first.
-    # hint: what comes back is (N, B, H/N, T/N, d), slot j holding positions block j: move N next to T, then merge.
+    #       slot j. Which block of heads must reach rank j, and where in T does rank j's reply belong?
     raise NotImplementedError("exercise seq_to_heads: write this part")
     # ---- end of exercise seq_to_heads -----------------------------------------------------------------
 

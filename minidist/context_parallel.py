@@ -34,6 +34,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import comm
+from .positions import check_positions
+from .ulysses import ulysses_attention, ulysses_attention_bytes  # noqa: F401  the all-to-all form, ulysses.py
 
 
 def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
@@ -84,22 +86,6 @@ def layout(seq_len: int, n: int, balanced: bool = True) -> torch.Tensor:
     if seq_len % n:
         raise ValueError(f"sequence length {seq_len} is not divisible by the context-parallel size {n}")
     return torch.arange(seq_len).view(n, 1, -1)
-
-
-def check_positions(positions, n: int, local_len: int) -> torch.Tensor:
-    """`positions` on the CPU after checking it: an integer (n, pieces, chunk) tensor holding every position
-    0 .. n * local_len - 1 exactly once (any permutation is exact; contiguous pieces let whole pairs be skipped)."""
-    if not torch.is_tensor(positions) or positions.dim() != 3 or positions.is_floating_point() \
-            or positions.shape[0] != n or positions[0].numel() != local_len:
-        shape = tuple(positions.shape) if torch.is_tensor(positions) else type(positions).__name__
-        raise ValueError(f"positions of shape {shape} do not describe {n} ranks holding {local_len} positions "
-                         f"each (an integer tensor of shape ({n}, pieces, chunk))")
-    cpu, total = positions.detach().cpu().long(), n * local_len
-    if not torch.equal(cpu.flatten().sort().values, torch.arange(total)):
-        inside = cpu[(cpu >= 0) & (cpu < total)].unique().numel()
-        raise ValueError(f"positions must hold each of 0 .. {total - 1} exactly once: {total - inside} of them are "
-                         f"missing (repeated or out of range instead)")
-    return cpu
 
 
 def causal_pairs(q_pos: torch.Tensor, k_pos: torch.Tensor) -> list[list[int]]:

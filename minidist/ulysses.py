@@ -25,7 +25,8 @@ A = B H (T/N) d values (one of q, k, v, out on one rank):
 Ulysses sends fewer bytes (its volume per rank shrinks as N grows, ring's grows), but all-to-all reaches every rank
 and cannot hide behind the attention compute; ring only talks to neighbours, overlapping each hop with a block.
 Memory: q, k, v of H/N heads over T positions are as many values as H heads over T/N; a kernel that materializes
-scores holds B (H/N) T^2 of them (FlashAttention: none), ring B H (T/N) (2T/N) per block pair at most.
+scores holds B (H/N) T^2 of them (FlashAttention: none), ring B H (T/2N) (T/N) at most (one query chunk of
+T/2N positions against a block of T/N keys at a time).
 """
 from fractions import Fraction
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import comm
-from .context_parallel import check_positions
+from .positions import check_positions
 
 
 def seq_to_heads(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -48,8 +49,7 @@ def seq_to_heads(x: torch.Tensor, group=None) -> torch.Tensor:
     check_heads(H, n)
     # <exercise seq_to_heads points=2>
     # hint: comm.all_to_all(parts, group) sends parts[j] (along dim 0) to rank j and returns what rank j sent in
-    #       slot j: give the N head blocks their own leading dimension first.
-    # hint: what comes back is (N, B, H/N, T/N, d), slot j holding positions block j: move N next to T, then merge.
+    #       slot j. Which block of heads must reach rank j, and where in T does rank j's reply belong?
     parts = x.reshape(B, n, H // n, t, d).transpose(0, 1).contiguous()     # (N, B, H/N, T/N, d): heads block j
     got = comm.all_to_all(parts, group)                                    # (N, B, H/N, T/N, d): positions block j
     return got.permute(1, 2, 0, 3, 4).reshape(B, H // n, n * t, d)

@@ -72,11 +72,12 @@ def waits_for(action: Action, rank: int, p: int, stages: int, v_shape: bool = Fa
     F of virtual stage s needs the forward of stage s - 1 (its input); B of stage s needs the backward of stage
     s + 1 (the gradient of its output). W and the first forward / last backward need nothing from elsewhere.
     Chunk c of rank r is virtual stage c p + r; with v_shape, rank r holds stages r and 2p - 1 - r. Graded: every
-    action of interleaved schedules (p = 2, 3; v = 1, 2, 3) against the stages worked out by hand.
+    action of interleaved schedules (p = 2, 3; v = 1, 2, 3) and of the V (p = 2, 3, the turn included) against the
+    stages worked out by hand.
     """
     # ---- exercise waits_for (2 points) -------------------------------------------------------------
     # hint: go from (rank, chunk) to the stage, step one stage along the pipeline, and come back to (rank, chunk);
-    #       for the V placement, this module already maps both ways between (rank, chunk) and stages.
+    #       minidist.pipeline.actions maps both ways between (rank, chunk) and stages, in either placement.
     stage = stage_of(rank, action.chunk, p, v_shape)
     if action.kind == "F" and stage > 0:
         return place(stage - 1, p, v_shape)[0], Action("F", action.microbatch, place(stage - 1, p, v_shape)[1])
@@ -175,8 +176,8 @@ def place(stage: int, p: int, v_shape: bool = False) -> tuple[int, int]:
         raise ValueError(f"stage {stage!r} is not a stage of the {'V on' if v_shape else 'looped placement on'} {p} "
                          f"ranks (0 .. {f'{2 * p - 1}' if v_shape else 'v p - 1'})")
     # ---- exercise place (2 points) -----------------------------------------------------------------
-    # hint: looped: stages go round the ranks v times, chunk c covering stages c p .. c p + p - 1.
-    # hint: the V: chunk 0 is the way down (stage s on rank s), chunk 1 the way back up (stage 2p - 1 - r on rank r).
+    # hint: invert stage_of case by case: which stages does chunk 0 cover, and in which order does chunk 1 take the
+    #       rest? Check your answer by stage_of(*place(s, p, v_shape), p, v_shape) == s.
     if v_shape:
         return (stage, 0) if stage < p else (2 * p - 1 - stage, 1)
     return stage % p, stage // p

@@ -15,7 +15,9 @@ PATHS = [  # (module, names it must give)
     ("minidist.tensor_parallel", ["ColumnParallelLinear", "RowParallelLinear", "vocab_parallel_cross_entropy",
                                   "parallelize", "GPT_PLAN", "LLAMA_PLAN"]),
     ("minidist.checkpoint", ["save", "load"]),
-    ("minidist.pipeline.schedule", ["Action"]),
+    ("minidist.pipeline.schedule", ["Action", "one_f_one_b", "zero_bubble_v", "dualpipe_v"]),  # issue 26's names
+    ("minidist.context_parallel", ["ring_attention", "ulysses_attention"]),
+    ("minidist.moe", ["MoE", "expert_parallel"]),                                             # issue 25's names
     ("minidist.memory", ["measure_state_bytes", "zero_state_bytes"]),
     ("minidist.testing", ["replica_divergence"]),
     ("minidist.samplers", ["DistributedSampler", "TokenBudgetBatchSampler"]),

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from minidist import comm, launch
 from minidist.grading import implementation
-from minidist.moe import MoE, expert_parallel, unpermute
+from minidist.moe import Expert, Experts, MoE, expert_parallel, unpermute
 from minidist.tour.moe import ADAM_TOL, FWD_TOL, ep_against_one_process, experts_for, planted_capacity
 from minidist.tour.moe_refs import mixtral_against_minidist
 
@@ -60,7 +60,7 @@ def test_dropless_layer_renormalizes_top_k_and_gives_the_weighted_average_of_exp
     flat = x.view(-1, 8)
     probs = moe.router(flat).softmax(-1)
     top, chosen = probs.topk(2, -1)
-    expected = torch.stack([sum(top[s, j] / top[s].sum() * moe.experts[str(int(chosen[s, j]))](flat[s]) for j in range(2))
+    expected = torch.stack([sum(top[s, j] / top[s].sum() * moe.experts[int(chosen[s, j])](flat[s]) for j in range(2))
                             for s in range(6)])
     assert (moe(x).view(-1, 8) - expected).abs().max() < 1e-6
     assert moe.dropped == 0 and int(moe.tokens_per_expert.sum()) == 12
@@ -413,3 +413,14 @@ def test_layout_costs_tp_row_is_what_a_tensor_parallel_expert_sends():
     for r in launch(tp_expert_bytes, 3):
         assert r["forward"] <= FWD_TOL and r["input_grad"] <= FWD_TOL, r
         assert r["counted"] and r["bytes"] == r["bytes_theory"], r      # 4 (N-1) S d b, not EP's k (N-1)/N share
+
+
+def test_experts_are_a_module_list_indexed_in_order_whose_names_stay_global():
+    moe = MoE(8, 16, 4)
+    assert isinstance(moe.experts, torch.nn.ModuleList) and len(moe.experts) == 4
+    assert [e for e in moe.experts] == [moe.experts[i] for i in range(4)] and moe.experts[-1] is moe.experts[3]
+    held = Experts({2: moe.experts[2], 3: moe.experts[3]})   # what expert_parallel leaves on rank 1 of 2
+    assert held[0] is moe.experts[2] and len(held[1:]) == 1
+    assert sorted({k.split(".")[0] for k in held.state_dict()}) == ["2", "3"]
+    with pytest.raises(TypeError, match="fixed"):
+        held.append(Expert(8, 16))

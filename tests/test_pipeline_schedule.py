@@ -284,6 +284,21 @@ def test_waits_for_by_hand(p, stages, rank, action, expected):
     assert got == (None if expected is None else (expected[0], parse(expected[1])[0]))
 
 
+WAITS_BY_HAND_V = [  # the V placement: rank r holds stage r (chunk 0) and 2p - 1 - r (chunk 1)
+    (3, 6, 2, "F0.1", (2, "F0")), (3, 6, 0, "F0.1", (1, "F0.1")), (3, 6, 1, "F2", (0, "F2")), (3, 6, 0, "F2", None),
+    (3, 6, 0, "B1.1", None), (3, 6, 0, "B1", (1, "B1")), (3, 6, 2, "B1", (2, "B1.1")), (3, 6, 1, "B4.1", (0, "B4.1")),
+    (2, 4, 1, "F0.1", (1, "F0")), (2, 4, 0, "F3.1", (1, "F3.1")), (2, 4, 1, "B2", (1, "B2.1")), (2, 4, 0, "W1.1", None),
+]
+
+
+@pytest.mark.exercise("waits_for")
+@pytest.mark.parametrize("p, stages, rank, action, expected", WAITS_BY_HAND_V)
+def test_waits_for_by_hand_in_the_v(p, stages, rank, action, expected):
+    """The turn (stage p - 1 to p) waits on the same rank; the way back up waits on the rank below."""
+    got = implementation("waits_for")(parse(action)[0], rank, p, stages, v_shape=True)
+    assert got == (None if expected is None else (expected[0], parse(expected[1])[0]))
+
+
 @pytest.mark.exercise("waits_for")
 def test_waits_for_links_each_interleaved_action_to_one_that_exists_upstream():
     """Following what each action waits for from the last stage's B (or the first stage's F) walks the pipeline one

@@ -32,6 +32,7 @@ Host syncs per layer (a GPU waits for the CPU there): `nonzero` in permute and `
 in that same `.tolist()`.
 """
 import math
+import operator
 
 import torch
 import torch.nn as nn
@@ -129,9 +130,34 @@ def run_experts(experts, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return torch.cat([expert(block) for expert, block in zip(experts, rows.split(counts))])
 
 
+class Experts(nn.ModuleList):
+    """The layer's experts: an nn.ModuleList (experts[i] is the i-th expert this rank holds, in global order; len and
+    iteration as a list) whose entries are registered under their *global* expert ids, so that a sharded layer's
+    state_dict keeps the global names: `experts.5.gate.weight` is expert 5 on whichever rank holds it, and a
+    checkpoint reshards by name. The set is fixed once built: appending, inserting or deleting is refused."""
+
+    def __init__(self, experts: dict[int, nn.Module]):
+        super().__init__()
+        for e, module in experts.items():
+            self.add_module(str(e), module)
+
+    def __getitem__(self, idx):
+        modules = list(self._modules.values())
+        return nn.ModuleList(modules[idx]) if isinstance(idx, slice) else modules[operator.index(idx)]
+
+    def __setitem__(self, idx, module: nn.Module) -> None:
+        setattr(self, list(self._modules)[operator.index(idx)], module)   # the same global name, a new module
+
+    def _fixed(self, *args, **kwargs):
+        raise TypeError("an MoE layer's experts are fixed once built (their names are global expert ids): build "
+                        "the layer with n_experts, or shard it with expert_parallel")
+
+    __delitem__ = insert = append = extend = pop = __iadd__ = _fixed
+
+
 class MoE(nn.Module):
     """A mixture-of-experts layer, (B, T, d_model) -> (B, T, d_model): router, top-k, experts (`self.experts`, an
-    nn.ModuleDict keyed by the global expert id, so a sharded layer's state_dict keeps the global names).
+    nn.ModuleList, Experts, whose state_dict names are the global expert ids, so a sharded layer keeps them).
 
     After each forward: `aux_loss` (the load-balancing loss of that forward's tokens: add a multiple of it to the
     loss), `dropped` (assignments over capacity), `tokens_per_expert` (kept assignments per expert, (E,)).
@@ -154,7 +180,7 @@ class MoE(nn.Module):
         self.d_model, self.n_experts, self.top_k, self.capacity_factor = d_model, n_experts, top_k, capacity_factor
         self.normalize = normalize
         self.router = nn.Linear(d_model, n_experts, bias=False)
-        self.experts = nn.ModuleDict({str(e): Expert(d_model, d_ff) for e in range(n_experts)})
+        self.experts = Experts({e: Expert(d_model, d_ff) for e in range(n_experts)})
         self.expert_ids = list(range(n_experts))
         self.dispatch = None
         self.aux_loss = self.tokens_per_expert = None
@@ -171,6 +197,6 @@ class MoE(nn.Module):
                                     capacity(flat.shape[0], self.top_k, self.n_experts, self.capacity_factor))
         rows, order, counts = permute(flat, chosen, keep, self.n_experts)   # (M, d), (M,), (E,)
         self.tokens_per_expert, self.dropped = counts, chosen.numel() - rows.shape[0]
-        out = (run_experts(self.experts.values(), rows, counts.tolist()) if self.dispatch is None   # a host sync
+        out = (run_experts(self.experts, rows, counts.tolist()) if self.dispatch is None   # a host sync
                else self.dispatch(rows, counts))
         return unpermute(out, order, weights).view_as(x)

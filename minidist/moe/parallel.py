@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from .layer import MoE, run_experts
+from .layer import Experts, MoE, run_experts
 
 
 def exchange_counts(counts: torch.Tensor, group=None) -> torch.Tensor:
@@ -81,14 +81,15 @@ def expert_parallel(moe: MoE, group=None, replicate_group=None) -> MoE:
         if len(set(blocks)) > 1:
             raise ValueError(f"replicate_group holds ranks with different blocks of experts (expert-parallel ranks "
                              f"{blocks}): a replica group must hold the same experts")
+    held = dict(zip(moe.expert_ids, moe.experts))
     moe.expert_ids = list(range(rank * per_rank, (rank + 1) * per_rank))
     # keyed by the global id: this rank's state_dict says experts.5.gate.weight for expert 5, so a checkpoint keeps
     # each expert under its own name (checkpoint.save writes every rank's distinct names; a load reshards)
-    moe.experts = torch.nn.ModuleDict({str(e): moe.experts[str(e)] for e in moe.expert_ids})
+    moe.experts = Experts({e: held[e] for e in moe.expert_ids})
     for p in moe.experts.parameters():
         p.expert_parallel = True   # reduce_gradients: all-reduced over the replicas only
     moe.ep_group, moe.replicate_group = group, replicate_group
-    moe.dispatch = ExpertDispatch(list(moe.experts.values()), group)
+    moe.dispatch = ExpertDispatch(list(moe.experts), group)
     return moe
 
 

@@ -34,7 +34,7 @@ def from_mixtral(block, capacity_factor=None) -> MoE:
     n_experts, two_ff, d_model = block.experts.gate_up_proj.shape
     moe = MoE(d_model, two_ff // 2, n_experts, block.top_k, capacity_factor=capacity_factor)
     moe.router.weight.copy_(block.gate.weight)
-    for e, expert in enumerate(moe.experts.values()):
+    for e, expert in enumerate(moe.experts):
         gate, up = block.experts.gate_up_proj[e].chunk(2, dim=0)
         expert.gate.weight.copy_(gate)
         expert.up.weight.copy_(up)
@@ -58,7 +58,7 @@ def deepspeed_moe(moe: MoE, ep_size: int):
     from .layer import Expert
     if moe.top_k != 2:
         raise ValueError(f"the DeepSpeed reference is built top-2 here, this MoE is top-{moe.top_k}")
-    d_ff = next(iter(moe.experts.values())).gate.out_features
+    d_ff = moe.experts[0].gate.out_features
     theirs = DeepSpeedMoE(moe.d_model, Expert(moe.d_model, d_ff), moe.n_experts, ep_size=ep_size, k=2,
                           drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
     with contextlib.redirect_stdout(io.StringIO()):   # it prints the group it creates, from every rank
@@ -68,7 +68,8 @@ def deepspeed_moe(moe: MoE, ep_size: int):
         local = theirs.deepspeed_moe.experts.deepspeed_experts
         rank = torch.distributed.get_rank(theirs.deepspeed_moe.ep_group) if ep_size > 1 else 0
         per_rank = moe.n_experts // ep_size
-        for mine, target in zip([moe.experts[str(e)] for e in range(rank * per_rank, (rank + 1) * per_rank)], local):
+        by_id = dict(zip(moe.expert_ids, moe.experts))
+        for mine, target in zip([by_id[e] for e in range(rank * per_rank, (rank + 1) * per_rank)], local):
             target.load_state_dict(mine.state_dict())
             for p in target.parameters():
                 p.expert_parallel = True   # for parallel.reduce_gradients (DeepSpeed's engine is not used)

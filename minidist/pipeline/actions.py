@@ -82,8 +82,8 @@ def place(stage: int, p: int, v_shape: bool = False) -> tuple[int, int]:
         raise ValueError(f"stage {stage!r} is not a stage of the {'V on' if v_shape else 'looped placement on'} {p} "
                          f"ranks (0 .. {f'{2 * p - 1}' if v_shape else 'v p - 1'})")
     # <exercise place points=2>
-    # hint: looped: stages go round the ranks v times, chunk c covering stages c p .. c p + p - 1.
-    # hint: the V: chunk 0 is the way down (stage s on rank s), chunk 1 the way back up (stage 2p - 1 - r on rank r).
+    # hint: invert stage_of case by case: which stages does chunk 0 cover, and in which order does chunk 1 take the
+    #       rest? Check your answer by stage_of(*place(s, p, v_shape), p, v_shape) == s.
     if v_shape:
         return (stage, 0) if stage < p else (2 * p - 1 - stage, 1)
     return stage % p, stage // p

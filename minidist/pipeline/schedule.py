@@ -156,11 +156,12 @@ def waits_for(action: Action, rank: int, p: int, stages: int, v_shape: bool = Fa
     F of virtual stage s needs the forward of stage s - 1 (its input); B of stage s needs the backward of stage
     s + 1 (the gradient of its output). W and the first forward / last backward need nothing from elsewhere.
     Chunk c of rank r is virtual stage c p + r; with v_shape, rank r holds stages r and 2p - 1 - r. Graded: every
-    action of interleaved schedules (p = 2, 3; v = 1, 2, 3) against the stages worked out by hand.
+    action of interleaved schedules (p = 2, 3; v = 1, 2, 3) and of the V (p = 2, 3, the turn included) against the
+    stages worked out by hand.
     """
     # <exercise waits_for points=2>
     # hint: go from (rank, chunk) to the stage, step one stage along the pipeline, and come back to (rank, chunk);
-    #       for the V placement, this module already maps both ways between (rank, chunk) and stages.
+    #       minidist.pipeline.actions maps both ways between (rank, chunk) and stages, in either placement.
     stage = stage_of(rank, action.chunk, p, v_shape)
     if action.kind == "F" and stage > 0:
         return place(stage - 1, p, v_shape)[0], Action("F", action.microbatch, place(stage - 1, p, v_shape)[1])
