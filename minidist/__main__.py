@@ -119,7 +119,8 @@ def _bench(args) -> int:
         runs = {
             "buckets": lambda: bench.bench_buckets(args.world_size, tuple(args.caps), args.alpha, args.bandwidth,
                                                    args.steps),
-            "flight": lambda: bench.bench_flight(args.world_size, args.steps, args.warmup, args.bucket_cap_mb),
+            "flight": lambda: bench.bench_flight(args.world_size, args.steps, args.warmup,
+                                                 args.bucket_cap_mb or 0.25),
             "serve": lambda: bench.bench_serve(args.world_size, args.requests, args.utilization, args.slots,
                                                args.pattern, args.repeats, rate=args.rate),
             "moe": lambda: bench.bench_moe(args.world_size, args.steps, args.warmup, args.tokens),
@@ -227,7 +228,8 @@ def main(argv=None) -> int:
     bench.add_argument("--seq", type=positive_int, help="the GPT's sequence length (default 64)")
     bench.add_argument("--batch-size", type=positive_int,
                        help="sequences per rank (ddp, zero, fsdp: default 16) or per step (tp: 8, pp: 16)")
-    bench.add_argument("--bucket-cap-mb", type=positive_float, default=0.25, help="ddp, flight: the bucket size")
+    bench.add_argument("--bucket-cap-mb", type=positive_float, default=None,
+                       help="ddp, flight: the bucket size in MiB (ddp: half the gradients, at most 25; flight: 0.25)")
     bench.add_argument("--caps", type=positive_float, nargs="+", default=[0.02, 0.1, 0.3, 1.0],
                        help="buckets: bucket sizes to sweep (MiB)")
     bench.add_argument("--alpha", type=nonnegative_float, default=1e-3,
