@@ -1,15 +1,14 @@
 """Expert parallelism: minidist's expert_parallel against DeepSpeed's MoE layer (chapter 13), and the same layer
 without EP (every rank holding every expert, data parallel), steps interleaved in one run."""
 import copy
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..launch import default_backend, device, launch, synchronize
+from ..launch import default_backend, device, launch
 from ..moe import MoE, expert_parallel, reduce_gradients
+from .ddp import median_step_times
 
 
 def moe_step_times(steps: int, warmup: int, tokens: int, d_model: int, d_ff: int, n_experts: int) -> dict:
@@ -25,24 +24,16 @@ def moe_step_times(steps: int, warmup: int, tokens: int, d_model: int, d_ff: int
     runs = {"minidist EP": expert_parallel(copy.deepcopy(full)), "DeepSpeed MoE": deepspeed_moe(full, n).to(dev),
             "no EP (DP)": copy.deepcopy(full)}
     opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-3) for name, m in runs.items()}
-    times = {name: [] for name in runs}
     g = torch.Generator().manual_seed(rank)
-    for step in range(steps + warmup):
-        x = torch.randn(1, tokens, d_model, generator=g).to(dev)
-        names = list(runs)[step % 3:] + list(runs)[:step % 3]  # rotate who goes first
-        for name in names:
-            model = runs[name]
-            dist.barrier()
-            start = time.perf_counter()
+    batches = [(x, x) for x in (torch.randn(1, tokens, d_model, generator=g).to(dev) for _ in range(steps + warmup))]
+
+    def step(model):
+        def run(x, y):
             out = model(x)
-            F.mse_loss(out[0] if isinstance(out, tuple) else out, x).backward()
+            F.mse_loss(out[0] if isinstance(out, tuple) else out, y).backward()
             reduce_gradients(model)
-            opts[name].step()
-            opts[name].zero_grad()
-            synchronize()
-            if step >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+        return run
+    return median_step_times({name: (step(model), opts[name]) for name, model in runs.items()}, batches, warmup)
 
 
 def bench_moe(world_size: int = 2, steps: int = 30, warmup: int = 5, tokens: int = 512, d_model: int = 64,
