@@ -120,7 +120,8 @@ def _bench(args) -> int:
             "buckets": lambda: bench.bench_buckets(args.world_size, tuple(args.caps), args.alpha, args.bandwidth,
                                                    args.steps),
             "flight": lambda: bench.bench_flight(args.world_size, args.steps, args.warmup,
-                                                 args.bucket_cap_mb or 0.25),
+                                                 **({} if args.bucket_cap_mb is None else
+                                                    {"bucket_cap_mb": args.bucket_cap_mb})),
             "serve": lambda: bench.bench_serve(args.world_size, args.requests, args.utilization, args.slots,
                                                args.pattern, args.repeats, rate=args.rate),
             "moe": lambda: bench.bench_moe(args.world_size, args.steps, args.warmup, args.tokens),

@@ -76,11 +76,12 @@ def bench_ddp(world_size: int = 2, steps: int = 30, warmup: int = 5, bucket_cap_
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     cfg, batch_size = gpt_config(n_layer, n_embd, seq), batch_size or 16
-    bucket_cap_mb = bucket_cap_mb or default_bucket_mb(shape_fields(cfg)["params"])
+    shape = shape_fields(cfg)   # builds the GPT on the meta device to count its parameters: once
+    bucket_cap_mb = bucket_cap_mb or default_bucket_mb(shape["params"])
     prepare()
     per_rank = launch(ddp_step_times, world_size, bucket_cap_mb, steps, warmup, batch_size, cfg)
     medians = {name: max(r[name] for r in per_rank) for name in per_rank[0]}  # the slowest rank sets the pace
-    return {"world_size": world_size, **shape_fields(cfg), "steps": steps, "warmup": warmup,
+    return {"world_size": world_size, **shape, "steps": steps, "warmup": warmup,
             "bucket_cap_mb": bucket_cap_mb, "batch_size_per_rank": batch_size,
             "minidist_s": medians["minidist"], "reference_s": medians["reference"],
             "ratio": medians["minidist"] / medians["reference"],

@@ -6,8 +6,8 @@
                   sizes (counts first, then rows); reduce_gradients (which gradients need which reduction); bytes
     reference.py  the references: a Hugging Face MixtralSparseMoeBlock loaded into MoE, DeepSpeed's MoE layer
 """
-from .layer import (Expert, Experts, MoE, capacity, keep_within_capacity, load_balancing_loss, permute, route, run_experts,
-                    unpermute)
+from .layer import (Expert, Experts, MoE, capacity, keep_within_capacity, load_balancing_loss, permute, route,
+                    run_experts, unpermute)
 from .parallel import (ExpertDispatch, alltoall_bytes, exchange_counts, expert_parallel, layout_costs,
                        reduce_gradients)
 

@@ -162,7 +162,8 @@ class MoE(nn.Module):
     After each forward: `aux_loss` (the load-balancing loss of that forward's tokens: add a multiple of it to the
     loss), `dropped` (assignments over capacity), `tokens_per_expert` (kept assignments per expert, (E,)).
     `expert_parallel(moe, group)` shards the experts; this module holds no parallelism itself: `dispatch`, when set,
-    takes (rows, counts per global expert (E,) tensor) and returns the experts' outputs for those rows, wherever they ran.
+    takes (rows, counts per global expert (E,) tensor) and returns the experts' outputs for those rows, wherever
+    they ran.
     """
 
     def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int = 2, *, capacity_factor=None,

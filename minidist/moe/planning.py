@@ -167,7 +167,8 @@ def run_plan(args, cluster: Cluster) -> tuple[list[MoEPlan], str]:
     MLP becomes --experts experts), --experts and --top-k overriding it. (plans, the text to print)."""
     from ..planner import SHAPES
     if args.params is not None:
-        raise ValueError("--params does nothing for a mixture of experts: the parameters come from --model and --experts")
+        raise ValueError("--params does nothing for a mixture of experts: the parameters come from --model and "
+                         "--experts")
     if args.top_k and not args.experts and args.model not in MOE_SHAPES:
         raise ValueError("--top-k needs --experts E (and a dense --model whose MLP becomes the experts), or an MoE "
                          "--model (mixtral-8x7b, deepseek-v3)")

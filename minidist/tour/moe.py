@@ -136,8 +136,8 @@ def all_to_all_demo() -> dict:
 
 def router_gradient(top_k: int = 2, tokens: int = 16, n_experts: int = 4, seed: int = 0) -> dict:
     """The task loss's gradient on the router logits (no aux loss): the largest on a logit the token did not choose,
-    and the mean size of those on the chosen ones. With renormalized top-k the weights are a softmax over the chosen logits only,
-    so the first is exactly 0 (only the load-balancing loss reaches the unchosen logits)."""
+    and the mean size of those on the chosen ones. With renormalized top-k the weights are a softmax over the chosen
+    logits only, so the first is exactly 0 (only the load-balancing loss reaches the unchosen logits)."""
     torch.manual_seed(seed)
     moe = MoE(D_MODEL, D_FF, n_experts, top_k)
     logits = []
