@@ -158,3 +158,50 @@ def test_a_host_tensor_on_an_nccl_group_is_summed_through_the_gpu(monkeypatch):
     assert collectives.collective_device(x) == torch.device("cuda", 3)
     with pytest.raises(ValueError, match="cpu tensor on a nccl group cannot be asynchronous"):
         comm.all_reduce_sum(x, async_op=True)
+
+
+def lowered_against_gloo():
+    """minidist's reduce-scatter and all-gather on gloo (lowered to all_to_all + adds and to broadcasts) against torch's
+    own reduce_scatter_tensor and all_gather_into_tensor on the same inputs, blocking and asynchronous."""
+    n, r = dist.get_world_size(), dist.get_rank()
+    calls = {"all_to_all_single": 0, "broadcast": 0}
+    originals = {name: getattr(dist, name) for name in calls}
+    for name in calls:
+        def counted(*args, name=name, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+        setattr(dist, name, counted)
+    try:
+        out = {}
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            g = torch.Generator().manual_seed(r)
+            x = (torch.randn(6 * n, 5, generator=g) * 1e3).to(dtype)
+            expected = torch.empty(6, 5, dtype=dtype)
+            dist.reduce_scatter_tensor(expected, x)
+            mine = comm.reduce_scatter_into_(torch.empty(6, 5, dtype=dtype), x)
+            later = comm.reduce_scatter_into_(torch.empty(6, 5, dtype=dtype), x, async_op=True).wait()
+            full = torch.empty(6 * n, 5, dtype=dtype)
+            dist.all_gather_into_tensor(full, mine)
+            gathered = comm.all_gather_into_(torch.empty(6 * n, 5, dtype=dtype), mine, async_op=True).wait()
+            out[dtype] = ((mine - expected).abs().max().item() / expected.abs().max().item(),
+                          torch.equal(mine, later), torch.equal(gathered, full))
+        ints = comm.reduce_scatter_into_(torch.empty(2, dtype=torch.int64), torch.arange(2 * n) * (r + 1))
+        return out, ints, dict(calls)
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_reduce_scatter_and_all_gather_lowered_on_gloo_agree_with_torchs(world_size):
+    n = world_size
+    for r, (out, ints, calls) in enumerate(launch(lowered_against_gloo, n)):
+        for dtype, (relative, same_async, gathered_equal) in out.items():
+            if n == 2 or dtype != torch.bfloat16:  # lowered: a + b at 2 ranks; rank order beyond
+                assert relative <= (0.0 if n == 2 else 4 * torch.finfo(dtype).eps), (dtype, relative)
+            else:                                  # 16-bit beyond 2 ranks: gloo's own reduce-scatter
+                assert relative == 0.0, (dtype, relative)
+            assert same_async and gathered_equal, dtype
+        assert torch.equal(ints, (torch.arange(2 * n) * sum(range(1, n + 1))).chunk(n)[r])  # not lowered: gloo's
+        lowered_reductions = 2 * (3 if n == 2 else 2)    # fp32, fp64 (and bf16 at 2 ranks), blocking and async
+        assert calls == {"all_to_all_single": lowered_reductions, "broadcast": 3 * n}, calls
