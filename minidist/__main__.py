@@ -94,7 +94,8 @@ class _BenchNames:
         return name in self.names()
 
 
-OTHER_BENCHES = ("buckets", "serve", "flight", "moe")  # no GPT against a reference: no shape flags, not in `bench all`
+OTHER_BENCHES = ("buckets", "serve", "flight", "moe")  # no GPT against a reference: not in `bench all`
+LAYER_FLAGS = {"moe": ("n_embd",)}  # the shape flags a benchmark of one layer takes (moe: --n-embd, its d_model)
 SHAPE_FLAGS = {"n_layer": "--n-layer", "n_embd": "--n-embd", "seq": "--seq", "batch_size": "--batch-size"}
 
 
@@ -112,10 +113,13 @@ def _bench(args) -> int:
                      **{option: getattr(args, option) for option in BENCHES[args.what].options})
         print(fmt(result))
     else:
-        given = [flag for key, flag in SHAPE_FLAGS.items() if shape[key] is not None]
+        given = [flag for key, flag in SHAPE_FLAGS.items()
+                 if shape[key] is not None and key not in LAYER_FLAGS.get(args.what, ())]
         if given:
             raise ValueError(f"{', '.join(given)} sets the GPT of the benchmarks {', '.join(['all', *BENCHES])}; "
-                             f"bench {args.what} does not train one")
+                             f"bench {args.what} does not train one"
+                             + (f" (it takes {', '.join(SHAPE_FLAGS[k] for k in LAYER_FLAGS[args.what])})"
+                                if args.what in LAYER_FLAGS else ""))
         runs = {
             "buckets": lambda: bench.bench_buckets(args.world_size, tuple(args.caps), args.alpha, args.bandwidth,
                                                    args.steps),
@@ -124,7 +128,9 @@ def _bench(args) -> int:
                                                     {"bucket_cap_mb": args.bucket_cap_mb})),
             "serve": lambda: bench.bench_serve(args.world_size, args.requests, args.utilization, args.slots,
                                                args.pattern, args.repeats, rate=args.rate),
-            "moe": lambda: bench.bench_moe(args.world_size, args.steps, args.warmup, args.tokens),
+            "moe": lambda: bench.bench_moe(args.world_size, args.steps, args.warmup, args.tokens,
+                                           **({} if args.n_embd is None else {"d_model": args.n_embd,
+                                                                               "d_ff": 2 * args.n_embd})),
         }
         result = runs[args.what]()
         print(getattr(bench, f"format_{args.what}")(result))
@@ -225,7 +231,8 @@ def main(argv=None) -> int:
     bench.add_argument("--steps", type=positive_int, default=30, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=nonnegative_int, default=5)
     bench.add_argument("--n-layer", type=positive_int, help="the GPT's blocks (default: the tiny GPT's 2; pp: 4)")
-    bench.add_argument("--n-embd", type=positive_int, help="the GPT's width, a multiple of its 4 heads (default 64)")
+    bench.add_argument("--n-embd", type=positive_int, help="the GPT's width, a multiple of its 4 heads (default 64); "
+                       "moe: the layer's d_model (d_ff twice it; default 64)")
     bench.add_argument("--seq", type=positive_int, help="the GPT's sequence length (default 64)")
     bench.add_argument("--batch-size", type=positive_int,
                        help="sequences per rank (ddp, zero, fsdp: default 16) or per step (tp: 8, pp: 16)")

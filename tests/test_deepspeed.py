@@ -35,3 +35,12 @@ def test_bench_moe_prints_its_ratios(tmp_path, capsys):
     assert f"minidist EP / DeepSpeed MoE: {result['ratio']:.3f}" in capsys.readouterr().out
     with pytest.raises(ValueError, match="2 or more ranks dividing the 8 experts, got 3"):
         bench_moe(world_size=3)
+    assert main(["bench", "moe", "--steps", "1", "--warmup", "0", "--tokens", "16", "--n-embd", "32", "--json",
+                 str(tmp_path / "b.json")]) == 0
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert (result["d_model"], result["d_ff"]) == (32, 64)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "moe", "--n-layer", "2"])
+    assert exit_.value.code == 2
+    assert "bench moe does not train one (it takes --n-embd)" in capsys.readouterr().err
