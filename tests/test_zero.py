@@ -580,6 +580,11 @@ def test_bench_zero_prints_its_ratio(tmp_path, capsys):
     assert all(0 < result[k] < 60 for k in ("minidist_s", "reference_s", "stage2_s"))  # each variant ran a step
     out = capsys.readouterr().out
     assert "ZeroRedundancyOptimizer" in out and f"ratio {result['ratio']:.3f}" in out
+    for key in ("reference_phases", "minidist_phases", "stage2_phases"):  # where each variant's step goes
+        assert set(result[key]) == {"forward_backward", "reduce_scatter", "step"}
+        assert all(0 <= t < 60 for t in result[key].values()) and result[key]["forward_backward"] > 0
+    assert result["reference_phases"]["reduce_scatter"] < 1e-3  # no unscale_ to call: nothing timed
+    assert "where the time goes" in out
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "fsdp"])
