@@ -163,6 +163,7 @@ def test_a_host_tensor_on_an_nccl_group_is_summed_through_the_gpu(monkeypatch):
 def lowered_against_gloo():
     """minidist's reduce-scatter and all-gather on gloo (lowered to all_to_all + adds and to broadcasts) against torch's
     own reduce_scatter_tensor and all_gather_into_tensor on the same inputs, blocking and asynchronous."""
+    import time
     n, r = dist.get_world_size(), dist.get_rank()
     calls = {"all_to_all_single": 0, "broadcast": 0}
     originals = {name: getattr(dist, name) for name in calls}
@@ -186,7 +187,19 @@ def lowered_against_gloo():
             out[dtype] = ((mine - expected).abs().max().item() / expected.abs().max().item(),
                           torch.equal(mine, later), torch.equal(gathered, full))
         ints = comm.reduce_scatter_into_(torch.empty(2, dtype=torch.int64), torch.arange(2 * n) * (r + 1))
-        return out, ints, dict(calls)
+        polled = comm.reduce_scatter_into_(torch.full((4,), float("nan")), torch.ones(4 * n) * (r + 1),
+                                           async_op=True)
+        while not polled.is_completed():  # complete means the adds are done too: the result is there to read
+            time.sleep(1e-3)
+        polled = polled._result.clone()
+        pair = [0, n - 1]                  # a subgroup: group ranks 0 and 1 are global ranks 0 and n - 1
+        sub = dist.new_group(pair)
+        in_pair = None
+        if r in pair:
+            shard = comm.reduce_scatter_into_(torch.empty(3), torch.arange(6.0) * (r + 1), sub)
+            in_pair = (shard, comm.all_gather_into_(torch.empty(6), shard + pair.index(r), sub))
+        dist.barrier()
+        return out, ints, polled, in_pair, dict(calls)
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
@@ -195,7 +208,7 @@ def lowered_against_gloo():
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_reduce_scatter_and_all_gather_lowered_on_gloo_agree_with_torchs(world_size):
     n = world_size
-    for r, (out, ints, calls) in enumerate(launch(lowered_against_gloo, n)):
+    for r, (out, ints, polled, in_pair, calls) in enumerate(launch(lowered_against_gloo, n)):
         for dtype, (relative, same_async, gathered_equal) in out.items():
             if n == 2 or dtype != torch.bfloat16:  # lowered: a + b at 2 ranks; rank order beyond
                 assert relative <= (0.0 if n == 2 else 4 * torch.finfo(dtype).eps), (dtype, relative)
@@ -203,5 +216,11 @@ def test_reduce_scatter_and_all_gather_lowered_on_gloo_agree_with_torchs(world_s
                 assert relative == 0.0, (dtype, relative)
             assert same_async and gathered_equal, dtype
         assert torch.equal(ints, (torch.arange(2 * n) * sum(range(1, n + 1))).chunk(n)[r])  # not lowered: gloo's
-        lowered_reductions = 2 * (3 if n == 2 else 2)    # fp32, fp64 (and bf16 at 2 ranks), blocking and async
-        assert calls == {"all_to_all_single": lowered_reductions, "broadcast": 3 * n}, calls
+        assert torch.equal(polled, torch.full((4,), float(sum(range(1, n + 1)))))
+        if r in (0, n - 1):                # sums of 1x and nx the input; the gathered shards, +0 and +1
+            total = torch.arange(6.0) * (1 + n)
+            assert torch.equal(in_pair[0], total.chunk(2)[r // (n - 1)])
+            assert torch.equal(in_pair[1], torch.cat([total.chunk(2)[0], total.chunk(2)[1] + 1]))
+        lowered_reductions = 2 * (3 if n == 2 else 2) + 1 + (r in (0, n - 1))  # fp32, fp64 (bf16 at 2 ranks)
+        assert calls == {"all_to_all_single": lowered_reductions,          # twice; polled; the pair's
+                         "broadcast": 3 * n + 2 * (r in (0, n - 1))}, calls

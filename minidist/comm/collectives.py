@@ -77,7 +77,7 @@ def all_gather_into_(out: torch.Tensor, shard: torch.Tensor, group=None, async_o
 
     def on_backend(async_op):
         record("all_gather", out, n, group=group)
-        if _direct_on_gloo(out, group):
+        if _direct_on_gloo(out, shard, group):
             return out, _all_gather_by_broadcasts(out, shard, group, async_op)
         return out, _all_gather_single(out, shard.contiguous(), group=group, async_op=async_op)
     return backend.run(_ring("all_gather", out, group, lambda: out.copy_(ring_all_gather(shard, group))),
@@ -92,7 +92,7 @@ def reduce_scatter_into_(out: torch.Tensor, x: torch.Tensor, group=None, async_o
 
     def on_backend(async_op):
         record("reduce_scatter", x, n, group=group)
-        if _direct_on_gloo(out, group) and (n == 2 or out.element_size() >= 4):
+        if _direct_on_gloo(out, x, group) and (n == 2 or out.element_size() >= 4):
             return out, _reduce_scatter_by_all_to_all(out, x, group, async_op)
         return out, _reduce_scatter_single(out, x.contiguous(), group=group, async_op=async_op)
     return backend.run(_ring("reduce_scatter", x, group, lambda: out.copy_(ring_reduce_scatter(x, group)
@@ -103,33 +103,31 @@ def reduce_scatter_into_(out: torch.Tensor, x: torch.Tensor, group=None, async_o
 # On gloo, torch's reduce_scatter_tensor and all_gather_into_tensor cost more than the all-reduce they are half of
 # (100 MB fp32 on 2 ranks of this 2-core machine: 111 and 95 ms against all_reduce's 65 ms), while an all_to_all plus a
 # local sum and N broadcasts do the same job in 49 and 31 ms, each rank sending the same (N-1)/N * S bytes as a ring.
-# minidist lowers the two to those on gloo (host tensors, floating point; a 16-bit reduce-scatter on more than 2 ranks
-# excepted, see _reduce_scatter_by_all_to_all); NCCL keeps its own kernels. The ledger's bytes are the same.
+# minidist lowers the two to those on gloo (host tensors of one floating dtype); NCCL keeps its own kernels, and the
+# ledger's bytes are the same. As on NCCL, an asynchronous collective's input must stay unchanged until it completes.
 
-def _direct_on_gloo(out: torch.Tensor, group) -> bool:
-    return (out.device.type == "cpu" and out.is_floating_point() and out.is_contiguous() and group_size(group) > 1
-            and "gloo" in str(dist.get_backend(group)).lower())
+def _direct_on_gloo(out: torch.Tensor, x: torch.Tensor, group) -> bool:
+    return (out.device.type == x.device.type == "cpu" and out.is_floating_point() and out.dtype == x.dtype
+            and out.is_contiguous() and group_size(group) > 1 and "gloo" in str(dist.get_backend(group)).lower())
 
 
 class _Lowered:
-    """The torch works that make up one collective, and what the host does once they are done (at wait())."""
+    """One collective made of torch works: complete (wait, is_completed, get_future) once they all are and `then`, the
+    host's share (the adds of a reduce-scatter), has run on the thread that completed them."""
 
-    def __init__(self, works: list, finish=None):
-        self.works, self.finish = works, finish
+    def __init__(self, works: list, then=None):
+        done = torch.futures.collect_all([work.get_future() for work in works])
+        self.future = done.then(lambda fut: (fut.value(), then and then())) if then else done
 
     def wait(self) -> bool:
-        for work in self.works:
-            work.wait()
-        if self.finish is not None:
-            self.finish, finish = None, self.finish
-            finish()
+        self.future.wait()  # raises what failed
         return True
 
     def is_completed(self) -> bool:
-        return all(work.is_completed() for work in self.works)
+        return self.future.done()
 
     def get_future(self):
-        return torch.futures.collect_all([work.get_future() for work in self.works])
+        return self.future
 
 
 def _done(lowered: _Lowered, async_op: bool):
@@ -141,10 +139,11 @@ def _done(lowered: _Lowered, async_op: bool):
 
 def _reduce_scatter_by_all_to_all(out, x, group, async_op):
     """Every rank sends chunk r of x to rank r (one all_to_all); rank r adds the N chunks it received in rank order,
-    each addition rounded to x's dtype, as gloo's own reductions are. At 2 ranks that is a + b, the bits of gloo's
-    all-reduce; beyond, the order differs from gloo's, which 16-bit sums would show (an ulp of bf16 where an all-reduce
-    of the same gradients rounds otherwise): those keep gloo's reduce-scatter."""
-    received = torch.empty(x.shape, dtype=x.dtype)
+    each addition rounded to x's dtype as gloo's own reductions are. At 2 ranks that is a + b, the bits of gloo's
+    all-reduce; beyond, the order of the additions differs from gloo's, and so may the last bits of fp32 (within every
+    tolerance stated) and an ulp of bf16 (where an all-reduce of the same gradients rounds otherwise): 16-bit
+    reduce-scatters on more than 2 ranks keep gloo's own."""
+    received = torch.empty_like(x, memory_format=torch.contiguous_format)
     work = dist.all_to_all_single(received, x.contiguous(), group=group, async_op=True)
 
     def add_in_rank_order():
@@ -152,7 +151,7 @@ def _reduce_scatter_by_all_to_all(out, x, group, async_op):
         out.copy_(first)
         for chunk in others:
             out.add_(chunk)
-    return _done(_Lowered([work], add_in_rank_order), async_op)
+    return _done(_Lowered([work], then=add_in_rank_order), async_op)
 
 
 def _all_gather_by_broadcasts(out, shard, group, async_op):
