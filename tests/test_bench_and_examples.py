@@ -130,3 +130,21 @@ def test_bench_tp_json_at_a_chosen_size(tmp_path):
                  "--batch-size", "2", "--steps", "1", "--warmup", "0", "--json", str(path)]) == 0
     result = json.loads(path.read_text())
     assert (result["n_layer"], result["n_embd"], result["seq"]) == (1, 16, 8) and result["ratio"] > 0
+
+
+@pytest.mark.parametrize("shape", [{}, {"n_layer": 8, "n_embd": 512, "seq": 128}, {"n_layer": 3, "n_embd": 40}])
+def test_bench_ddps_default_bucket_cuts_two_buckets_or_torchs_25_mib(shape):
+    """Half the gradients, rounded up: two buckets (not a third of a few KiB left by rounding down), at most 25 MiB."""
+    import torch
+
+    from minidist.bench.ddp import default_bucket_mb
+    from minidist.bench.suite import gpt_config
+    from minidist.data_parallel.buckets import MiB, layout
+    from minidist.models import GPT
+    with torch.device("meta"):
+        params = [p for p in GPT(gpt_config(**shape)).parameters() if p.requires_grad]
+    n = sum(p.numel() for p in {id(p): p for p in params}.values())
+    cap = default_bucket_mb(n)
+    buckets, _ = layout(params, int(cap * MiB))
+    expected = 2 if n * 4 / MiB <= 50 else -(-n * 4 // (25 * MiB))
+    assert len(buckets) == expected, (cap, [b.stop - b.start for b in buckets])

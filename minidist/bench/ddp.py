@@ -1,6 +1,7 @@
 """Data parallel: minidist's DataParallel (naive, bucketed, overlapped) against torch DDP (chapter 02).
 
 median_step_times is the interleaved timing loop every side-by-side benchmark uses."""
+import math
 import statistics
 import time
 
@@ -61,10 +62,12 @@ def median_step_times(runs: dict, batches, warmup: int) -> dict[str, float]:
 
 
 def default_bucket_mb(params: int) -> float:
-    """Half the fp32 gradients' MiB, at most torch DDP's default 25: at least two buckets to overlap, and no more
-    than a real run would cut (the tiny GPT: 0.26 MiB; 25.5M parameters: 25). With a fixed 0.25 MiB the 25.5M GPT has
-    some 390 buckets, and the time measured is Python's per-bucket cost (ratio 1.22) more than data parallelism's."""
-    return min(25.0, round(params * 4 / 2**20 / 2, 2))
+    """Half the fp32 gradients' MiB rounded *up* to 0.01 (rounded down, a third bucket of a few KiB is left over: the
+    tiny GPT had one of 2.5 KiB, a third launch per step), at most torch DDP's default 25: two buckets to overlap, and
+    no more than a real run would cut (the tiny GPT: 0.27 MiB; 25.5M parameters: 25). With a fixed 0.25 MiB the 25.5M
+    GPT has some 390 buckets, and the time measured is Python's per-bucket cost (ratio 1.22) more than data
+    parallelism's."""
+    return min(25.0, math.ceil(params * 4 / 2**20 / 2 * 100) / 100)
 
 
 def bench_ddp(world_size: int = 2, steps: int = 30, warmup: int = 5, bucket_cap_mb: float | None = None,
