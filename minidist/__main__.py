@@ -94,8 +94,7 @@ class _BenchNames:
         return name in self.names()
 
 
-OTHER_BENCHES = ("buckets", "serve", "flight", "moe")  # no GPT against a reference: not in `bench all`
-LAYER_FLAGS = {"moe": ("n_embd",)}  # the shape flags a benchmark of one layer takes (moe: --n-embd, its d_model)
+OTHER_BENCHES = ("buckets", "serve", "flight")  # no GPT against a reference: no shape flags, not in `bench all`
 SHAPE_FLAGS = {"n_layer": "--n-layer", "n_embd": "--n-embd", "seq": "--seq", "batch_size": "--batch-size"}
 
 
@@ -113,13 +112,10 @@ def _bench(args) -> int:
                      **{option: getattr(args, option) for option in BENCHES[args.what].options})
         print(fmt(result))
     else:
-        given = [flag for key, flag in SHAPE_FLAGS.items()
-                 if shape[key] is not None and key not in LAYER_FLAGS.get(args.what, ())]
+        given = [flag for key, flag in SHAPE_FLAGS.items() if shape[key] is not None]
         if given:
             raise ValueError(f"{', '.join(given)} sets the GPT of the benchmarks {', '.join(['all', *BENCHES])}; "
-                             f"bench {args.what} does not train one"
-                             + (f" (it takes {', '.join(SHAPE_FLAGS[k] for k in LAYER_FLAGS[args.what])})"
-                                if args.what in LAYER_FLAGS else ""))
+                             f"bench {args.what} does not train one")
         runs = {
             "buckets": lambda: bench.bench_buckets(args.world_size, tuple(args.caps), args.alpha, args.bandwidth,
                                                    args.steps),
@@ -128,9 +124,6 @@ def _bench(args) -> int:
                                                     {"bucket_cap_mb": args.bucket_cap_mb})),
             "serve": lambda: bench.bench_serve(args.world_size, args.requests, args.utilization, args.slots,
                                                args.pattern, args.repeats, rate=args.rate),
-            "moe": lambda: bench.bench_moe(args.world_size, args.steps, args.warmup, args.tokens,
-                                           **({} if args.n_embd is None else {"d_model": args.n_embd,
-                                                                               "d_ff": 2 * args.n_embd})),
         }
         result = runs[args.what]()
         print(getattr(bench, f"format_{args.what}")(result))
@@ -217,25 +210,24 @@ def main(argv=None) -> int:
     pl.set_defaults(run=_plan)
 
     bench = sub.add_parser("bench", help="time a technique side by side with its reference")
-    bench.add_argument("what", choices=_BenchNames(), metavar="{all,ddp,tp,pp,zero,fsdp,...,buckets,serve,flight,moe}",
-                       help="all: every benchmark of a GPT against its reference (ddp, tp, pp, zero, fsdp and any "
+    bench.add_argument("what", choices=_BenchNames(), metavar="{all,ddp,tp,pp,zero,fsdp,moe,...,buckets,serve,flight}",
+                       help="all: every benchmark of a GPT against its reference (ddp, tp, pp, zero, fsdp, moe and any "
                             "registered in minidist/bench/suite.py), one row each; ddp: DataParallel against torch "
                             "DDP; buckets: step time across bucket sizes over a "
                             "simulated link, measured and predicted by the cost model; tp: parallelize against DTensor "
                             "tensor parallel; pp: the 1F1B pipeline against torch's Schedule1F1B; zero: ZeroOptimizer "
                             "against DDP + ZeroRedundancyOptimizer; fsdp: fully_shard against FSDP2's; serve: "
                             "round-robin against least-outstanding-tokens routing over --world-size replicas; "
-                            "flight: the flight recorder's cost per data-parallel step; moe: expert_parallel against "
-                            "DeepSpeed's MoE layer and the same layer without EP")
+                            "flight: the flight recorder's cost per data-parallel step; moe: a GPT whose MLPs are MoE "
+                            "layers, expert_parallel against DeepSpeed's MoE layers and without EP")
     bench.add_argument("--world-size", type=positive_int, default=2)
     bench.add_argument("--steps", type=positive_int, default=30, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=nonnegative_int, default=5)
     bench.add_argument("--n-layer", type=positive_int, help="the GPT's blocks (default: the tiny GPT's 2; pp: 4)")
-    bench.add_argument("--n-embd", type=positive_int, help="the GPT's width, a multiple of its 4 heads (default 64); "
-                       "moe: the layer's d_model (d_ff twice it; default 64)")
+    bench.add_argument("--n-embd", type=positive_int, help="the GPT's width, a multiple of its 4 heads (default 64)")
     bench.add_argument("--seq", type=positive_int, help="the GPT's sequence length (default 64)")
     bench.add_argument("--batch-size", type=positive_int,
-                       help="sequences per rank (ddp, zero, fsdp: default 16) or per step (tp: 8, pp: 16)")
+                       help="sequences per rank (ddp, zero, fsdp, moe: default 16) or per step (tp: 8, pp: 16)")
     bench.add_argument("--bucket-cap-mb", type=positive_float, default=None,
                        help="ddp, flight: the bucket size in MiB (ddp: half the gradients, at most 25; flight: 0.25)")
     bench.add_argument("--caps", type=positive_float, nargs="+", default=[0.02, 0.1, 0.3, 1.0],
@@ -247,7 +239,6 @@ def main(argv=None) -> int:
     bench.add_argument("--microbatches", type=positive_int, default=4, help="pp: micro-batches per step")
     bench.add_argument("--schedule", choices=["1f1b", "zbv", "dualpipev"], default="1f1b",
                        help="pp: the schedule, against torch's Schedule1F1B, ScheduleZBVZeroBubble, ScheduleDualPipeV")
-    bench.add_argument("--tokens", type=positive_int, default=512, help="moe: tokens per rank and step")
     bench.add_argument("--requests", type=positive_int, default=160, help="serve: requests in the load")
     bench.add_argument("--utilization", type=positive_float, default=0.9,
                        help="serve: the load as a share of the measured capacity (sets the arrival rate)")

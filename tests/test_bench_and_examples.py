@@ -110,7 +110,7 @@ def test_bench_all_writes_one_row_per_registered_benchmark_with_memory_for_zero_
     for r in rows:
         assert r["technique"] == BENCHES[r["bench"]].technique and r["world_size"] == 2
         assert r["ratio"] == pytest.approx(r["minidist_ms"] / r["reference_ms"]) and r["ratio"] > 0
-        assert r["model"] == "GPT 2 x 32, sequence 16"
+        assert r["model"].startswith("GPT 2 x 32, sequence 16" if r["bench"] != "moe" else "MoE GPT 2 x 32, sequence 16")
         assert ("minidist_held_bytes" in r) == (r["bench"] in ("zero", "fsdp"))
     assert rows[0]["params"] == 512 * 32 + 16 * 32 + 2 * (12 * 32 * 32 + 13 * 32) + 2 * 32  # tied head counted once
     zero, fsdp = rows[3], rows[4]

@@ -39,6 +39,7 @@ BENCHES = {
     "pp": Bench("pp", "PipelineRuntime 1F1B", "torch Schedule1F1B", ("microbatches", "schedule")),
     "zero": Bench("sharded", "ZeroOptimizer stage 1", "DDP + ZeroRedundancyOptimizer"),
     "fsdp": Bench("sharded", "fully_shard, per block", "torch FSDP2 fully_shard, per block"),
+    "moe": Bench("moe", "expert_parallel, a MoE GPT", "DeepSpeed MoE layers (ep = world)"),
 }
 
 
