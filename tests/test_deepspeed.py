@@ -34,6 +34,10 @@ def test_bench_moe_prints_its_ratios(tmp_path, capsys):
     result = json.loads((tmp_path / "b.json").read_text())
     assert all(0 < result[k] < 60 for k in ("minidist_s", "reference_s", "no_ep_s"))  # each variant ran a step
     assert result["ratio"] == result["minidist_s"] / result["reference_s"]
+    assert result["no_ep_ratio"] == result["no_ep_s"] / result["reference_s"]   # variant / reference, as elsewhere
+    for when, tolerance in (("first", 1e-5), ("last", 1e-4)):  # the same model, routing and training in all three
+        losses = result["losses"][when]
+        assert max(losses.values()) - min(losses.values()) <= tolerance * losses["reference"], (when, losses)
     assert result["params"] == count_params(moe_gpt(gpt_config(1, 32, 16)))  # the MoE GPT's, 8 experts per block
     assert (result["n_layer"], result["n_embd"], result["seq"]) == (1, 32, 16)
     assert f"ratio {result['ratio']:.3f}" in capsys.readouterr().out

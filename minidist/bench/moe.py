@@ -20,7 +20,7 @@ N_EXPERTS = 8
 
 def moe_gpt(cfg, n_experts: int = N_EXPERTS) -> GPT:
     """The GPT of `cfg` with every block's MLP a dropless top-2 MoE of `n_experts` experts of hidden size 2 * n_embd:
-    two experts per token, so a token meets as many expert weights as the dense MLP's 4 * n_embd."""
+    two SwiGLU experts per token (three matrices each: 12 n_embd^2 weights met, against the dense MLP's 8)."""
     model = GPT(cfg)
     for block in model.blocks:
         block.mlp = MoE(cfg.n_embd, 2 * cfg.n_embd, n_experts, 2)
@@ -60,11 +60,21 @@ def moe_step_times(steps: int, warmup: int, batch_size: int, cfg) -> dict[str, f
             lm_loss(model(x), y).backward()
             reduce_gradients(model)
         return run
-    return median_step_times({name: (step(m), torch.optim.AdamW(m.parameters(), lr=1e-3)) for name, m in runs.items()},
-                             batches, warmup)
+
+    def losses():  # on batch 0: the same weights and routing give the same loss in all three
+        with torch.no_grad():
+            return {name: lm_loss(m(batches[0][0]), batches[0][1]).item() for name, m in runs.items()}
+    first = losses()
+    times = median_step_times({name: (step(m), torch.optim.AdamW(m.parameters(), lr=1e-3))
+                               for name, m in runs.items()}, batches, warmup)
+    return times | {"losses": {"first": first, "last": losses()}}
 
 
 def check_moe(world_size: int, *, n_layer=None, n_embd=None, seq=None, batch_size=None) -> None:
+    import importlib.util
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ValueError("bench moe compares against DeepSpeed's MoE layer: install it (requirements.txt pins it; "
+                         "pip install -e '.[dev]' brings it)")
     if world_size < 2 or N_EXPERTS % world_size:
         raise ValueError(f"bench moe needs 2 or more ranks dividing the {N_EXPERTS} experts, got {world_size}")
     gpt_config(n_layer, n_embd, seq)  # refuses a width its heads cannot divide
@@ -85,13 +95,14 @@ def bench_moe(world_size: int = 2, steps: int = 30, warmup: int = 5, batch_size:
     import_deepspeed(cpu=default_backend(world_size) == "gloo")
     prepare()
     per_rank = launch(moe_step_times, world_size, steps, warmup, batch_size, cfg)
-    worst = {name: max(r[name] for r in per_rank) for name in per_rank[0]}  # the slowest rank sets the pace
+    worst = {name: max(r[name] for r in per_rank) for name in per_rank[0] if name != "losses"}  # the slowest rank
     return {"world_size": world_size, "model": f"MoE GPT {cfg.n_layer} x {cfg.n_embd}, sequence {cfg.block_size}, "
             f"{N_EXPERTS} experts of {2 * cfg.n_embd}, top-2", "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
             "seq": cfg.block_size, "params": params, "n_experts": N_EXPERTS, "steps": steps, "warmup": warmup,
             "batch_size_per_rank": batch_size, "minidist_s": worst["minidist"], "reference_s": worst["reference"],
             "ratio": worst["minidist"] / worst["reference"], "no_ep_s": worst["no_ep"],
-            "no_ep_ratio": worst["no_ep"] / worst["reference"], "ep_over_no_ep": worst["minidist"] / worst["no_ep"]}
+            "no_ep_ratio": worst["no_ep"] / worst["reference"], "ep_over_no_ep": worst["minidist"] / worst["no_ep"],
+            "losses": per_rank[0]["losses"]}  # rank 0's, on its batch 0: before the timed steps and after them
 
 
 def format_moe(result: dict) -> str:
