@@ -93,7 +93,7 @@ def reduce_scatter_into_(out: torch.Tensor, x: torch.Tensor, group=None, async_o
 
     def on_backend(async_op):
         record("reduce_scatter", x, n, group=group)
-        if direct_on_gloo(out, x, group) and (n == 2 or out.element_size() >= 4):
+        if direct_on_gloo(out, x, group, adds=True):
             return out, reduce_scatter_by_all_to_all(out, x, group, async_op)
         return out, _reduce_scatter_single(out, x.contiguous(), group=group, async_op=async_op)
     return backend.run(_ring("reduce_scatter", x, group, lambda: out.copy_(ring_reduce_scatter(x, group)

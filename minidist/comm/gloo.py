@@ -13,11 +13,14 @@ import torch.distributed as dist
 from .p2p import global_rank, group_size
 
 
-def direct_on_gloo(out: torch.Tensor, x: torch.Tensor, group) -> bool:
+def direct_on_gloo(out: torch.Tensor, x: torch.Tensor, group, adds: bool = False) -> bool:
     """Whether a collective from x into out runs lowered: host tensors of one floating dtype on a gloo group of 2 or
-    more ranks (a contiguous out, cut into slots)."""
+    more ranks (a contiguous out, cut into slots). adds: the collective sums (a reduce-scatter), so a 16-bit one runs
+    lowered on 2 ranks only (see reduce_scatter_by_all_to_all)."""
+    n = group_size(group)
     return (out.device.type == x.device.type == "cpu" and out.is_floating_point() and out.dtype == x.dtype
-            and out.is_contiguous() and group_size(group) > 1 and "gloo" in str(dist.get_backend(group)).lower())
+            and out.is_contiguous() and n > 1 and "gloo" in str(dist.get_backend(group)).lower()
+            and not (adds and n > 2 and out.element_size() < 4))
 
 
 class _Lowered:
@@ -26,7 +29,7 @@ class _Lowered:
 
     def __init__(self, works: list, then=None):
         done = torch.futures.collect_all([work.get_future() for work in works])
-        self.future = done.then(lambda fut: (fut.value(), then and then())) if then else done
+        self.future = done if then is None else done.then(lambda fut: (fut.value(), then()))  # value(): raises
 
     def wait(self) -> bool:
         self.future.wait()  # raises what failed
